@@ -1,0 +1,164 @@
+// The only native file that knows about Python. Tensors arrive as the tuples built by
+// mmkern/_native.py:tensor_arg — (data_ptr, dtype_code, sizes, strides, device_index) — or None for an
+// absent optional argument. Every kernel runs with the GIL released.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "mmkern/common.h"
+
+#ifdef MMKERN_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace py = pybind11;
+using mmkern::Tensor;
+
+namespace mmkern {
+// ---- patch_embed ----
+void patch_embed_fwd_cpu(const Tensor& images, const Tensor& weight, const Tensor& bias, const Tensor& pos_embed,
+                         const Tensor& prefix_tokens, const Tensor& out, int num_threads);
+void patch_embed_bwd_cpu(const Tensor& grad_out, const Tensor& images, const Tensor& weight, const Tensor& grad_images,
+                         const Tensor& grad_weight, int64_t num_prefix, int num_threads);
+#ifdef MMKERN_WITH_CUDA
+int patch_embed_fwd_cuda(const Tensor& images, const Tensor& weight, const Tensor& bias, const Tensor& pos_embed,
+                         const Tensor& prefix_tokens, const Tensor& out, uintptr_t stream);
+int patch_embed_bwd_cuda(const Tensor& grad_out, const Tensor& images, const Tensor& weight, const Tensor& grad_images,
+                         const Tensor& grad_weight, int64_t num_prefix, uintptr_t stream);
+#endif
+}  // namespace mmkern
+
+namespace {
+
+Tensor to_tensor(const py::object& obj) {
+  Tensor t;
+  if (obj.is_none()) return t;
+  auto tup = obj.cast<py::tuple>();
+  if (tup.size() != 5) throw std::invalid_argument("internal: tensor tuple must have 5 fields");
+  t.data = reinterpret_cast<void*>(tup[0].cast<uintptr_t>());
+  t.dtype = static_cast<mmkern::DType>(tup[1].cast<int>());
+  auto sizes = tup[2].cast<std::vector<int64_t>>();
+  auto strides = tup[3].cast<std::vector<int64_t>>();
+  if (sizes.size() > static_cast<size_t>(mmkern::kMaxDims) || sizes.size() != strides.size())
+    throw std::invalid_argument("internal: bad tensor rank");
+  t.ndim = static_cast<int>(sizes.size());
+  for (int i = 0; i < t.ndim; ++i) {
+    t.sizes[i] = sizes[i];
+    t.strides[i] = strides[i];
+  }
+  t.device = tup[4].cast<int>();
+  t.present = true;
+  return t;
+}
+
+#ifdef MMKERN_WITH_CUDA
+void check_cuda(int err, const char* what) {
+  if (err != 0)
+    throw std::runtime_error(std::string(what) + ": CUDA error: " + cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+#endif
+
+std::string cpu_features() {
+  std::string out;
+  auto add = [&](bool has, const char* name) {
+    if (has) out += (out.empty() ? "" : " ") + std::string(name);
+  };
+  __builtin_cpu_init();
+  add(__builtin_cpu_supports("avx2"), "avx2");
+  add(__builtin_cpu_supports("fma"), "fma");
+  add(__builtin_cpu_supports("avx512f"), "avx512f");
+  add(__builtin_cpu_supports("avx512bw"), "avx512bw");
+  add(__builtin_cpu_supports("avx512vl"), "avx512vl");
+  add(__builtin_cpu_supports("avx512bf16"), "avx512bf16");
+  add(__builtin_cpu_supports("avx512fp16"), "avx512fp16");
+  add(__builtin_cpu_supports("amx-bf16"), "amx-bf16");
+  return out;
+}
+
+std::string compiled_isa() {
+  std::string out;
+#ifdef __AVX512F__
+  out += "avx512f ";
+#endif
+#ifdef __AVX512BF16__
+  out += "avx512bf16 ";
+#endif
+#ifdef __AVX2__
+  out += "avx2 ";
+#endif
+#ifdef __FMA__
+  out += "fma ";
+#endif
+  if (!out.empty()) out.pop_back();
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mmkern native kernels (torch-free; see mmkern/_native.py)";
+
+  m.def("cpu_features", &cpu_features, "ISA extensions this CPU supports");
+  m.def("compiled_isa", &compiled_isa, "ISA extensions the CPU kernels were compiled for");
+  m.def("cuda_archs", [] { return std::string(MMKERN_CUDA_ARCHS); }, "CUDA archs compiled in ('' if none)");
+  m.def("with_cuda", [] {
+#ifdef MMKERN_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.def("cuda_device_count", [] {
+#ifdef MMKERN_WITH_CUDA
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+#else
+    return 0;
+#endif
+  });
+
+  // ---- patch_embed ----
+  m.def("patch_embed_fwd_cpu", [](py::object images, py::object weight, py::object bias, py::object pos_embed,
+                                  py::object prefix_tokens, py::object out, int num_threads) {
+    Tensor i = to_tensor(images), w = to_tensor(weight), b = to_tensor(bias), p = to_tensor(pos_embed),
+           t = to_tensor(prefix_tokens), o = to_tensor(out);
+    py::gil_scoped_release release;
+    mmkern::patch_embed_fwd_cpu(i, w, b, p, t, o, num_threads);
+  });
+  m.def("patch_embed_bwd_cpu", [](py::object grad_out, py::object images, py::object weight, py::object grad_images,
+                                  py::object grad_weight, int64_t num_prefix, int num_threads) {
+    Tensor go = to_tensor(grad_out), i = to_tensor(images), w = to_tensor(weight), gi = to_tensor(grad_images),
+           gw = to_tensor(grad_weight);
+    py::gil_scoped_release release;
+    mmkern::patch_embed_bwd_cpu(go, i, w, gi, gw, num_prefix, num_threads);
+  });
+#ifdef MMKERN_WITH_CUDA
+  m.def("patch_embed_fwd_cuda", [](py::object images, py::object weight, py::object bias, py::object pos_embed,
+                                   py::object prefix_tokens, py::object out, uintptr_t stream) {
+    Tensor i = to_tensor(images), w = to_tensor(weight), b = to_tensor(bias), p = to_tensor(pos_embed),
+           t = to_tensor(prefix_tokens), o = to_tensor(out);
+    int err;
+    {
+      py::gil_scoped_release release;
+      err = mmkern::patch_embed_fwd_cuda(i, w, b, p, t, o, stream);
+    }
+    check_cuda(err, "patch_embed_fwd_cuda");
+  });
+  m.def("patch_embed_bwd_cuda", [](py::object grad_out, py::object images, py::object weight, py::object grad_images,
+                                   py::object grad_weight, int64_t num_prefix, uintptr_t stream) {
+    Tensor go = to_tensor(grad_out), i = to_tensor(images), w = to_tensor(weight), gi = to_tensor(grad_images),
+           gw = to_tensor(grad_weight);
+    int err;
+    {
+      py::gil_scoped_release release;
+      err = mmkern::patch_embed_bwd_cuda(go, i, w, gi, gw, num_prefix, stream);
+    }
+    check_cuda(err, "patch_embed_bwd_cuda");
+  });
+#endif
+
+  // ---- attention ----
+
+  // ---- contrastive ----
+}

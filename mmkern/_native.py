@@ -1,0 +1,54 @@
+"""The bridge to the native module `mmkern._C`.
+
+`tensor_arg` is the one place that turns a torch tensor into the arguments native code takes: a data
+pointer, a dtype code, sizes, strides (in elements) and a device index. The native side never sees torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from mmkern import _C
+except ImportError as exc:  # a source checkout that was never built
+    _C = None
+    IMPORT_ERROR: str | None = f"mmkern._C could not be imported ({exc}); build it with `pip install -e .`"
+else:
+    IMPORT_ERROR = None
+
+# Must match csrc/include/mmkern/common.h DType.
+DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.float64: 3,
+    torch.int32: 4,
+    torch.int64: 5,
+    torch.bool: 6,
+    torch.uint8: 7,
+}
+
+
+def tensor_arg(t: torch.Tensor | None):
+    """(data_ptr, dtype_code, sizes, strides, device_index) for a tensor, None for None."""
+    if t is None:
+        return None
+    device_index = -1 if t.device.type == "cpu" else t.device.index
+    return (t.data_ptr(), DTYPE_CODES[t.dtype], tuple(t.shape), tuple(t.stride()), device_index)
+
+
+def num_threads() -> int:
+    """CPU kernels use torch's thread count, so one knob controls torch and mmkern alike."""
+    return torch.get_num_threads()
+
+
+def cuda_stream(device: torch.device) -> int:
+    """Handle of the current CUDA stream on `device`, on which CUDA kernels are launched."""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def native():
+    """The native module, or a RuntimeError that says how to build it."""
+    if _C is None:
+        raise RuntimeError(IMPORT_ERROR)
+    return _C

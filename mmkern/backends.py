@@ -1,0 +1,122 @@
+"""Backend selection: `cpu` (C++), `cuda` (CUDA C++), `triton`, `reference` (plain PyTorch).
+
+Choice, first match wins: an explicit `backend=` argument; `mmkern.use_backend(...)` (also a context
+manager); the `MMKERN_BACKEND` environment variable; else the op's default for the tensors' device.
+Asking for a backend that cannot run the given tensors is a ValueError that says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+
+from mmkern import _native
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+
+_selected: str | None = None
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # triton missing or broken for this platform
+        return f"triton is not importable ({exc})"
+    return None
+
+
+def unavailable_reason(backend: str, device_type: str) -> str | None:
+    """None if `backend` can run tensors on `device_type` here, else the reason it cannot."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device_type != "cpu":
+            return f"the cpu backend runs CPU tensors, got {device_type} tensors"
+        return _native.IMPORT_ERROR
+    if backend == "cuda":
+        if _native.IMPORT_ERROR:
+            return _native.IMPORT_ERROR
+        if not _native._C.with_cuda():
+            return "mmkern._C was built without CUDA (no nvcc at build time, or MMKERN_CUDA=0)"
+        if device_type != "cuda":
+            return f"the cuda backend runs CUDA tensors, got {device_type} tensors"
+        if not torch.cuda.is_available():
+            return "no CUDA device is available to torch"
+        return None
+    # triton
+    if _triton_import_error():
+        return _triton_import_error()
+    if device_type == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA device is available to torch"
+    if device_type == "cpu":
+        return None if _triton_interpret() else "triton runs CPU tensors only under TRITON_INTERPRET=1"
+    return f"triton does not run {device_type} tensors"
+
+
+def use_backend(backend: str | None):
+    """Selects the backend for every op until changed; usable as a context manager that restores it.
+
+    `None` returns to the default choice.
+    """
+    global _selected
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    previous, _selected = _selected, backend
+
+    @contextlib.contextmanager
+    def restore():
+        global _selected
+        try:
+            yield
+        finally:
+            _selected = previous
+
+    return restore()
+
+
+def selected_backend() -> str | None:
+    """The backend chosen by use_backend or MMKERN_BACKEND, or None for the per-device default."""
+    if _selected is not None:
+        return _selected
+    env = os.environ.get("MMKERN_BACKEND") or None
+    if env is not None and env not in BACKENDS:
+        raise ValueError(f"MMKERN_BACKEND: unknown backend {env!r}; choose one of {', '.join(BACKENDS)}")
+    return env
+
+
+def resolve(backend: str | None, device: torch.device, cuda_default: str = "triton") -> str:
+    """The backend to run an op on tensors on `device`.
+
+    `cuda_default` is the op's own choice on CUDA devices (the faster of its triton and cuda kernels
+    where measured); on other devices the default is `cpu`, or `reference` when the native module is
+    missing.
+    """
+    chosen = backend if backend is not None else selected_backend()
+    if chosen is None:
+        if device.type == "cuda":
+            chosen = cuda_default if unavailable_reason(cuda_default, "cuda") is None else "reference"
+        elif device.type == "cpu":
+            chosen = "cpu" if unavailable_reason("cpu", "cpu") is None else "reference"
+        else:
+            chosen = "reference"
+    reason = unavailable_reason(chosen, device.type)
+    if reason is not None:
+        raise ValueError(f"backend: {chosen!r} is not available: {reason}")
+    return chosen
+
+
+def availability() -> dict[str, dict[str, str | None]]:
+    """For each backend and device type: None if available, else why not (used by `mmkern info`)."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return {b: {d: unavailable_reason(b, d) for d in devices} for b in BACKENDS}

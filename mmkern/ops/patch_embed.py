@@ -1,0 +1,176 @@
+"""Fused patch embedding: Conv2d(kernel=P, stride=P) + flatten + prefix tokens + position embedding.
+
+    out[b, :T]     = prefix_tokens + pos_embed[:T]
+    out[b, T + n]  = Σ_k patch(b, n)[k] · weight[:, k] + bias + pos_embed[T + n]
+
+with patch n = (gy, gx) in row-major order and k = (c, py, px) in the order of a Conv2d weight, so timm,
+open_clip and Hugging Face weights load unchanged. The cpu and cuda kernels gather patches inside the
+GEMM (no (B, N, C·P·P) im2col buffer); fp32 accumulation for every storage dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmkern import _native, backends, reference
+from mmkern.ops._checks import check_like, check_tensor, native_dtype
+
+
+def patch_embed(
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    pos_embed: torch.Tensor | None = None,
+    prefix_tokens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Embeds image patches as tokens.
+
+    Args:
+        images: (B, C, H, W), any strides (channels_last included); H and W multiples of P.
+        weight: (E, C, P, P), a Conv2d(kernel_size=P, stride=P) weight.
+        bias: (E,) or None, added to patch tokens only.
+        pos_embed: (T + N, E) or (1, T + N, E) or None, added to every token.
+        prefix_tokens: (T, E) or None: class / register tokens placed before the N = (H/P)·(W/P) patches.
+        backend: "cpu", "cuda", "triton", "reference" or None (see mmkern.backends).
+
+    Returns: (B, T + N, E) in the dtype of `images` (fp32, fp16, bf16; fp64 on the reference backend).
+    """
+    check_tensor(images, "images", ndim=4)
+    check_tensor(weight, "weight", ndim=4)
+    check_like("images", images, weight=weight, bias=bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens)
+    E, C, P, P2 = weight.shape
+    if P != P2 or P == 0:
+        raise ValueError(f"weight: expected a square (E, C, P, P) kernel, got shape {tuple(weight.shape)}")
+    B, C_img, H, W = images.shape
+    if C_img != C:
+        raise ValueError(f"weight: has {C} input channels but images has {C_img}")
+    if H % P or W % P:
+        raise ValueError(f"images: H={H} and W={W} must be multiples of the patch size {P}")
+    T = 0
+    if prefix_tokens is not None:
+        check_tensor(prefix_tokens, "prefix_tokens", ndim=2)
+        if prefix_tokens.shape[1] != E:
+            raise ValueError(f"prefix_tokens: expected (T, {E}), got {tuple(prefix_tokens.shape)}")
+        T = prefix_tokens.shape[0]
+    if bias is not None:
+        check_tensor(bias, "bias", ndim=1)
+        if bias.shape[0] != E:
+            raise ValueError(f"bias: expected ({E},), got {tuple(bias.shape)}")
+    N = (H // P) * (W // P)
+    if pos_embed is not None:
+        check_tensor(pos_embed, "pos_embed", ndim=(2, 3))
+        if pos_embed.dim() == 3 and pos_embed.shape[0] != 1:
+            raise ValueError(f"pos_embed: expected (T + N, E) or (1, T + N, E), got {tuple(pos_embed.shape)}")
+        if tuple(pos_embed.shape[-2:]) != (T + N, E):
+            raise ValueError(
+                f"pos_embed: expected length T + N = {T} + {N} = {T + N} and width {E}, got {tuple(pos_embed.shape)}"
+            )
+        pos_embed = pos_embed.reshape(T + N, E)
+    chosen = backends.resolve(backend, images.device, cuda_default="cuda")
+    native_dtype(chosen, "images", images)
+    if chosen == "reference":
+        return reference.patch_embed(images, weight, bias, pos_embed, prefix_tokens)
+    return torch.ops.mmkern.patch_embed(images, weight, bias, pos_embed, prefix_tokens, chosen)
+
+
+def _output_shape(images, weight, prefix_tokens):
+    P = weight.shape[-1]
+    T = 0 if prefix_tokens is None else prefix_tokens.shape[0]
+    return (images.shape[0], T + (images.shape[2] // P) * (images.shape[3] // P), weight.shape[0])
+
+
+@torch.library.custom_op("mmkern::patch_embed", mutates_args=())
+def _patch_embed_op(
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    pos_embed: torch.Tensor | None,
+    prefix_tokens: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    out = images.new_empty(_output_shape(images, weight, prefix_tokens))
+    args = [_native.tensor_arg(t) for t in (images, weight, bias, pos_embed, prefix_tokens, out)]
+    if backend == "cpu":
+        _native.native().patch_embed_fwd_cpu(*args, _native.num_threads())
+    elif backend == "cuda":
+        _native.native().patch_embed_fwd_cuda(*args, _native.cuda_stream(images.device))
+    else:
+        from mmkern.kernels.triton.patch_embed import patch_embed_fwd
+
+        patch_embed_fwd(images, weight, bias, pos_embed, prefix_tokens, out)
+    return out
+
+
+@_patch_embed_op.register_fake
+def _(images, weight, bias, pos_embed, prefix_tokens, backend):
+    return images.new_empty(_output_shape(images, weight, prefix_tokens))
+
+
+@torch.library.custom_op("mmkern::patch_embed_backward", mutates_args=())
+def _patch_embed_backward_op(
+    grad_out: torch.Tensor,
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    num_prefix: int,
+    need_images: bool,
+    need_weight: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_images or an empty tensor, grad_weight in fp32 or an empty tensor)."""
+    grad_images = torch.empty_like(images, memory_format=torch.contiguous_format) if need_images else None
+    grad_weight = weight.new_empty(weight.shape, dtype=torch.float32) if need_weight else None
+    args = [_native.tensor_arg(t) for t in (grad_out, images, weight, grad_images, grad_weight)]
+    if backend == "cpu":
+        _native.native().patch_embed_bwd_cpu(*args, num_prefix, _native.num_threads())
+    elif backend == "cuda":
+        _native.native().patch_embed_bwd_cuda(*args, num_prefix, _native.cuda_stream(images.device))
+    else:
+        from mmkern.kernels.triton.patch_embed import patch_embed_bwd
+
+        patch_embed_bwd(grad_out, images, weight, num_prefix, grad_images, grad_weight)
+    empty = images.new_empty(0)
+    return (
+        grad_images if grad_images is not None else empty,
+        grad_weight if grad_weight is not None else empty.float(),
+    )
+
+
+@_patch_embed_backward_op.register_fake
+def _(grad_out, images, weight, num_prefix, need_images, need_weight, backend):
+    grad_images = torch.empty_like(images, memory_format=torch.contiguous_format) if need_images else images.new_empty(0)
+    grad_weight = weight.new_empty(weight.shape, dtype=torch.float32) if need_weight else weight.new_empty(0).float()
+    return grad_images, grad_weight
+
+
+def _setup_context(ctx, inputs, output):
+    images, weight, bias, pos_embed, prefix_tokens, backend = inputs
+    ctx.save_for_backward(images, weight)
+    ctx.num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[0]
+    ctx.backend = backend
+    ctx.has = (bias is not None, pos_embed is not None, prefix_tokens is not None)
+
+
+def _backward(ctx, grad_out):
+    images, weight = ctx.saved_tensors
+    need_images, need_weight, need_bias, need_pos, need_prefix = ctx.needs_input_grad[:5]
+    T = ctx.num_prefix
+    grad_images = grad_weight = grad_bias = grad_pos = grad_prefix = None
+    if need_images or need_weight:
+        gi, gw = torch.ops.mmkern.patch_embed_backward(
+            grad_out, images, weight, T, need_images, need_weight, ctx.backend
+        )
+        grad_images = gi if need_images else None
+        grad_weight = gw.to(weight.dtype) if need_weight else None
+    # The remaining gradients are reductions over the batch (and tokens): memory-bound, left to torch.
+    if need_bias:
+        grad_bias = grad_out[:, T:].sum(dim=(0, 1), dtype=torch.float32).to(grad_out.dtype)
+    if need_pos:
+        grad_pos = grad_out.sum(dim=0, dtype=torch.float32).to(grad_out.dtype)
+    if need_prefix:
+        grad_prefix = grad_out[:, :T].sum(dim=0, dtype=torch.float32).to(grad_out.dtype)
+    return grad_images, grad_weight, grad_bias, grad_pos, grad_prefix, None
+
+
+_patch_embed_op.register_autograd(_backward, setup_context=_setup_context)

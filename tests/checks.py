@@ -1,0 +1,46 @@
+"""Helpers every op test uses: which backends run here, and the one tolerance table."""
+
+from __future__ import annotations
+
+import torch
+
+from mmkern import backends
+
+# Max error against the float64 reference, relative to the largest magnitude of the reference output
+# (so a tolerance means "digits of the result", whatever its scale). Rounding the output alone costs
+# 2^-24, 2^-11 and 2^-8 in fp32, fp16 and bf16; the table leaves room for fp32 accumulation order.
+RTOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10}
+
+
+def backends_for(device: str = "cpu") -> list[str]:
+    """Every backend that can run tensors on `device` here."""
+    return [b for b in backends.BACKENDS if backends.unavailable_reason(b, device) is None]
+
+
+def kernel_backends(device: str = "cpu") -> list[str]:
+    """Available backends other than the reference."""
+    return [b for b in backends_for(device) if b != "reference"]
+
+
+def dtypes_for(backend: str) -> list[torch.dtype]:
+    """Storage dtypes a backend is tested in here. The Triton interpreter (triton 3.9) computes bf16
+    arithmetic and bf16 tl.dot wrongly, so bf16 Triton paths are checked on a GPU only."""
+    if backend == "triton" and not torch.cuda.is_available():
+        return [torch.float32, torch.float16]
+    return [torch.float32, torch.float16, torch.bfloat16]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual.double() - expected).abs().max().item() if expected.numel() else 0.0
+    return err / max(scale, 1e-30) if scale > 0 else err
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str, factor: float = 1.0):
+    """max|actual - expected| ≤ factor · RTOL[dtype] · max|expected| (expected computed in float64)."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    both_nan = torch.isnan(actual.double()) & torch.isnan(expected.double())
+    assert torch.equal(torch.isnan(actual.double()), torch.isnan(expected.double())), f"{name}: NaN pattern differs"
+    err = relative_error(actual.masked_fill(both_nan, 0), expected.masked_fill(both_nan, 0))
+    assert err <= factor * RTOL[dtype], f"{name}: relative error {err:.3g} > {factor * RTOL[dtype]:.3g} ({dtype})"
