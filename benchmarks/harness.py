@@ -1,0 +1,145 @@
+"""Shared benchmark machinery: timing (median and 20th/80th percentiles), peak memory, result records
+appended to JSON with machine and versions, and plots. Every bench_<op>.py builds on this."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(os.environ.get("MMKERN_BENCH_DIR", "bench_results"))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, *, device: torch.device, warmup: int = 2, repeats: int = 10, min_seconds: float = 0.0) -> dict:
+    """Runs fn() `warmup` times, then at least `repeats` times (and at least `min_seconds`); returns
+    median / p20 / p80 in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples = []
+    start = time.perf_counter()
+    while len(samples) < repeats or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    samples.sort()
+    q = statistics.quantiles(samples, n=5) if len(samples) > 1 else [samples[0]] * 4
+    return {"median_ms": statistics.median(samples), "p20_ms": q[0], "p80_ms": q[3], "samples": len(samples)}
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_memory(fn, *, device: torch.device) -> int:
+    """Extra peak memory (bytes) of one call of fn(): CUDA allocator peak on GPUs; on the CPU the rise of
+    the process's resident-set high-water mark (reset through /proc/self/clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return -1
+    base = _rss_bytes("VmRSS")
+    fn()
+    return max(_rss_bytes("VmHWM") - base, 0)
+
+
+def machine() -> dict:
+    info = {
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def save(name: str, records: list[dict], out_dir: Path | None = None) -> Path:
+    """Appends this run (machine info + records) to <out_dir>/<name>.json and returns the path."""
+    out_dir = Path(out_dir or RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    runs = json.loads(path.read_text()) if path.exists() else []
+    runs.append({"machine": machine(), "records": records})
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(runs, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def plot_bars(name: str, records: list[dict], *, label_key: str, group_key: str, value_key: str = "median_ms",
+              ylabel: str = "median time (ms)", out_dir: Path | None = None) -> Path:
+    """Grouped bar chart: one group per record[group_key], one bar per record[label_key]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(r[group_key] for r in records))
+    labels = list(dict.fromkeys(r[label_key] for r in records))
+    width = 0.8 / max(len(labels), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    for li, label in enumerate(labels):
+        xs, ys = [], []
+        for gi, group in enumerate(groups):
+            for r in records:
+                if r[group_key] == group and r[label_key] == label:
+                    xs.append(gi + li * width)
+                    ys.append(r[value_key])
+        ax.bar(xs, ys, width, label=label)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
+    ax.set_xticklabels(groups, rotation=15, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(name)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_dir = Path(out_dir or RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def format_table(records: list[dict], columns: list[str]) -> str:
+    rows = [columns] + [[_fmt(r.get(c, "")) for c in columns] for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
