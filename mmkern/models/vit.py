@@ -1,0 +1,138 @@
+"""Vision Transformer (ViT, arXiv 2010.11929) on mmkern ops, with the options of timm's and CLIP's towers.
+
+State-dict keys follow timm: patch_embed.proj, cls_token (1, 1, D), reg_token (1, R, D), pos_embed (1, L, D),
+norm_pre, blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm | fc_norm, attn_pool, head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mmkern.nn import Block, CrossAttention, Mlp, PatchEmbed
+
+
+@dataclass
+class ViTConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    act: str = "gelu"
+    eps: float = 1e-6
+    class_token: bool = True
+    reg_tokens: int = 0
+    no_embed_class: bool = False  # position embedding covers the patches only (DeiT-3, SigLIP)
+    pre_norm: bool = False  # LayerNorm before the blocks (CLIP's ln_pre); CLIP also has no patch bias
+    patch_bias: bool = True
+    pool: str = "token"  # token | avg | map | none
+    fc_norm: bool = False  # final LayerNorm after pooling instead of on every token
+    num_classes: int = 0  # head width; 0 = no head (CLIP uses it as the bias-free projection)
+    head_bias: bool = True
+    dynamic_img_size: bool = False
+    patch_dropout: float = 0.0  # FLIP: fraction of patch tokens dropped in training
+    drop: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class AttentionPool(CrossAttention):
+    """timm's AttentionPoolLatent (MAP head of SigLIP): a learned latent query attends to the tokens, then
+    latent + mlp(norm(latent)). Keys: latent, q, kv, proj, norm, mlp.{fc1, fc2}. (B, N, D) -> (B, D)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, act: str = "gelu", eps: float = 1e-6):
+        super().__init__(dim, num_heads)
+        self.latent = nn.Parameter(torch.randn(1, 1, dim) * dim**-0.5)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(self.latent.expand(x.shape[0], -1, -1), x)
+        return (out + self.mlp(self.norm(out)))[:, 0]
+
+
+class VisionTransformer(nn.Module):
+    """images (B, C, H, W) -> forward: pooled features through the head (B, num_classes or width).
+
+    forward_features(images, num_layers=None, norm=True) -> tokens (B, T + N, width), T = class + register tokens.
+    """
+
+    def __init__(self, config: ViTConfig | None = None, **overrides):
+        super().__init__()
+        c = self.config = config or ViTConfig(**overrides)
+        if c.pool not in ("token", "avg", "map", "none"):
+            raise ValueError(f"pool: expected token, avg, map or none, got {c.pool!r}")
+        if c.pool == "token" and not c.class_token:
+            raise ValueError("pool: 'token' pooling needs class_token=True")
+        D = c.width
+        self.patch_embed = PatchEmbed(
+            c.img_size, c.patch_size, c.in_chans, D, bias=c.patch_bias, dynamic_img_size=c.dynamic_img_size
+        )
+        self.num_prefix_tokens = int(c.class_token) + c.reg_tokens
+        self.cls_token = nn.Parameter(torch.randn(1, 1, D) * 0.02) if c.class_token else None
+        self.reg_token = nn.Parameter(torch.randn(1, c.reg_tokens, D) * 0.02) if c.reg_tokens else None
+        pos_len = self.patch_embed.num_patches + (0 if c.no_embed_class else self.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(torch.randn(1, pos_len, D) * 0.02)
+        self.norm_pre = nn.LayerNorm(D, eps=c.eps) if c.pre_norm else nn.Identity()
+        self.blocks = nn.ModuleList(
+            Block(D, c.heads, c.mlp_ratio, c.qkv_bias, c.act, c.eps, drop=c.drop) for _ in range(c.depth)
+        )
+        self.norm = nn.Identity() if c.fc_norm else nn.LayerNorm(D, eps=c.eps)
+        self.fc_norm = nn.LayerNorm(D, eps=c.eps) if c.fc_norm else nn.Identity()
+        self.attn_pool = AttentionPool(D, c.heads, c.mlp_ratio, c.act, c.eps) if c.pool == "map" else None
+        self.head = nn.Linear(D, c.num_classes, bias=c.head_bias) if c.num_classes else nn.Identity()
+        self.grad_checkpointing = False
+
+    @property
+    def output_dim(self) -> int:
+        return self.config.num_classes or self.config.width
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def _prefix_tokens(self) -> torch.Tensor | None:
+        tokens = [t[0] for t in (self.cls_token, self.reg_token) if t is not None]
+        return torch.cat(tokens) if tokens else None
+
+    def _patch_dropout(self, x: torch.Tensor) -> torch.Tensor:
+        """Keeps the prefix tokens and a random (1 - p) share of the patch tokens of each image."""
+        T, N = self.num_prefix_tokens, x.shape[1] - self.num_prefix_tokens
+        keep = max(1, int(N * (1.0 - self.config.patch_dropout)))
+        idx = torch.rand(x.shape[0], N, device=x.device).argsort(dim=1)[:, :keep] + T
+        patches = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return torch.cat([x[:, :T], patches], dim=1)
+
+    def forward_features(self, images: torch.Tensor, num_layers: int | None = None, norm: bool = True) -> torch.Tensor:
+        """Tokens after the first `num_layers` blocks (all by default), final norm applied when `norm`."""
+        prefix = self._prefix_tokens()
+        x = self.patch_embed(images, self.pos_embed, prefix)
+        if self.training and self.config.patch_dropout > 0:
+            x = self._patch_dropout(x)
+        x = self.norm_pre(x)
+        for blk in self.blocks[:num_layers]:
+            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and self.training else blk(x)
+        return self.norm(x) if norm else x
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T + N, D) -> (B, D) by the configured pooling (`none` returns the tokens)."""
+        pool = self.config.pool
+        if pool == "token":
+            x = tokens[:, 0]
+        elif pool == "avg":
+            x = tokens[:, self.num_prefix_tokens :].mean(dim=1)
+        elif pool == "map":
+            x = self.attn_pool(tokens)
+        else:
+            x = tokens
+        return self.fc_norm(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.forward_features(images)))

@@ -1,0 +1,117 @@
+"""Multi-head attention modules on mmkern.ops: self-attention (timm layout `qkv`, `proj`), cross-attention
+(`q`, `kv`, `proj`, the layout of timm's attention pool) and a key/value cache for decoding."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmkern import ops
+
+
+class KVCache:
+    """Keys and values of one attention layer, (B, H, max_len, Dh), filled left to right.
+
+    Decoding appends the new tokens' keys/values with `update` and attends over everything cached so far.
+    The buffers are allocated on the first update, in the keys' dtype (which autocast decides).
+    """
+
+    def __init__(self, max_len: int):
+        self.max_len, self.len = max_len, 0
+        self.k = self.v = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, H, L, Dh) for the next L positions -> all cached (B, H, len + L, Dh)."""
+        end = self.len + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"kv_cache: {end} positions exceed the cache length {self.max_len}")
+        if self.k is None:
+            self.k = k.new_zeros(k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.v = v.new_zeros(v.shape[0], v.shape[1], self.max_len, v.shape[3])
+        self.k[:, :, self.len : end] = k
+        self.v[:, :, self.len : end] = v
+        self.len = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, state-dict compatible with timm's `Attention` (`qkv`, `proj`).
+
+    forward(x (B, L, D), attn_mask=None, is_causal=False, kv_cache=None) -> (B, L, D). `attn_mask` is a
+    bool (True = attend) or additive float mask broadcastable to (B, H, L, S). Packed sequences: x
+    (total, D) with `cu_seqlens` (num_seqs + 1,) int32 and `max_seqlen` go through varlen_attention.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.attn_drop, self.proj_drop = attn_drop, nn.Dropout(proj_drop)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        kv_cache: KVCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        drop = self.attn_drop if self.training else 0.0
+        if cu_seqlens is not None:
+            q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
+            o = ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=is_causal)
+            return self.proj_drop(self.proj(o.flatten(-2)))
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+        o = ops.scaled_dot_product_attention(q, k, v, attn_mask, drop, is_causal)
+        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, L, -1)))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from x (B, L, D) to context (B, S, kv_dim): `q`, `kv`, `proj` linears.
+
+    `context_mask` is (B, S) bool (True = attend) or anything broadcastable to (B, H, L, S).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        kv_dim: int | None = None,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(kv_dim or dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.attn_drop, self.proj_drop = attn_drop, nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, _ = x.shape
+        S = context.shape[1]
+        q = self.q(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(context).view(B, S, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if context_mask is not None and context_mask.dim() == 2:
+            context_mask = context_mask[:, None, None, :]
+        o = ops.scaled_dot_product_attention(q, k, v, context_mask, self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, L, -1)))

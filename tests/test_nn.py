@@ -1,0 +1,139 @@
+"""mmkern.nn modules against plain-PyTorch equivalents written here (timm's layouts)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmkern.nn import Attention, Block, CrossAttention, KVCache, Mlp, PatchEmbed, resample_pos_embed
+
+
+class TimmAttention(nn.Module):
+    """timm's Attention (qkv -> heads -> SDPA -> proj), written out as the compatibility oracle."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, is_causal=False):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=is_causal).transpose(1, 2).reshape(B, N, C))
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_attention_loads_timm_state_dict(is_causal):
+    torch.manual_seed(0)
+    ref = TimmAttention(48, 6)
+    ours = Attention(48, 6)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert set(ours.state_dict()) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
+    x = torch.randn(2, 7, 48, requires_grad=True)
+    out, expected = ours(x, is_causal=is_causal), ref(x, is_causal=is_causal)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, g)
+    (gx_ref,) = torch.autograd.grad(expected, x, g)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_rejects_indivisible_heads():
+    with pytest.raises(ValueError, match="num_heads"):
+        Attention(50, 6)
+
+
+def test_cross_attention_matches_manual():
+    torch.manual_seed(0)
+    m = CrossAttention(32, 4, kv_dim=24)
+    x, ctx = torch.randn(2, 5, 32), torch.randn(2, 9, 24)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    q = m.q(x).view(2, 5, 4, 8).transpose(1, 2)
+    k, v = m.kv(ctx).view(2, 9, 2, 4, 8).permute(2, 0, 3, 1, 4)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+    expected = m.proj(o.transpose(1, 2).reshape(2, 5, 32))
+    torch.testing.assert_close(m(x, ctx, mask), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_decoding_matches_full_causal():
+    torch.manual_seed(0)
+    m = Attention(32, 4).eval()
+    x = torch.randn(2, 6, 32)
+    full = m(x, is_causal=True)
+    cache = KVCache(6)
+    steps = [m(x[:, :3], is_causal=True, kv_cache=cache)]  # prefill, then one token at a time
+    steps += [m(x[:, i : i + 1], kv_cache=cache) for i in range(3, 6)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="kv_cache"):
+        m(x[:, :1], kv_cache=cache)
+
+
+def test_packed_attention_matches_per_sequence():
+    torch.manual_seed(0)
+    m = Attention(32, 4)
+    lengths = [3, 1, 5]
+    seqs = [torch.randn(1, n, 32) for n in lengths]
+    cu = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
+    packed = m(torch.cat(seqs, dim=1)[0], is_causal=True, cu_seqlens=cu, max_seqlen=5)
+    expected = torch.cat([m(s, is_causal=True)[0] for s in seqs])
+    torch.testing.assert_close(packed, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_block_pre_and_post_norm():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    for norm_first in (True, False):
+        b = Block(32, 4, mlp_ratio=2.0, norm_first=norm_first, act="quick_gelu")
+        a = b.attn(b.norm1(x)) if norm_first else b.attn(x)
+        h = x + a if norm_first else b.norm1(x + a)
+        expected = h + b.mlp(b.norm2(h)) if norm_first else b.norm2(h + b.mlp(h))
+        torch.testing.assert_close(b(x), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_mlp_rejects_unknown_activation():
+    with pytest.raises(ValueError, match="act"):
+        Mlp(8, 16, act="swish9")
+
+
+def test_patch_embed_matches_conv_and_timm_keys():
+    torch.manual_seed(0)
+    pe = PatchEmbed(img_size=28, patch_size=7, in_chans=3, embed_dim=16)
+    assert set(pe.state_dict()) == {"proj.weight", "proj.bias"}
+    x = torch.randn(2, 3, 28, 28)
+    pos = torch.randn(1, 1 + 16, 16)
+    cls = torch.randn(1, 16)
+    conv = pe.proj(x).flatten(2).transpose(1, 2)
+    expected = torch.cat([cls.expand(2, 1, 16), conv], dim=1) + pos
+    torch.testing.assert_close(pe(x, pos, cls), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="images"):
+        pe(torch.randn(2, 3, 35, 28), pos, cls)  # another size without dynamic_img_size
+
+
+def test_patch_embed_dynamic_size_resamples_bicubic():
+    torch.manual_seed(0)
+    pe = PatchEmbed(img_size=28, patch_size=7, in_chans=3, embed_dim=16, dynamic_img_size=True)
+    x = torch.randn(2, 3, 42, 21)  # grid 6 x 3 instead of 4 x 4
+    pos = torch.randn(1, 1 + 16, 16)
+    cls = torch.randn(1, 16)
+    grid = pos[0, 1:].reshape(1, 4, 4, 16).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(6, 3), mode="bicubic", antialias=True, align_corners=False)
+    new_pos = torch.cat([pos[0, :1], grid.permute(0, 2, 3, 1).reshape(18, 16)])
+    conv = pe.proj(x).flatten(2).transpose(1, 2)
+    expected = torch.cat([cls.expand(2, 1, 16), conv], dim=1) + new_pos
+    out = pe(x, pos, cls)
+    assert out.shape == (2, 19, 16)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # same size: the position embedding is used as is
+    torch.testing.assert_close(resample_pos_embed(pos, (4, 4), (4, 4), 1), pos[0])
+
+
+def test_patch_embed_patch_only_position_embedding():
+    pe = PatchEmbed(img_size=16, patch_size=8, in_chans=1, embed_dim=4, bias=False)
+    x, pos, reg = torch.randn(1, 1, 16, 16), torch.randn(4, 4), torch.randn(2, 4)
+    out = pe(x, pos, reg)
+    torch.testing.assert_close(out[0, :2], reg)
+    torch.testing.assert_close(out[0, 2:], pe.proj(x).flatten(2).transpose(1, 2)[0] + pos, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="pos_embed"):
+        pe(x, torch.randn(5, 4), reg)
