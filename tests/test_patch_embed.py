@@ -179,6 +179,17 @@ def test_matches_reference(backend, dtype):
     run()
 
 
+@pytest.mark.skipif("cpu" not in kernel_backends("cpu"), reason="mmkern._C is not built")
+@pytest.mark.parametrize("bf16_dot", ["0", "1"])
+def test_cpu_bf16_engines(bf16_dot, monkeypatch):
+    """Both CPU bf16 GEMMs (AVX-512 BF16 dot products where compiled in, and bf16 -> fp32 conversion),
+    whichever one this CPU measures faster, on a shape with K blocks and ragged edges."""
+    monkeypatch.setenv("MMKERN_CPU_BF16_DOT", bf16_dot)
+    for problem in EXAMPLES[1:] + [dict(EXAMPLES[3], B=3, C=3, gh=5, gw=7, E=70)]:
+        inputs, grad_out = _make(**problem, dtype=torch.bfloat16)
+        _check("cpu", torch.bfloat16, inputs, grad_out, name=str(problem))
+
+
 @pytest.mark.parametrize("backend", kernel_backends("cpu"))
 def test_only_needed_gradients(backend):
     """Frozen weights (the image gradient alone) and frozen images (the usual training case)."""
