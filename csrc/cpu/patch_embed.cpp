@@ -143,7 +143,11 @@ void patch_embed_fwd_cpu(const Tensor& images, const Tensor& weight, const Tenso
             scalar_t* dst = o + b * o_stride_b + token * o_stride_t;
             const float* src = tile.data() + i * g.embed_dim;
             const float* add = extra.data() + token * g.embed_dim;
-            for (int64_t e = 0; e < g.embed_dim; ++e) dst[e * o_stride_e] = from_float<scalar_t>(src[e] + add[e]);
+            if (o_stride_e == 1) {  // the usual case, vectorised
+              for (int64_t e = 0; e < g.embed_dim; ++e) dst[e] = from_float<scalar_t>(src[e] + add[e]);
+            } else {
+              for (int64_t e = 0; e < g.embed_dim; ++e) dst[e * o_stride_e] = from_float<scalar_t>(src[e] + add[e]);
+            }
           }
         }
         // Prefix tokens (class / register tokens) carry no patch product.
