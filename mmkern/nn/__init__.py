@@ -2,6 +2,17 @@
 
 from mmkern.nn.attention import Attention, CrossAttention, KVCache
 from mmkern.nn.blocks import Block, Mlp
+from mmkern.nn.loss import ClipLoss, SigLipLoss
 from mmkern.nn.patch_embed import PatchEmbed, resample_pos_embed
 
-__all__ = ["Attention", "Block", "CrossAttention", "KVCache", "Mlp", "PatchEmbed", "resample_pos_embed"]
+__all__ = [
+    "Attention",
+    "Block",
+    "ClipLoss",
+    "CrossAttention",
+    "KVCache",
+    "Mlp",
+    "PatchEmbed",
+    "SigLipLoss",
+    "resample_pos_embed",
+]

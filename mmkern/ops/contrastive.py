@@ -1,27 +1,269 @@
-"""InfoNCE / CLIP / SigLIP contrastive losses.
+"""InfoNCE / CLIP / SigLIP contrastive losses that never build the B×K logit matrix.
 
-INTERIM: this file fixes the public signatures so that the model layer can be built against them;
-every backend still runs mmkern.reference here. The contrastive issue replaces the body with the
-memory-flat kernels (cpu, cuda, triton) behind torch custom ops.
+With z_ij = s·x_i·y_j + b (s = logit_scale, b = logit_bias, d_ij = x_i·y_j):
+
+    infonce     = mean_i [ LSE_j z_ij − z_i,label_i ]
+    clip_loss   = ½·mean_i [ LSE_j z_ij + LSE_j z_ji − 2 z_ii ]          (open_clip ClipLoss, one device)
+    siglip_loss = Σ_ij softplus(−y_ij·z_ij) / B, y = 2·I − 1              (open_clip SigLipLoss)
+
+One custom op, `mmkern::contrastive_stats`, runs the kernel: it streams tiles of d through the GEMM and keeps
+per row (and per column for CLIP) the online-max log-sum-exp (fp32) and its derivative in s (the
+softmax-weighted mean of d); for the sigmoid loss the row sums of softplus(z), σ(z)·d and σ(z). Its backward
+recomputes each tile once and produces G·Y and Gᵀ·X for G = ∂L/∂z; the gradients of s and b are O(B)
+epilogues over the saved statistics. The softmax losses' positive (diagonal / label) logits are O(B·D) torch
+code; the sigmoid loss treats its positives inside the kernel (softplus(−z), no cancellation).
+Memory: O(B·D) for packed operands and gradients plus O(B) statistics.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mmkern import reference
+from mmkern import _native, backends, reference
+from mmkern.ops._checks import check_tensor, native_dtype
+
+# Must match csrc/include/mmkern/contrastive.h Mode.
+ROWS, ROWS_COLS, SIGMOID = 0, 1, 2
+
+
+def _as_scalar(value, name: str, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(value, (int, float)):
+        return torch.tensor(float(value), dtype=torch.float32, device=like.device)
+    check_tensor(value, name)
+    if value.dim() != 0:
+        raise ValueError(f"{name}: expected a 0-dim tensor, got shape {tuple(value.shape)}")
+    if value.device != like.device:
+        raise ValueError(f"{name}: on {value.device}, but the features are on {like.device}")
+    return value
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str, *, same_rows: bool) -> None:
+    check_tensor(a, name_a, ndim=2)
+    check_tensor(b, name_b, ndim=2)
+    if b.device != a.device:
+        raise ValueError(f"{name_b}: on {b.device}, but {name_a} is on {a.device}")
+    if b.dtype != a.dtype:
+        raise ValueError(f"{name_b}: dtype {b.dtype} differs from {name_a}'s {a.dtype}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{name_b}: feature width D={b.shape[1]} differs from {name_a}'s D={a.shape[1]}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"{name_a}: expected B ≥ 1 rows and D ≥ 1 features, got shape {tuple(a.shape)}")
+    if same_rows and b.shape[0] != a.shape[0]:
+        raise ValueError(f"{name_b}: batch size B={b.shape[0]} differs from {name_a}'s B={a.shape[0]}")
+    if b.shape[0] == 0:
+        raise ValueError(f"{name_b}: expected at least one row")
+
+
+def _pair_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise a_i·b_i in fp32 (B,)."""
+    return (a.float() * b.float()).sum(dim=1)
 
 
 def clip_loss(image_features, text_features, logit_scale, *, backend: str | None = None) -> torch.Tensor:
-    """½·(CE(s·I·Tᵀ, arange) + CE(s·T·Iᵀ, arange)); features (B, D), logit_scale a 0-dim tensor."""
-    return reference.clip_loss(image_features, text_features, logit_scale)
+    """Symmetric CLIP loss ½·(CE(s·I·Tᵀ, arange) + CE(s·T·Iᵀ, arange)) without the B×B logits.
+
+    Args:
+        image_features, text_features: (B, D), same dtype (fp32/fp16/bf16; fp64 on `reference`) and device.
+        logit_scale: 0-dim tensor, the multiplier s (open_clip passes `logit_scale.exp()`); gets a gradient.
+        backend: "cpu", "cuda", "triton", "reference" or None (see mmkern.backends).
+
+    Returns: 0-dim loss in the features' dtype (computed in fp32).
+    """
+    _check_pair(image_features, text_features, "image_features", "text_features", same_rows=True)
+    logit_scale = _as_scalar(logit_scale, "logit_scale", image_features)
+    chosen = backends.resolve(backend, image_features.device)
+    native_dtype(chosen, "image_features", image_features)
+    if chosen == "reference":
+        return reference.clip_loss(image_features, text_features, logit_scale)
+    zero = torch.zeros((), dtype=torch.float32, device=image_features.device)
+    rows, cols = contrastive_stats(image_features, text_features, logit_scale, zero, ROWS_COLS, chosen)
+    diag = _pair_dot(image_features, text_features)
+    loss = 0.5 * (rows[0].mean() + cols[0].mean()) - logit_scale.float() * diag.mean()
+    return loss.to(image_features.dtype)
 
 
 def infonce(query, keys, logit_scale, *, labels=None, backend: str | None = None) -> torch.Tensor:
-    """Mean CE of s·query·keysᵀ (B, K ≥ B) against labels (default arange(B))."""
-    return reference.infonce(query, keys, logit_scale, labels)
+    """One-direction InfoNCE: mean cross-entropy of s·query·keysᵀ against `labels`.
+
+    Args:
+        query: (B, D); keys: (K, D) with K ≥ B when labels is None (rows past B are extra negatives: a queue,
+            a memory bank, hard negatives). Same dtype and device.
+        logit_scale: 0-dim tensor s; gets a gradient.
+        labels: (B,) int64 indices into keys, default arange(B).
+
+    Returns: 0-dim loss in the query's dtype.
+    """
+    _check_pair(query, keys, "query", "keys", same_rows=False)
+    logit_scale = _as_scalar(logit_scale, "logit_scale", query)
+    B, K = query.shape[0], keys.shape[0]
+    if labels is None:
+        if K < B:
+            raise ValueError(f"keys: without labels keys needs at least B={B} rows, got {K}")
+    else:
+        check_tensor(labels, "labels", ndim=1, dtypes=(torch.int64, torch.int32))
+        if labels.device != query.device:
+            raise ValueError(f"labels: on {labels.device}, but query is on {query.device}")
+        if labels.shape[0] != B:
+            raise ValueError(f"labels: expected ({B},), got {tuple(labels.shape)}")
+        if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+            if bool(((labels < 0) | (labels >= K)).any()):
+                raise ValueError(f"labels: values must lie in [0, {K})")
+    chosen = backends.resolve(backend, query.device)
+    native_dtype(chosen, "query", query)
+    if chosen == "reference":
+        return reference.infonce(query, keys, logit_scale, labels)
+    zero = torch.zeros((), dtype=torch.float32, device=query.device)
+    rows, _ = contrastive_stats(query, keys, logit_scale, zero, ROWS, chosen)
+    positives = keys[:B] if labels is None else keys[labels.long()]
+    loss = rows[0].mean() - logit_scale.float() * _pair_dot(query, positives).mean()
+    return loss.to(query.dtype)
 
 
 def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backend: str | None = None) -> torch.Tensor:
-    """open_clip's sigmoid loss -Σ log σ(y·(s·I·Tᵀ + b)) / B."""
-    return reference.siglip_loss(image_features, text_features, logit_scale, logit_bias)
+    """open_clip's sigmoid loss −Σ_ij log σ(y_ij·(s·x_i·y_j + b)) / B, y = +1 on the diagonal, −1 elsewhere.
+
+    Args:
+        image_features, text_features: (B, D), same dtype and device.
+        logit_scale, logit_bias: 0-dim tensors s and b; both get gradients.
+
+    Returns: 0-dim loss in the features' dtype.
+    """
+    _check_pair(image_features, text_features, "image_features", "text_features", same_rows=True)
+    logit_scale = _as_scalar(logit_scale, "logit_scale", image_features)
+    logit_bias = _as_scalar(logit_bias, "logit_bias", image_features)
+    chosen = backends.resolve(backend, image_features.device)
+    native_dtype(chosen, "image_features", image_features)
+    if chosen == "reference":
+        return reference.siglip_loss(image_features, text_features, logit_scale, logit_bias)
+    rows, _ = contrastive_stats(image_features, text_features, logit_scale, logit_bias, SIGMOID, chosen, diagonal=True)
+    loss = rows[0].sum() / image_features.shape[0]
+    return loss.to(image_features.dtype)
+
+
+def contrastive_stats(x, y, scale, bias, mode: int, backend: str, *, diagonal: bool = False):
+    """Row statistics (3, B) and column statistics (2, K, or 0 columns unless mode is ROWS_COLS), fp32.
+
+    Rows: softmax modes (LSE_j z_ij, ∂/∂s, 1); SIGMOID (Σ_j softplus(±z_ij) and its ∂/∂s, ∂/∂b), where
+    `diagonal` makes (i, i) the positive pairs (−z) and every other pair a negative (+z).
+    Columns: (LSE_i z_ij, ∂/∂s). Differentiable in x, y, scale and bias through the value planes
+    (planes 1 and 2 are the derivatives themselves and are treated as constants). Used by the
+    distributed losses on (local rows, remote block) pairs.
+    """
+    return torch.ops.mmkern.contrastive_stats(x, y, scale, bias, mode, diagonal, backend)
+
+
+def _stat_shapes(x, y, mode):
+    return (3, x.shape[0]), (2, y.shape[0] if mode == ROWS_COLS else 0)
+
+
+def _scale_bias(scale, bias) -> tuple[float, float]:
+    return float(scale), float(bias)
+
+
+def _scale_bias_tensor(scale, bias) -> torch.Tensor:
+    """[s, b] as fp32 on the device: GPU kernels read them there, so no host sync."""
+    return torch.stack([scale.float(), bias.float()]).contiguous()
+
+
+@torch.library.custom_op("mmkern::contrastive_stats", mutates_args=())
+def _stats_op(
+    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, mode: int, diagonal: bool, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    row_shape, col_shape = _stat_shapes(x, y, mode)
+    rows = x.new_empty(row_shape, dtype=torch.float32)
+    cols = x.new_zeros(col_shape, dtype=torch.float32)
+    if backend == "cpu":
+        s, b = _scale_bias(scale, bias)
+        args = [_native.tensor_arg(t) for t in (x, y)]
+        cols_arg = _native.tensor_arg(cols) if mode == ROWS_COLS else None
+        _native.native().contrastive_fwd_cpu(
+            *args, s, b, mode, diagonal, _native.tensor_arg(rows), cols_arg, _native.num_threads()
+        )
+    elif backend == "cuda":
+        x, y = x.contiguous(), y.contiguous()
+        args = [_native.tensor_arg(t) for t in (x, y, _scale_bias_tensor(scale, bias), rows)]
+        cols_arg = _native.tensor_arg(cols) if mode == ROWS_COLS else None
+        _native.native().contrastive_fwd_cuda(*args[:3], mode, diagonal, args[3], cols_arg, _native.cuda_stream(x.device))
+    else:
+        from mmkern.kernels.triton.contrastive import contrastive_fwd
+
+        contrastive_fwd(x.contiguous(), y.contiguous(), scale, bias, mode, diagonal, rows, cols)
+    return rows, cols
+
+
+@_stats_op.register_fake
+def _(x, y, scale, bias, mode, diagonal, backend):
+    row_shape, col_shape = _stat_shapes(x, y, mode)
+    return x.new_empty(row_shape, dtype=torch.float32), x.new_empty(col_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("mmkern::contrastive_stats_backward", mutates_args=())
+def _stats_backward_op(
+    grad_rows: torch.Tensor,
+    grad_cols: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    mode: int,
+    diagonal: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G·Y (B, D), Gᵀ·X (K, D)) in fp32 for G_ij = grad_rows_i·∂rows_i/∂z_ij + grad_cols_j·∂cols_j/∂z_ij."""
+    dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    dy = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
+    gr = grad_rows.float().contiguous()
+    gc = grad_cols.float().contiguous() if mode == ROWS_COLS else None
+    row_lse = rows[0].contiguous()
+    col_lse = cols[0].contiguous() if mode == ROWS_COLS else None
+    if backend == "cpu":
+        s, b = _scale_bias(scale, bias)
+        args = [_native.tensor_arg(t) for t in (x, y)]
+        rest = [_native.tensor_arg(t) for t in (row_lse, col_lse, gr, gc, dx, dy)]
+        _native.native().contrastive_bwd_cpu(*args, s, b, mode, diagonal, *rest, _native.num_threads())
+    elif backend == "cuda":
+        x, y = x.contiguous(), y.contiguous()
+        args = [_native.tensor_arg(t) for t in (x, y, _scale_bias_tensor(scale, bias))]
+        rest = [_native.tensor_arg(t) for t in (row_lse, col_lse, gr, gc, dx, dy)]
+        _native.native().contrastive_bwd_cuda(*args, mode, diagonal, *rest, _native.cuda_stream(x.device))
+    else:
+        from mmkern.kernels.triton.contrastive import contrastive_bwd
+
+        contrastive_bwd(x.contiguous(), y.contiguous(), scale, bias, mode, diagonal, row_lse, col_lse, gr, gc, dx, dy)
+    return dx, dy
+
+
+@_stats_backward_op.register_fake
+def _(grad_rows, grad_cols, x, y, scale, bias, rows, cols, mode, diagonal, backend):
+    return x.new_empty(x.shape, dtype=torch.float32), y.new_empty(y.shape, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, scale, bias, mode, diagonal, backend = inputs
+    rows, cols = output
+    ctx.save_for_backward(x, y, scale, bias, rows, cols)
+    ctx.mode, ctx.diagonal, ctx.backend = mode, diagonal, backend
+
+
+def _backward(ctx, grad_rows, grad_cols):
+    x, y, scale, bias, rows, cols = ctx.saved_tensors
+    gr = grad_rows[0] if grad_rows is not None else rows.new_zeros(rows.shape[1])
+    gc = grad_cols[0] if grad_cols is not None and cols.shape[1] else cols.new_zeros(cols.shape[1])
+    grad_x = grad_y = grad_scale = grad_bias = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        gx, gy = torch.ops.mmkern.contrastive_stats_backward(
+            gr, gc, x, y, scale, bias, rows, cols, ctx.mode, ctx.diagonal, ctx.backend
+        )
+        s = scale.float()
+        grad_x = (s * gx).to(x.dtype)
+        grad_y = (s * gy).to(y.dtype)
+    if ctx.needs_input_grad[2]:
+        grad_scale = ((gr * rows[1]).sum() + (gc * cols[1]).sum()).to(scale.dtype)
+    if ctx.needs_input_grad[3]:
+        grad_bias = ((gr * rows[2]).sum() + gc.sum()).to(bias.dtype)
+    return grad_x, grad_y, grad_scale, grad_bias, None, None, None
+
+
+_stats_op.register_autograd(_backward, setup_context=_setup_context)

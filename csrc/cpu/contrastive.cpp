@@ -1,0 +1,357 @@
+// Memory-flat contrastive losses on the CPU: tiles of d = X Y^T are computed with the packed AVX-512 GEMM
+// of cpu_gemm.h and reduced on the spot into O(B) row / column statistics (see contrastive.h); backward
+// recomputes each tile once, turns it into dL/dz in place and multiplies it into both feature gradients.
+//
+// Each operand is packed once per call into the layout its GEMM wants and shared by all threads:
+//   Xa  X as the A operand of X Y^T (8-row panels)      Yb  Y^T as its B operand (32-column panels)
+//   Yr  Y as the B operand of G Y   (rows are k)       Xr  X as the B operand of G^T X
+// Threads never share an output row or column: rows and columns are cut into T chunks each, and in round
+// r thread t takes row chunk t against column chunk (t + r) mod T (a Latin square), with a barrier between
+// rounds. So dX, dY and the column statistics need no atomics and no per-thread copies.
+#include <omp.h>
+
+#include <vector>
+
+#include "mmkern/common.h"
+#include "mmkern/contrastive.h"
+#include "mmkern/cpu_gemm.h"
+
+namespace mmkern {
+
+namespace {
+
+using cpu::kKC;
+using cpu::kMR;
+using cpu::kNR;
+using cpu::v16;
+using namespace contrastive;
+typedef int vi16 __attribute__((vector_size(64)));
+
+// Tile of logits a thread holds (256 KiB of fp32). Both divide kKC, so a tile's rows (columns) never
+// straddle a k-block of a packed operand, and the backward GEMMs can read a tile's slice in place.
+constexpr int64_t kBM = 256;
+constexpr int64_t kBN = 256;
+static_assert(kKC % kBM == 0 && kKC % kBN == 0, "tiles must not straddle packed k-blocks");
+
+inline v16 splat(float v) { return v16{} + v; }
+inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }  // a NaN in `a` is dropped; exp() re-propagates it
+inline float hmax(v16 v) {
+  float m = v[0];
+  for (int k = 1; k < 16; ++k) m = v[k] > m ? v[k] : m;
+  return m;
+}
+inline float hsum(v16 v) {
+  float s = 0.f;
+  for (int k = 0; k < 16; ++k) s += v[k];
+  return s;
+}
+
+// exp(x) on 16 lanes, ~2 ulp: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial times 2^n. Exact 0 below
+// the normal range, inf above it, NaN stays NaN (every comparison with NaN is false).
+inline v16 vexp(v16 x) {
+  const v16 xc = x < -87.f ? splat(-87.f) : x;  // clamps -inf, keeps NaN (the comparison is false)
+  const v16 xr = xc > 88.f ? splat(88.f) : xc;
+  const v16 n = (xr * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest integer
+  const v16 r = (xr - n * 0.693145752f) - n * 1.42860677e-6f;
+  v16 p = splat(1.f / 720) * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
+  v16 out = p * reinterpret_cast<const v16&>(bits);
+  out = x < -87.3f ? splat(0.f) : out;
+  out = x > 88.72f ? splat(INFINITY) : out;
+  return out;
+}
+
+// Column c0 of a tile row as 16 lanes; lanes past the valid width read 0 (the tile pads with 0).
+inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
+
+struct Shape {
+  int64_t B, K, D, B_pad, K_pad, D_pad;
+};
+
+// Packs every panel of an operand in layout A (row panels of kMR, element a(i, k), M x K) or B (column
+// panels of kNR, element b(k, j), K x N) inside an enclosing parallel region.
+template <class F>
+void pack_a_parallel(const F& a, int64_t M, int64_t K, float* dst) {
+  const int64_t M_pad = cpu::round_up(M, kMR), kblocks = (K + kKC - 1) / kKC, panels = M_pad / kMR;
+#pragma omp for schedule(static) collapse(2)
+  for (int64_t kb = 0; kb < kblocks; ++kb)
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t k0 = kb * kKC, kc = std::min(kKC, K - k0), i0 = p * kMR;
+      cpu::pack_a(a, i0, static_cast<int>(std::min<int64_t>(kMR, M - i0)), k0, kc, dst + k0 * M_pad + i0 * kc);
+    }
+}
+
+template <class F>
+void pack_b_parallel(const F& b, int64_t K, int64_t N, float* dst) {
+  const int64_t N_pad = cpu::round_up(N, kNR), kblocks = (K + kKC - 1) / kKC, panels = N_pad / kNR;
+#pragma omp for schedule(static) collapse(2)
+  for (int64_t kb = 0; kb < kblocks; ++kb)
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t k0 = kb * kKC, kc = std::min(kKC, K - k0), j0 = p * kNR;
+      cpu::pack_b(b, k0, kc, j0, static_cast<int>(std::min<int64_t>(kNR, N - j0)), dst + k0 * N_pad + j0 * kc);
+    }
+}
+
+// S[0:im, 0:jn] (row stride kBN) = X[i0:i0+im] . Y[j0:j0+jn]^T from the packed Xa and Yb. Columns jn..
+// round_up(jn, 16) are set to 0 so that 16-lane epilogues read defined values.
+void tile_dot(const Shape& sh, const float* Xa, const float* Yb, int64_t i0, int64_t im, int64_t j0, int64_t jn,
+              float* S) {
+  for (int64_t k0 = 0; k0 < sh.D; k0 += kKC) {
+    const int64_t kc = std::min(kKC, sh.D - k0);
+    for (int64_t jp = 0; jp < jn; jp += kNR) {
+      const float* Bp = Yb + k0 * sh.K_pad + (j0 + jp) * kc;
+      const int nr = static_cast<int>(std::min<int64_t>(kNR, jn - jp));
+      for (int64_t ip = 0; ip < im; ip += kMR) {
+        const float* Ap = Xa + k0 * sh.B_pad + (i0 + ip) * kc;
+        cpu::micro_kernel(kc, Ap, Bp, S + ip * kBN + jp, kBN, static_cast<int>(std::min<int64_t>(kMR, im - ip)),
+                          nr, k0 > 0);
+      }
+    }
+  }
+  const int64_t jn16 = cpu::round_up(jn, 16);
+  for (int64_t i = 0; i < im; ++i)
+    for (int64_t j = jn; j < jn16; ++j) S[i * kBN + j] = 0.f;
+}
+
+// C[rows of the tile] (row stride D, fp32) += A (packed tile, m x kt) . Bk (packed operand rows k0..k0+kt)
+// where the packed operand is P (B-layout of an n_rows x D matrix) and k0 its first row.
+void tile_grad(const Shape& sh, const float* A, int64_t m, int64_t kt, const float* P, int64_t n_rows, int64_t k0,
+               float* C) {
+  const int64_t kb = k0 / kKC * kKC, kcb = std::min(kKC, n_rows - kb);
+  for (int64_t dp = 0; dp < sh.D; dp += kNR) {
+    const float* Bp = P + kb * sh.D_pad + dp * kcb + (k0 - kb) * kNR;
+    const int nr = static_cast<int>(std::min<int64_t>(kNR, sh.D - dp));
+    for (int64_t ip = 0; ip < m; ip += kMR)
+      cpu::micro_kernel(kt, A + ip * kt, Bp, C + ip * sh.D + dp, sh.D, static_cast<int>(std::min<int64_t>(kMR, m - ip)),
+                        nr, true);
+  }
+}
+
+// Runs body(i0, im, j0, jn) over every tile, Latin-square scheduled (see the file comment). Call inside a
+// parallel region; ends with a barrier.
+template <class F>
+void for_each_tile(int64_t rows, int64_t cols, const F& body) {
+  const int T = omp_get_num_threads(), t = omp_get_thread_num();
+  const int64_t rt = (rows + kBM - 1) / kBM, ct = (cols + kBN - 1) / kBN;
+  for (int r = 0; r < T; ++r) {
+    const int c = (t + r) % T;
+    for (int64_t it = rt * t / T; it < rt * (t + 1) / T; ++it)
+      for (int64_t jt = ct * c / T; jt < ct * (c + 1) / T; ++jt)
+        body(it * kBM, std::min(kBM, rows - it * kBM), jt * kBN, std::min(kBN, cols - jt * kBN));
+#pragma omp barrier
+  }
+}
+
+Shape check_shapes(const Tensor& x, const Tensor& y) {
+  check_dims(x, 2, "x");
+  check_dims(y, 2, "y");
+  check(x.size(1) == y.size(1), "y: feature width differs from x");
+  check(x.dtype == y.dtype, "y: dtype differs from x");
+  check_float_dtype(x, "x");
+  Shape sh{x.size(0), y.size(0), x.size(1), 0, 0, 0};
+  sh.B_pad = cpu::round_up(sh.B, kMR);
+  sh.K_pad = cpu::round_up(sh.K, kNR);
+  sh.D_pad = cpu::round_up(sh.D, kNR);
+  return sh;
+}
+
+// Mask added to z: 0 for valid columns of a tile, -inf for the padding up to 16 lanes.
+void column_mask(int64_t jn, float* neg) {
+  for (int64_t j = 0; j < kBN; ++j) neg[j] = j < jn ? 0.f : -INFINITY;
+}
+
+}  // namespace
+
+void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
+                         const Tensor& row_stats, const Tensor& col_stats, int num_threads) {
+  const Shape sh = check_shapes(x, y);
+  check(mode == kRows || mode == kRowsCols || mode == kSigmoid, "mode: unknown contrastive mode");
+  check(row_stats.present && row_stats.numel() == kRowPlanes * sh.B, "row_stats: expected (3, B) fp32");
+  check(mode != kRowsCols || (col_stats.present && col_stats.numel() == kColPlanes * sh.K),
+        "col_stats: expected (2, K) fp32");
+  const float s = static_cast<float>(scale), b = static_cast<float>(bias);
+  std::vector<float> Xa(sh.B_pad * sh.D), Yb(sh.D * sh.K_pad);
+  std::vector<SoftmaxState> rows(sh.B, softmax_init()), cols(mode == kRowsCols ? sh.K : 0, softmax_init());
+  std::vector<float> sig(mode == kSigmoid ? 3 * sh.B : 0, 0.f);  // sums of softplus, sigmoid*d, sigmoid
+
+  dispatch_float(x.dtype, "contrastive", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    const cpu::Strided<scalar_t> xe{x.ptr<scalar_t>(), x.stride(0), x.stride(1)};
+    const cpu::Strided<scalar_t> ye{y.ptr<scalar_t>(), y.stride(0), y.stride(1)};
+#pragma omp parallel num_threads(num_threads)
+    {
+      pack_a_parallel(xe, sh.B, sh.D, Xa.data());
+      pack_b_parallel([&](int64_t k, int64_t j) { return ye(j, k); }, sh.D, sh.K, Yb.data());
+      std::vector<float> S(kBM * kBN), neg(kBN), cm(kBN), ca(kBN), cl(kBN), ce(kBN);
+      for_each_tile(sh.B, sh.K, [&](int64_t i0, int64_t im, int64_t j0, int64_t jn) {
+        tile_dot(sh, Xa.data(), Yb.data(), i0, im, j0, jn, S.data());
+        column_mask(jn, neg.data());
+        const int64_t chunks = (jn + 15) / 16;
+        auto z_at = [&](int64_t i, int64_t c) { return load(&S[i * kBN + c * 16]) * s + b + load(&neg[c * 16]); };
+        for (int64_t i = 0; i < im; ++i) {
+          const float* d = &S[i * kBN];
+          if (mode == kSigmoid) {
+            float sp = 0.f, sd = 0.f, sg = 0.f;
+            for (int64_t j = 0; j < jn; ++j) {
+              const float z = s * d[j] + b;
+              const bool pos = diagonal && i0 + i == j0 + j;
+              const float g = sigmoid_grad(z, pos);
+              sp += softplus(pos ? -z : z);
+              sd += g * d[j];
+              sg += g;
+            }
+            sig[i0 + i] += sp;
+            sig[sh.B + i0 + i] += sd;
+            sig[2 * sh.B + i0 + i] += sg;
+            continue;
+          }
+          v16 vm = splat(-INFINITY);
+          for (int64_t c = 0; c < chunks; ++c) vm = vmax(z_at(i, c), vm);
+          SoftmaxState& st = rows[i0 + i];
+          const float mt = hmax(vm), m = st.m > mt ? st.m : mt;
+          const float a = st.m == -INFINITY ? 0.f : expf(st.m - m);
+          v16 vl = {}, ve = {};
+          for (int64_t c = 0; c < chunks; ++c) {
+            const v16 p = vexp(z_at(i, c) - m);
+            vl += p;
+            ve += p * load(d + c * 16);
+          }
+          st.l = st.l * a + hsum(vl);
+          st.e = st.e * a + hsum(ve);
+          st.m = m;
+        }
+        if (mode != kRowsCols) return;
+        // Columns: tile max, then one pass of exp against the merged max, 16 columns per vector.
+        for (int64_t c = 0; c < chunks; ++c) {
+          v16 vm = splat(-INFINITY);
+          for (int64_t i = 0; i < im; ++i) vm = vmax(z_at(i, c), vm);
+          for (int k = 0; k < 16; ++k) cm[c * 16 + k] = vm[k];
+        }
+        for (int64_t j = 0; j < chunks * 16; ++j) {
+          const SoftmaxState st = j < jn ? cols[j0 + j] : softmax_init();
+          const float m = st.m > cm[j] ? st.m : cm[j];
+          ca[j] = st.m == -INFINITY ? 0.f : expf(st.m - m);
+          cm[j] = j < jn ? m : 0.f;
+        }
+        for (int64_t c = 0; c < chunks; ++c) {
+          v16 vl = {}, ve = {};
+          const v16 m = load(&cm[c * 16]);
+          for (int64_t i = 0; i < im; ++i) {
+            const v16 p = vexp(z_at(i, c) - m);
+            vl += p;
+            ve += p * load(&S[i * kBN + c * 16]);
+          }
+          for (int k = 0; k < 16; ++k) {
+            cl[c * 16 + k] = vl[k];
+            ce[c * 16 + k] = ve[k];
+          }
+        }
+        for (int64_t j = 0; j < jn; ++j) {
+          SoftmaxState& st = cols[j0 + j];
+          st.l = st.l * ca[j] + cl[j];
+          st.e = st.e * ca[j] + ce[j];
+          st.m = cm[j];
+        }
+      });
+    }
+  });
+
+  float* rs = row_stats.ptr<float>();
+  for (int64_t i = 0; i < sh.B; ++i) {
+    if (mode == kSigmoid) {
+      for (int p = 0; p < 3; ++p) rs[p * sh.B + i] = sig[p * sh.B + i];
+    } else {
+      rs[i] = softmax_lse(rows[i]);
+      rs[sh.B + i] = softmax_mean_d(rows[i]);
+      rs[2 * sh.B + i] = 1.f;
+    }
+  }
+  if (mode == kRowsCols) {
+    float* cs = col_stats.ptr<float>();
+    for (int64_t j = 0; j < sh.K; ++j) {
+      cs[j] = softmax_lse(cols[j]);
+      cs[sh.K + j] = softmax_mean_d(cols[j]);
+    }
+  }
+}
+
+// dX (B x D fp32) += G Y and dY (K x D fp32) += G^T X with G_ij = dL/dz_ij from grad_logit (the logit
+// scale is applied by the caller). row_lse / col_lse: plane 0 of the forward statistics; gr (B), gc (K).
+void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
+                         const Tensor& row_lse,
+                         const Tensor& col_lse, const Tensor& gr, const Tensor& gc, const Tensor& dx, const Tensor& dy,
+                         int num_threads) {
+  const Shape sh = check_shapes(x, y);
+  check(mode == kRows || mode == kRowsCols || mode == kSigmoid, "mode: unknown contrastive mode");
+  check(row_lse.present && gr.present && row_lse.numel() >= sh.B && gr.numel() == sh.B, "gr: expected (B,) fp32");
+  check(mode != kRowsCols || (col_lse.present && gc.present && col_lse.numel() >= sh.K && gc.numel() == sh.K),
+        "gc: expected (K,) fp32");
+  check(dx.present && dx.numel() == sh.B * sh.D && dy.present && dy.numel() == sh.K * sh.D,
+        "dx: expected contiguous fp32 gradients");
+  const float s = static_cast<float>(scale), b = static_cast<float>(bias);
+  const float *rl = row_lse.ptr<float>(), *grp = gr.ptr<float>();
+  const float* cl = mode == kRowsCols ? col_lse.ptr<float>() : nullptr;
+  const float* gcp = mode == kRowsCols ? gc.ptr<float>() : nullptr;
+  float *dxp = dx.ptr<float>(), *dyp = dy.ptr<float>();
+  std::vector<float> Xa(sh.B_pad * sh.D), Yb(sh.D * sh.K_pad), Xr(sh.B * sh.D_pad), Yr(sh.K * sh.D_pad);
+
+  dispatch_float(x.dtype, "contrastive", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    const cpu::Strided<scalar_t> xe{x.ptr<scalar_t>(), x.stride(0), x.stride(1)};
+    const cpu::Strided<scalar_t> ye{y.ptr<scalar_t>(), y.stride(0), y.stride(1)};
+#pragma omp parallel num_threads(num_threads)
+    {
+      pack_a_parallel(xe, sh.B, sh.D, Xa.data());
+      pack_b_parallel([&](int64_t k, int64_t j) { return ye(j, k); }, sh.D, sh.K, Yb.data());
+      pack_b_parallel(xe, sh.B, sh.D, Xr.data());
+      pack_b_parallel(ye, sh.K, sh.D, Yr.data());
+      std::vector<float> S(kBM * kBN), GA(kBM * kBN), GT(kBM * kBN), neg(kBN), tl(kBN), tg(kBN);
+      for_each_tile(sh.B, sh.K, [&](int64_t i0, int64_t im, int64_t j0, int64_t jn) {
+        tile_dot(sh, Xa.data(), Yb.data(), i0, im, j0, jn, S.data());
+        column_mask(jn, neg.data());
+        for (int64_t j = 0; j < kBN; ++j) {  // column lse and weight, 0 in the padding
+          tl[j] = cl && j < jn ? cl[j0 + j] : 0.f;
+          tg[j] = gcp && j < jn ? gcp[j0 + j] : 0.f;
+        }
+        const int64_t chunks = (jn + 15) / 16;
+        // SigLIP positives (i == j) use -sigmoid(-z) in place of sigmoid(z) - 1, which would cancel.
+        std::vector<std::pair<int64_t, float>> positives;
+        if (mode == kSigmoid && diagonal)
+          for (int64_t i = std::max(i0, j0); i < std::min(i0 + im, j0 + jn); ++i)
+            positives.emplace_back(i, grp[i] * sigmoid_grad(s * S[(i - i0) * kBN + i - j0] + b, true));
+        for (int64_t i = 0; i < im; ++i) {
+          const float r = rl[i0 + i], g = grp[i0 + i];
+          for (int64_t c = 0; c < chunks; ++c) {
+            float* d = &S[i * kBN + c * 16];
+            const v16 z = load(d) * s + b + load(&neg[c * 16]);
+            v16 G;
+            if (mode == kSigmoid) {
+              G = g / (1.f + vexp(-z));
+            } else {
+              G = g * vexp(z - r);
+              if (mode == kRowsCols) G += load(&tg[c * 16]) * vexp(z - load(&tl[c * 16]));
+            }
+            *reinterpret_cast<v16*>(d) = G;
+          }
+        }
+        for (const auto& [i, g] : positives) S[(i - i0) * kBN + i - j0] = g;
+        // G (im x jn) as the A operand of G Y, and G^T (jn x im) as the A operand of G^T X.
+        for (int64_t ip = 0; ip < im; ip += kMR)
+          cpu::pack_a(cpu::Strided<float>{S.data(), kBN, 1}, ip, static_cast<int>(std::min<int64_t>(kMR, im - ip)), 0,
+                      jn, GA.data() + ip * jn);
+        for (int64_t jp = 0; jp < jn; jp += kMR)
+          cpu::pack_a(cpu::Strided<float>{S.data(), 1, kBN}, jp, static_cast<int>(std::min<int64_t>(kMR, jn - jp)), 0,
+                      im, GT.data() + jp * im);
+        tile_grad(sh, GA.data(), im, jn, Yr.data(), sh.K, j0, dxp + i0 * sh.D);
+        tile_grad(sh, GT.data(), jn, im, Xr.data(), sh.B, i0, dyp + j0 * sh.D);
+      });
+    }
+  });
+}
+
+}  // namespace mmkern

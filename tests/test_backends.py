@@ -1,0 +1,58 @@
+"""Backend selection, the native bridge and the CLI's info."""
+
+import pytest
+import torch
+
+import mmkern
+from mmkern import _native, backends
+from mmkern.cli import info, main
+
+
+def test_native_module_imports_without_gpu():
+    assert _native._C is not None, _native.IMPORT_ERROR
+    assert isinstance(_native._C.cpu_features(), str)
+    assert _native._C.cuda_device_count() >= 0
+
+
+def test_tensor_arg_describes_strides_and_dtype():
+    t = torch.zeros(4, 6, dtype=torch.float16).t()
+    ptr, code, sizes, strides, device = _native.tensor_arg(t)
+    assert (ptr, code, sizes, strides, device) == (t.data_ptr(), 1, (6, 4), (1, 6), -1)
+    assert _native.tensor_arg(None) is None
+
+
+def test_default_backend_on_cpu_is_cpu():
+    assert backends.resolve(None, torch.device("cpu")) == "cpu"
+
+
+def test_use_backend_context_restores(monkeypatch):
+    monkeypatch.delenv("MMKERN_BACKEND", raising=False)
+    with mmkern.use_backend("reference"):
+        assert backends.resolve(None, torch.device("cpu")) == "reference"
+    assert backends.resolve(None, torch.device("cpu")) == "cpu"
+
+
+def test_environment_variable_selects_backend(monkeypatch):
+    monkeypatch.setenv("MMKERN_BACKEND", "reference")
+    assert backends.resolve(None, torch.device("cpu")) == "reference"
+    monkeypatch.setenv("MMKERN_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="MMKERN_BACKEND"):
+        backends.resolve(None, torch.device("cpu"))
+
+
+def test_explicit_backend_wins_and_unavailable_is_a_clear_error():
+    assert backends.resolve("reference", torch.device("cpu")) == "reference"
+    with pytest.raises(ValueError, match="backend: 'cuda' is not available"):
+        backends.resolve("cuda", torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown backend"):
+        backends.resolve("tpu", torch.device("cpu"))
+    with pytest.raises(ValueError, match="backend"):
+        mmkern.use_backend("tpu")
+
+
+def test_info_lists_every_backend(capsys):
+    text = info()
+    for name in backends.BACKENDS:
+        assert name in text
+    assert main(["info"]) == 0
+    assert "torch" in capsys.readouterr().out

@@ -1,0 +1,207 @@
+"""clip_loss / infonce / siglip_loss on every backend against the float64 reference: loss and every gradient."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mmkern import ops, reference
+from mmkern.ops import contrastive
+from tests.checks import RTOL, assert_close, dtypes_for, kernel_backends, relative_error
+
+BACKENDS = kernel_backends("cpu")
+LOSSES = ("clip", "infonce", "siglip")
+
+# Batch sizes: 1, odd, and past one CPU tile (256); the Triton interpreter is slow, so it gets its own
+# (its tiles are 16 wide there).
+SIZES = {"cpu": [1, 2, 7, 33, 257, 300], "triton": [1, 3, 17, 40], "cuda": [1, 7, 129, 300]}
+
+
+def _features(n: int, d: int, gen: torch.Generator, orthogonal: bool, half: int) -> torch.Tensor:
+    """Unit rows; `orthogonal` puts them in one half of the dimensions (the other side uses the other half)
+    plus a little noise, so every cosine is near 0: at s = 100 a fixed-max LSE would underflow there."""
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    if orthogonal and d >= 2:
+        mask = torch.zeros(d, dtype=torch.float64)
+        mask[: d // 2] = 1.0
+        mask = mask if half == 0 else 1.0 - mask
+        x = x * mask + 1e-3 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    return F.normalize(x, dim=1)
+
+
+def _run(fn, tensors: list[torch.Tensor], **kwargs):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    loss = fn(*leaves, **kwargs)
+    grads = torch.autograd.grad(loss, leaves)
+    return loss, grads
+
+
+def _loss_fns(kind: str, labels):
+    if kind == "clip":
+        return ops.clip_loss, reference.clip_loss, {}
+    if kind == "siglip":
+        return ops.siglip_loss, reference.siglip_loss, {}
+    return ops.infonce, (lambda q, k, s: reference.infonce(q, k, s, labels)), {"labels": labels}
+
+
+def _factor(plain: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> float:
+    """Tolerance factor: at least the table, and 4x the relative error of fp32 PyTorch."""
+    return max(1.0, 4.0 * relative_error(plain, expected) / RTOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", LOSSES)
+@given(data=st.data())
+def test_matches_float64_reference(backend, kind, data):
+    B = data.draw(st.sampled_from(SIZES[backend]), label="B")
+    D = data.draw(st.sampled_from([1, 3, 16, 64, 97]), label="D")
+    extra = data.draw(st.sampled_from([0, 5, 40]), label="extra") if kind == "infonce" else 0
+    scale = data.draw(st.sampled_from([1.0, 14.3, 50.0, 100.0]), label="scale")
+    dtype = data.draw(st.sampled_from(dtypes_for(backend)), label="dtype")
+    orthogonal = data.draw(st.booleans(), label="orthogonal")
+    use_labels = kind == "infonce" and data.draw(st.booleans(), label="labels")
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+
+    x = _features(B, D, gen, orthogonal, 0).to(dtype)
+    y = _features(B + extra, D, gen, orthogonal, 1).to(dtype)
+    labels = torch.randint(0, B + extra, (B,), generator=gen) if use_labels else None
+    args = [x, y, torch.tensor(scale)]
+    if kind == "siglip":
+        args.append(torch.tensor(data.draw(st.sampled_from([-10.0, -2.0, 0.0, 3.0]), label="bias")))
+    fn, ref_fn, kwargs = _loss_fns(kind, labels)
+
+    expected, expected_grads = _run(ref_fn, [t.double() for t in args])
+    # Plain PyTorch in fp32 on the same inputs: its error is the conditioning of the problem (near-equal
+    # rows make gradients differences of like terms), which the kernel may not beat either.
+    plain, plain_grads = _run(ref_fn, [t.float() for t in args])
+    loss, grads = _run(fn, args, backend=backend, **kwargs)
+    assert loss.dtype == dtype and loss.shape == ()
+    names = ["loss", "grad_x", "grad_y", "grad_scale", "grad_bias"]
+    for name, g, e, p in zip(names, (loss, *grads), (expected, *expected_grads), (plain, *plain_grads)):
+        assert g.dtype == (dtype if name in ("loss", "grad_x", "grad_y") else torch.float32)
+        assert_close(g, e, dtype, name, factor=_factor(p, e, dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_underflow_safe_at_scale_100(backend):
+    """Rows whose best cosine is small at s = 100: every exp(z - 100) underflows fp32, the LSE must not."""
+    B, D = 20, 16
+    x = torch.zeros(B, D)
+    x[:, 0] = 1.0
+    y = torch.zeros(B, D)
+    y[:, 1] = 1.0
+    y[:, 0] = torch.linspace(-0.05, 0.05, B)
+    y = F.normalize(y, dim=1)
+    s = torch.tensor(100.0)
+    expected = reference.clip_loss(x.double(), y.double(), s.double())
+    assert_close(ops.clip_loss(x, y, s, backend=backend), expected, torch.float32, "loss")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    gen = torch.Generator().manual_seed(0)
+    x, y = _features(37, 24, gen, False, 0).float(), _features(37, 24, gen, False, 1).float()
+    s, b = torch.tensor(20.0), torch.tensor(-5.0)
+
+    def both(x, y, s, b):
+        return ops.clip_loss(x, y, s, backend=backend) + ops.siglip_loss(x, y, s, b, backend=backend)
+
+    eager, eager_grads = _run(both, [x, y, s, b])
+    compiled, compiled_grads = _run(torch.compile(both, fullgraph=True), [x, y, s, b])
+    assert_close(compiled, eager.double(), torch.float32, "loss")
+    for g, e in zip(compiled_grads, eager_grads):
+        assert_close(g, e.double(), torch.float32, "grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", [contrastive.ROWS, contrastive.ROWS_COLS, contrastive.SIGMOID])
+def test_opcheck(backend, mode):
+    gen = torch.Generator().manual_seed(1)
+    x = _features(9, 8, gen, False, 0).float().requires_grad_()
+    y = _features(9 + (mode == contrastive.ROWS) * 3, 8, gen, False, 1).float().requires_grad_()
+    s, b = torch.tensor(10.0, requires_grad=True), torch.tensor(-1.0, requires_grad=True)
+    torch.library.opcheck(torch.ops.mmkern.contrastive_stats, (x, y, s, b, mode, mode == contrastive.SIGMOID, backend))
+
+
+def _bad_cases():
+    x, y, s = torch.randn(4, 8), torch.randn(4, 8), torch.tensor(10.0)
+    return [
+        ("text_features", lambda: ops.clip_loss(x, torch.randn(5, 8), s)),
+        ("text_features", lambda: ops.clip_loss(x, torch.randn(4, 7), s)),
+        ("image_features", lambda: ops.clip_loss(torch.randn(8), y, s)),
+        ("logit_scale", lambda: ops.clip_loss(x, y, torch.tensor([10.0, 1.0]))),
+        ("logit_scale", lambda: ops.clip_loss(x, y, torch.ones(1, 1))),
+        ("text_features", lambda: ops.clip_loss(x, y.half(), s)),
+        ("keys", lambda: ops.infonce(x, torch.randn(3, 8), s)),
+        ("labels", lambda: ops.infonce(x, y, s, labels=torch.tensor([0, 1, 2, 9]))),
+        ("labels", lambda: ops.infonce(x, y, s, labels=torch.zeros(3, dtype=torch.long))),
+        ("logit_bias", lambda: ops.siglip_loss(x, y, s, torch.zeros(2))),
+        ("image_features", lambda: ops.clip_loss(torch.randn(0, 8), torch.randn(0, 8), s)),
+        ("image_features", lambda: ops.clip_loss(x.double(), y.double(), s, backend="cpu")),
+        ("backend", lambda: ops.clip_loss(x, y, s, backend="nope")),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_input_raises_value_error_naming_argument(case):
+    name, call = _bad_cases()[case]
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to mix devices")
+def test_mixed_devices():
+    x, y = torch.randn(4, 8), torch.randn(4, 8, device="cuda")
+    with pytest.raises(ValueError, match="text_features"):
+        ops.clip_loss(x, y, torch.tensor(10.0))
+    with pytest.raises(ValueError, match="logit_scale"):
+        ops.clip_loss(x.cuda(), y, torch.tensor(10.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", LOSSES)
+@pytest.mark.parametrize("poison", ["nan_x", "inf_y", "nan_scale", "inf_scale", "extra_nan"])
+def test_non_finite_inputs_give_non_finite_loss(backend, kind, poison):
+    B = 300 if backend == "cpu" else 20
+    x, y = torch.randn(B, 8), torch.randn(B + 4, 8)
+    s = torch.tensor(10.0)
+    if poison == "nan_x":
+        x[B // 2, 3] = math.nan
+    elif poison == "inf_y":
+        y[1, 0] = math.inf
+    elif poison == "nan_scale":
+        s = torch.tensor(math.nan)
+    elif poison == "inf_scale":
+        s = torch.tensor(math.inf)
+    elif kind != "infonce":
+        return  # extra negatives exist for infonce only
+    else:
+        y[B + 2, 5] = math.nan
+    if kind == "clip":
+        loss = ops.clip_loss(x, y[:B], s, backend=backend)
+    elif kind == "siglip":
+        loss = ops.siglip_loss(x, y[:B], s, torch.tensor(-1.0), backend=backend)
+    else:
+        loss = ops.infonce(x, y, s, backend=backend)
+    assert not torch.isfinite(loss)
+
+
+def test_reference_backend_and_float64():
+    gen = torch.Generator().manual_seed(2)
+    x, y = _features(5, 4, gen, False, 0), _features(5, 4, gen, False, 1)
+    s = torch.tensor(10.0, dtype=torch.float64)
+    assert torch.equal(ops.clip_loss(x, y, s, backend="reference"), reference.clip_loss(x, y, s))
+
+
+def test_strided_features_cpu():
+    gen = torch.Generator().manual_seed(3)
+    x = _features(40, 64, gen, False, 0).float()[:, ::2]
+    y = _features(32, 40, gen, False, 1).float().T  # non-contiguous (40, 32)
+    s = torch.tensor(30.0)
+    expected = reference.clip_loss(x.double(), y.double(), s.double())
+    assert_close(ops.clip_loss(x, y, s, backend="cpu"), expected, torch.float32, "loss", factor=30)
