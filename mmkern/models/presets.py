@@ -31,8 +31,8 @@ def vit_config(size: str, patch_size: int = 16, img_size: int = 224, **overrides
     )
 
 
-def vit(size: str, patch_size: int = 16, img_size: int = 224, **overrides) -> VisionTransformer:
-    """VisionTransformer of a preset size, e.g. vit("b", 16, num_classes=1000)."""
+def create_vit(size: str, patch_size: int = 16, img_size: int = 224, **overrides) -> VisionTransformer:
+    """VisionTransformer of a preset size, e.g. create_vit("b", 16, num_classes=1000)."""
     return VisionTransformer(vit_config(size, patch_size, img_size, **overrides))
 
 
@@ -69,6 +69,6 @@ def clip_config(name: str, act: str = "quick_gelu", img_size: int | None = None)
     )
 
 
-def clip(name: str, act: str = "quick_gelu", img_size: int | None = None) -> CLIP:
+def create_clip(name: str, act: str = "quick_gelu", img_size: int | None = None) -> CLIP:
     """CLIP with the shapes of the named OpenAI / open_clip model, randomly initialised."""
     return CLIP(clip_config(name, act, img_size))

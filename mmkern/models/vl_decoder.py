@@ -96,17 +96,16 @@ class VisionLanguageDecoder(nn.Module):
         """Token + position embeddings with image features written over the placeholder tokens."""
         x = self.lm.embed(input_ids, position_ids=position_ids)
         is_image = input_ids == self.config.image_token_id
-        n_slots = int(is_image.sum())
-        if images is None:
-            if n_slots:
-                raise ValueError(f"input_ids: {n_slots} image placeholder tokens but no images")
+        feats = None if images is None else self.encode_images(images)
+        if not torch.compiler.is_compiling():  # the count check needs a host sync; compiled graphs skip it
+            n_slots, n_feats = int(is_image.sum()), 0 if feats is None else feats.shape[0] * feats.shape[1]
+            if n_slots != n_feats:
+                raise ValueError(
+                    f"input_ids: {n_slots} image placeholder tokens, but the images give {n_feats} "
+                    f"image tokens ({self.tokens_per_image} per image)"
+                )
+        if feats is None:
             return x
-        feats = self.encode_images(images)
-        if n_slots != feats.shape[0] * feats.shape[1]:
-            raise ValueError(
-                f"input_ids: {n_slots} image placeholder tokens, but {feats.shape[0]} images need "
-                f"{feats.shape[0]} x {feats.shape[1]}"
-            )
         return x.masked_scatter(is_image.unsqueeze(-1), feats.to(x.dtype))
 
     def forward(
