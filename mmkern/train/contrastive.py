@@ -88,8 +88,9 @@ def grad_cache_step(loss_fn):
         after = torch.get_rng_state()
         img_all = torch.cat([c[0] for c in cached]).float().requires_grad_()
         txt_all = torch.cat([c[1] for c in cached]).float().requires_grad_()
-        scale_leaf = cached[0][2].float().requires_grad_()
-        bias_leaf = None if cached[0][3] is None else cached[0][3].float().requires_grad_()
+        # detached copies: the model returns logit_bias itself, whose .grad must not collect this backward
+        scale_leaf = cached[0][2].detach().float().clone().requires_grad_()
+        bias_leaf = None if cached[0][3] is None else cached[0][3].detach().float().clone().requires_grad_()
         loss = loss_fn.pool_loss(img_all, txt_all, scale_leaf, bias_leaf)
         trainer.backward(loss)
         sizes = [c[0].shape[0] for c in cached]
@@ -108,7 +109,7 @@ def grad_cache_step(loss_fn):
                     surrogate = surrogate + (b.float() * g_bias).sum() / k
                 surrogate.backward()  # the cached gradients already carry the GradScaler factor
         torch.set_rng_state(after)
-        return {"loss": float(loss), "logit_scale": float(scale_leaf)}
+        return {"loss": float(loss.detach()), "logit_scale": float(scale_leaf.detach())}
 
     return step
 

@@ -71,7 +71,7 @@ def train_transfer(tower_state: dict, tower_config: ViTConfig, train: ImageTextD
     test_feats = _features(tower, test.images)
     probe_top1 = accuracy(probe_model, test_feats[:, :, None, None], test.labels)
     # Full fine-tuning: the tower with the probe as its initial head.
-    model = VisionTransformer(ViTConfig(**{**cfg.to_dict(), "num_classes": num_classes}))
+    model = VisionTransformer(ViTConfig(**{**cfg.to_dict(), "num_classes": num_classes, "head_bias": True}))
     model.load_state_dict({**tower.state_dict(), **{f"head.{k}": v for k, v in probe.state_dict().items()}})
     c_ft = replace(config, out_dir=None if config.out_dir is None else f"{config.out_dir}/finetune")
     hist += Trainer(model, c_ft, _classify_loss).fit(train, _collate)
