@@ -136,6 +136,7 @@ class Trainer:
             if not hasattr(model, "set_grad_checkpointing"):
                 raise ValueError("grad_checkpointing: the model has no set_grad_checkpointing()")
             model.set_grad_checkpointing(True)
+        self._replicated: set = set()
         self.engine = self._wrap(_TaskModule(self.model))
         params = [p for p in (parameters if parameters is not None else self.model.parameters()) if p.requires_grad]
         self.params = params
@@ -157,10 +158,13 @@ class Trainer:
         elif self.world > 1 and self.config.distributed == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
+            # FSDP2 cannot shard 0-dim parameters (CLIP's logit scale / bias): they stay replicated and their
+            # gradients are averaged by hand in train_step.
+            self._replicated = {p for p in self.model.parameters() if p.ndim == 0}
             for sub in self.model.modules():  # shard each Transformer block, then the rest
                 if type(sub).__name__ == "Block":
                     fully_shard(sub)
-            fully_shard(module)
+            fully_shard(module, ignored_params=self._replicated)
         elif self.world > 1:
             raise ValueError(f"distributed: expected ddp or fsdp, got {self.config.distributed!r}")
         return torch.compile(module) if self.config.compile else module
@@ -201,6 +205,15 @@ class Trainer:
         micro = _split(batch, self.config.accum_steps)
         self.optimizer.zero_grad(set_to_none=True)
         metrics = self.step_fn(self, micro) if self.step_fn else self._default_step(micro)
+        for p in self._replicated:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+        if self.world > 1:  # log the mean over processes: each rank's loss covers its own rows only
+            names = sorted(metrics)
+            t = torch.tensor([float(metrics[n]) for n in names], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            metrics = dict(zip(names, (t / self.world).tolist()))
         self.scaler.unscale_(self.optimizer)
         if self.config.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
