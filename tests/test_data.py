@@ -42,7 +42,7 @@ def test_digits_split_is_deterministic_stratified_and_disjoint():
     assert d.images.shape == (1797, 3, 16, 16) and d.images.min() >= -1 and d.images.max() <= 1
     assert d.captions[7] == "the number seven written by hand." and d.labels[7] == 7
     train, test = d.split(0.2, seed=0)
-    train2, test2 = d.split(0.2, seed=0)
+    _, test2 = d.split(0.2, seed=0)
     assert torch.equal(test.images, test2.images) and len(train) + len(test) == len(d)
     counts = torch.bincount(test.labels, minlength=10)
     assert counts.min() >= 30  # every digit is held out in proportion

@@ -14,11 +14,11 @@ from mmkern.data.tokenizer import WordTokenizer
 
 __all__ = [
     "IGNORE_INDEX",
+    "TASKS",
     "ImageTextCollator",
     "ImageTextDataset",
     "InstructionCollator",
     "InstructionDataset",
-    "TASKS",
     "WordTokenizer",
     "digits",
     "from_folder",

@@ -73,12 +73,12 @@ class ImageTextDataset(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(len(self), generator=g)
         if self.labels is None:
-            n = int(round(len(self) * held_out))
+            n = round(len(self) * held_out)
             return self.subset(perm[n:].sort().values), self.subset(perm[:n].sort().values)
         test = []
         for c in self.labels.unique().tolist():
             members = perm[self.labels[perm] == c]
-            test.append(members[: int(round(len(members) * held_out))])
+            test.append(members[: round(len(members) * held_out)])
         test_idx = torch.cat(test).sort().values
         keep = torch.ones(len(self), dtype=torch.bool)
         keep[test_idx] = False

@@ -10,7 +10,7 @@ import torch
 from mmkern.data import ImageTextCollator, ImageTextDataset, WordTokenizer, load_dataset
 from mmkern.models import CLIP, CLIPConfig, TextConfig, ViTConfig
 from mmkern.nn import ClipLoss, SigLipLoss
-from mmkern.train.loop import Trainer, TrainConfig
+from mmkern.train.loop import TrainConfig, Trainer
 
 HANDWRITTEN_TEMPLATES = ["a photo of the digit {}.", "a handwritten {}."]
 

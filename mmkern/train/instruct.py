@@ -22,7 +22,7 @@ from mmkern.data.instruct import TASKS
 from mmkern.models import VisionLanguageDecoder, VLDecoderConfig, causal_lm_loss
 from mmkern.models.text import TextConfig
 from mmkern.models.vit import ViTConfig
-from mmkern.train.loop import Trainer, TrainConfig
+from mmkern.train.loop import TrainConfig, Trainer
 
 
 @dataclass

@@ -239,7 +239,7 @@ class Trainer:
         if self.out is not None and self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             _truncate_jsonl(self.out / "metrics.jsonl", self.step)
-            log = open(self.out / "metrics.jsonl", "a")
+            log = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 (open for the whole run, closed below)
         bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress or self.rank != 0, dynamic_ncols=True)
         self.model.train()
         window_t, window_n = time.perf_counter(), 0

@@ -12,7 +12,7 @@ from torch import nn
 
 from mmkern.data import ImageTextDataset, WordTokenizer
 from mmkern.models import CLIP
-from mmkern.train.loop import Trainer, TrainConfig
+from mmkern.train.loop import TrainConfig, Trainer
 
 
 @dataclass

@@ -12,7 +12,7 @@ from torch import nn
 
 from mmkern.data import ImageTextDataset
 from mmkern.models import VisionTransformer, ViTConfig
-from mmkern.train.loop import Trainer, TrainConfig
+from mmkern.train.loop import TrainConfig, Trainer
 
 
 @dataclass

@@ -13,7 +13,7 @@ from torch import nn
 from mmkern import ops
 from mmkern.data import ImageTextCollator, WordTokenizer, load_dataset, mask_tokens
 from mmkern.models import FusionConfig, FusionEncoder, TextConfig, ViTConfig
-from mmkern.train.loop import Trainer, TrainConfig
+from mmkern.train.loop import TrainConfig, Trainer
 
 
 @dataclass
