@@ -140,7 +140,9 @@ def _patch_embed_backward_op(
 
 @_patch_embed_backward_op.register_fake
 def _(grad_out, images, weight, num_prefix, need_images, need_weight, backend):
-    grad_images = torch.empty_like(images, memory_format=torch.contiguous_format) if need_images else images.new_empty(0)
+    grad_images = (
+        torch.empty_like(images, memory_format=torch.contiguous_format) if need_images else images.new_empty(0)
+    )
     grad_weight = weight.new_empty(weight.shape, dtype=torch.float32) if need_weight else weight.new_empty(0).float()
     return grad_images, grad_weight
 
