@@ -305,6 +305,8 @@ def _attention_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dmask): dmask is (B, H, L, S) fp32 when need_mask_grad, else empty."""
     grad_out = grad_out.contiguous()
+    if backend == "triton":  # its kernels write each gradient with the strides of its input
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dmask = q.new_zeros(mask.shape if need_mask_grad else (0,), dtype=torch.float32)
     if out.numel() == 0 or k.shape[-3 if cu_q is None else 0] == 0:
