@@ -46,8 +46,8 @@ int attention_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const 
 int attention_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& cu_q,
                        const Tensor& cu_k, const Tensor& out, const Tensor& grad_out, const Tensor& lse,
                        const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dmask, const Tensor& delta,
-                       const Tensor& dq_accum, int64_t max_len_q, int64_t max_len_k, double scale, bool causal,
-                       bool windowed, int64_t left, int64_t right, int64_t num_global, uintptr_t stream);
+                       int64_t max_len_q, int64_t max_len_k, double scale, bool causal, bool windowed, int64_t left,
+                       int64_t right, int64_t num_global, uintptr_t stream);
 #endif
 }  // namespace mmkern
 
@@ -226,17 +226,17 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("attention_bwd_cuda", [](py::object q, py::object k, py::object v, py::object mask, py::object cu_q,
                                  py::object cu_k, py::object out, py::object grad_out, py::object lse, py::object dq,
-                                 py::object dk, py::object dv, py::object dmask, py::object delta, py::object dq_accum,
+                                 py::object dk, py::object dv, py::object dmask, py::object delta,
                                  int64_t max_len_q, int64_t max_len_k, double scale, bool causal, bool windowed,
                                  int64_t left, int64_t right, int64_t num_global, uintptr_t stream) {
     Tensor tq = to_tensor(q), tk = to_tensor(k), tv = to_tensor(v), tm = to_tensor(mask), tcq = to_tensor(cu_q),
            tck = to_tensor(cu_k), to = to_tensor(out), tgo = to_tensor(grad_out), tl = to_tensor(lse),
            tdq = to_tensor(dq), tdk = to_tensor(dk), tdv = to_tensor(dv), tdm = to_tensor(dmask),
-           tde = to_tensor(delta), tda = to_tensor(dq_accum);
+           tde = to_tensor(delta);
     int err;
     {
       py::gil_scoped_release release;
-      err = mmkern::attention_bwd_cuda(tq, tk, tv, tm, tcq, tck, to, tgo, tl, tdq, tdk, tdv, tdm, tde, tda, max_len_q,
+      err = mmkern::attention_bwd_cuda(tq, tk, tv, tm, tcq, tck, to, tgo, tl, tdq, tdk, tdv, tdm, tde, max_len_q,
                                        max_len_k, scale, causal, windowed, left, right, num_global, stream);
     }
     check_cuda(err, "attention_bwd_cuda");

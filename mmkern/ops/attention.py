@@ -322,11 +322,7 @@ def _attention_backward_op(
         _native.native().attention_bwd_cpu(*args, *scalars, dropout_p, seed, _native.num_threads())
     else:
         delta = torch.empty_like(lse)
-        dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        args = [
-            _native.tensor_arg(t)
-            for t in (q, k, v, mask, cu_q, cu_k, out, grad_out, lse, dq, dk, dv, dm, delta, dq_accum)
-        ]
+        args = [_native.tensor_arg(t) for t in (q, k, v, mask, cu_q, cu_k, out, grad_out, lse, dq, dk, dv, dm, delta)]
         _native.native().attention_bwd_cuda(*args, *scalars, _native.cuda_stream(q.device))
     return dq, dk, dv, dmask
 
