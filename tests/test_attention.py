@@ -317,3 +317,50 @@ def test_sdpa_override_on_a_hugging_face_model():
         assert attn_ops.override_calls - before == 2, "mmkern did not run the model's attention"
         assert F.scaled_dot_product_attention is attn_ops._torch_sdpa
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", kernel_backends("cuda"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("B", "H", "Hk", "L", "S", "D", "causal", "mask_kind", "window"),
+    [
+        (2, 4, 2, 197, 197, 64, False, "key_padding", None),
+        (1, 2, 2, 77, 130, 72, True, "float_ls_inf", None),
+        (3, 2, 1, 333, 65, 256, True, "none", None),
+        (1, 2, 2, 600, 600, 40, False, "bool_full", (37, 5)),
+    ],
+)
+def test_gpu_backends_match_reference(backend, dtype, B, H, Hk, L, S, D, causal, mask_kind, window):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, L, D, generator=gen)
+    k, v = (torch.randn(B, Hk, S, D, generator=gen) for _ in range(2))
+    mask = _make_mask(mask_kind, B, H, L, S, gen)
+    grad = torch.randn(B, H, L, D, generator=gen)
+    cuda = [t.cuda().to(dtype).requires_grad_() for t in (q, k, v)]
+    cmask = None if mask is None else (mask.cuda().to(dtype).requires_grad_() if mask.is_floating_point()
+                                       else mask.cuda())
+    out = scaled_dot_product_attention(*cuda, cmask, is_causal=causal, enable_gqa=H != Hk, backend=backend,
+                                       window=window, num_global=1 if window else 0)
+    got = _grads(out, cuda + [cmask], grad.cuda().to(dtype))
+    ref_in = [t.to(dtype).double().requires_grad_() for t in (q, k, v)]
+    ref_mask = mask.to(dtype).double().requires_grad_() if mask is not None and mask.is_floating_point() else mask
+    expected = reference.scaled_dot_product_attention(*ref_in, ref_mask, is_causal=causal, enable_gqa=H != Hk,
+                                                      window=window, num_global=1 if window else 0)
+    want = _grads(expected, ref_in + [ref_mask], grad.to(dtype).double())
+    assert_close(out.cpu(), expected, dtype, "out", factor=2.0)
+    for name, g, w in zip(["dq", "dk", "dv", "dmask"], got, want):
+        assert_close(g.cpu(), w, dtype, name, factor=8.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_dropout_triton_matches_cpu_mask():
+    B, H, L, S, D, p = 1, 2, 70, 90, 32, 0.25
+    q, k, v = (torch.randn(B, H, n, D, device="cuda") for n in (L, S, S))
+    torch.manual_seed(7)
+    out = scaled_dot_product_attention(q, k, v, dropout_p=p, backend="triton")
+    torch.manual_seed(7)
+    keep = attn_ops.dropout_keep_mask((B, H, L, S), p, attn_ops.draw_seed())
+    expected = reference.scaled_dot_product_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(),
+                                                      dropout_p=p, dropout_mask=keep)
+    assert_close(out.cpu(), expected, torch.float32, "out")

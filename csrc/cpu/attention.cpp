@@ -119,6 +119,24 @@ inline float exp_row(float* row, int64_t n, float shift) {
   return sum;
 }
 
+// Head dims are at most 256 = cpu::kKC, so every product below has a single k-block and its operands can be
+// packed once and reused: Q and dO as A panels per query block, K and V as B panels per key block.
+template <class FA>
+void pack_a_all(const FA& a, int64_t M, int64_t K, float* dst) {
+  for (int64_t i0 = 0; i0 < M; i0 += cpu::kMR)
+    cpu::pack_a(a, i0, static_cast<int>(std::min<int64_t>(cpu::kMR, M - i0)), 0, K, dst + i0 * K);
+}
+
+// C (M x N, row stride ldc) (+)= A B with A packed by pack_a_all and B by cpu::pack_b_all (K <= kKC).
+inline void gemm_prepacked(int64_t M, int64_t N, int64_t K, const float* Ap, const float* Bp, float* C, int64_t ldc,
+                           bool accumulate) {
+  for (int64_t i0 = 0; i0 < M; i0 += cpu::kMR)
+    for (int64_t j0 = 0; j0 < N; j0 += cpu::kNR)
+      cpu::micro_kernel(K, Ap + i0 * K, Bp + j0 * K, C + i0 * ldc + j0, ldc,
+                        static_cast<int>(std::min<int64_t>(cpu::kMR, M - i0)),
+                        static_cast<int>(std::min<int64_t>(cpu::kNR, N - j0)), accumulate);
+}
+
 // Everything a kernel needs about one call.
 struct Call {
   Problem pb;
@@ -172,10 +190,25 @@ inline void mask_row_any(const Call& c, int64_t b, int64_t h, int64_t qi, int64_
 }
 
 // Packed K^T (D x kBN), K (kBN x D), V (kBN x Dv) and V^T (Dv x kBN) panels per (key block, kv head).
+// A float buffer that keeps its memory between calls of one Python thread: packing K and V into fresh
+// pages each call cost as much as the score products at ViT sizes (page faults of zero-filled memory).
+struct Workspace {
+  std::vector<float> data;
+  float* get(int64_t n) {
+    if (static_cast<int64_t>(data.size()) < n) data.resize(n);
+    return data.data();
+  }
+};
+
+struct Buffer {
+  float* p = nullptr;
+  float* data() const { return p; }
+};
+
 struct PackedKV {
-  std::vector<float> kt, kn, v, vt;
+  Buffer kt, kn, v, vt;
   int64_t kt_sz = 0, kn_sz = 0, v_sz = 0, vt_sz = 0;
-  const float* at(const std::vector<float>& a, int64_t sz, int64_t blk, int64_t hk, int64_t heads_k) const {
+  const float* at(const Buffer& a, int64_t sz, int64_t blk, int64_t hk, int64_t heads_k) const {
     return a.data() + (blk * heads_k + hk) * sz;
   }
 };
@@ -189,10 +222,11 @@ PackedKV pack_kv(const Call& c, bool want_kt, bool want_kn, bool want_v, bool wa
   p.v_sz = kBN * c.dv_pad;
   p.vt_sz = pb.dim_v * kBN;
   const int64_t n = c.num_kblocks * pb.heads_k;
-  if (want_kt) p.kt.resize(n * p.kt_sz);
-  if (want_kn) p.kn.resize(n * p.kn_sz);
-  if (want_v) p.v.resize(n * p.v_sz);
-  if (want_vt) p.vt.resize(n * p.vt_sz);
+  thread_local Workspace ws[4];
+  if (want_kt) p.kt.p = ws[0].get(n * p.kt_sz);
+  if (want_kn) p.kn.p = ws[1].get(n * p.kn_sz);
+  if (want_v) p.v.p = ws[2].get(n * p.v_sz);
+  if (want_vt) p.vt.p = ws[3].get(n * p.vt_sz);
   const T* K = static_cast<const T*>(c.k);
   const T* V = static_cast<const T*>(c.v);
 #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(num_threads)
@@ -201,8 +235,11 @@ PackedKV pack_kv(const Call& c, bool want_kt, bool want_kn, bool want_v, bool wa
       const int64_t S = pb.len_k(b), s0 = pb.k_start(b);
       for (int64_t kb = 0; kb * kBN < S; ++kb) {
         const int64_t blk = c.kblock_base[b] + kb, j0 = kb * kBN, bn = std::min(kBN, S - j0);
-        auto k_at = [&](int64_t s, int64_t d) { return to_float(K[c.lk.offset(b, hk, s0 + j0 + s, d)]); };
-        auto v_at = [&](int64_t s, int64_t d) { return to_float(V[c.lv.offset(b, hk, s0 + j0 + s, d)]); };
+        const T* kbase = K + c.lk.offset(b, hk, s0 + j0, 0);
+        const T* vbase = V + c.lv.offset(b, hk, s0 + j0, 0);
+        const int64_t kst = c.lk.st, ksd = c.lk.sd, vst = c.lv.st, vsd = c.lv.sd;
+        auto k_at = [=](int64_t s, int64_t d) { return to_float(kbase[s * kst + d * ksd]); };
+        auto v_at = [=](int64_t s, int64_t d) { return to_float(vbase[s * vst + d * vsd]); };
         const int64_t idx = blk * pb.heads_k + hk;
         if (want_kt)
           cpu::pack_b_all([&](int64_t d, int64_t s) { return k_at(s, d); }, pb.dim, bn, p.kt.data() + idx * p.kt_sz);
@@ -219,10 +256,11 @@ PackedKV pack_kv(const Call& c, bool want_kt, bool want_kn, bool want_v, bool wa
 // Loads rows [i0, i0 + bm) of the query (times scale) into a contiguous fp32 buffer.
 template <typename T>
 void load_q(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t bm, float* qs) {
-  const T* Q = static_cast<const T*>(c.q);
-  const int64_t t0 = c.pb.q_start(b) + i0;
+  const T* Q = static_cast<const T*>(c.q) + c.lq.offset(b, h, c.pb.q_start(b) + i0, 0);
+  const int64_t st = c.lq.st, sd = c.lq.sd, D = c.pb.dim;
+  const float scale = c.pb.scale;
   for (int64_t i = 0; i < bm; ++i)
-    for (int64_t d = 0; d < c.pb.dim; ++d) qs[i * c.pb.dim + d] = to_float(Q[c.lq.offset(b, h, t0 + i, d)]) * c.pb.scale;
+    for (int64_t d = 0; d < D; ++d) qs[i * D + d] = to_float(Q[i * st + d * sd]) * scale;
 }
 
 template <typename T>
@@ -234,7 +272,8 @@ void forward(const Call& c, T* out, int num_threads) {
   const int64_t tasks = pb.batch * pb.heads_q * c.num_qblocks_max;
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> qs(kBM * D), st(kBM * kBN), acc(kBM * Dv), m(kBM), l(kBM), panel(cpu::kPanelAFloats);
+    std::vector<float> qs(kBM * D), qa(kBM * D), st(kBM * kBN), acc(kBM * Dv), m(kBM), l(kBM),
+        panel(cpu::kPanelAFloats);
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t qb = task % c.num_qblocks_max, bh = task / c.num_qblocks_max;
@@ -243,17 +282,16 @@ void forward(const Call& c, T* out, int num_threads) {
       if (i0 >= L) continue;
       const int64_t bm = std::min(kBM, L - i0);
       load_q<T>(c, b, h, i0, bm, qs.data());
+      pack_a_all([&](int64_t i, int64_t d) { return qs[i * D + d]; }, bm, D, qa.data());
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m.begin(), m.end(), -INFINITY);
       std::fill(l.begin(), l.end(), 0.f);
-      auto qa = [&](int64_t i, int64_t d) { return qs[i * D + d]; };
       for (int64_t j0 = 0; j0 < S; j0 += kBN) {
         const int64_t bn = std::min(kBN, S - j0);
         if (!attn::block_any_visible(pb.vis, i0, i0 + bm, j0, j0 + bn)) continue;
         const bool all_visible = attn::block_all_visible(pb.vis, i0, i0 + bm, j0, j0 + bn);
         const int64_t blk = c.kblock_base[b] + j0 / kBN;
-        cpu::gemm_packed_b(bm, bn, D, qa, kv.at(kv.kt, kv.kt_sz, blk, hk, pb.heads_k), st.data(), kBN, false,
-                           panel.data());
+        gemm_prepacked(bm, bn, D, qa.data(), kv.at(kv.kt, kv.kt_sz, blk, hk, pb.heads_k), st.data(), kBN, false);
         for (int64_t i = 0; i < bm; ++i) {
           float* row = st.data() + i * kBN;
           mask_row_any(c, b, h, i0 + i, j0, bn, all_visible, row);
@@ -273,9 +311,10 @@ void forward(const Call& c, T* out, int num_threads) {
                            panel.data());
       }
       const int64_t t0 = pb.q_start(b) + i0;
+      T* obase = out + c.lo.offset(b, h, t0, 0);
       for (int64_t i = 0; i < bm; ++i) {
         const float inv = attn::row_inv_sum(l[i]);
-        for (int64_t d = 0; d < Dv; ++d) out[c.lo.offset(b, h, t0 + i, d)] = from_float<T>(acc[i * Dv + d] * inv);
+        for (int64_t d = 0; d < Dv; ++d) obase[i * c.lo.st + d * c.lo.sd] = from_float<T>(acc[i * Dv + d] * inv);
         c.lse[c.lrow_offset(b, h, i0 + i)] = attn::row_lse(m[i], l[i]);
       }
     }
@@ -284,9 +323,10 @@ void forward(const Call& c, T* out, int num_threads) {
 
 // Per-thread buffers of the backward pass and the work on one (query block, key block) tile.
 struct BwdScratch {
-  std::vector<float> qs, qs_packed, dout, dout_packed, st, dpt, dq_acc, lse, delta, panel;
+  std::vector<float> qs, qs_packed, qs_a, dout, dout_packed, dout_a, st, dpt, dq_acc, lse, delta, panel;
   BwdScratch(const Call& c)
-      : qs(kBM * c.pb.dim), qs_packed(kBM * c.d_pad), dout(kBM * c.pb.dim_v), dout_packed(kBM * c.dv_pad),
+      : qs(kBM * c.pb.dim), qs_packed(kBM * c.d_pad), qs_a(kBM * c.pb.dim), dout(kBM * c.pb.dim_v),
+        dout_packed(kBM * c.dv_pad), dout_a(kBM * c.pb.dim_v),
         st(kBM * kBN), dpt(kBM * kBN), dq_acc(kBM * c.pb.dim), lse(kBM), delta(kBM), panel(cpu::kPanelAFloats) {}
 };
 
@@ -299,20 +339,24 @@ void load_query_block(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t b
   const T* O = static_cast<const T*>(c.o);
   const T* GO = static_cast<const T*>(c.go);
   const int64_t t0 = pb.q_start(b) + i0;
+  const T* gbase = GO + c.lgo.offset(b, h, t0, 0);
+  const T* obase = O + c.lo.offset(b, h, t0, 0);
   for (int64_t i = 0; i < bm; ++i) {
     float delta = 0.f;
     for (int64_t d = 0; d < pb.dim_v; ++d) {
-      const float g = to_float(GO[c.lgo.offset(b, h, t0 + i, d)]);
+      const float g = to_float(gbase[i * c.lgo.st + d * c.lgo.sd]);
       w.dout[i * pb.dim_v + d] = g;
-      delta += g * to_float(O[c.lo.offset(b, h, t0 + i, d)]);
+      delta += g * to_float(obase[i * c.lo.st + d * c.lo.sd]);
     }
     w.delta[i] = delta;
     w.lse[i] = c.lse[c.lrow_offset(b, h, i0 + i)];
   }
+  const float* qs = w.qs.data();
+  const float* dout = w.dout.data();
+  const int64_t D = pb.dim, Dv = pb.dim_v;
+  pack_a_all([&](int64_t i, int64_t d) { return qs[i * D + d]; }, bm, D, w.qs_a.data());
+  pack_a_all([&](int64_t i, int64_t d) { return dout[i * Dv + d]; }, bm, Dv, w.dout_a.data());
   if (for_dkdv) {
-    const float* qs = w.qs.data();
-    const float* dout = w.dout.data();
-    const int64_t D = pb.dim, Dv = pb.dim_v;
     cpu::pack_b_all([&](int64_t i, int64_t d) { return qs[i * D + d]; }, bm, D, w.qs_packed.data());
     cpu::pack_b_all([&](int64_t i, int64_t d) { return dout[i * Dv + d]; }, bm, Dv, w.dout_packed.data());
   }
@@ -328,12 +372,8 @@ void backward_tile(const Call& c, const PackedKV& kv, int64_t b, int64_t h, int6
   const float keep_scale = pb.dropout_p > 0.f ? 1.f / (1.f - pb.dropout_p) : 1.f;
   float* st = w.st.data();
   float* dpt = w.dpt.data();
-  const float* qs = w.qs.data();
-  const float* dout = w.dout.data();
-  cpu::gemm_packed_b(bm, bn, D, [&](int64_t i, int64_t d) { return qs[i * D + d]; },
-                     kv.at(kv.kt, kv.kt_sz, blk, hk, pb.heads_k), st, kBN, false, w.panel.data());
-  cpu::gemm_packed_b(bm, bn, Dv, [&](int64_t i, int64_t d) { return dout[i * Dv + d]; },
-                     kv.at(kv.vt, kv.vt_sz, blk, hk, pb.heads_k), dpt, kBN, false, w.panel.data());
+  gemm_prepacked(bm, bn, D, w.qs_a.data(), kv.at(kv.kt, kv.kt_sz, blk, hk, pb.heads_k), st, kBN, false);
+  gemm_prepacked(bm, bn, Dv, w.dout_a.data(), kv.at(kv.vt, kv.vt_sz, blk, hk, pb.heads_k), dpt, kBN, false);
   for (int64_t i = 0; i < bm; ++i) {
     float* srow = st + i * kBN;
     float* drow = dpt + i * kBN;
@@ -371,8 +411,9 @@ void backward_tile(const Call& c, const PackedKV& kv, int64_t b, int64_t h, int6
 template <typename T>
 void write_rows(T* dst, const Layout& lay, int64_t b, int64_t h, int64_t t0, int64_t rows, int64_t cols,
                 const float* src, float factor) {
+  T* base = dst + lay.offset(b, h, t0, 0);
   for (int64_t i = 0; i < rows; ++i)
-    for (int64_t d = 0; d < cols; ++d) dst[lay.offset(b, h, t0 + i, d)] = from_float<T>(src[i * cols + d] * factor);
+    for (int64_t d = 0; d < cols; ++d) base[i * lay.st + d * lay.sd] = from_float<T>(src[i * cols + d] * factor);
 }
 
 template <typename T>
