@@ -52,8 +52,12 @@ def _torch_variants(device: torch.device):
         return [("torch_sdpa", contextlib.nullcontext)]
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    names = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
     return [(f"torch_{n}", lambda b=b: sdpa_kernel(b)) for n, b in names.items()]
 
 
@@ -65,8 +69,14 @@ def _external(device: torch.device):
     try:
         from flash_attn import flash_attn_func
 
-        out.append(("flash_attn", lambda q, k, v, causal: flash_attn_func(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)))
+        out.append(
+            (
+                "flash_attn",
+                lambda q, k, v, causal: flash_attn_func(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal
+                ).transpose(1, 2),
+            )
+        )
     except ImportError:
         pass
     try:
@@ -74,8 +84,9 @@ def _external(device: torch.device):
 
         def xf(q, k, v, causal):
             bias = xops.LowerTriangularMask() if causal else None
-            return xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                   attn_bias=bias).transpose(1, 2)
+            return xops.memory_efficient_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias
+            ).transpose(1, 2)
 
         out.append(("xformers", xf))
     except ImportError:
@@ -136,18 +147,32 @@ def main(argv=None) -> list[dict]:
         flops = _flops(B, H, L, D, causal, window)
         contenders = []
         for backend in _mmkern_backends(device):
-            contenders.append((f"mmkern_{backend}", lambda q, k, v, b=backend: scaled_dot_product_attention(
-                q, k, v, is_causal=causal, window=window, backend=b), contextlib.nullcontext))
+            contenders.append(
+                (
+                    f"mmkern_{backend}",
+                    lambda q, k, v, b=backend, c=causal, w=window: scaled_dot_product_attention(
+                        q, k, v, is_causal=c, window=w, backend=b
+                    ),
+                    contextlib.nullcontext,
+                )
+            )
         dense_mask = None
         if window is not None:
             dense_mask = reference.attention_allowed(L, L, window=window, device=device)
         if window is None or L <= 4096 or device.type == "cuda":
             for label, ctx in _torch_variants(device):
-                contenders.append((label, lambda q, k, v: F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=dense_mask, is_causal=causal), ctx))
+                contenders.append(
+                    (
+                        label,
+                        lambda q, k, v, m=dense_mask, c=causal: F.scaled_dot_product_attention(
+                            q, k, v, attn_mask=m, is_causal=c
+                        ),
+                        ctx,
+                    )
+                )
         if window is None:
             for label, fn in _external(device):
-                contenders.append((label, lambda q, k, v, fn=fn: fn(q, k, v, causal), contextlib.nullcontext))
+                contenders.append((label, lambda q, k, v, fn=fn, c=causal: fn(q, k, v, c), contextlib.nullcontext))
         for label, fn, ctx in contenders:
             try:
                 with ctx():
@@ -156,28 +181,62 @@ def main(argv=None) -> list[dict]:
                 print(f"{name:>18} {label:>16}: skipped ({str(exc).splitlines()[0][:80]})")
                 continue
             fwd_ms, fb_ms = rec["fwd"]["median_ms"], rec["fwd_bwd"]["median_ms"]
-            records.append({
-                "case": name, "impl": label, "B": B, "H": H, "L": L, "D": D, "causal": causal,
-                "window": None if window is None else list(window), "dtype": str(dtype).removeprefix("torch."),
-                "fwd_ms": fwd_ms, "fwd_p20_ms": rec["fwd"]["p20_ms"], "fwd_p80_ms": rec["fwd"]["p80_ms"],
-                "fwd_bwd_ms": fb_ms, "fwd_bwd_p20_ms": rec["fwd_bwd"]["p20_ms"],
-                "fwd_bwd_p80_ms": rec["fwd_bwd"]["p80_ms"],
-                "fwd_tflops": flops / (fwd_ms * 1e-3) / 1e12, "fwd_bwd_tflops": 3.5 * flops / (fb_ms * 1e-3) / 1e12,
-                "fwd_pct_matmul": 100 * flops / (fwd_ms * 1e-3) / 1e12 / mm_rate,
-                "fwd_peak_mb": rec["fwd_peak_mb"], "fwd_bwd_peak_mb": rec["fwd_bwd_peak_mb"],
-            })
+            records.append(
+                {
+                    "case": name,
+                    "impl": label,
+                    "B": B,
+                    "H": H,
+                    "L": L,
+                    "D": D,
+                    "causal": causal,
+                    "window": None if window is None else list(window),
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "fwd_ms": fwd_ms,
+                    "fwd_p20_ms": rec["fwd"]["p20_ms"],
+                    "fwd_p80_ms": rec["fwd"]["p80_ms"],
+                    "fwd_bwd_ms": fb_ms,
+                    "fwd_bwd_p20_ms": rec["fwd_bwd"]["p20_ms"],
+                    "fwd_bwd_p80_ms": rec["fwd_bwd"]["p80_ms"],
+                    "fwd_tflops": flops / (fwd_ms * 1e-3) / 1e12,
+                    "fwd_bwd_tflops": 3.5 * flops / (fb_ms * 1e-3) / 1e12,
+                    "fwd_pct_matmul": 100 * flops / (fwd_ms * 1e-3) / 1e12 / mm_rate,
+                    "fwd_peak_mb": rec["fwd_peak_mb"],
+                    "fwd_bwd_peak_mb": rec["fwd_bwd_peak_mb"],
+                }
+            )
     # Ratios against the fastest torch SDPA variant of the same case (>1: mmkern faster).
     for r in records:
         base = [x for x in records if x["case"] == r["case"] and x["impl"].startswith("torch_")]
         if base:
             r["fwd_speedup"] = min(x["fwd_ms"] for x in base) / r["fwd_ms"]
             r["fwd_bwd_speedup"] = min(x["fwd_bwd_ms"] for x in base) / r["fwd_bwd_ms"]
-    print(harness.format_table(records, ["case", "impl", "fwd_ms", "fwd_bwd_ms", "fwd_tflops", "fwd_bwd_tflops",
-                                         "fwd_speedup", "fwd_bwd_speedup", "fwd_bwd_peak_mb"]))
+    print(
+        harness.format_table(
+            records,
+            [
+                "case",
+                "impl",
+                "fwd_ms",
+                "fwd_bwd_ms",
+                "fwd_tflops",
+                "fwd_bwd_tflops",
+                "fwd_speedup",
+                "fwd_bwd_speedup",
+                "fwd_bwd_peak_mb",
+            ],
+        )
+    )
     path = harness.save("attention", records)
     try:
-        harness.plot_bars("attention", records, label_key="impl", group_key="case", value_key="fwd_bwd_ms",
-                          ylabel="forward + backward median (ms)")
+        harness.plot_bars(
+            "attention",
+            records,
+            label_key="impl",
+            group_key="case",
+            value_key="fwd_bwd_ms",
+            ylabel="forward + backward median (ms)",
+        )
     except ImportError:
         pass
     print(f"results appended to {path}")

@@ -56,14 +56,16 @@ def _check(backend, dtype, B, H, Hk, L, S, D, Dv, causal, mask_kind, seed, windo
     grad = torch.randn(B, H, L, Dv, generator=gen).to(dtype)
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
     mask_in = mask.clone().requires_grad_() if mask is not None and mask.is_floating_point() else mask
-    out = scaled_dot_product_attention(*inputs, mask_in, is_causal=causal, enable_gqa=H != Hk, backend=backend,
-                                       window=window, num_global=num_global)
+    out = scaled_dot_product_attention(
+        *inputs, mask_in, is_causal=causal, enable_gqa=H != Hk, backend=backend, window=window, num_global=num_global
+    )
     got = _grads(out, inputs + [mask_in], grad)
 
     ref_in = [t.double().requires_grad_() for t in (q, k, v)]
     ref_mask = mask.double().requires_grad_() if mask is not None and mask.is_floating_point() else mask
-    expected = reference.scaled_dot_product_attention(*ref_in, ref_mask, is_causal=causal, enable_gqa=H != Hk,
-                                                      window=window, num_global=num_global)
+    expected = reference.scaled_dot_product_attention(
+        *ref_in, ref_mask, is_causal=causal, enable_gqa=H != Hk, window=window, num_global=num_global
+    )
     want = _grads(expected, ref_in + [ref_mask], grad.double())
     assert_close(out, expected, dtype, "out")
     for name, g, w in zip(["dq", "dk", "dv", "dmask"], got, want):
@@ -102,8 +104,22 @@ def test_sliding_window_matches_dense_mask(backend, data):
     causal = data.draw(st.booleans(), "causal")
     mask_kind = data.draw(st.sampled_from(["none", "key_padding", "float_full"]), "mask")
     dtype = data.draw(st.sampled_from(dtypes_for(backend)), "dtype")
-    _check(backend, dtype, 1, 2, 2, L, L, 32, 32, causal, mask_kind, data.draw(st.integers(0, 2**16)),
-           window=(left, right), num_global=num_global)
+    _check(
+        backend,
+        dtype,
+        1,
+        2,
+        2,
+        L,
+        L,
+        32,
+        32,
+        causal,
+        mask_kind,
+        data.draw(st.integers(0, 2**16)),
+        window=(left, right),
+        num_global=num_global,
+    )
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -126,8 +142,13 @@ def test_matches_torch_math_sdpa(backend):
     kg, vg = k[:, :1], v[:, :1]
     with sdpa_kernel(SDPBackend.MATH):
         expected = F.scaled_dot_product_attention(q, kg, vg, enable_gqa=True)
-    assert_close(scaled_dot_product_attention(q, kg, vg, enable_gqa=True, backend=backend), expected, torch.float32,
-                 "gqa", factor=4.0)
+    assert_close(
+        scaled_dot_product_attention(q, kg, vg, enable_gqa=True, backend=backend),
+        expected,
+        torch.float32,
+        "gqa",
+        factor=4.0,
+    )
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -184,8 +205,9 @@ def test_dropout_mask_statistics():
 def test_varlen_matches_per_sequence_loop(backend, data):
     small = _small(backend)
     n = data.draw(st.integers(1, 3 if small else 4), "num_seqs")
-    lens_q = data.draw(st.lists(st.sampled_from([0, 1, 9, 17] if small else [0, 1, 9, 77, 200]), min_size=n,
-                                max_size=n), "lens_q")
+    lens_q = data.draw(
+        st.lists(st.sampled_from([0, 1, 9, 17] if small else [0, 1, 9, 77, 200]), min_size=n, max_size=n), "lens_q"
+    )
     same = data.draw(st.booleans(), "self_attention")
     lens_k = lens_q if same else data.draw(st.lists(st.sampled_from([1, 5, 33]), min_size=n, max_size=n), "lens_k")
     causal = data.draw(st.booleans(), "causal")
@@ -215,8 +237,9 @@ def test_varlen_window(backend):
     cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     q, k, v = (torch.randn(int(cu[-1]), 2, 16) for _ in range(3))
     out = varlen_attention(q, k, v, cu, cu, 50, 50, causal=True, window=(4, 0), num_global=1, backend=backend)
-    expected = reference.varlen_attention(q.double(), k.double(), v.double(), cu, cu, causal=True, window=(4, 0),
-                                          num_global=1)
+    expected = reference.varlen_attention(
+        q.double(), k.double(), v.double(), cu, cu, causal=True, window=(4, 0), num_global=1
+    )
     assert_close(out, expected, torch.float32, "out")
 
 
@@ -264,8 +287,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.mmkern.attention, args)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
     qp = torch.randn(9, 2, 16, requires_grad=True)
-    torch.library.opcheck(torch.ops.mmkern.attention, (qp, qp, qp, None, cu, cu, 5, 5, 0.25, False, 2, 1, 1, 0.0, 0,
-                                                        "cpu"))
+    torch.library.opcheck(
+        torch.ops.mmkern.attention, (qp, qp, qp, None, cu, cu, 5, 5, 0.25, False, 2, 1, 1, 0.0, 0, "cpu")
+    )
 
 
 @pytest.mark.parametrize(
@@ -279,8 +303,10 @@ def test_opcheck():
         ({"window": (-1, 2)}, "window"),
         ({"num_global": 2}, "num_global"),
         ({"backend": "nope"}, "backend"),
-        ({"query": torch.randn(1, 2, 4, 300), "key": torch.randn(1, 2, 4, 300), "value": torch.randn(1, 2, 4, 8)},
-         "query"),
+        (
+            {"query": torch.randn(1, 2, 4, 300), "key": torch.randn(1, 2, 4, 300), "value": torch.randn(1, 2, 4, 8)},
+            "query",
+        ),
     ],
 )
 def test_validation(kwargs, name):
@@ -301,8 +327,14 @@ def test_varlen_validation():
 
 def test_sdpa_override_on_a_hugging_face_model():
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=96, max_position_embeddings=32)
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=32,
+    )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = transformers.BertModel(config).eval()
@@ -338,15 +370,24 @@ def test_gpu_backends_match_reference(backend, dtype, B, H, Hk, L, S, D, causal,
     mask = _make_mask(mask_kind, B, H, L, S, gen)
     grad = torch.randn(B, H, L, D, generator=gen)
     cuda = [t.cuda().to(dtype).requires_grad_() for t in (q, k, v)]
-    cmask = None if mask is None else (mask.cuda().to(dtype).requires_grad_() if mask.is_floating_point()
-                                       else mask.cuda())
-    out = scaled_dot_product_attention(*cuda, cmask, is_causal=causal, enable_gqa=H != Hk, backend=backend,
-                                       window=window, num_global=1 if window else 0)
+    cmask = (
+        None if mask is None else (mask.cuda().to(dtype).requires_grad_() if mask.is_floating_point() else mask.cuda())
+    )
+    out = scaled_dot_product_attention(
+        *cuda,
+        cmask,
+        is_causal=causal,
+        enable_gqa=H != Hk,
+        backend=backend,
+        window=window,
+        num_global=1 if window else 0,
+    )
     got = _grads(out, cuda + [cmask], grad.cuda().to(dtype))
     ref_in = [t.to(dtype).double().requires_grad_() for t in (q, k, v)]
     ref_mask = mask.to(dtype).double().requires_grad_() if mask is not None and mask.is_floating_point() else mask
-    expected = reference.scaled_dot_product_attention(*ref_in, ref_mask, is_causal=causal, enable_gqa=H != Hk,
-                                                      window=window, num_global=1 if window else 0)
+    expected = reference.scaled_dot_product_attention(
+        *ref_in, ref_mask, is_causal=causal, enable_gqa=H != Hk, window=window, num_global=1 if window else 0
+    )
     want = _grads(expected, ref_in + [ref_mask], grad.to(dtype).double())
     assert_close(out.cpu(), expected, dtype, "out", factor=2.0)
     for name, g, w in zip(["dq", "dk", "dv", "dmask"], got, want):
@@ -361,6 +402,7 @@ def test_gpu_dropout_triton_matches_cpu_mask():
     out = scaled_dot_product_attention(q, k, v, dropout_p=p, backend="triton")
     torch.manual_seed(7)
     keep = attn_ops.dropout_keep_mask((B, H, L, S), p, attn_ops.draw_seed())
-    expected = reference.scaled_dot_product_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(),
-                                                      dropout_p=p, dropout_mask=keep)
+    expected = reference.scaled_dot_product_attention(
+        q.cpu().double(), k.cpu().double(), v.cpu().double(), dropout_p=p, dropout_mask=keep
+    )
     assert_close(out.cpu(), expected, torch.float32, "out")

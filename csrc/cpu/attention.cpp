@@ -137,6 +137,23 @@ inline void gemm_prepacked(int64_t M, int64_t N, int64_t K, const float* Ap, con
                         static_cast<int>(std::min<int64_t>(cpu::kNR, N - j0)), accumulate);
 }
 
+// C (M x N) += A B where A = T^T for a row-major T (K x M, row stride ld) that the caller pads by kMR floats:
+// each packed A row is then a contiguous 8-float copy (the backward's P^T dO and dS^T Q products).
+inline void gemm_transposed_a(int64_t M, int64_t N, int64_t K, const float* t, int64_t ld, const float* Bp, float* C,
+                              int64_t ldc, float* panel) {
+  for (int64_t i0 = 0; i0 < M; i0 += cpu::kMR) {
+    const int mr = static_cast<int>(std::min<int64_t>(cpu::kMR, M - i0));
+    for (int64_t k = 0; k < K; ++k) {
+      const float* src = t + k * ld + i0;
+      float* dst = panel + k * cpu::kMR;
+      for (int ii = 0; ii < cpu::kMR; ++ii) dst[ii] = ii < mr ? src[ii] : 0.f;
+    }
+    for (int64_t j0 = 0; j0 < N; j0 += cpu::kNR)
+      cpu::micro_kernel(K, panel, Bp + j0 * K, C + i0 * ldc + j0, ldc, mr,
+                        static_cast<int>(std::min<int64_t>(cpu::kNR, N - j0)), true);
+  }
+}
+
 // Everything a kernel needs about one call.
 struct Call {
   Problem pb;
@@ -327,7 +344,8 @@ struct BwdScratch {
   BwdScratch(const Call& c)
       : qs(kBM * c.pb.dim), qs_packed(kBM * c.d_pad), qs_a(kBM * c.pb.dim), dout(kBM * c.pb.dim_v),
         dout_packed(kBM * c.dv_pad), dout_a(kBM * c.pb.dim_v),
-        st(kBM * kBN), dpt(kBM * kBN), dq_acc(kBM * c.pb.dim), lse(kBM), delta(kBM), panel(cpu::kPanelAFloats) {}
+        st(kBM * kBN + cpu::kMR), dpt(kBM * kBN + cpu::kMR), dq_acc(kBM * c.pb.dim), lse(kBM), delta(kBM),
+        panel(cpu::kPanelAFloats) {}
 };
 
 // Loads query block (b, h, i0) and its dO, lse and delta = rowsum(dO o O); packs Q and dO as GEMM B
@@ -398,10 +416,8 @@ void backward_tile(const Call& c, const PackedKV& kv, int64_t b, int64_t h, int6
     }
   }
   if (dk) {
-    cpu::gemm_packed_b(bn, Dv, bm, [&](int64_t j, int64_t i) { return st[i * kBN + j]; }, w.dout_packed.data(), dv,
-                       Dv, true, w.panel.data());
-    cpu::gemm_packed_b(bn, D, bm, [&](int64_t j, int64_t i) { return dpt[i * kBN + j]; }, w.qs_packed.data(), dk, D,
-                       true, w.panel.data());
+    gemm_transposed_a(bn, Dv, bm, st, kBN, w.dout_packed.data(), dv, Dv, w.panel.data());
+    gemm_transposed_a(bn, D, bm, dpt, kBN, w.qs_packed.data(), dk, D, w.panel.data());
   }
   if (want_dq)
     cpu::gemm_packed_b(bm, D, bn, [&](int64_t i, int64_t j) { return dpt[i * kBN + j]; },

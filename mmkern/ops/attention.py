@@ -136,8 +136,17 @@ def scaled_dot_product_attention(
             dropout_mask = torch.rand(full, device=query.device) >= dropout_p
         win = None if left < 0 else (left, right)
         return reference.scaled_dot_product_attention(
-            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-            dropout_mask=dropout_mask, window=win, num_global=num_global,
+            query,
+            key,
+            value,
+            attn_mask,
+            dropout_p,
+            is_causal,
+            scale,
+            enable_gqa,
+            dropout_mask=dropout_mask,
+            window=win,
+            num_global=num_global,
         )
     if max(E, value.shape[-1]) > MAX_HEAD_DIM:
         raise ValueError(f"query: head dims up to {MAX_HEAD_DIM} are supported, got {E} / {value.shape[-1]}")
@@ -214,8 +223,22 @@ def varlen_attention(
         raise ValueError(f"q: head dims up to {MAX_HEAD_DIM} are supported, got {q.shape[-1]} / {v.shape[-1]}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, _ = torch.ops.mmkern.attention(
-        q, k, v, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, left, right,
-        num_global, 0.0, 0, chosen,
+        q,
+        k,
+        v,
+        None,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        scale,
+        causal,
+        left,
+        right,
+        num_global,
+        0.0,
+        0,
+        chosen,
     )
     return out
 
@@ -328,8 +351,28 @@ def _attention_backward_op(
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, scale, causal, left, right, num_global,
-      dropout_p, seed, need_mask_grad, backend):
+def _(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    mask,
+    cu_q,
+    cu_k,
+    max_q,
+    max_k,
+    scale,
+    causal,
+    left,
+    right,
+    num_global,
+    dropout_p,
+    seed,
+    need_mask_grad,
+    backend,
+):
     dmask = q.new_empty(mask.shape if need_mask_grad else (0,), dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
@@ -379,15 +422,25 @@ def _override_supported(query, key, value, attn_mask, dropout_p, scale, enable_g
     return not (dropout_p > 0.0 and chosen == "cuda")
 
 
-def _sdpa_override(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-                   *, backend=None):
+def _sdpa_override(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, backend=None
+):
     global override_calls
     if not _override_supported(query, key, value, attn_mask, dropout_p, scale, enable_gqa, backend):
-        return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                           scale=scale, enable_gqa=enable_gqa)
+        return _torch_sdpa(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
     override_calls += 1
-    return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                        backend=backend)
+    return scaled_dot_product_attention(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend=backend
+    )
 
 
 def enable_sdpa_override(backend: str | None = None) -> None:
@@ -404,7 +457,7 @@ def disable_sdpa_override() -> None:
     torch.nn.functional.scaled_dot_product_attention = _torch_sdpa
 
 
-class sdpa_override:  # noqa: N801 - used like a function: `with mmkern.ops.sdpa_override(): model(x)`
+class sdpa_override:
     """Context manager form of enable_sdpa_override / disable_sdpa_override (restores what was there)."""
 
     def __init__(self, backend: str | None = None):
