@@ -131,6 +131,7 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cases", default="", help="comma-separated case-name prefixes to run (default: all)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -139,7 +140,7 @@ def main(argv=None) -> list[dict]:
     mm_rate = matmul_tflops(device, dtype)
     print(f"{dtype} matmul rate on {device}: {mm_rate:.2f} TFLOP/s")
     for name, B, H, L, D, causal, window in _cases(args.quick):
-        if args.quick and L > 8192:
+        if (args.quick and L > 8192) or (args.cases and not name.startswith(tuple(args.cases.split(",")))):
             continue
         gen = torch.Generator(device="cpu").manual_seed(0)
         q, k, v = (torch.randn(B, H, L, D, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))

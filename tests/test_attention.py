@@ -406,3 +406,28 @@ def test_gpu_dropout_triton_matches_cpu_mask():
         q.cpu().double(), k.cpu().double(), v.cpu().double(), dropout_p=p, dropout_mask=keep
     )
     assert_close(out.cpu(), expected, torch.float32, "out")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_backward_both_parallel_schedules(threads):
+    """The cpu backward runs per (batch, kv head) when there are >= 4 such tasks per thread, else in two passes
+    over key and query blocks: both schedules, with GQA, a float mask gradient and dropout."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for B, Hk in ((1, 2), (4, 4)):  # 2 tasks: two passes; 16 tasks: one pass per (batch, kv head)
+            _check("cpu", torch.float32, B, 2 * Hk, Hk, 70, 150, 40, 24, True, "float_full", B * 10 + threads)
+            gen = torch.Generator().manual_seed(threads)
+            q, k, v = (torch.randn(B, Hk, 50, 16, generator=gen).requires_grad_() for _ in range(3))
+            torch.manual_seed(0)
+            out = scaled_dot_product_attention(q, k, v, dropout_p=0.2, backend="cpu")
+            got = torch.autograd.grad(out.square().sum(), (q, k, v))
+            torch.manual_seed(0)
+            keep = attn_ops.dropout_keep_mask((B, Hk, 50, 50), 0.2, attn_ops.draw_seed())
+            ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+            expected = reference.scaled_dot_product_attention(*ref_in, dropout_p=0.2, dropout_mask=keep)
+            want = torch.autograd.grad(expected.square().sum(), ref_in)
+            for name, g, w in zip(["dq", "dk", "dv"], got, want):
+                assert_close(g, w, torch.float32, name, factor=4.0)
+    finally:
+        torch.set_num_threads(previous)
