@@ -163,6 +163,11 @@ Shape check_shapes(const Tensor& x, const Tensor& y) {
   return sh;
 }
 
+// Threads beyond the number of row tiles would only wait at the round barriers.
+int team_size(const Shape& sh, int num_threads) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, (sh.B + kBM - 1) / kBM)));
+}
+
 // Mask added to z: 0 for valid columns of a tile, -inf for the padding up to 16 lanes.
 void column_mask(int64_t jn, float* neg) {
   for (int64_t j = 0; j < kBN; ++j) neg[j] = j < jn ? 0.f : -INFINITY;
@@ -186,7 +191,7 @@ void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
     using scalar_t = typename decltype(tag)::type;
     const cpu::Strided<scalar_t> xe{x.ptr<scalar_t>(), x.stride(0), x.stride(1)};
     const cpu::Strided<scalar_t> ye{y.ptr<scalar_t>(), y.stride(0), y.stride(1)};
-#pragma omp parallel num_threads(num_threads)
+#pragma omp parallel num_threads(team_size(sh, num_threads))
     {
       pack_b_parallel([&](int64_t k, int64_t j) { return ye(j, k); }, sh.D, sh.K, Yb.data());
       std::vector<float> Xt(kBM * sh.D), S(kBM * kBN), neg(kBN), cm(kBN), ca(kBN), cl(kBN), ce(kBN);
@@ -309,7 +314,7 @@ void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
     using scalar_t = typename decltype(tag)::type;
     const cpu::Strided<scalar_t> xe{x.ptr<scalar_t>(), x.stride(0), x.stride(1)};
     const cpu::Strided<scalar_t> ye{y.ptr<scalar_t>(), y.stride(0), y.stride(1)};
-#pragma omp parallel num_threads(num_threads)
+#pragma omp parallel num_threads(team_size(sh, num_threads))
     {
       pack_b_parallel([&](int64_t k, int64_t j) { return ye(j, k); }, sh.D, sh.K, Yb.data());
       pack_b_parallel(ye, sh.K, sh.D, Yr.data());
