@@ -15,11 +15,12 @@ from mmkern.ops import contrastive
 from tests.checks import RTOL, assert_close, dtypes_for, kernel_backends, relative_error
 
 BACKENDS = kernel_backends("cpu")
+GPU_BACKENDS = kernel_backends("cuda") if torch.cuda.is_available() else []
 LOSSES = ("clip", "infonce", "siglip")
 
 # Batch sizes: 1, odd, and past one CPU tile (256); the Triton interpreter is slow, so it gets its own
 # (its tiles are 16 wide there).
-SIZES = {"cpu": [1, 2, 7, 33, 257, 300], "triton": [1, 3, 17, 40], "cuda": [1, 7, 129, 300]}
+SIZES = {"cpu": [1, 2, 7, 33, 257, 300], "triton": [1, 3, 17, 40], "gpu": [1, 7, 65, 129, 300]}
 
 
 def _features(n: int, d: int, gen: torch.Generator, orthogonal: bool, half: int) -> torch.Tensor:
@@ -60,7 +61,19 @@ def _factor(plain: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> 
 @pytest.mark.parametrize("kind", LOSSES)
 @given(data=st.data())
 def test_matches_float64_reference(backend, kind, data):
-    B = data.draw(st.sampled_from(SIZES[backend]), label="B")
+    _check_against_reference("cpu", backend, kind, data)
+
+
+@pytest.mark.skipif(not GPU_BACKENDS, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", GPU_BACKENDS or ["cuda"])
+@pytest.mark.parametrize("kind", LOSSES)
+@given(data=st.data())
+def test_gpu_matches_float64_reference(backend, kind, data):
+    _check_against_reference("cuda", backend, kind, data)
+
+
+def _check_against_reference(device, backend, kind, data):
+    B = data.draw(st.sampled_from(SIZES["gpu" if device == "cuda" else backend]), label="B")
     D = data.draw(st.sampled_from([1, 3, 16, 64, 97]), label="D")
     extra = data.draw(st.sampled_from([0, 5, 40]), label="extra") if kind == "infonce" else 0
     scale = data.draw(st.sampled_from([1.0, 14.3, 50.0, 100.0]), label="scale")
@@ -81,7 +94,11 @@ def test_matches_float64_reference(backend, kind, data):
     # Plain PyTorch in fp32 on the same inputs: its error is the conditioning of the problem (near-equal
     # rows make gradients differences of like terms), which the kernel may not beat either.
     plain, plain_grads = _run(ref_fn, [t.float() for t in args])
-    loss, grads = _run(fn, args, backend=backend, **kwargs)
+    on_device = [t.to(device) for t in args]
+    if labels is not None:
+        kwargs["labels"] = labels.to(device)
+    loss, grads = _run(fn, on_device, backend=backend, **kwargs)
+    loss, grads = loss.cpu(), [g.cpu() for g in grads]
     assert loss.dtype == dtype and loss.shape == ()
     names = ["loss", "grad_x", "grad_y", "grad_scale", "grad_bias"]
     # Size of the terms each output sums (unit-norm features): an fp32 kernel is accurate to RTOL times

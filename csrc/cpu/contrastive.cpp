@@ -7,8 +7,9 @@
 // X is packed per row tile, by the thread that owns it (once per round, so about T times per call):
 //   Xt  X[i0:i0+256] as the A operand of X Y^T (8-row panels)   Xrt  the same rows as the B operand of G^T X
 // so the packed copies cost 2 (backward) or 1 (forward) B x D fp32 buffers, not 4.
-// Threads never share an output row or column: rows and columns are cut into T chunks each, and in round
-// r thread t takes row chunk t against column chunk (t + r) mod T (a Latin square), with a barrier between
+// Threads never share an output row or column: rows and columns are cut into P (up to 4 per thread) chunks
+// each, and round r runs the P tasks (row chunk p, column chunk (p + r) mod P) (a Latin square), handed out
+// dynamically so that a thread slowed by other load does not hold the rest back, with a barrier between
 // rounds. So dX, dY and the column statistics need no atomics and no per-thread copies.
 #include <omp.h>
 
@@ -136,18 +137,19 @@ void tile_grad(const Shape& sh, const float* A, int64_t m, int64_t kt, const flo
   }
 }
 
-// Runs body(i0, im, j0, jn) over every tile, Latin-square scheduled (see the file comment). Call inside a
-// parallel region; ends with a barrier.
+// Runs body(i0, im, j0, jn) over every tile (see the file comment). Call inside a parallel region.
 template <class F>
 void for_each_tile(int64_t rows, int64_t cols, const F& body) {
-  const int T = omp_get_num_threads(), t = omp_get_thread_num();
   const int64_t rt = (rows + kBM - 1) / kBM, ct = (cols + kBN - 1) / kBN;
-  for (int r = 0; r < T; ++r) {
-    const int c = (t + r) % T;
-    for (int64_t it = rt * t / T; it < rt * (t + 1) / T; ++it)
-      for (int64_t jt = ct * c / T; jt < ct * (c + 1) / T; ++jt)
-        body(it * kBM, std::min(kBM, rows - it * kBM), jt * kBN, std::min(kBN, cols - jt * kBN));
-#pragma omp barrier
+  const int64_t P = std::min<int64_t>(rt, 4 * omp_get_num_threads());
+  for (int64_t r = 0; r < P; ++r) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t c = (p + r) % P;
+      for (int64_t it = rt * p / P; it < rt * (p + 1) / P; ++it)
+        for (int64_t jt = ct * c / P; jt < ct * (c + 1) / P; ++jt)
+          body(it * kBM, std::min(kBM, rows - it * kBM), jt * kBN, std::min(kBN, cols - jt * kBN));
+    }  // implicit barrier: the next round reuses these rows and columns
   }
 }
 

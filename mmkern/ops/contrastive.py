@@ -108,13 +108,14 @@ def infonce(query, keys, logit_scale, *, labels=None, backend: str | None = None
         in_range_checkable = labels.device.type == "cpu" and not torch.compiler.is_compiling()
         if in_range_checkable and bool(((labels < 0) | (labels >= K)).any()):
             raise ValueError(f"labels: values must lie in [0, {K})")
+    labels = None if labels is None else labels.long()
     chosen = backends.resolve(backend, query.device)
     native_dtype(chosen, "query", query)
     if chosen == "reference":
         return reference.infonce(query, keys, logit_scale, labels)
     zero = torch.zeros((), dtype=torch.float32, device=query.device)
     rows, _ = contrastive_stats(query, keys, logit_scale, zero, ROWS, chosen)
-    positives = keys[:B] if labels is None else keys[labels.long()]
+    positives = keys[:B] if labels is None else keys[labels]
     loss = rows[0].mean() - logit_scale.float() * _pair_dot(query, positives).mean()
     return loss.to(query.dtype)
 
