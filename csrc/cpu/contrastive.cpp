@@ -69,6 +69,14 @@ inline v16 vexp(v16 x) {
   return out;
 }
 
+// log(1 + u) for u in [0, 1] (NaN stays NaN): 2 atanh(t) with t = u / (2 + u) <= 1/3, series to t^13.
+inline v16 vlog1p(v16 u) {
+  const v16 t = u / (2.f + u), t2 = t * t;
+  v16 p = splat(1.f / 13);
+  for (float k : {11.f, 9.f, 7.f, 5.f, 3.f, 1.f}) p = p * t2 + 1.f / k;
+  return 2.f * t * p;
+}
+
 // Column c0 of a tile row as 16 lanes; lanes past the valid width read 0 (the tile pads with 0).
 inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
 
@@ -208,13 +216,25 @@ void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
         for (int64_t i = 0; i < im; ++i) {
           const float* d = &S[i * kBN];
           if (mode == kSigmoid) {
-            float sp = 0.f, sd = 0.f, sg = 0.f;
-            for (int64_t j = 0; j < jn; ++j) {
-              const float z = s * d[j] + b;
-              const bool pos = diagonal && i0 + i == j0 + j;
-              const float g = sigmoid_grad(z, pos);
-              sp += softplus(pos ? -z : z);
-              sd += g * d[j];
+            // The row's positive (if in this tile) leaves the 16-lane sums (z = -inf adds 0) and is added
+            // exactly: softplus(-z), no cancellation.
+            const int64_t jd = diagonal ? i0 + i - j0 : -1;
+            const bool has_pos = jd >= 0 && jd < jn;
+            if (has_pos) neg[jd] = -INFINITY;
+            v16 vp = {}, vd = {}, vg = {};
+            for (int64_t c = 0; c < chunks; ++c) {
+              const v16 z = z_at(i, c);
+              const v16 g = 1.f / (1.f + vexp(-z));
+              vp += (z > 0.f ? z : splat(0.f)) + vlog1p(vexp(z < 0.f ? z : -z));
+              vd += g * load(d + c * 16);
+              vg += g;
+            }
+            float sp = hsum(vp), sd = hsum(vd), sg = hsum(vg);
+            if (has_pos) {
+              neg[jd] = 0.f;
+              const float z = s * d[jd] + b, g = sigmoid_grad(z, true);
+              sp += softplus(-z);
+              sd += g * d[jd];
               sg += g;
             }
             sig[i0 + i] += sp;

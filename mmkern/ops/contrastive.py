@@ -181,8 +181,8 @@ def _stats_op(
             *args, s, b, mode, diagonal, _native.tensor_arg(rows), cols_arg, _native.num_threads()
         )
     elif backend == "cuda":
-        x, y = x.contiguous(), y.contiguous()
-        args = [_native.tensor_arg(t) for t in (x, y, _scale_bias_tensor(scale, bias), rows)]
+        x, y, sb = x.contiguous(), y.contiguous(), _scale_bias_tensor(scale, bias)
+        args = [_native.tensor_arg(t) for t in (x, y, sb, rows)]
         cols_arg = _native.tensor_arg(cols) if mode == ROWS_COLS else None
         _native.native().contrastive_fwd_cuda(
             *args[:3], mode, diagonal, args[3], cols_arg, _native.cuda_stream(x.device)
@@ -227,8 +227,8 @@ def _stats_backward_op(
         rest = [_native.tensor_arg(t) for t in (row_lse, col_lse, gr, gc, dx, dy)]
         _native.native().contrastive_bwd_cpu(*args, s, b, mode, diagonal, *rest, _native.num_threads())
     elif backend == "cuda":
-        x, y = x.contiguous(), y.contiguous()
-        args = [_native.tensor_arg(t) for t in (x, y, _scale_bias_tensor(scale, bias))]
+        x, y, sb = x.contiguous(), y.contiguous(), _scale_bias_tensor(scale, bias)
+        args = [_native.tensor_arg(t) for t in (x, y, sb)]
         rest = [_native.tensor_arg(t) for t in (row_lse, col_lse, gr, gc, dx, dy)]
         _native.native().contrastive_bwd_cuda(*args, mode, diagonal, *rest, _native.cuda_stream(x.device))
     else:
