@@ -315,9 +315,8 @@ void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
 // dX (B x D fp32) += G Y and dY (K x D fp32) += G^T X with G_ij = dL/dz_ij from grad_logit (the logit
 // scale is applied by the caller). row_lse / col_lse: plane 0 of the forward statistics; gr (B), gc (K).
 void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
-                         const Tensor& row_lse,
-                         const Tensor& col_lse, const Tensor& gr, const Tensor& gc, const Tensor& dx, const Tensor& dy,
-                         int num_threads) {
+                         const Tensor& row_lse, const Tensor& col_lse, const Tensor& gr, const Tensor& gc,
+                         const Tensor& dx, const Tensor& dy, int num_threads) {
   const Shape sh = check_shapes(x, y);
   check(mode == kRows || mode == kRowsCols || mode == kSigmoid, "mode: unknown contrastive mode");
   check(row_lse.present && gr.present && row_lse.numel() >= sh.B && gr.numel() == sh.B, "gr: expected (B,) fp32");
