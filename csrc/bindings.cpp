@@ -20,17 +20,14 @@ namespace mmkern {
 void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
                          const Tensor& row_stats, const Tensor& col_stats, int num_threads);
 void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
-                         const Tensor& row_lse,
-                         const Tensor& col_lse, const Tensor& gr, const Tensor& gc, const Tensor& dx, const Tensor& dy,
-                         int num_threads);
+                         const Tensor& row_lse, const Tensor& col_lse, const Tensor& gr, const Tensor& gc,
+                         const Tensor& dx, const Tensor& dy, int num_threads);
 #ifdef MMKERN_WITH_CUDA
 int contrastive_fwd_cuda(const Tensor& x, const Tensor& y, const Tensor& scale_bias, int mode, bool diagonal,
-                         const Tensor& row_stats,
-                         const Tensor& col_stats, uintptr_t stream);
+                         const Tensor& row_stats, const Tensor& col_stats, uintptr_t stream);
 int contrastive_bwd_cuda(const Tensor& x, const Tensor& y, const Tensor& scale_bias, int mode, bool diagonal,
-                         const Tensor& row_lse,
-                         const Tensor& col_lse, const Tensor& gr, const Tensor& gc, const Tensor& dx, const Tensor& dy,
-                         uintptr_t stream);
+                         const Tensor& row_lse, const Tensor& col_lse, const Tensor& gr, const Tensor& gc,
+                         const Tensor& dx, const Tensor& dy, uintptr_t stream);
 #endif
 // ---- patch_embed ----
 void patch_embed_fwd_cpu(const Tensor& images, const Tensor& weight, const Tensor& bias, const Tensor& pos_embed,
@@ -267,9 +264,8 @@ PYBIND11_MODULE(_C, m) {
     mmkern::contrastive_fwd_cpu(xt, yt, scale, bias, mode, diagonal, rs, cs, num_threads);
   });
   m.def("contrastive_bwd_cpu", [](py::object x, py::object y, double scale, double bias, int mode, bool diagonal,
-                                  py::object row_lse,
-                                  py::object col_lse, py::object gr, py::object gc, py::object dx, py::object dy,
-                                  int num_threads) {
+                                  py::object row_lse, py::object col_lse, py::object gr, py::object gc, py::object dx,
+                                  py::object dy, int num_threads) {
     Tensor xt = to_tensor(x), yt = to_tensor(y), rl = to_tensor(row_lse), cl = to_tensor(col_lse), g1 = to_tensor(gr),
            g2 = to_tensor(gc), dxt = to_tensor(dx), dyt = to_tensor(dy);
     py::gil_scoped_release release;
@@ -277,8 +273,7 @@ PYBIND11_MODULE(_C, m) {
   });
 #ifdef MMKERN_WITH_CUDA
   m.def("contrastive_fwd_cuda", [](py::object x, py::object y, py::object scale_bias, int mode, bool diagonal,
-                                   py::object row_stats,
-                                   py::object col_stats, uintptr_t stream) {
+                                   py::object row_stats, py::object col_stats, uintptr_t stream) {
     Tensor xt = to_tensor(x), yt = to_tensor(y), sb = to_tensor(scale_bias), rs = to_tensor(row_stats),
            cs = to_tensor(col_stats);
     int err;
@@ -289,9 +284,8 @@ PYBIND11_MODULE(_C, m) {
     check_cuda(err, "contrastive_fwd_cuda");
   });
   m.def("contrastive_bwd_cuda", [](py::object x, py::object y, py::object scale_bias, int mode, bool diagonal,
-                                   py::object row_lse,
-                                   py::object col_lse, py::object gr, py::object gc, py::object dx, py::object dy,
-                                   uintptr_t stream) {
+                                   py::object row_lse, py::object col_lse, py::object gr, py::object gc, py::object dx,
+                                   py::object dy, uintptr_t stream) {
     Tensor xt = to_tensor(x), yt = to_tensor(y), sb = to_tensor(scale_bias), rl = to_tensor(row_lse),
            cl = to_tensor(col_lse), g1 = to_tensor(gr), g2 = to_tensor(gc), dxt = to_tensor(dx), dyt = to_tensor(dy);
     int err;
