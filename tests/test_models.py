@@ -288,6 +288,8 @@ def test_vl_decoder_sampling_and_eos():
     eos = int(greedy[0, -1])
     out = m.generate(ids, max_new_tokens=4, eos_token_id=eos)
     assert out[0, 5:].tolist() == [eos] * (out.shape[1] - 5)
+    with pytest.raises(ValueError, match="context_length"):
+        m.generate(ids, max_new_tokens=60)
 
 
 def _models():

@@ -155,6 +155,11 @@ class VisionLanguageDecoder(nn.Module):
         logits. Rows that produced eos_token_id keep emitting it until all rows are done.
         """
         B, L = input_ids.shape
+        if L + max_new_tokens > self.config.lm.context_length:
+            raise ValueError(
+                f"max_new_tokens: {L} + {max_new_tokens} positions exceed context_length "
+                f"{self.config.lm.context_length}"
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = attention_mask.bool()
