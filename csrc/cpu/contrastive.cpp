@@ -2,9 +2,11 @@
 // of cpu_gemm.h and reduced on the spot into O(B) row / column statistics (see contrastive.h); backward
 // recomputes each tile once, turns it into dL/dz in place and multiplies it into both feature gradients.
 //
-// Each operand is packed once per call into the layout its GEMM wants and shared by all threads:
-//   Xa  X as the A operand of X Y^T (8-row panels)      Yb  Y^T as its B operand (32-column panels)
-//   Yr  Y as the B operand of G Y   (rows are k)       Xr  X as the B operand of G^T X
+// Y is packed once per call, shared by all threads, in the layouts its GEMMs want:
+//   Yb  Y^T as the B operand of X Y^T (32-column panels)    Yr  Y as the B operand of G Y (rows are k)
+// X is packed per row tile, by the thread that owns it (once per round, so about T times per call):
+//   Xt  X[i0:i0+256] as the A operand of X Y^T (8-row panels)   Xrt  the same rows as the B operand of G^T X
+// so the packed copies cost 2 (backward) or 1 (forward) B x D fp32 buffers, not 4.
 // Threads never share an output row or column: rows and columns are cut into T chunks each, and in round
 // r thread t takes row chunk t against column chunk (t + r) mod T (a Latin square), with a barrier between
 // rounds. So dX, dY and the column statistics need no atomics and no per-thread copies.
@@ -70,22 +72,11 @@ inline v16 vexp(v16 x) {
 inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
 
 struct Shape {
-  int64_t B, K, D, B_pad, K_pad, D_pad;
+  int64_t B, K, D, K_pad, D_pad;
 };
 
-// Packs every panel of an operand in layout A (row panels of kMR, element a(i, k), M x K) or B (column
-// panels of kNR, element b(k, j), K x N) inside an enclosing parallel region.
-template <class F>
-void pack_a_parallel(const F& a, int64_t M, int64_t K, float* dst) {
-  const int64_t M_pad = cpu::round_up(M, kMR), kblocks = (K + kKC - 1) / kKC, panels = M_pad / kMR;
-#pragma omp for schedule(static) collapse(2)
-  for (int64_t kb = 0; kb < kblocks; ++kb)
-    for (int64_t p = 0; p < panels; ++p) {
-      const int64_t k0 = kb * kKC, kc = std::min(kKC, K - k0), i0 = p * kMR;
-      cpu::pack_a(a, i0, static_cast<int>(std::min<int64_t>(kMR, M - i0)), k0, kc, dst + k0 * M_pad + i0 * kc);
-    }
-}
-
+// Packs every panel of an operand in layout B (column panels of kNR, element b(k, j), K x N) inside an
+// enclosing parallel region.
 template <class F>
 void pack_b_parallel(const F& b, int64_t K, int64_t N, float* dst) {
   const int64_t N_pad = cpu::round_up(N, kNR), kblocks = (K + kKC - 1) / kKC, panels = N_pad / kNR;
@@ -97,17 +88,30 @@ void pack_b_parallel(const F& b, int64_t K, int64_t N, float* dst) {
     }
 }
 
-// S[0:im, 0:jn] (row stride kBN) = X[i0:i0+im] . Y[j0:j0+jn]^T from the packed Xa and Yb. Columns jn..
+// Packs rows X[i0:i0+im] as Xt (A layout, k-blocks of kKC, kBM rows each) and, if Xrt is given, as Xrt
+// (B layout with the rows as k: one k-block of im rows).
+template <class F>
+void pack_rows(const F& xe, int64_t D, int64_t i0, int64_t im, float* Xt, float* Xrt) {
+  auto rows = [&](int64_t i, int64_t k) { return xe(i0 + i, k); };
+  for (int64_t k0 = 0; k0 < D; k0 += kKC)
+    for (int64_t ip = 0; ip < im; ip += kMR)
+      cpu::pack_a(rows, ip, static_cast<int>(std::min<int64_t>(kMR, im - ip)), k0, std::min(kKC, D - k0),
+                  Xt + k0 * kBM + ip * std::min(kKC, D - k0));
+  if (Xrt)
+    for (int64_t dp = 0; dp < D; dp += kNR)
+      cpu::pack_b(rows, 0, im, dp, static_cast<int>(std::min<int64_t>(kNR, D - dp)), Xrt + dp * im);
+}
+
+// S[0:im, 0:jn] (row stride kBN) = X[i0:i0+im] . Y[j0:j0+jn]^T from the packed Xt and Yb. Columns jn..
 // round_up(jn, 16) are set to 0 so that 16-lane epilogues read defined values.
-void tile_dot(const Shape& sh, const float* Xa, const float* Yb, int64_t i0, int64_t im, int64_t j0, int64_t jn,
-              float* S) {
+void tile_dot(const Shape& sh, const float* Xt, const float* Yb, int64_t im, int64_t j0, int64_t jn, float* S) {
   for (int64_t k0 = 0; k0 < sh.D; k0 += kKC) {
     const int64_t kc = std::min(kKC, sh.D - k0);
     for (int64_t jp = 0; jp < jn; jp += kNR) {
       const float* Bp = Yb + k0 * sh.K_pad + (j0 + jp) * kc;
       const int nr = static_cast<int>(std::min<int64_t>(kNR, jn - jp));
       for (int64_t ip = 0; ip < im; ip += kMR) {
-        const float* Ap = Xa + k0 * sh.B_pad + (i0 + ip) * kc;
+        const float* Ap = Xt + k0 * kBM + ip * kc;
         cpu::micro_kernel(kc, Ap, Bp, S + ip * kBN + jp, kBN, static_cast<int>(std::min<int64_t>(kMR, im - ip)),
                           nr, k0 > 0);
       }
@@ -153,8 +157,7 @@ Shape check_shapes(const Tensor& x, const Tensor& y) {
   check(x.size(1) == y.size(1), "y: feature width differs from x");
   check(x.dtype == y.dtype, "y: dtype differs from x");
   check_float_dtype(x, "x");
-  Shape sh{x.size(0), y.size(0), x.size(1), 0, 0, 0};
-  sh.B_pad = cpu::round_up(sh.B, kMR);
+  Shape sh{x.size(0), y.size(0), x.size(1), 0, 0};
   sh.K_pad = cpu::round_up(sh.K, kNR);
   sh.D_pad = cpu::round_up(sh.D, kNR);
   return sh;
@@ -175,7 +178,7 @@ void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
   check(mode != kRowsCols || (col_stats.present && col_stats.numel() == kColPlanes * sh.K),
         "col_stats: expected (2, K) fp32");
   const float s = static_cast<float>(scale), b = static_cast<float>(bias);
-  std::vector<float> Xa(sh.B_pad * sh.D), Yb(sh.D * sh.K_pad);
+  std::vector<float> Yb(sh.D * sh.K_pad);
   std::vector<SoftmaxState> rows(sh.B, softmax_init()), cols(mode == kRowsCols ? sh.K : 0, softmax_init());
   std::vector<float> sig(mode == kSigmoid ? 3 * sh.B : 0, 0.f);  // sums of softplus, sigmoid*d, sigmoid
 
@@ -185,11 +188,13 @@ void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
     const cpu::Strided<scalar_t> ye{y.ptr<scalar_t>(), y.stride(0), y.stride(1)};
 #pragma omp parallel num_threads(num_threads)
     {
-      pack_a_parallel(xe, sh.B, sh.D, Xa.data());
       pack_b_parallel([&](int64_t k, int64_t j) { return ye(j, k); }, sh.D, sh.K, Yb.data());
-      std::vector<float> S(kBM * kBN), neg(kBN), cm(kBN), ca(kBN), cl(kBN), ce(kBN);
+      std::vector<float> Xt(kBM * sh.D), S(kBM * kBN), neg(kBN), cm(kBN), ca(kBN), cl(kBN), ce(kBN);
+      int64_t packed_i0 = -1;
       for_each_tile(sh.B, sh.K, [&](int64_t i0, int64_t im, int64_t j0, int64_t jn) {
-        tile_dot(sh, Xa.data(), Yb.data(), i0, im, j0, jn, S.data());
+        if (i0 != packed_i0) pack_rows(xe, sh.D, i0, im, Xt.data(), nullptr);
+        packed_i0 = i0;
+        tile_dot(sh, Xt.data(), Yb.data(), im, j0, jn, S.data());
         column_mask(jn, neg.data());
         const int64_t chunks = (jn + 15) / 16;
         auto z_at = [&](int64_t i, int64_t c) { return load(&S[i * kBN + c * 16]) * s + b + load(&neg[c * 16]); };
@@ -298,7 +303,7 @@ void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
   const float* cl = mode == kRowsCols ? col_lse.ptr<float>() : nullptr;
   const float* gcp = mode == kRowsCols ? gc.ptr<float>() : nullptr;
   float *dxp = dx.ptr<float>(), *dyp = dy.ptr<float>();
-  std::vector<float> Xa(sh.B_pad * sh.D), Yb(sh.D * sh.K_pad), Xr(sh.B * sh.D_pad), Yr(sh.K * sh.D_pad);
+  std::vector<float> Yb(sh.D * sh.K_pad), Yr(sh.K * sh.D_pad);
 
   dispatch_float(x.dtype, "contrastive", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
@@ -306,13 +311,15 @@ void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
     const cpu::Strided<scalar_t> ye{y.ptr<scalar_t>(), y.stride(0), y.stride(1)};
 #pragma omp parallel num_threads(num_threads)
     {
-      pack_a_parallel(xe, sh.B, sh.D, Xa.data());
       pack_b_parallel([&](int64_t k, int64_t j) { return ye(j, k); }, sh.D, sh.K, Yb.data());
-      pack_b_parallel(xe, sh.B, sh.D, Xr.data());
       pack_b_parallel(ye, sh.K, sh.D, Yr.data());
-      std::vector<float> S(kBM * kBN), GA(kBM * kBN), GT(kBM * kBN), neg(kBN), tl(kBN), tg(kBN);
+      std::vector<float> Xt(kBM * sh.D), Xrt(kBM * sh.D_pad), S(kBM * kBN), GA(kBM * kBN), GT(kBM * kBN), neg(kBN),
+          tl(kBN), tg(kBN);
+      int64_t packed_i0 = -1;
       for_each_tile(sh.B, sh.K, [&](int64_t i0, int64_t im, int64_t j0, int64_t jn) {
-        tile_dot(sh, Xa.data(), Yb.data(), i0, im, j0, jn, S.data());
+        if (i0 != packed_i0) pack_rows(xe, sh.D, i0, im, Xt.data(), Xrt.data());
+        packed_i0 = i0;
+        tile_dot(sh, Xt.data(), Yb.data(), im, j0, jn, S.data());
         column_mask(jn, neg.data());
         for (int64_t j = 0; j < kBN; ++j) {  // column lse and weight, 0 in the padding
           tl[j] = cl && j < jn ? cl[j0 + j] : 0.f;
@@ -348,7 +355,7 @@ void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
           cpu::pack_a(cpu::Strided<float>{S.data(), 1, kBN}, jp, static_cast<int>(std::min<int64_t>(kMR, jn - jp)), 0,
                       im, GT.data() + jp * im);
         tile_grad(sh, GA.data(), im, jn, Yr.data(), sh.K, j0, dxp + i0 * sh.D);
-        tile_grad(sh, GT.data(), jn, im, Xr.data(), sh.B, i0, dyp + j0 * sh.D);
+        tile_grad(sh, GT.data(), jn, im, Xrt.data(), im, 0, dyp + j0 * sh.D);
       });
     }
   });

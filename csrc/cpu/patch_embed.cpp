@@ -3,8 +3,12 @@
 // The patch matrix A (tokens x C*P*P) is never built: the GEMM packs each 8-row panel straight from the
 // image through two offset tables (one per token, one per patch element), so any image strides,
 // channels_last included, cost the same. The weight is packed once per call and shared by all threads.
+// bf16 runs on AVX-512 BF16 dot products where the CPU has them (see Engine), everything else on the
+// fp32 kernel; both accumulate in fp32.
 #include <omp.h>
 
+#include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 #include "mmkern/common.h"
@@ -18,6 +22,65 @@ namespace {
 // Rows of tokens a thread computes at a time: the fp32 tile (kRowsPerTask x E) stays in L2.
 constexpr int64_t kRowsPerTask = 64;
 
+// The packed GEMM a storage type runs on: fp32 panels (any dtype, converted while packing), or, for bf16
+// on CPUs with AVX-512 BF16, raw bf16 panels multiplied by vdpbf16ps at twice the fp32 rate. Products of
+// two bf16 values are exact in fp32, so both paths give the same fp32-accumulated result.
+template <typename T, bool kBf16Dot>
+struct Engine {
+  using packed_t = float;
+  static float load(T v) { return to_float(v); }
+  static int64_t packed_b_size(int64_t K, int64_t N) { return cpu::packed_b_floats(K, N); }
+  static constexpr int64_t kPanelA = cpu::kPanelAFloats;
+  static int64_t workspace(int64_t K, int64_t N) { return cpu::gemm_workspace_floats(K, N); }
+  template <class FB>
+  static void pack_b_all(const FB& b, int64_t K, int64_t N, float* dst) {
+    cpu::pack_b_all(b, K, N, dst);
+  }
+  template <class FA>
+  static void gemm_packed_b(int64_t M, int64_t N, int64_t K, const FA& a, const float* Bp, float* C, int64_t ldc,
+                            bool accumulate, float* ws) {
+    cpu::gemm_packed_b(M, N, K, a, Bp, C, ldc, accumulate, ws);
+  }
+};
+
+#ifdef MMKERN_CPU_BF16_DOT
+template <>
+struct Engine<BFloat16, true> {
+  using packed_t = uint16_t;
+  static uint16_t load(BFloat16 v) { return v.bits; }
+  static int64_t packed_b_size(int64_t K, int64_t N) { return cpu::packed_b_bf16_elems(K, N); }
+  static constexpr int64_t kPanelA = cpu::kPanelABf16;
+  static int64_t workspace(int64_t K, int64_t N) { return cpu::gemm_bf16_workspace_elems(K, N); }
+  template <class FB>
+  static void pack_b_all(const FB& b, int64_t K, int64_t N, uint16_t* dst) {
+    cpu::pack_b_all_bf16(b, K, N, dst);
+  }
+  template <class FA>
+  static void gemm_packed_b(int64_t M, int64_t N, int64_t K, const FA& a, const uint16_t* Bp, float* C, int64_t ldc,
+                            bool accumulate, uint16_t* ws) {
+    cpu::gemm_packed_b_bf16(M, N, K, a, Bp, C, ldc, accumulate, ws);
+  }
+};
+#endif
+
+template <typename E>
+struct EngineTag {
+  using type = E;
+};
+
+// Calls f(EngineTag<Engine<scalar_t, ...>>) with the faster packed GEMM for scalar_t on this CPU;
+// MMKERN_CPU_BF16_DOT=0|1 overrides the measured choice (the tests run both paths).
+template <typename scalar_t, class F>
+void with_engine(F&& f) {
+#ifdef MMKERN_CPU_BF16_DOT
+  if constexpr (std::is_same_v<scalar_t, BFloat16>) {
+    const char* env = std::getenv("MMKERN_CPU_BF16_DOT");
+    if (env && *env ? env[0] != '0' : cpu::bf16_dot_is_faster()) return f(EngineTag<Engine<BFloat16, true>>{});
+  }
+#endif
+  f(EngineTag<Engine<scalar_t, false>>{});
+}
+
 }  // namespace
 
 void patch_embed_fwd_cpu(const Tensor& images, const Tensor& weight, const Tensor& bias, const Tensor& pos_embed,
@@ -29,64 +92,78 @@ void patch_embed_fwd_cpu(const Tensor& images, const Tensor& weight, const Tenso
 
   dispatch_float(images.dtype, "patch_embed", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    const scalar_t* img = images.ptr<scalar_t>();
-    const scalar_t* w = weight.ptr<scalar_t>();
-    scalar_t* o = out.ptr<scalar_t>();
-    const int64_t w_stride_e = weight.stride(0);
-    const int64_t o_stride_b = out.stride(0), o_stride_t = out.stride(1), o_stride_e = out.stride(2);
+    with_engine<scalar_t>([&](auto engine) {
+      using Eng = typename decltype(engine)::type;
+      using packed_t = typename Eng::packed_t;
+      const scalar_t* img = images.ptr<scalar_t>();
+      const scalar_t* w = weight.ptr<scalar_t>();
+      scalar_t* o = out.ptr<scalar_t>();
+      const int64_t w_stride_e = weight.stride(0);
+      const int64_t o_stride_b = out.stride(0), o_stride_t = out.stride(1), o_stride_e = out.stride(2);
 
-    std::vector<float> packed_weight(cpu::packed_b_floats(g.patch_dim, g.embed_dim));
-    auto w_elem = [&](int64_t k, int64_t e) { return to_float(w[e * w_stride_e + weight_k_offsets[k]]); };
-    cpu::pack_b_all(w_elem, g.patch_dim, g.embed_dim, packed_weight.data());
+      std::vector<packed_t> packed_weight(Eng::packed_b_size(g.patch_dim, g.embed_dim));
+      auto w_elem = [&](int64_t k, int64_t e) { return Eng::load(w[e * w_stride_e + weight_k_offsets[k]]); };
+      Eng::pack_b_all(w_elem, g.patch_dim, g.embed_dim, packed_weight.data());
 
-    // Epilogue terms per token: bias for patch tokens, the position embedding for every token.
-    auto extra = [&](int64_t token, int64_t e) {
-      float v = 0.f;
-      if (token >= g.num_prefix) {
-        if (bias.present) v += to_float(bias.ptr<scalar_t>()[e * bias.stride(0)]);
-      } else {
-        v += to_float(prefix_tokens.ptr<scalar_t>()[token * prefix_tokens.stride(0) + e * prefix_tokens.stride(1)]);
-      }
-      if (pos_embed.present)
-        v += to_float(pos_embed.ptr<scalar_t>()[token * pos_embed.stride(0) + e * pos_embed.stride(1)]);
-      return v;
-    };
-
-    const int64_t tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
-#pragma omp parallel num_threads(num_threads)
-    {
-      std::vector<float> tile(kRowsPerTask * g.embed_dim);
-      std::vector<float> panel(cpu::kPanelAFloats);
-      std::vector<int64_t> row_offsets(kRowsPerTask);
-#pragma omp for schedule(static)
-      for (int64_t task = 0; task < tasks; ++task) {
-        const int64_t r0 = task * kRowsPerTask;
-        const int64_t m = std::min(kRowsPerTask, rows - r0);
-        for (int64_t i = 0; i < m; ++i) row_offsets[i] = patch_origin_offset(g, r0 + i, images.strides);
-        auto a_elem = [&](int64_t i, int64_t k) { return to_float(img[row_offsets[i] + image_k_offsets[k]]); };
-        cpu::gemm_packed_b(m, g.embed_dim, g.patch_dim, a_elem, packed_weight.data(), tile.data(), g.embed_dim,
-                           false, panel.data());
-        for (int64_t i = 0; i < m; ++i) {
-          const int64_t b = (r0 + i) / g.num_patches;
-          const int64_t token = g.num_prefix + (r0 + i) % g.num_patches;
-          scalar_t* dst = o + b * o_stride_b + token * o_stride_t;
-          const float* src = tile.data() + i * g.embed_dim;
-          for (int64_t e = 0; e < g.embed_dim; ++e) dst[e * o_stride_e] = from_float<scalar_t>(src[e] + extra(token, e));
+      // Epilogue terms per token, in fp32: bias for patch tokens, the prefix token itself for prefix rows,
+      // the position embedding for every token.
+      std::vector<float> extra((g.num_prefix + g.num_patches) * g.embed_dim, 0.f);
+      for (int64_t t = 0; t < g.num_prefix + g.num_patches; ++t) {
+        float* row = extra.data() + t * g.embed_dim;
+        for (int64_t e = 0; e < g.embed_dim; ++e) {
+          float v = 0.f;
+          if (t >= g.num_prefix) {
+            if (bias.present) v += to_float(bias.ptr<scalar_t>()[e * bias.stride(0)]);
+          } else {
+            v += to_float(prefix_tokens.ptr<scalar_t>()[t * prefix_tokens.stride(0) + e * prefix_tokens.stride(1)]);
+          }
+          if (pos_embed.present)
+            v += to_float(pos_embed.ptr<scalar_t>()[t * pos_embed.stride(0) + e * pos_embed.stride(1)]);
+          row[e] = v;
         }
       }
-      // Prefix tokens (class / register tokens) carry no patch product.
-#pragma omp for collapse(2) schedule(static)
-      for (int64_t b = 0; b < g.batch; ++b)
-        for (int64_t t = 0; t < g.num_prefix; ++t)
-          for (int64_t e = 0; e < g.embed_dim; ++e)
-            o[b * o_stride_b + t * o_stride_t + e * o_stride_e] = from_float<scalar_t>(extra(t, e));
-    }
+
+      const int64_t tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
+  #pragma omp parallel num_threads(num_threads)
+      {
+        std::vector<float> tile(kRowsPerTask * g.embed_dim);
+        std::vector<packed_t> panel(Eng::kPanelA);
+        std::vector<int64_t> row_offsets(kRowsPerTask);
+  #pragma omp for schedule(static)
+        for (int64_t task = 0; task < tasks; ++task) {
+          const int64_t r0 = task * kRowsPerTask;
+          const int64_t m = std::min(kRowsPerTask, rows - r0);
+          for (int64_t i = 0; i < m; ++i) row_offsets[i] = patch_origin_offset(g, r0 + i, images.strides);
+          auto a_elem = [&](int64_t i, int64_t k) { return Eng::load(img[row_offsets[i] + image_k_offsets[k]]); };
+          Eng::gemm_packed_b(m, g.embed_dim, g.patch_dim, a_elem, packed_weight.data(), tile.data(), g.embed_dim, false,
+                             panel.data());
+          for (int64_t i = 0; i < m; ++i) {
+            const int64_t b = (r0 + i) / g.num_patches;
+            const int64_t token = g.num_prefix + (r0 + i) % g.num_patches;
+            scalar_t* dst = o + b * o_stride_b + token * o_stride_t;
+            const float* src = tile.data() + i * g.embed_dim;
+            const float* add = extra.data() + token * g.embed_dim;
+            if (o_stride_e == 1) {  // the usual case, vectorised
+              for (int64_t e = 0; e < g.embed_dim; ++e) dst[e] = from_float<scalar_t>(src[e] + add[e]);
+            } else {
+              for (int64_t e = 0; e < g.embed_dim; ++e) dst[e * o_stride_e] = from_float<scalar_t>(src[e] + add[e]);
+            }
+          }
+        }
+        // Prefix tokens (class / register tokens) carry no patch product.
+  #pragma omp for collapse(2) schedule(static)
+        for (int64_t b = 0; b < g.batch; ++b)
+          for (int64_t t = 0; t < g.num_prefix; ++t)
+            for (int64_t e = 0; e < g.embed_dim; ++e)
+              o[b * o_stride_b + t * o_stride_t + e * o_stride_e] = from_float<scalar_t>(extra[t * g.embed_dim + e]);
+      }
+    });
   });
 }
 
-// grad_patch_rows = grad_out[:, T:, :] viewed as (B*N, E).
-//   grad_weight[e, k] = sum_rows grad_patch[row, e] * patch[row, k]   (accumulated in fp32 into grad_weight_f32)
-//   grad_images[patch k of row]  = sum_e grad_patch[row, e] * weight[e, k]   (each pixel written exactly once)
+// grad_patch rows G = grad_out[:, T:, :] viewed as (B*N, E).
+//   grad_weight[e, k] = sum_rows G[row, e] * patch[row, k]   (fp32, into grad_weight)
+//   grad_images[patch k of row] = sum_e G[row, e] * weight[e, k]   (each pixel written exactly once)
 void patch_embed_bwd_cpu(const Tensor& grad_out, const Tensor& images, const Tensor& weight, const Tensor& grad_images,
                          const Tensor& grad_weight, int64_t num_prefix, int num_threads) {
   const PatchGeometry g = patch_geometry(images, weight, num_prefix);
@@ -96,63 +173,82 @@ void patch_embed_bwd_cpu(const Tensor& grad_out, const Tensor& images, const Ten
 
   dispatch_float(images.dtype, "patch_embed", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    const scalar_t* img = images.ptr<scalar_t>();
-    const scalar_t* w = weight.ptr<scalar_t>();
-    const scalar_t* go = grad_out.ptr<scalar_t>();
-    const int64_t go_b = grad_out.stride(0), go_t = grad_out.stride(1), go_e = grad_out.stride(2);
-    auto grad_row_offset = [&](int64_t row) {
-      return (row / g.num_patches) * go_b + (g.num_prefix + row % g.num_patches) * go_t;
-    };
+    with_engine<scalar_t>([&](auto engine) {
+      using Eng = typename decltype(engine)::type;
+      using packed_t = typename Eng::packed_t;
+      const scalar_t* img = images.ptr<scalar_t>();
+      const scalar_t* w = weight.ptr<scalar_t>();
+      const scalar_t* go = grad_out.ptr<scalar_t>();
+      const int64_t go_b = grad_out.stride(0), go_t = grad_out.stride(1), go_e = grad_out.stride(2);
+      auto grad_row_offset = [&](int64_t row) {
+        return (row / g.num_patches) * go_b + (g.num_prefix + row % g.num_patches) * go_t;
+      };
 
-    if (grad_weight.present) {
-      // Columns k of grad_weight are split between threads; each thread reduces over all rows.
-      float* gw = grad_weight.ptr<float>();  // fp32 (E, K) contiguous, written here
-      std::vector<int64_t> row_offsets(rows), go_offsets(rows);
-      for (int64_t r = 0; r < rows; ++r) {
-        row_offsets[r] = patch_origin_offset(g, r, images.strides);
-        go_offsets[r] = grad_row_offset(r);
-      }
-      const int64_t col_chunk = cpu::round_up((g.patch_dim + num_threads - 1) / num_threads, cpu::kNR);
-#pragma omp parallel num_threads(num_threads)
-      {
-        std::vector<float> ws(cpu::gemm_workspace_floats(rows, col_chunk));
-#pragma omp for schedule(static)
-        for (int64_t k0 = 0; k0 < g.patch_dim; k0 += col_chunk) {
-          const int64_t kn = std::min(col_chunk, g.patch_dim - k0);
-          auto a_elem = [&](int64_t e, int64_t r) { return to_float(go[go_offsets[r] + e * go_e]); };
-          auto b_elem = [&](int64_t r, int64_t k) { return to_float(img[row_offsets[r] + image_k_offsets[k0 + k]]); };
-          cpu::gemm(g.embed_dim, kn, rows, a_elem, b_elem, gw + k0, g.patch_dim, false, ws.data());
+      if (grad_weight.present) {
+        // The reduction over token rows is split between threads, each summing whole kKC-row blocks into a
+        // private fp32 (E, K) partial (thread 0 straight into grad_weight): every patch and every grad_out
+        // element is packed exactly once, whatever the thread count. The partials are added at the end.
+        float* gw = grad_weight.ptr<float>();  // fp32 (E, K) contiguous, written here
+        const int64_t EK = g.embed_dim * g.patch_dim;
+        const int64_t blocks = (rows + cpu::kKC - 1) / cpu::kKC;
+        const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, blocks)));
+        std::vector<float> partials(static_cast<size_t>(parts - 1) * EK);
+  #pragma omp parallel num_threads(parts)
+        {
+          // The runtime may grant fewer threads than asked for: stride by the team actually running.
+          const int part = omp_get_thread_num(), team = omp_get_num_threads();
+          float* acc = part == 0 ? gw : partials.data() + (part - 1) * EK;
+          std::fill(acc, acc + EK, 0.f);
+          std::vector<packed_t> packed_patches(Eng::packed_b_size(cpu::kKC, g.patch_dim));
+          std::vector<packed_t> panel(Eng::kPanelA);
+          std::vector<int64_t> row_offsets(cpu::kKC), go_offsets(cpu::kKC);
+          for (int64_t blk = part; blk < blocks; blk += team) {
+            const int64_t r0 = blk * cpu::kKC, kc = std::min(cpu::kKC, rows - r0);
+            for (int64_t r = 0; r < kc; ++r) {
+              row_offsets[r] = patch_origin_offset(g, r0 + r, images.strides);
+              go_offsets[r] = grad_row_offset(r0 + r);
+            }
+            auto b_elem = [&](int64_t r, int64_t k) { return Eng::load(img[row_offsets[r] + image_k_offsets[k]]); };
+            Eng::pack_b_all(b_elem, kc, g.patch_dim, packed_patches.data());
+            auto a_elem = [&](int64_t e, int64_t r) { return Eng::load(go[go_offsets[r] + e * go_e]); };
+            Eng::gemm_packed_b(g.embed_dim, g.patch_dim, kc, a_elem, packed_patches.data(), acc, g.patch_dim, true,
+                               panel.data());
+          }
+  #pragma omp barrier
+  #pragma omp for schedule(static)
+          for (int64_t i = 0; i < EK; ++i)
+            for (int p = 1; p < team; ++p) gw[i] += partials[(p - 1) * EK + i];
         }
       }
-    }
 
-    if (grad_images.present) {
-      scalar_t* gi = grad_images.ptr<scalar_t>();
-      std::vector<int64_t> gi_k_offsets =
-          patch_element_offsets(g, grad_images.stride(1), grad_images.stride(2), grad_images.stride(3));
-      std::vector<float> packed_weight(cpu::packed_b_floats(g.embed_dim, g.patch_dim));
-      auto w_elem = [&](int64_t e, int64_t k) { return to_float(w[e * weight.stride(0) + weight_k_offsets[k]]); };
-      cpu::pack_b_all(w_elem, g.embed_dim, g.patch_dim, packed_weight.data());
-      const int64_t tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
-#pragma omp parallel num_threads(num_threads)
-      {
-        std::vector<float> tile(kRowsPerTask * g.patch_dim);
-        std::vector<float> panel(cpu::kPanelAFloats);
-#pragma omp for schedule(static)
-        for (int64_t task = 0; task < tasks; ++task) {
-          const int64_t r0 = task * kRowsPerTask;
-          const int64_t m = std::min(kRowsPerTask, rows - r0);
-          auto a_elem = [&](int64_t i, int64_t e) { return to_float(go[grad_row_offset(r0 + i) + e * go_e]); };
-          cpu::gemm_packed_b(m, g.patch_dim, g.embed_dim, a_elem, packed_weight.data(), tile.data(), g.patch_dim,
-                             false, panel.data());
-          for (int64_t i = 0; i < m; ++i) {
-            scalar_t* dst = gi + patch_origin_offset(g, r0 + i, grad_images.strides);
-            const float* src = tile.data() + i * g.patch_dim;
-            for (int64_t k = 0; k < g.patch_dim; ++k) dst[gi_k_offsets[k]] = from_float<scalar_t>(src[k]);
+      if (grad_images.present) {
+        scalar_t* gi = grad_images.ptr<scalar_t>();
+        std::vector<int64_t> gi_k_offsets =
+            patch_element_offsets(g, grad_images.stride(1), grad_images.stride(2), grad_images.stride(3));
+        std::vector<packed_t> packed_weight(Eng::packed_b_size(g.embed_dim, g.patch_dim));
+        auto w_elem = [&](int64_t e, int64_t k) { return Eng::load(w[e * weight.stride(0) + weight_k_offsets[k]]); };
+        Eng::pack_b_all(w_elem, g.embed_dim, g.patch_dim, packed_weight.data());
+        const int64_t tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
+  #pragma omp parallel num_threads(num_threads)
+        {
+          std::vector<float> tile(kRowsPerTask * g.patch_dim);
+          std::vector<packed_t> panel(Eng::kPanelA);
+  #pragma omp for schedule(static)
+          for (int64_t task = 0; task < tasks; ++task) {
+            const int64_t r0 = task * kRowsPerTask;
+            const int64_t m = std::min(kRowsPerTask, rows - r0);
+            auto a_elem = [&](int64_t i, int64_t e) { return Eng::load(go[grad_row_offset(r0 + i) + e * go_e]); };
+            Eng::gemm_packed_b(m, g.patch_dim, g.embed_dim, a_elem, packed_weight.data(), tile.data(), g.patch_dim,
+                               false, panel.data());
+            for (int64_t i = 0; i < m; ++i) {
+              scalar_t* dst = gi + patch_origin_offset(g, r0 + i, grad_images.strides);
+              const float* src = tile.data() + i * g.patch_dim;
+              for (int64_t k = 0; k < g.patch_dim; ++k) dst[gi_k_offsets[k]] = from_float<scalar_t>(src[k]);
+            }
           }
         }
       }
-    }
+    });
   });
 }
 

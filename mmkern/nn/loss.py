@@ -29,8 +29,9 @@ class ClipLoss(nn.Module):
 
     def forward(self, image_features, text_features, logit_scale, output_dict: bool = False):
         if _distributed(self.group):
-            loss = clip_loss_distributed(image_features, text_features, logit_scale, group=self.group,
-                                         backend=self.backend)
+            loss = clip_loss_distributed(
+                image_features, text_features, logit_scale, group=self.group, backend=self.backend
+            )
         else:
             loss = clip_loss(image_features, text_features, logit_scale, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss
@@ -50,8 +51,9 @@ class SigLipLoss(nn.Module):
 
     def forward(self, image_features, text_features, logit_scale, logit_bias: torch.Tensor, output_dict: bool = False):
         if _distributed(self.group):
-            loss = siglip_loss_distributed(image_features, text_features, logit_scale, logit_bias, group=self.group,
-                                           backend=self.backend)
+            loss = siglip_loss_distributed(
+                image_features, text_features, logit_scale, logit_bias, group=self.group, backend=self.backend
+            )
         else:
             loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss

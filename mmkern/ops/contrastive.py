@@ -105,9 +105,9 @@ def infonce(query, keys, logit_scale, *, labels=None, backend: str | None = None
             raise ValueError(f"labels: on {labels.device}, but query is on {query.device}")
         if labels.shape[0] != B:
             raise ValueError(f"labels: expected ({B},), got {tuple(labels.shape)}")
-        if labels.device.type == "cpu" and not torch.compiler.is_compiling():
-            if bool(((labels < 0) | (labels >= K)).any()):
-                raise ValueError(f"labels: values must lie in [0, {K})")
+        in_range_checkable = labels.device.type == "cpu" and not torch.compiler.is_compiling()
+        if in_range_checkable and bool(((labels < 0) | (labels >= K)).any()):
+            raise ValueError(f"labels: values must lie in [0, {K})")
     chosen = backends.resolve(backend, query.device)
     native_dtype(chosen, "query", query)
     if chosen == "reference":
@@ -183,7 +183,9 @@ def _stats_op(
         x, y = x.contiguous(), y.contiguous()
         args = [_native.tensor_arg(t) for t in (x, y, _scale_bias_tensor(scale, bias), rows)]
         cols_arg = _native.tensor_arg(cols) if mode == ROWS_COLS else None
-        _native.native().contrastive_fwd_cuda(*args[:3], mode, diagonal, args[3], cols_arg, _native.cuda_stream(x.device))
+        _native.native().contrastive_fwd_cuda(
+            *args[:3], mode, diagonal, args[3], cols_arg, _native.cuda_stream(x.device)
+        )
     else:
         from mmkern.kernels.triton.contrastive import contrastive_fwd
 
@@ -257,8 +259,8 @@ def _backward(ctx, grad_rows, grad_cols):
             gr, gc, x, y, scale, bias, rows, cols, ctx.mode, ctx.diagonal, ctx.backend
         )
         s = scale.float()
-        grad_x = (s * gx).to(x.dtype)
-        grad_y = (s * gy).to(y.dtype)
+        grad_x = gx.mul_(s).to(x.dtype)  # in place: no second (B, D) fp32 buffer at the peak
+        grad_y = gy.mul_(s).to(y.dtype)
     if ctx.needs_input_grad[2]:
         grad_scale = ((gr * rows[1]).sum() + (gc * cols[1]).sum()).to(scale.dtype)
     if ctx.needs_input_grad[3]:

@@ -22,7 +22,6 @@ import torch.distributed as dist
 
 from mmkern import backends
 from mmkern.ops.contrastive import ROWS_COLS, SIGMOID, _as_scalar, _check_pair, _pair_dot, contrastive_stats
-from mmkern.ops.contrastive import _stats_backward_op  # noqa: F401  (registers the backward op)
 
 
 def _exchange(send: list[torch.Tensor], recv: list[torch.Tensor], group):

@@ -25,15 +25,30 @@ NONE, SOFTMAX, SIGMOID = 0, 1, 2
 
 
 @triton.jit
-def _logits(a_ptr, b_ptr, rows, cols, M, N, D, stride_a, stride_b, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+def _logits(
+    a_ptr,
+    b_ptr,
+    rows,
+    cols,
+    M,
+    N,
+    D,
+    stride_a,
+    stride_b,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_D):
         ks = k0 + tl.arange(0, BLOCK_D)
-        a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < D),
-                    other=0.0)
-        b = tl.load(b_ptr + cols[:, None] * stride_b + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < D),
-                    other=0.0)
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_a + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < D), other=0.0
+        )
+        b = tl.load(
+            b_ptr + cols[:, None] * stride_b + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < D), other=0.0
+        )
         d += tl.dot(a, tl.trans(b), input_precision=PRECISION)
     return d
 
@@ -45,9 +60,23 @@ def _sigmoid_grad(z, pos):
 
 
 @triton.jit
-def _contrastive_fwd_kernel(a_ptr, b_ptr, out_ptr, sb_ptr, M, N, D, stride_a, stride_b, SIGMOID_MODE: tl.constexpr,
-                            DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                            PRECISION: tl.constexpr):
+def _contrastive_fwd_kernel(
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    sb_ptr,
+    M,
+    N,
+    D,
+    stride_a,
+    stride_b,
+    SIGMOID_MODE: tl.constexpr,
+    DIAG: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     s = tl.load(sb_ptr)
     bias = tl.load(sb_ptr + 1)
@@ -88,10 +117,28 @@ def _contrastive_fwd_kernel(a_ptr, b_ptr, out_ptr, sb_ptr, M, N, D, stride_a, st
 
 
 @triton.jit
-def _contrastive_bwd_kernel(a_ptr, b_ptr, da_ptr, sb_ptr, lse_a_ptr, g_a_ptr, lse_b_ptr, g_b_ptr, M, N, D, stride_a,
-                            stride_b, TERM_A: tl.constexpr, TERM_B: tl.constexpr, DIAG: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                            PRECISION: tl.constexpr):
+def _contrastive_bwd_kernel(
+    a_ptr,
+    b_ptr,
+    da_ptr,
+    sb_ptr,
+    lse_a_ptr,
+    g_a_ptr,
+    lse_b_ptr,
+    g_b_ptr,
+    M,
+    N,
+    D,
+    stride_a,
+    stride_b,
+    TERM_A: tl.constexpr,
+    TERM_B: tl.constexpr,
+    DIAG: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     s = tl.load(sb_ptr)
@@ -119,8 +166,9 @@ def _contrastive_bwd_kernel(a_ptr, b_ptr, da_ptr, sb_ptr, lse_a_ptr, g_a_ptr, ls
         G = tl.where(row_ok[:, None] & col_ok[None, :], G, 0.0)
         for k0 in range(0, D, BLOCK_D):
             ks = k0 + tl.arange(0, BLOCK_D)
-            b = tl.load(b_ptr + cols[:, None] * stride_b + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < D),
-                        other=0.0).to(tl.float32)
+            b = tl.load(
+                b_ptr + cols[:, None] * stride_b + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < D), other=0.0
+            ).to(tl.float32)
             out = da_ptr + rows[:, None] * D + ks[None, :]
             out_ok = row_ok[:, None] & (ks[None, :] < D)
             acc = tl.load(out, mask=out_ok, other=0.0)
@@ -146,8 +194,9 @@ def _row_stats(a, b, sb, sigmoid, diag, out):
     M, D = a.shape
     cfg = _config(a)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
-    _contrastive_fwd_kernel[grid](a, b, out, sb, M, b.shape[0], D, a.stride(0), b.stride(0), sigmoid, diag,
-                                  PRECISION=_precision(a), **cfg)
+    _contrastive_fwd_kernel[grid](
+        a, b, out, sb, M, b.shape[0], D, a.stride(0), b.stride(0), sigmoid, diag, PRECISION=_precision(a), **cfg
+    )
 
 
 def contrastive_fwd(x, y, scale, bias, mode, diagonal, rows, cols):
@@ -166,10 +215,26 @@ def _grad(a, b, sb, lse_a, g_a, lse_b, g_b, term_a, term_b, diag, da):
     dummy = torch.zeros(1, dtype=torch.float32, device=a.device)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
     # The backward dot takes G in fp32: for fp16/bf16 features TF32 keeps G's range (G ~ 1/B).
-    _contrastive_bwd_kernel[grid](a, b, da, sb, lse_a if lse_a is not None else dummy, g_a if g_a is not None else dummy,
-                                  lse_b if lse_b is not None else dummy, g_b if g_b is not None else dummy, M,
-                                  b.shape[0], D, a.stride(0), b.stride(0), term_a, term_b, diag,
-                                  PRECISION=_precision(a), **cfg)
+    _contrastive_bwd_kernel[grid](
+        a,
+        b,
+        da,
+        sb,
+        lse_a if lse_a is not None else dummy,
+        g_a if g_a is not None else dummy,
+        lse_b if lse_b is not None else dummy,
+        g_b if g_b is not None else dummy,
+        M,
+        b.shape[0],
+        D,
+        a.stride(0),
+        b.stride(0),
+        term_a,
+        term_b,
+        diag,
+        PRECISION=_precision(a),
+        **cfg,
+    )
 
 
 def contrastive_bwd(x, y, scale, bias, mode, diagonal, row_lse, col_lse, gr, gc, dx, dy):

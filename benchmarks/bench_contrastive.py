@@ -1,0 +1,169 @@
+"""CLIP loss forward+backward: mmkern against the naive B×B PyTorch loss (open_clip's formula) and, on a GPU
+when installed, open_clip's ClipLoss and Inf-CL. Reports median / p20 / p80 time, GFLOP/s by the explicit
+formula 6·B²·D (the matmul work of the naive loss: one forward and two backward GEMMs), peak extra memory
+and the speed ratio to naive in the same run. Naive is skipped where its B×B buffers would not fit.
+
+    python -m benchmarks.bench_contrastive --quick
+    python -m benchmarks.bench_contrastive --sizes 16384 65536 --dims 512 --repeats 1 --warmup 0
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness
+from mmkern import ops
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def naive_clip_loss(image_features, text_features, logit_scale):
+    """open_clip ClipLoss on one device: the full B×B logits and their transpose."""
+    logits = logit_scale * image_features @ text_features.T
+    labels = torch.arange(image_features.shape[0], device=image_features.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def _open_clip():
+    try:
+        from open_clip.loss import ClipLoss
+    except ImportError:
+        return None
+    loss = ClipLoss()
+    return lambda x, y, s: loss(x, y, s)
+
+
+def _inf_cl():
+    try:
+        from inf_cl import cal_inf_loss
+    except ImportError:
+        return None
+
+    def loss(x, y, s):
+        labels = torch.arange(x.shape[0], device=x.device)
+        return 0.5 * (cal_inf_loss(x, y, labels, scale=s) + cal_inf_loss(y, x, labels, scale=s)).mean()
+
+    return loss
+
+
+def implementations(device: torch.device, backends: list[str]) -> dict:
+    impls = {"naive": naive_clip_loss}
+    for b in backends:
+        impls[f"mmkern-{b}"] = lambda x, y, s, b=b: ops.clip_loss(x, y, s, backend=b)
+    if device.type == "cuda":
+        for name, make in (("open_clip", _open_clip), ("inf_cl", _inf_cl)):
+            fn = make()
+            if fn is not None:
+                impls[name] = fn
+    return impls
+
+
+def _naive_bytes(B: int, dtype: torch.dtype) -> int:
+    # logits, their transpose's softmax and the gradients: about four B×B buffers live at the peak.
+    return 4 * B * B * max(torch.finfo(dtype).bits // 8, 4)
+
+
+def _memory_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(0.8 * torch.cuda.get_device_properties(device).total_memory)
+    import os
+
+    return int(0.6 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def run(B: int, D: int, dtype: torch.dtype, device: torch.device, impls: dict, warmup: int, repeats: int) -> list[dict]:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = F.normalize(torch.randn(B, D, generator=gen), dim=1).to(device, dtype).requires_grad_()
+    y = F.normalize(torch.randn(B, D, generator=gen), dim=1).to(device, dtype).requires_grad_()
+    s = torch.tensor(100.0, device=device, requires_grad=True)
+    records = []
+    for name, fn in impls.items():
+        rec = {
+            "impl": name,
+            "B": B,
+            "D": D,
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": device.type,
+            "case": f"B={B} D={D}",
+        }
+        if name == "naive" and _naive_bytes(B, dtype) > _memory_budget(device):
+            rec["skipped"] = f"needs ~{_naive_bytes(B, dtype) / 2**30:.0f} GiB"
+            records.append(rec)
+            continue
+
+        def step(fn=fn):
+            loss = fn(x, y, s)
+            torch.autograd.grad(loss, (x, y, s))
+
+        rec.update(harness.time_fn(step, device=device, warmup=warmup, repeats=repeats))
+        rec["peak_mb"] = harness.peak_memory(step, device=device) / 2**20  # after timing: one-time setup excluded
+        rec["gflops"] = 6 * B * B * D / (rec["median_ms"] * 1e-3) / 1e9
+        records.append(rec)
+    naive = next((r for r in records if r["impl"] == "naive" and "median_ms" in r), None)
+    for r in records:
+        if naive and "median_ms" in r:
+            r["speedup_vs_naive"] = naive["median_ms"] / r["median_ms"]
+            r["memory_vs_naive"] = r["peak_mb"] / max(naive["peak_mb"], 1e-9)
+    return records
+
+
+def _exact_cpu_peaks() -> None:
+    """Makes glibc return every buffer of 1 MiB or more to the OS on free (a fixed mmap threshold), so the
+    resident-set high-water mark of one call counts that call's buffers, not heap left over by earlier calls."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except OSError:
+        pass
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run")
+    p.add_argument("--sizes", type=int, nargs="+", help="batch sizes B (default: 4096 8192 on CPU, 4k..256k on GPU)")
+    p.add_argument("--dims", type=int, nargs="+", default=[512, 768], help="feature widths D")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp32 on CPU, bf16 on GPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backends", nargs="+", default=None, help="mmkern backends (default: cpu, or triton cuda)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=None, help="results folder (default: bench_results/)")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if not gpu:
+        _exact_cpu_peaks()
+    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    backends = args.backends or (["triton", "cuda"] if gpu else ["cpu"])
+    sizes = args.sizes or ([4096, 16384, 65536, 262144] if gpu else [4096, 8192])
+    dims, warmup, repeats = args.dims, args.warmup, args.repeats
+    if args.quick:
+        sizes, dims, warmup, repeats = [s // 4 for s in sizes[:2]], dims[:1], 1, 2
+
+    impls = implementations(device, backends)
+    records = []
+    for D in dims:
+        for B in sizes:
+            records += run(B, D, dtype, device, impls, warmup, repeats)
+            print(
+                harness.format_table(
+                    records[-len(impls) :],
+                    ["impl", "B", "D", "median_ms", "p20_ms", "p80_ms", "gflops", "peak_mb", "speedup_vs_naive"],
+                ),
+                flush=True,
+            )
+    path = harness.save("contrastive", records, args.out)
+    timed = [r for r in records if "median_ms" in r]
+    if timed:
+        harness.plot_bars("contrastive", timed, label_key="impl", group_key="case", out_dir=args.out)
+    print(f"results: {path}")
+    return records
+
+
+if __name__ == "__main__":
+    main()
