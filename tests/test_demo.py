@@ -1,0 +1,19 @@
+"""The demo end to end at a tiny size (the real run takes minutes and is not a unit test)."""
+
+import json
+
+from mmkern.train.demo import run_demo
+
+KEYS = {"zero_shot_top1", "retrieval_r1", "prompt_handwritten_top1", "prompt_learned_top1", "instruction_exact_match",
+        "throughput_ratio_vs_pytorch", "seconds"}
+
+
+def test_run_demo_tiny_writes_metrics_plots_and_checkpoints(tmp_path):
+    m = run_demo(str(tmp_path), size="tiny", progress=False)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert KEYS <= set(saved) and saved["size"] == "tiny"
+    for k in KEYS - {"seconds", "throughput_ratio_vs_pytorch"}:
+        assert 0.0 <= saved[k] <= 1.0, k
+    assert saved["throughput_ratio_vs_pytorch"] > 0 and m["seconds"] > 0
+    for f in ("demo.png", "clip.safetensors", "decoder.safetensors", "pretrain/metrics.jsonl"):
+        assert (tmp_path / f).stat().st_size > 0, f
