@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return _load_benchmark(args.op).main(rest) or 0
     if args.command == "demo":
-        print(info(), flush=True)
-        return _load_benchmark("patch_embed").main(["--quick", *rest]) or 0
+        from mmkern.train.cli import demo_main
+
+        return demo_main(rest) or 0
     from mmkern.train.cli import train_main
 
     return train_main(rest) or 0
