@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 from types import SimpleNamespace
 
 import torch
@@ -79,6 +80,28 @@ def _record(name, impl, timing, memory, items):
     }
 
 
+def _compare(fn, repeats: int) -> dict:
+    """{impl: (timing, peak memory)} for fn on plain PyTorch ops and on mmkern ops. The two alternate sample by
+    sample, so a change in machine load during the run hits both alike."""
+    impls = {"torch": plain_ops, "mmkern": contextlib.nullcontext}
+    samples = {impl: [] for impl in impls}
+    for impl, ctx in impls.items():  # warm-up
+        with ctx():
+            fn()
+    for _ in range(repeats):
+        for impl, ctx in impls.items():
+            with ctx():
+                samples[impl].append(harness.time_fn(fn, device=CPU, warmup=0, repeats=1)["median_ms"])
+    out = {}
+    for impl, ctx in impls.items():
+        xs = sorted(samples[impl])
+        q = statistics.quantiles(xs, n=5) if len(xs) > 1 else [xs[0]] * 4
+        timing = {"median_ms": statistics.median(xs), "p20_ms": q[0], "p80_ms": q[3], "samples": len(xs)}
+        with ctx():
+            out[impl] = (timing, harness.peak_memory(fn, device=CPU))
+    return out
+
+
 def bench_inference(batch: int, repeats: int) -> list[dict]:
     torch.manual_seed(0)
     model = CLIP(clip_config("ViT-B/16", act="gelu")).eval()
@@ -88,13 +111,10 @@ def bench_inference(batch: int, repeats: int) -> list[dict]:
         with torch.inference_mode():
             model.encode_image(images)
 
-    records = []
-    for impl, ctx in (("torch", plain_ops), ("mmkern", contextlib.nullcontext)):
-        with ctx():
-            t = harness.time_fn(run, device=CPU, warmup=1, repeats=repeats)
-            mem = harness.peak_memory(run, device=CPU)
-        records.append(_record(f"ViT-B/16 image encoder B={batch}", impl, t, mem, batch))
-    return records
+    return [
+        _record(f"ViT-B/16 image encoder B={batch}", impl, t, m, batch)
+        for impl, (t, m) in _compare(run, repeats).items()
+    ]
 
 
 def bench_train_step(batch: int, repeats: int) -> list[dict]:
@@ -110,13 +130,10 @@ def bench_train_step(batch: int, repeats: int) -> list[dict]:
         model.loss(images, ids).backward()
         opt.step()
 
-    records = []
-    for impl, ctx in (("torch", plain_ops), ("mmkern", contextlib.nullcontext)):
-        with ctx():
-            t = harness.time_fn(step, device=CPU, warmup=1, repeats=repeats)
-            mem = harness.peak_memory(step, device=CPU)
-        records.append(_record(f"small CLIP train step B={batch}", impl, t, mem, batch))
-    return records
+    return [
+        _record(f"small CLIP train step B={batch}", impl, t, m, batch)
+        for impl, (t, m) in _compare(step, repeats).items()
+    ]
 
 
 def profile_train_step(batch: int) -> str:

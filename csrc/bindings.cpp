@@ -20,17 +20,14 @@ namespace mmkern {
 void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
                          const Tensor& row_stats, const Tensor& col_stats, int num_threads);
 void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
-                         const Tensor& row_lse,
-                         const Tensor& col_lse, const Tensor& gr, const Tensor& gc, const Tensor& dx, const Tensor& dy,
-                         int num_threads);
+                         const Tensor& row_lse, const Tensor& col_lse, const Tensor& gr, const Tensor& gc,
+                         const Tensor& dx, const Tensor& dy, int num_threads);
 #ifdef MMKERN_WITH_CUDA
 int contrastive_fwd_cuda(const Tensor& x, const Tensor& y, const Tensor& scale_bias, int mode, bool diagonal,
-                         const Tensor& row_stats,
-                         const Tensor& col_stats, uintptr_t stream);
+                         const Tensor& row_stats, const Tensor& col_stats, uintptr_t stream);
 int contrastive_bwd_cuda(const Tensor& x, const Tensor& y, const Tensor& scale_bias, int mode, bool diagonal,
-                         const Tensor& row_lse,
-                         const Tensor& col_lse, const Tensor& gr, const Tensor& gc, const Tensor& dx, const Tensor& dy,
-                         uintptr_t stream);
+                         const Tensor& row_lse, const Tensor& col_lse, const Tensor& gr, const Tensor& gc,
+                         const Tensor& dx, const Tensor& dy, uintptr_t stream);
 #endif
 // ---- patch_embed ----
 void patch_embed_fwd_cpu(const Tensor& images, const Tensor& weight, const Tensor& bias, const Tensor& pos_embed,
@@ -42,6 +39,28 @@ int patch_embed_fwd_cuda(const Tensor& images, const Tensor& weight, const Tenso
                          const Tensor& prefix_tokens, const Tensor& out, uintptr_t stream);
 int patch_embed_bwd_cuda(const Tensor& grad_out, const Tensor& images, const Tensor& weight, const Tensor& grad_images,
                          const Tensor& grad_weight, int64_t num_prefix, uintptr_t stream);
+#endif
+// ---- attention ----
+void attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& cu_q,
+                       const Tensor& cu_k, const Tensor& out, const Tensor& lse, int64_t max_len_q, int64_t max_len_k,
+                       double scale, bool causal, bool windowed, int64_t left, int64_t right, int64_t num_global,
+                       double dropout_p, int64_t seed, int num_threads);
+void attention_bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& cu_q,
+                       const Tensor& cu_k, const Tensor& out, const Tensor& grad_out, const Tensor& lse,
+                       const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dmask, int64_t max_len_q,
+                       int64_t max_len_k, double scale, bool causal, bool windowed, int64_t left, int64_t right,
+                       int64_t num_global, double dropout_p, int64_t seed, int num_threads);
+void attention_dropout_mask_cpu(const Tensor& keep, double dropout_p, int64_t seed, int num_threads);
+#ifdef MMKERN_WITH_CUDA
+int attention_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& cu_q,
+                       const Tensor& cu_k, const Tensor& out, const Tensor& lse, int64_t max_len_q, int64_t max_len_k,
+                       double scale, bool causal, bool windowed, int64_t left, int64_t right, int64_t num_global,
+                       uintptr_t stream);
+int attention_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& cu_q,
+                       const Tensor& cu_k, const Tensor& out, const Tensor& grad_out, const Tensor& lse,
+                       const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dmask, const Tensor& delta,
+                       int64_t max_len_q, int64_t max_len_k, double scale, bool causal, bool windowed, int64_t left,
+                       int64_t right, int64_t num_global, uintptr_t stream);
 #endif
 }  // namespace mmkern
 
@@ -175,6 +194,67 @@ PYBIND11_MODULE(_C, m) {
 #endif
 
   // ---- attention ----
+  // Scalars: max_len_q, max_len_k, scale, causal, windowed, left, right, num_global[, dropout_p, seed].
+  m.def("attention_fwd_cpu", [](py::object q, py::object k, py::object v, py::object mask, py::object cu_q,
+                                py::object cu_k, py::object out, py::object lse, int64_t max_len_q, int64_t max_len_k,
+                                double scale, bool causal, bool windowed, int64_t left, int64_t right,
+                                int64_t num_global, double dropout_p, int64_t seed, int num_threads) {
+    Tensor tq = to_tensor(q), tk = to_tensor(k), tv = to_tensor(v), tm = to_tensor(mask), tcq = to_tensor(cu_q),
+           tck = to_tensor(cu_k), to = to_tensor(out), tl = to_tensor(lse);
+    py::gil_scoped_release release;
+    mmkern::attention_fwd_cpu(tq, tk, tv, tm, tcq, tck, to, tl, max_len_q, max_len_k, scale, causal, windowed, left,
+                              right, num_global, dropout_p, seed, num_threads);
+  });
+  m.def("attention_bwd_cpu", [](py::object q, py::object k, py::object v, py::object mask, py::object cu_q,
+                                py::object cu_k, py::object out, py::object grad_out, py::object lse, py::object dq,
+                                py::object dk, py::object dv, py::object dmask, int64_t max_len_q, int64_t max_len_k,
+                                double scale, bool causal, bool windowed, int64_t left, int64_t right,
+                                int64_t num_global, double dropout_p, int64_t seed, int num_threads) {
+    Tensor tq = to_tensor(q), tk = to_tensor(k), tv = to_tensor(v), tm = to_tensor(mask), tcq = to_tensor(cu_q),
+           tck = to_tensor(cu_k), to = to_tensor(out), tgo = to_tensor(grad_out), tl = to_tensor(lse),
+           tdq = to_tensor(dq), tdk = to_tensor(dk), tdv = to_tensor(dv), tdm = to_tensor(dmask);
+    py::gil_scoped_release release;
+    mmkern::attention_bwd_cpu(tq, tk, tv, tm, tcq, tck, to, tgo, tl, tdq, tdk, tdv, tdm, max_len_q, max_len_k, scale,
+                              causal, windowed, left, right, num_global, dropout_p, seed, num_threads);
+  });
+  m.def("attention_dropout_mask_cpu", [](py::object keep, double dropout_p, int64_t seed, int num_threads) {
+    Tensor t = to_tensor(keep);
+    py::gil_scoped_release release;
+    mmkern::attention_dropout_mask_cpu(t, dropout_p, seed, num_threads);
+  });
+#ifdef MMKERN_WITH_CUDA
+  m.def("attention_fwd_cuda", [](py::object q, py::object k, py::object v, py::object mask, py::object cu_q,
+                                 py::object cu_k, py::object out, py::object lse, int64_t max_len_q, int64_t max_len_k,
+                                 double scale, bool causal, bool windowed, int64_t left, int64_t right,
+                                 int64_t num_global, uintptr_t stream) {
+    Tensor tq = to_tensor(q), tk = to_tensor(k), tv = to_tensor(v), tm = to_tensor(mask), tcq = to_tensor(cu_q),
+           tck = to_tensor(cu_k), to = to_tensor(out), tl = to_tensor(lse);
+    int err;
+    {
+      py::gil_scoped_release release;
+      err = mmkern::attention_fwd_cuda(tq, tk, tv, tm, tcq, tck, to, tl, max_len_q, max_len_k, scale, causal, windowed,
+                                       left, right, num_global, stream);
+    }
+    check_cuda(err, "attention_fwd_cuda");
+  });
+  m.def("attention_bwd_cuda", [](py::object q, py::object k, py::object v, py::object mask, py::object cu_q,
+                                 py::object cu_k, py::object out, py::object grad_out, py::object lse, py::object dq,
+                                 py::object dk, py::object dv, py::object dmask, py::object delta,
+                                 int64_t max_len_q, int64_t max_len_k, double scale, bool causal, bool windowed,
+                                 int64_t left, int64_t right, int64_t num_global, uintptr_t stream) {
+    Tensor tq = to_tensor(q), tk = to_tensor(k), tv = to_tensor(v), tm = to_tensor(mask), tcq = to_tensor(cu_q),
+           tck = to_tensor(cu_k), to = to_tensor(out), tgo = to_tensor(grad_out), tl = to_tensor(lse),
+           tdq = to_tensor(dq), tdk = to_tensor(dk), tdv = to_tensor(dv), tdm = to_tensor(dmask),
+           tde = to_tensor(delta);
+    int err;
+    {
+      py::gil_scoped_release release;
+      err = mmkern::attention_bwd_cuda(tq, tk, tv, tm, tcq, tck, to, tgo, tl, tdq, tdk, tdv, tdm, tde, max_len_q,
+                                       max_len_k, scale, causal, windowed, left, right, num_global, stream);
+    }
+    check_cuda(err, "attention_bwd_cuda");
+  });
+#endif
 
   // ---- contrastive ----
   m.def("contrastive_fwd_cpu", [](py::object x, py::object y, double scale, double bias, int mode,
@@ -184,9 +264,8 @@ PYBIND11_MODULE(_C, m) {
     mmkern::contrastive_fwd_cpu(xt, yt, scale, bias, mode, diagonal, rs, cs, num_threads);
   });
   m.def("contrastive_bwd_cpu", [](py::object x, py::object y, double scale, double bias, int mode, bool diagonal,
-                                  py::object row_lse,
-                                  py::object col_lse, py::object gr, py::object gc, py::object dx, py::object dy,
-                                  int num_threads) {
+                                  py::object row_lse, py::object col_lse, py::object gr, py::object gc, py::object dx,
+                                  py::object dy, int num_threads) {
     Tensor xt = to_tensor(x), yt = to_tensor(y), rl = to_tensor(row_lse), cl = to_tensor(col_lse), g1 = to_tensor(gr),
            g2 = to_tensor(gc), dxt = to_tensor(dx), dyt = to_tensor(dy);
     py::gil_scoped_release release;
@@ -194,8 +273,7 @@ PYBIND11_MODULE(_C, m) {
   });
 #ifdef MMKERN_WITH_CUDA
   m.def("contrastive_fwd_cuda", [](py::object x, py::object y, py::object scale_bias, int mode, bool diagonal,
-                                   py::object row_stats,
-                                   py::object col_stats, uintptr_t stream) {
+                                   py::object row_stats, py::object col_stats, uintptr_t stream) {
     Tensor xt = to_tensor(x), yt = to_tensor(y), sb = to_tensor(scale_bias), rs = to_tensor(row_stats),
            cs = to_tensor(col_stats);
     int err;
@@ -206,9 +284,8 @@ PYBIND11_MODULE(_C, m) {
     check_cuda(err, "contrastive_fwd_cuda");
   });
   m.def("contrastive_bwd_cuda", [](py::object x, py::object y, py::object scale_bias, int mode, bool diagonal,
-                                   py::object row_lse,
-                                   py::object col_lse, py::object gr, py::object gc, py::object dx, py::object dy,
-                                   uintptr_t stream) {
+                                   py::object row_lse, py::object col_lse, py::object gr, py::object gc, py::object dx,
+                                   py::object dy, uintptr_t stream) {
     Tensor xt = to_tensor(x), yt = to_tensor(y), sb = to_tensor(scale_bias), rl = to_tensor(row_lse),
            cl = to_tensor(col_lse), g1 = to_tensor(gr), g2 = to_tensor(gc), dxt = to_tensor(dx), dyt = to_tensor(dy);
     int err;

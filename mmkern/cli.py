@@ -82,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from mmkern.train.cli import demo_main
 
-        print(info(), flush=True)
         return demo_main(rest) or 0
     from mmkern.train.cli import train_main
 

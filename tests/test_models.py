@@ -247,6 +247,14 @@ def test_vl_decoder_train_step_and_packing(projector):
     packed = m(ids.reshape(1, -1), images, cu_seqlens=cu, max_seqlen=L)
     torch.testing.assert_close(packed.reshape(2, L, -1), logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(causal_lm_loss(packed, labels.reshape(1, -1), cu), loss, atol=1e-5, rtol=1e-5)
+    # Gradient checkpointing leaves the packed gradients unchanged.
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    for ckpt in (False, True):
+        m.zero_grad()
+        m.set_grad_checkpointing(ckpt)
+        causal_lm_loss(m(ids.reshape(1, -1), images, cu_seqlens=cu, max_seqlen=L), labels.reshape(1, -1), cu).backward()
+        for n, g in grads.items():
+            torch.testing.assert_close(m.get_parameter(n).grad, g, atol=1e-5, rtol=1e-4)
 
 
 def test_vl_decoder_placeholder_count_checked():
@@ -288,6 +296,8 @@ def test_vl_decoder_sampling_and_eos():
     eos = int(greedy[0, -1])
     out = m.generate(ids, max_new_tokens=4, eos_token_id=eos)
     assert out[0, 5:].tolist() == [eos] * (out.shape[1] - 5)
+    with pytest.raises(ValueError, match="context_length"):
+        m.generate(ids, max_new_tokens=60)
 
 
 def _models():

@@ -3,6 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 from mmkern.nn import Attention, Block, CrossAttention, KVCache, Mlp, PatchEmbed, resample_pos_embed
@@ -37,6 +39,49 @@ def test_attention_loads_timm_state_dict(is_causal):
     (gx,) = torch.autograd.grad(out, x, g)
     (gx_ref,) = torch.autograd.grad(expected, x, g)
     torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-5)
+
+
+@given(
+    B=st.integers(1, 3),
+    L=st.sampled_from([1, 2, 7, 17, 33]),
+    heads=st.integers(1, 4),
+    head_dim=st.sampled_from([8, 24, 64]),
+    is_causal=st.booleans(),
+    pad=st.integers(0, 6),
+)
+def test_attention_matches_timm_oracle_on_drawn_shapes(B, L, heads, head_dim, is_causal, pad):
+    """Self-attention with causal masking or a key-padding mask against the timm-layout oracle (torch SDPA)."""
+    torch.manual_seed(L * 7 + heads)
+    dim = heads * head_dim
+    ref = TimmAttention(dim, heads)
+    ours = Attention(dim, heads)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(B, L, dim, requires_grad=True)
+    if is_causal or pad == 0:
+        out, expected = ours(x, is_causal=is_causal), ref(x, is_causal=is_causal)
+    else:
+        keep = torch.ones(B, 1, 1, L, dtype=torch.bool)
+        keep[0, ..., max(1, L - pad) :] = False  # the first sequence is padded; every row still sees a key
+        out = ours(x, keep)
+        q, k, v = ref.qkv(x).reshape(B, L, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        expected = ref.proj(o.transpose(1, 2).reshape(B, L, dim))
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, ours.qkv.weight], g)
+    grads_ref = torch.autograd.grad(expected, [x, ref.qkv.weight], g)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=5e-5)
+
+
+def test_cross_attention_fully_masked_context_gives_zero_attention():
+    m = CrossAttention(16, 2)
+    x, ctx = torch.randn(2, 3, 16), torch.randn(2, 4, 16)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[1] = False  # the second sample has no valid context token: attention output 0, projection bias only
+    out = m(x, ctx, mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[1], m.proj.bias.expand(3, 16))
 
 
 def test_attention_rejects_indivisible_heads():

@@ -87,72 +87,16 @@ def problems(draw, small: bool):
 
 
 # Fixed awkward cases every run: the ViT patch sizes 14 and 16, odd patch sizes 3 and 7, 1x1 grids, B = C = 1.
+KEYS = ("B", "C", "gh", "gw", "P", "E", "T", "pos_kind", "has_bias", "layout", "seed")
 EXAMPLES = [
-    {
-        "B": 1,
-        "C": 1,
-        "gh": 1,
-        "gw": 1,
-        "P": 1,
-        "E": 1,
-        "T": 0,
-        "pos_kind": None,
-        "has_bias": False,
-        "layout": "contiguous",
-        "seed": 0,
-    },
-    {
-        "B": 2,
-        "C": 3,
-        "gh": 3,
-        "gw": 1,
-        "P": 7,
-        "E": 33,
-        "T": 1,
-        "pos_kind": "3d",
-        "has_bias": True,
-        "layout": "channels_last",
-        "seed": 1,
-    },
-    {
-        "B": 1,
-        "C": 3,
-        "gh": 1,
-        "gw": 3,
-        "P": 3,
-        "E": 17,
-        "T": 2,
-        "pos_kind": "2d",
-        "has_bias": True,
-        "layout": "strided",
-        "seed": 2,
-    },
-    {
-        "B": 2,
-        "C": 3,
-        "gh": 2,
-        "gw": 3,
-        "P": 14,
-        "E": 40,
-        "T": 1,
-        "pos_kind": "3d",
-        "has_bias": True,
-        "layout": "contiguous",
-        "seed": 3,
-    },
-    {
-        "B": 1,
-        "C": 3,
-        "gh": 3,
-        "gw": 3,
-        "P": 16,
-        "E": 64,
-        "T": 0,
-        "pos_kind": "2d",
-        "has_bias": False,
-        "layout": "channels_last",
-        "seed": 4,
-    },
+    dict(zip(KEYS, values))
+    for values in [
+        (1, 1, 1, 1, 1, 1, 0, None, False, "contiguous", 0),
+        (2, 3, 3, 1, 7, 33, 1, "3d", True, "channels_last", 1),
+        (1, 3, 1, 3, 3, 17, 2, "2d", True, "strided", 2),
+        (2, 3, 2, 3, 14, 40, 1, "3d", True, "contiguous", 3),
+        (1, 3, 3, 3, 16, 64, 0, "2d", False, "channels_last", 4),
+    ]
 ]
 
 

@@ -7,8 +7,9 @@
 // X is packed per row tile, by the thread that owns it (once per round, so about T times per call):
 //   Xt  X[i0:i0+256] as the A operand of X Y^T (8-row panels)   Xrt  the same rows as the B operand of G^T X
 // so the packed copies cost 2 (backward) or 1 (forward) B x D fp32 buffers, not 4.
-// Threads never share an output row or column: rows and columns are cut into T chunks each, and in round
-// r thread t takes row chunk t against column chunk (t + r) mod T (a Latin square), with a barrier between
+// Threads never share an output row or column: rows and columns are cut into P (up to 4 per thread) chunks
+// each, and round r runs the P tasks (row chunk p, column chunk (p + r) mod P) (a Latin square), handed out
+// dynamically so that a thread slowed by other load does not hold the rest back, with a barrier between
 // rounds. So dX, dY and the column statistics need no atomics and no per-thread copies.
 #include <omp.h>
 
@@ -66,6 +67,14 @@ inline v16 vexp(v16 x) {
   out = x < -87.3f ? splat(0.f) : out;
   out = x > 88.72f ? splat(INFINITY) : out;
   return out;
+}
+
+// log(1 + u) for u in [0, 1] (NaN stays NaN): 2 atanh(t) with t = u / (2 + u) <= 1/3, series to t^13.
+inline v16 vlog1p(v16 u) {
+  const v16 t = u / (2.f + u), t2 = t * t;
+  v16 p = splat(1.f / 13);
+  for (float k : {11.f, 9.f, 7.f, 5.f, 3.f, 1.f}) p = p * t2 + 1.f / k;
+  return 2.f * t * p;
 }
 
 // Column c0 of a tile row as 16 lanes; lanes past the valid width read 0 (the tile pads with 0).
@@ -136,18 +145,19 @@ void tile_grad(const Shape& sh, const float* A, int64_t m, int64_t kt, const flo
   }
 }
 
-// Runs body(i0, im, j0, jn) over every tile, Latin-square scheduled (see the file comment). Call inside a
-// parallel region; ends with a barrier.
+// Runs body(i0, im, j0, jn) over every tile (see the file comment). Call inside a parallel region.
 template <class F>
 void for_each_tile(int64_t rows, int64_t cols, const F& body) {
-  const int T = omp_get_num_threads(), t = omp_get_thread_num();
   const int64_t rt = (rows + kBM - 1) / kBM, ct = (cols + kBN - 1) / kBN;
-  for (int r = 0; r < T; ++r) {
-    const int c = (t + r) % T;
-    for (int64_t it = rt * t / T; it < rt * (t + 1) / T; ++it)
-      for (int64_t jt = ct * c / T; jt < ct * (c + 1) / T; ++jt)
-        body(it * kBM, std::min(kBM, rows - it * kBM), jt * kBN, std::min(kBN, cols - jt * kBN));
-#pragma omp barrier
+  const int64_t P = std::min<int64_t>(rt, 4 * omp_get_num_threads());
+  for (int64_t r = 0; r < P; ++r) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t c = (p + r) % P;
+      for (int64_t it = rt * p / P; it < rt * (p + 1) / P; ++it)
+        for (int64_t jt = ct * c / P; jt < ct * (c + 1) / P; ++jt)
+          body(it * kBM, std::min(kBM, rows - it * kBM), jt * kBN, std::min(kBN, cols - jt * kBN));
+    }  // implicit barrier: the next round reuses these rows and columns
   }
 }
 
@@ -161,6 +171,11 @@ Shape check_shapes(const Tensor& x, const Tensor& y) {
   sh.K_pad = cpu::round_up(sh.K, kNR);
   sh.D_pad = cpu::round_up(sh.D, kNR);
   return sh;
+}
+
+// Threads beyond the number of row tiles would only wait at the round barriers.
+int team_size(const Shape& sh, int num_threads) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, (sh.B + kBM - 1) / kBM)));
 }
 
 // Mask added to z: 0 for valid columns of a tile, -inf for the padding up to 16 lanes.
@@ -186,7 +201,7 @@ void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
     using scalar_t = typename decltype(tag)::type;
     const cpu::Strided<scalar_t> xe{x.ptr<scalar_t>(), x.stride(0), x.stride(1)};
     const cpu::Strided<scalar_t> ye{y.ptr<scalar_t>(), y.stride(0), y.stride(1)};
-#pragma omp parallel num_threads(num_threads)
+#pragma omp parallel num_threads(team_size(sh, num_threads))
     {
       pack_b_parallel([&](int64_t k, int64_t j) { return ye(j, k); }, sh.D, sh.K, Yb.data());
       std::vector<float> Xt(kBM * sh.D), S(kBM * kBN), neg(kBN), cm(kBN), ca(kBN), cl(kBN), ce(kBN);
@@ -201,13 +216,25 @@ void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
         for (int64_t i = 0; i < im; ++i) {
           const float* d = &S[i * kBN];
           if (mode == kSigmoid) {
-            float sp = 0.f, sd = 0.f, sg = 0.f;
-            for (int64_t j = 0; j < jn; ++j) {
-              const float z = s * d[j] + b;
-              const bool pos = diagonal && i0 + i == j0 + j;
-              const float g = sigmoid_grad(z, pos);
-              sp += softplus(pos ? -z : z);
-              sd += g * d[j];
+            // The row's positive (if in this tile) leaves the 16-lane sums (z = -inf adds 0) and is added
+            // exactly: softplus(-z), no cancellation.
+            const int64_t jd = diagonal ? i0 + i - j0 : -1;
+            const bool has_pos = jd >= 0 && jd < jn;
+            if (has_pos) neg[jd] = -INFINITY;
+            v16 vp = {}, vd = {}, vg = {};
+            for (int64_t c = 0; c < chunks; ++c) {
+              const v16 z = z_at(i, c);
+              const v16 g = 1.f / (1.f + vexp(-z));
+              vp += (z > 0.f ? z : splat(0.f)) + vlog1p(vexp(z < 0.f ? z : -z));
+              vd += g * load(d + c * 16);
+              vg += g;
+            }
+            float sp = hsum(vp), sd = hsum(vd), sg = hsum(vg);
+            if (has_pos) {
+              neg[jd] = 0.f;
+              const float z = s * d[jd] + b, g = sigmoid_grad(z, true);
+              sp += softplus(-z);
+              sd += g * d[jd];
               sg += g;
             }
             sig[i0 + i] += sp;
@@ -288,9 +315,8 @@ void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
 // dX (B x D fp32) += G Y and dY (K x D fp32) += G^T X with G_ij = dL/dz_ij from grad_logit (the logit
 // scale is applied by the caller). row_lse / col_lse: plane 0 of the forward statistics; gr (B), gc (K).
 void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
-                         const Tensor& row_lse,
-                         const Tensor& col_lse, const Tensor& gr, const Tensor& gc, const Tensor& dx, const Tensor& dy,
-                         int num_threads) {
+                         const Tensor& row_lse, const Tensor& col_lse, const Tensor& gr, const Tensor& gc,
+                         const Tensor& dx, const Tensor& dy, int num_threads) {
   const Shape sh = check_shapes(x, y);
   check(mode == kRows || mode == kRowsCols || mode == kSigmoid, "mode: unknown contrastive mode");
   check(row_lse.present && gr.present && row_lse.numel() >= sh.B && gr.numel() == sh.B, "gr: expected (B,) fp32");
@@ -309,7 +335,7 @@ void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
     using scalar_t = typename decltype(tag)::type;
     const cpu::Strided<scalar_t> xe{x.ptr<scalar_t>(), x.stride(0), x.stride(1)};
     const cpu::Strided<scalar_t> ye{y.ptr<scalar_t>(), y.stride(0), y.stride(1)};
-#pragma omp parallel num_threads(num_threads)
+#pragma omp parallel num_threads(team_size(sh, num_threads))
     {
       pack_b_parallel([&](int64_t k, int64_t j) { return ye(j, k); }, sh.D, sh.K, Yb.data());
       pack_b_parallel(ye, sh.K, sh.D, Yr.data());

@@ -69,7 +69,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, metadata: d
             aliases[name] = seen[key]
         else:
             seen[key] = name
-            tensors[name] = t.detach().contiguous()
+            tensors[name] = t.detach().cpu().contiguous()
     meta = {"format": "mmkern", "model_class": type(model).__name__, "aliases": json.dumps(aliases)}
     if hasattr(model, "config"):
         meta["config"] = json.dumps(model.config.to_dict())

@@ -102,6 +102,10 @@ class FusionEncoder(nn.Module):
         self.vision_proj = nn.Linear(Dv, c.itc_dim) if c.itc_dim else None
         self.text_proj = nn.Linear(D, c.itc_dim) if c.itc_dim else None
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) -> image tokens (B, 1 + N, vision width), [CLS] first."""
         return self.visual.forward_features(images)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mmkern.models.text import TextConfig, TextTransformer
 from mmkern.models.vit import VisionTransformer, ViTConfig
@@ -78,6 +79,10 @@ class VisionLanguageDecoder(nn.Module):
         if c.tie_embeddings:
             self.lm_head.weight = self.lm.token_embedding.weight
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        self.lm.set_grad_checkpointing(enable)
+
     @property
     def tokens_per_image(self) -> int:
         n = self.visual.patch_embed.num_patches
@@ -133,8 +138,10 @@ class VisionLanguageDecoder(nn.Module):
         position_ids = torch.arange(ids.shape[0], device=ids.device) - seq_start
         max_seqlen = max_seqlen or int(lengths.max())
         x = self.embed(ids, images, position_ids)
+        ckpt = self.lm.grad_checkpointing and self.training
         for blk in self.lm.blocks:
-            x = blk(x, is_causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            args = (x, None, True, None, None, None, cu_seqlens, max_seqlen)
+            x = checkpoint(blk, *args, use_reentrant=False) if ckpt else blk(*args)
         return self.lm_head(self.lm.norm(x)).reshape(*input_ids.shape, -1)
 
     @torch.no_grad()
@@ -155,6 +162,11 @@ class VisionLanguageDecoder(nn.Module):
         logits. Rows that produced eos_token_id keep emitting it until all rows are done.
         """
         B, L = input_ids.shape
+        if L + max_new_tokens > self.config.lm.context_length:
+            raise ValueError(
+                f"max_new_tokens: {L} + {max_new_tokens} positions exceed context_length "
+                f"{self.config.lm.context_length}"
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = attention_mask.bool()

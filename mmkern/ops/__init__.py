@@ -1,7 +1,23 @@
 """The public functional API: PyTorch custom ops with validation, autograd and backend dispatch."""
 
-from mmkern.ops.attention import scaled_dot_product_attention, varlen_attention
+from mmkern.ops.attention import (
+    disable_sdpa_override,
+    enable_sdpa_override,
+    scaled_dot_product_attention,
+    sdpa_override,
+    varlen_attention,
+)
 from mmkern.ops.contrastive import clip_loss, infonce, siglip_loss
 from mmkern.ops.patch_embed import patch_embed
 
-__all__ = ["clip_loss", "infonce", "patch_embed", "scaled_dot_product_attention", "siglip_loss", "varlen_attention"]
+__all__ = [
+    "clip_loss",
+    "disable_sdpa_override",
+    "enable_sdpa_override",
+    "infonce",
+    "patch_embed",
+    "scaled_dot_product_attention",
+    "sdpa_override",
+    "siglip_loss",
+    "varlen_attention",
+]

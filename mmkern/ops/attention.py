@@ -1,15 +1,61 @@
-"""Scaled dot-product attention and packed variable-length attention.
+"""Fused scaled dot-product attention (torch SDPA semantics) and packed variable-length attention.
 
-INTERIM: this file fixes the public signatures so that the model layer can be built against them;
-every backend still runs mmkern.reference here. The attention issue replaces the body with the fused
-kernels (cpu, cuda, triton) behind torch custom ops.
+    out = softmax(scale · Q Kᵀ + mask) V,    scale = 1/√E by default
+
+Forward kernels keep a running max and sum per query row (online softmax) and store only the row's
+log-sum-exp (fp32, O(L)); the backward pass recomputes the probabilities tile by tile from it, so no L×S
+matrix exists in either pass (an explicit attn_mask is, of course, read as given). fp32 accumulation for
+fp32 / fp16 / bf16 storage.
+
+Deliberate difference from torch: a query row that can see no key (causal with L > S, a fully masked row,
+an all -inf float mask row) gives 0 and gradient 0 instead of NaN.
+
+Dropout draws its keep-mask from a counter-based Philox generator keyed by a seed taken from torch's
+default generator (so torch.manual_seed makes it reproducible); the backward pass regenerates the same
+mask and the cpu and triton backends draw the same one (`dropout_keep_mask`).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from mmkern import reference
+from mmkern import _native, backends, reference
+from mmkern.ops._checks import check_tensor, native_dtype
+
+MAX_HEAD_DIM = 256
+
+
+def _window_args(window, num_global: int, L: int, S: int) -> tuple[int, int, int]:
+    """(left, right, num_global) for the kernels; left = -1 means no window. Bounds are clamped to the
+    sequence lengths so that index arithmetic cannot overflow."""
+    if not isinstance(num_global, int) or num_global < 0:
+        raise ValueError(f"num_global: expected a non-negative int, got {num_global!r}")
+    if window is None:
+        if num_global:
+            raise ValueError("num_global: global tokens only make sense together with a window")
+        return -1, -1, 0
+    if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) for w in window)):
+        raise ValueError(f"window: expected (left, right) ints, got {window!r}")
+    left, right = window
+    if left < 0 or right < 0:
+        raise ValueError(f"window: left and right must be >= 0, got {window!r}")
+    bound = max(L, S) + 1
+    return min(left, bound), min(right, bound), num_global
+
+
+def draw_seed() -> int:
+    """A 62-bit dropout seed from torch's default CPU generator (two 31-bit halves, see the Triton kernel)."""
+    lo, hi = torch.randint(0, 2**31, (2,)).tolist()
+    return lo | (hi << 32)
+
+
+def dropout_keep_mask(shape: tuple[int, int, int, int], dropout_p: float, seed: int) -> torch.Tensor:
+    """The keep-mask (B, H, L, S) bool that every backend draws for `seed` (True = kept)."""
+    keep = torch.empty(shape, dtype=torch.bool)
+    _native.native().attention_dropout_mask_cpu(_native.tensor_arg(keep), float(dropout_p), seed, _native.num_threads())
+    return keep
 
 
 def scaled_dot_product_attention(
@@ -23,16 +69,103 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     *,
     backend: str | None = None,
+    window: tuple[int, int] | None = None,
+    num_global: int = 0,
 ) -> torch.Tensor:
-    """torch.nn.functional.scaled_dot_product_attention semantics on (..., H, L, E); a query row that
-    can see no key gives 0, not NaN."""
-    dropout_mask = None
-    if dropout_p > 0.0:
-        shape = (*query.shape[:-1], key.shape[-2])
-        dropout_mask = torch.rand(shape, device=query.device) >= dropout_p
-    return reference.scaled_dot_product_attention(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_mask=dropout_mask
+    """torch.nn.functional.scaled_dot_product_attention on mmkern kernels.
+
+    Args:
+        query: (..., Hq, L, E); key: (..., Hk, S, E); value: (..., Hk, S, Ev); fp32 / fp16 / bf16 (fp64 on
+            the reference backend); E, Ev <= 256. Hk must equal Hq unless enable_gqa (then Hq % Hk == 0).
+        attn_mask: None, bool (True = attend) or float (added to the scores, -inf allowed; gets a gradient
+            when it requires one), broadcastable to (..., Hq, L, S), e.g. (L, S) or (B, 1, 1, S).
+        dropout_p: probability of dropping an attention weight (applied whenever > 0, like torch).
+        is_causal: query i sees keys j <= i (top-left aligned, as torch does, also when L != S).
+        scale: score scale, default 1/sqrt(E).
+        backend: "cpu", "cuda", "triton", "reference" or None (see mmkern.backends).
+        window: (left, right): query i sees only keys in [i - left, i + right] (with causal and masks).
+        num_global: with a window, the first num_global queries and keys see / are seen by every position.
+
+    Returns: (..., Hq, L, Ev) in the query's dtype. Rows that see no key are 0.
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(t, name)
+        if t.dim() < 2:
+            raise ValueError(f"{name}: expected at least 2 dimensions (..., L, E), got shape {tuple(t.shape)}")
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise ValueError(f"key/value: dtypes {key.dtype}/{value.dtype} differ from query's {query.dtype}")
+    if key.device != query.device or value.device != query.device:
+        raise ValueError("key/value: must be on the query's device")
+    if query.dim() != key.dim() or query.dim() != value.dim():
+        raise ValueError("key/value: must have as many dimensions as query")
+    if query.shape[:-3] != key.shape[:-3] or key.shape[:-3] != value.shape[:-3]:
+        raise ValueError(f"key: batch dims {tuple(key.shape[:-3])} differ from query's {tuple(query.shape[:-3])}")
+    L, E = query.shape[-2:]
+    S, Ek = key.shape[-2:]
+    if Ek != E:
+        raise ValueError(f"key: head dim {Ek} differs from query's {E}")
+    if value.shape[-2] != S or value.shape[:-2] != key.shape[:-2]:
+        raise ValueError(f"value: shape {tuple(value.shape)} does not match key's {tuple(key.shape)}")
+    Hq = query.shape[-3] if query.dim() >= 3 else 1
+    Hk = key.shape[-3] if key.dim() >= 3 else 1
+    if Hq != Hk and not (enable_gqa and Hk > 0 and Hq % Hk == 0):
+        raise ValueError(f"key: {Hk} heads vs query's {Hq}: needs enable_gqa=True and Hq a multiple of Hk")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected 0 <= p < 1, got {dropout_p}")
+    left, right, num_global = _window_args(window, num_global, L, S)
+    batch = query.shape[:-3]
+    full = (*batch, Hq, L, S)
+    if attn_mask is not None:
+        check_tensor(attn_mask, "attn_mask", dtypes=None)
+        if attn_mask.device != query.device:
+            raise ValueError(f"attn_mask: on {attn_mask.device}, but query is on {query.device}")
+        if not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+            raise ValueError(f"attn_mask: expected a bool or float mask, got {attn_mask.dtype}")
+        try:
+            if torch.broadcast_shapes(attn_mask.shape, full) != torch.Size(full):
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(f"attn_mask: shape {tuple(attn_mask.shape)} does not broadcast to {full}") from None
+    chosen = backends.resolve(backend, query.device, cuda_default="triton")
+    native_dtype(chosen, "query", query)
+    if chosen == "reference":
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(query.dtype)
+        dropout_mask = None
+        if dropout_p > 0.0:
+            dropout_mask = torch.rand(full, device=query.device) >= dropout_p
+        win = None if left < 0 else (left, right)
+        return reference.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask,
+            dropout_p,
+            is_causal,
+            scale,
+            enable_gqa,
+            dropout_mask=dropout_mask,
+            window=win,
+            num_global=num_global,
+        )
+    if max(E, value.shape[-1]) > MAX_HEAD_DIM:
+        raise ValueError(f"query: head dims up to {MAX_HEAD_DIM} are supported, got {E} / {value.shape[-1]}")
+    if dropout_p > 0.0 and chosen == "cuda":
+        raise ValueError("dropout_p: the cuda backend has no dropout; use backend='triton' or dropout_p=0")
+    B = math.prod(batch)
+    q4 = query.reshape(B, Hq, L, E)
+    k4 = key.reshape(B, Hk, S, E)
+    v4 = value.reshape(B, Hk, S, value.shape[-1])
+    mask4 = None
+    if attn_mask is not None:
+        mask4 = attn_mask if attn_mask.dtype == torch.bool else attn_mask.float()
+        mask4 = mask4.expand(full).reshape(B, Hq, L, S)
+    seed = draw_seed() if dropout_p > 0.0 else 0
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    out, _ = torch.ops.mmkern.attention(
+        q4, k4, v4, mask4, None, None, L, S, scale, is_causal, left, right, num_global, float(dropout_p), seed, chosen
     )
+    return out.reshape(*batch, Hq, L, value.shape[-1]) if query.dim() >= 3 else out.reshape(L, value.shape[-1])
 
 
 def varlen_attention(
@@ -47,6 +180,294 @@ def varlen_attention(
     causal: bool = False,
     scale: float | None = None,
     backend: str | None = None,
+    window: tuple[int, int] | None = None,
+    num_global: int = 0,
 ) -> torch.Tensor:
-    """Packed attention: q (total_q, H, D), k/v (total_k, H_kv, D), cu_seqlens int32 (num_seqs + 1,)."""
-    return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale)
+    """Attention over packed sequences: sequence i is rows cu_seqlens[i]:cu_seqlens[i+1] and attends only
+    within itself (causal / window positions count from the sequence's start).
+
+    Args:
+        q: (total_q, H, D); k: (total_k, H_kv, D); v: (total_k, H_kv, Dv); H % H_kv == 0 (GQA).
+        cu_seqlens_q, cu_seqlens_k: int32 (num_seqs + 1,), non-decreasing, on the tensors' device.
+        max_seqlen_q, max_seqlen_k: the longest sequence lengths (upper bounds suffice).
+
+    Returns: (total_q, H, Dv); rows outside every sequence and rows that see no key are 0.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(t, name, ndim=3)
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(t, name, ndim=1, dtypes=(torch.int32,))
+        if t.device != q.device:
+            raise ValueError(f"{name}: on {t.device}, but q is on {q.device}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.numel() < 1:
+        raise ValueError("cu_seqlens_k: must have the length of cu_seqlens_q (num_seqs + 1)")
+    if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
+        raise ValueError("k/v: must have q's dtype and device")
+    if k.shape[-1] != q.shape[-1] or v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"k/v: shapes {tuple(k.shape)} / {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    H, Hk = q.shape[1], k.shape[1]
+    if Hk == 0 or H % Hk:
+        raise ValueError(f"k: {Hk} heads must divide q's {H}")
+    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name}: expected a non-negative int, got {n!r}")
+    left, right, num_global = _window_args(window, num_global, max_seqlen_q, max_seqlen_k)
+    chosen = backends.resolve(backend, q.device, cuda_default="triton")
+    native_dtype(chosen, "q", q)
+    if chosen == "reference":
+        win = None if left < 0 else (left, right)
+        return reference.varlen_attention(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale, window=win, num_global=num_global
+        )
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        raise ValueError(f"q: head dims up to {MAX_HEAD_DIM} are supported, got {q.shape[-1]} / {v.shape[-1]}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _ = torch.ops.mmkern.attention(
+        q,
+        k,
+        v,
+        None,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        scale,
+        causal,
+        left,
+        right,
+        num_global,
+        0.0,
+        0,
+        chosen,
+    )
+    return out
+
+
+# ---- custom ops -------------------------------------------------------------------------------------------
+# One op serves both layouts: dense (B, H, T, D) tensors with an optional (B, H, L, S) mask view, or packed
+# (total, H, D) tensors with cu_seqlens. Window: left < 0 means none.
+
+
+def _lse_shape(q, cu_q, L):
+    return (q.shape[1], q.shape[0]) if cu_q is not None else (q.shape[0], q.shape[1], L)
+
+
+def _out_shape(q, v):
+    return (*q.shape[:-1], v.shape[-1])
+
+
+def _scalars(max_q, max_k, scale, causal, left, right, num_global):
+    return (max_q, max_k, scale, causal, left >= 0, max(left, 0), max(right, 0), num_global)
+
+
+@torch.library.custom_op("mmkern::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    cu_q: torch.Tensor | None,
+    cu_k: torch.Tensor | None,
+    max_q: int,
+    max_k: int,
+    scale: float,
+    causal: bool,
+    left: int,
+    right: int,
+    num_global: int,
+    dropout_p: float,
+    seed: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out like q with v's head dim, lse fp32: (B, H, L) dense or (H, total_q) packed)."""
+    out = q.new_zeros(_out_shape(q, v))
+    lse = q.new_full(_lse_shape(q, cu_q, max_q), float("inf"), dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    scalars = _scalars(max_q, max_k, scale, causal, left, right, num_global)
+    if backend == "triton":
+        from mmkern.kernels.triton.attention import attention_fwd
+
+        attention_fwd(q, k, v, mask, cu_q, cu_k, out, lse, *scalars, dropout_p, seed)
+        return out, lse
+    args = [_native.tensor_arg(t) for t in (q, k, v, mask, cu_q, cu_k, out, lse)]
+    if backend == "cpu":
+        _native.native().attention_fwd_cpu(*args, *scalars, dropout_p, seed, _native.num_threads())
+    else:
+        _native.native().attention_fwd_cuda(*args, *scalars, _native.cuda_stream(q.device))
+    return out, lse
+
+
+@_attention_op.register_fake
+def _(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, left, right, num_global, dropout_p, seed, backend):
+    return q.new_empty(_out_shape(q, v)), q.new_empty(_lse_shape(q, cu_q, max_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("mmkern::attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    cu_q: torch.Tensor | None,
+    cu_k: torch.Tensor | None,
+    max_q: int,
+    max_k: int,
+    scale: float,
+    causal: bool,
+    left: int,
+    right: int,
+    num_global: int,
+    dropout_p: float,
+    seed: int,
+    need_mask_grad: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dmask): dmask is (B, H, L, S) fp32 when need_mask_grad, else empty."""
+    grad_out = grad_out.contiguous()
+    if backend == "triton":  # its kernels write each gradient with the strides of its input
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dmask = q.new_zeros(mask.shape if need_mask_grad else (0,), dtype=torch.float32)
+    if out.numel() == 0 or k.shape[-3 if cu_q is None else 0] == 0:
+        return dq, dk, dv, dmask
+    scalars = _scalars(max_q, max_k, scale, causal, left, right, num_global)
+    dm = dmask if need_mask_grad else None
+    if backend == "triton":
+        from mmkern.kernels.triton.attention import attention_bwd
+
+        attention_bwd(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, dq, dk, dv, dm, *scalars, dropout_p, seed)
+    elif backend == "cpu":
+        args = [_native.tensor_arg(t) for t in (q, k, v, mask, cu_q, cu_k, out, grad_out, lse, dq, dk, dv, dm)]
+        _native.native().attention_bwd_cpu(*args, *scalars, dropout_p, seed, _native.num_threads())
+    else:
+        delta = torch.empty_like(lse)
+        args = [_native.tensor_arg(t) for t in (q, k, v, mask, cu_q, cu_k, out, grad_out, lse, dq, dk, dv, dm, delta)]
+        _native.native().attention_bwd_cuda(*args, *scalars, _native.cuda_stream(q.device))
+    return dq, dk, dv, dmask
+
+
+@_attention_backward_op.register_fake
+def _(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    mask,
+    cu_q,
+    cu_k,
+    max_q,
+    max_k,
+    scale,
+    causal,
+    left,
+    right,
+    num_global,
+    dropout_p,
+    seed,
+    need_mask_grad,
+    backend,
+):
+    dmask = q.new_empty(mask.shape if need_mask_grad else (0,), dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, cu_q, cu_k = inputs[:6]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, cu_q, cu_k)
+    ctx.params = inputs[6:]
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, mask, cu_q, cu_k = ctx.saved_tensors
+    need_mask_grad = mask is not None and ctx.needs_input_grad[3]
+    *params, backend = ctx.params
+    dq, dk, dv, dmask = torch.ops.mmkern.attention_backward(
+        grad_out, q, k, v, out, lse, mask, cu_q, cu_k, *params, need_mask_grad, backend
+    )
+    return (dq, dk, dv, dmask if need_mask_grad else None) + (None,) * 12
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- routing torch's F.scaled_dot_product_attention through mmkern ---------------------------------------
+
+_torch_sdpa = torch.nn.functional.scaled_dot_product_attention
+override_calls = 0  # calls that the override ran on mmkern kernels (the rest fell back to torch)
+
+
+def _override_supported(query, key, value, attn_mask, dropout_p, scale, enable_gqa, backend) -> bool:
+    tensors = (query, key, value) + (() if attn_mask is None else (attn_mask,))
+    if not all(isinstance(t, torch.Tensor) and not t.is_nested for t in tensors):
+        return False
+    if query.dtype not in (torch.float32, torch.float16, torch.bfloat16) or query.dim() < 2:
+        return False
+    if key.dtype != query.dtype or value.dtype != query.dtype or max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
+        return False
+    if query.dim() != key.dim() or query.shape[:-3] != key.shape[:-3]:
+        return False
+    chosen = backend or backends.selected_backend()
+    try:
+        chosen = backends.resolve(chosen, query.device, cuda_default="triton")
+    except ValueError:
+        return False
+    return not (dropout_p > 0.0 and chosen == "cuda")
+
+
+def _sdpa_override(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, backend=None
+):
+    global override_calls
+    if not _override_supported(query, key, value, attn_mask, dropout_p, scale, enable_gqa, backend):
+        return _torch_sdpa(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
+    override_calls += 1
+    return scaled_dot_product_attention(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend=backend
+    )
+
+
+def enable_sdpa_override(backend: str | None = None) -> None:
+    """Routes every later `torch.nn.functional.scaled_dot_product_attention` call (timm, Hugging Face
+    `attn_implementation="sdpa"`, ...) through mmkern; calls mmkern cannot run (nested tensors, fp64, head
+    dims > 256, dropout on the cuda backend) go to torch's own function. Undo with disable_sdpa_override()."""
+    import functools
+
+    torch.nn.functional.scaled_dot_product_attention = functools.partial(_sdpa_override, backend=backend)
+
+
+def disable_sdpa_override() -> None:
+    """Restores torch's own scaled_dot_product_attention."""
+    torch.nn.functional.scaled_dot_product_attention = _torch_sdpa
+
+
+class sdpa_override:
+    """Context manager form of enable_sdpa_override / disable_sdpa_override (restores what was there)."""
+
+    def __init__(self, backend: str | None = None):
+        self.backend = backend
+
+    def __enter__(self):
+        self.previous = torch.nn.functional.scaled_dot_product_attention
+        enable_sdpa_override(self.backend)
+        return self
+
+    def __exit__(self, *exc):
+        torch.nn.functional.scaled_dot_product_attention = self.previous
+        return False

@@ -108,13 +108,14 @@ def infonce(query, keys, logit_scale, *, labels=None, backend: str | None = None
         in_range_checkable = labels.device.type == "cpu" and not torch.compiler.is_compiling()
         if in_range_checkable and bool(((labels < 0) | (labels >= K)).any()):
             raise ValueError(f"labels: values must lie in [0, {K})")
+    labels = None if labels is None else labels.long()
     chosen = backends.resolve(backend, query.device)
     native_dtype(chosen, "query", query)
     if chosen == "reference":
         return reference.infonce(query, keys, logit_scale, labels)
     zero = torch.zeros((), dtype=torch.float32, device=query.device)
     rows, _ = contrastive_stats(query, keys, logit_scale, zero, ROWS, chosen)
-    positives = keys[:B] if labels is None else keys[labels.long()]
+    positives = keys[:B] if labels is None else keys[labels]
     loss = rows[0].mean() - logit_scale.float() * _pair_dot(query, positives).mean()
     return loss.to(query.dtype)
 
@@ -180,8 +181,8 @@ def _stats_op(
             *args, s, b, mode, diagonal, _native.tensor_arg(rows), cols_arg, _native.num_threads()
         )
     elif backend == "cuda":
-        x, y = x.contiguous(), y.contiguous()
-        args = [_native.tensor_arg(t) for t in (x, y, _scale_bias_tensor(scale, bias), rows)]
+        x, y, sb = x.contiguous(), y.contiguous(), _scale_bias_tensor(scale, bias)
+        args = [_native.tensor_arg(t) for t in (x, y, sb, rows)]
         cols_arg = _native.tensor_arg(cols) if mode == ROWS_COLS else None
         _native.native().contrastive_fwd_cuda(
             *args[:3], mode, diagonal, args[3], cols_arg, _native.cuda_stream(x.device)
@@ -226,8 +227,8 @@ def _stats_backward_op(
         rest = [_native.tensor_arg(t) for t in (row_lse, col_lse, gr, gc, dx, dy)]
         _native.native().contrastive_bwd_cpu(*args, s, b, mode, diagonal, *rest, _native.num_threads())
     elif backend == "cuda":
-        x, y = x.contiguous(), y.contiguous()
-        args = [_native.tensor_arg(t) for t in (x, y, _scale_bias_tensor(scale, bias))]
+        x, y, sb = x.contiguous(), y.contiguous(), _scale_bias_tensor(scale, bias)
+        args = [_native.tensor_arg(t) for t in (x, y, sb)]
         rest = [_native.tensor_arg(t) for t in (row_lse, col_lse, gr, gc, dx, dy)]
         _native.native().contrastive_bwd_cuda(*args, mode, diagonal, *rest, _native.cuda_stream(x.device))
     else:

@@ -5,6 +5,8 @@
 // into a cache-sized panel, and multiplied by a register-blocked micro-kernel. So an op never
 // materialises an im2col buffer or a converted copy of its inputs, and still runs near the machine's
 // sgemm rate. Everything here is single-threaded: the op kernels split their work over OpenMP threads.
+// With AVX-512 BF16 a bf16 variant (packed raw bf16, vdpbf16ps) is compiled too; bf16_dot_is_faster()
+// says whether to use it, as on some CPUs converting bf16 to fp32 for the fp32 kernel is faster.
 #pragma once
 
 #include <algorithm>

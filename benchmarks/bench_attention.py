@@ -1,0 +1,248 @@
+"""Fused attention against torch SDPA (every backend torch has on the device) and flash-attn / xformers when
+installed: ViT-B/16, CLIP text (causal), long sequences, and local (sliding-window) attention.
+
+    python -m benchmarks.bench_attention [--quick] [--device cpu|cuda]
+
+TFLOP/s counts 4·B·H·L·S·D per forward (halved for causal; for a window, the visible pairs only) and 2.5×
+that for the backward. The local-attention cases compare mmkern's window (cost ∝ L·window) with torch SDPA
+given the equivalent dense bool mask (cost ∝ L²). On CUDA the bf16 matmul rate is measured in the same run
+so that the forward can be stated as a fraction of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness
+from mmkern import reference
+from mmkern.ops import scaled_dot_product_attention
+
+
+def _cases(quick: bool):
+    """(name, B, H, L, D, causal, window)."""
+    scale = 4 if quick else 1
+    cases = [
+        ("vit_b16", 32 // scale, 12, 197, 64, False, None),
+        ("clip_text", 32 // scale, 8, 77, 64, True, None),
+        ("long", 1, 12 // scale, 4096, 128, False, None),
+        ("long_causal", 1, 12 // scale, 4096, 128, True, None),
+    ]
+    for L in (4096, 16384):
+        cases.append((f"window256_L{L}", 1, 4 // scale if scale > 1 else 4, L, 64, False, (256, 256)))
+    return cases
+
+
+def _flops(B, H, L, D, causal, window) -> float:
+    """4·B·H·D per visible (query, key) pair: L², L(L+1)/2 causal, or the pairs inside the window."""
+    if window is not None:
+        i = torch.arange(L)
+        pairs = ((i + window[1]).clamp(max=L - 1) - (i - window[0]).clamp(min=0) + 1).sum().item()
+    else:
+        pairs = L * (L + 1) / 2 if causal else L * L
+    return 4.0 * B * H * pairs * D
+
+
+def _torch_variants(device: torch.device):
+    """(label, context manager factory) for torch SDPA on this device."""
+    if device.type != "cuda":
+        return [("torch_sdpa", contextlib.nullcontext)]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    return [(f"torch_{n}", lambda b=b: sdpa_kernel(b)) for n, b in names.items()]
+
+
+def _external(device: torch.device):
+    """flash-attn / xformers callables on (B, H, L, D) tensors, when installed."""
+    out = []
+    if device.type != "cuda":
+        return out
+    try:
+        from flash_attn import flash_attn_func
+
+        out.append(
+            (
+                "flash_attn",
+                lambda q, k, v, causal: flash_attn_func(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal
+                ).transpose(1, 2),
+            )
+        )
+    except ImportError:
+        pass
+    try:
+        import xformers.ops as xops
+
+        def xf(q, k, v, causal):
+            bias = xops.LowerTriangularMask() if causal else None
+            return xops.memory_efficient_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias
+            ).transpose(1, 2)
+
+        out.append(("xformers", xf))
+    except ImportError:
+        pass
+    return out
+
+
+def _mmkern_backends(device: torch.device) -> list[str]:
+    from mmkern import backends
+
+    wanted = ["cpu"] if device.type == "cpu" else ["triton", "cuda"]
+    return [b for b in wanted if backends.unavailable_reason(b, device.type) is None]
+
+
+def _measure(fn, grad, inputs, device, repeats) -> dict:
+    def fwd():
+        with torch.no_grad():
+            fn(*inputs)
+
+    def fwd_bwd():
+        out = fn(*inputs)
+        out.backward(grad)
+        for t in inputs[:3]:
+            t.grad = None
+
+    rec = {}
+    for mode, f in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        t = harness.time_fn(f, device=device, warmup=1, repeats=repeats)
+        rec[mode] = t
+        rec[f"{mode}_peak_mb"] = harness.peak_memory(f, device=device) / 2**20
+    return rec
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    t = harness.time_fn(lambda: a @ a, device=device, warmup=2, repeats=5)
+    return 2 * n**3 / (t["median_ms"] * 1e-3) / 1e12
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cases", default="", help="comma-separated case-name prefixes to run (default: all)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    repeats = 3 if args.quick else 10
+    records = []
+    mm_rate = matmul_tflops(device, dtype)
+    print(f"{dtype} matmul rate on {device}: {mm_rate:.2f} TFLOP/s")
+    for name, B, H, L, D, causal, window in _cases(args.quick):
+        if (args.quick and L > 8192) or (args.cases and not name.startswith(tuple(args.cases.split(",")))):
+            continue
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = (torch.randn(B, H, L, D, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
+        grad = torch.randn(B, H, L, D, generator=gen).to(device, dtype)
+        flops = _flops(B, H, L, D, causal, window)
+        contenders = []
+        for backend in _mmkern_backends(device):
+            contenders.append(
+                (
+                    f"mmkern_{backend}",
+                    lambda q, k, v, b=backend, c=causal, w=window: scaled_dot_product_attention(
+                        q, k, v, is_causal=c, window=w, backend=b
+                    ),
+                    contextlib.nullcontext,
+                )
+            )
+        dense_mask = None
+        if window is not None:
+            dense_mask = reference.attention_allowed(L, L, window=window, device=device)
+        if window is None or L <= 4096 or device.type == "cuda":
+            for label, ctx in _torch_variants(device):
+                contenders.append(
+                    (
+                        label,
+                        lambda q, k, v, m=dense_mask, c=causal: F.scaled_dot_product_attention(
+                            q, k, v, attn_mask=m, is_causal=c
+                        ),
+                        ctx,
+                    )
+                )
+        if window is None:
+            for label, fn in _external(device):
+                contenders.append((label, lambda q, k, v, fn=fn, c=causal: fn(q, k, v, c), contextlib.nullcontext))
+        for label, fn, ctx in contenders:
+            try:
+                with ctx():
+                    rec = _measure(fn, grad, (q, k, v), device, repeats)
+            except (RuntimeError, ValueError, torch.OutOfMemoryError) as exc:  # backend refuses this shape
+                print(f"{name:>18} {label:>16}: skipped ({str(exc).splitlines()[0][:80]})")
+                continue
+            fwd_ms, fb_ms = rec["fwd"]["median_ms"], rec["fwd_bwd"]["median_ms"]
+            records.append(
+                {
+                    "case": name,
+                    "impl": label,
+                    "B": B,
+                    "H": H,
+                    "L": L,
+                    "D": D,
+                    "causal": causal,
+                    "window": None if window is None else list(window),
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "fwd_ms": fwd_ms,
+                    "fwd_p20_ms": rec["fwd"]["p20_ms"],
+                    "fwd_p80_ms": rec["fwd"]["p80_ms"],
+                    "fwd_bwd_ms": fb_ms,
+                    "fwd_bwd_p20_ms": rec["fwd_bwd"]["p20_ms"],
+                    "fwd_bwd_p80_ms": rec["fwd_bwd"]["p80_ms"],
+                    "fwd_tflops": flops / (fwd_ms * 1e-3) / 1e12,
+                    "fwd_bwd_tflops": 3.5 * flops / (fb_ms * 1e-3) / 1e12,
+                    "fwd_pct_matmul": 100 * flops / (fwd_ms * 1e-3) / 1e12 / mm_rate,
+                    "fwd_peak_mb": rec["fwd_peak_mb"],
+                    "fwd_bwd_peak_mb": rec["fwd_bwd_peak_mb"],
+                }
+            )
+    # Ratios against the fastest torch SDPA variant of the same case (>1: mmkern faster).
+    for r in records:
+        base = [x for x in records if x["case"] == r["case"] and x["impl"].startswith("torch_")]
+        if base:
+            r["fwd_speedup"] = min(x["fwd_ms"] for x in base) / r["fwd_ms"]
+            r["fwd_bwd_speedup"] = min(x["fwd_bwd_ms"] for x in base) / r["fwd_bwd_ms"]
+    print(
+        harness.format_table(
+            records,
+            [
+                "case",
+                "impl",
+                "fwd_ms",
+                "fwd_bwd_ms",
+                "fwd_tflops",
+                "fwd_bwd_tflops",
+                "fwd_speedup",
+                "fwd_bwd_speedup",
+                "fwd_bwd_peak_mb",
+            ],
+        )
+    )
+    path = harness.save("attention", records)
+    try:
+        harness.plot_bars(
+            "attention",
+            records,
+            label_key="impl",
+            group_key="case",
+            value_key="fwd_bwd_ms",
+            ylabel="forward + backward median (ms)",
+        )
+    except ImportError:
+        pass
+    print(f"results appended to {path}")
+    return records
+
+
+if __name__ == "__main__":
+    main()

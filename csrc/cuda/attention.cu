@@ -1,0 +1,465 @@
+// Fused attention on CUDA: the CPU kernel's algorithm with the work spread over thread blocks.
+//
+// Forward: one block per (query block, batch*head); key blocks stream through shared memory with an online
+// softmax; only out and the row log-sum-exp are written. Backward, without atomics (deterministic): a delta
+// kernel (rowsum dO o O), a dK/dV kernel per key block looping over the query blocks of its head group, and a
+// dQ kernel per query block (it also writes dS as the float mask's gradient). Key blocks that no query of
+// the block sees (causal, window) are skipped. Visibility, the softmax guards and the problem/layout
+// description come from mmkern/attention.h, shared with the CPU kernel that the tests run.
+//
+// Tile products run on tensor cores (wmma 16x16x16, fp32 accumulation) for fp16/bf16 and as plain fp32
+// loops for fp32 inputs. Dropout is not implemented here: the Python op raises a ValueError for it.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <type_traits>
+
+#include "mmkern/attention.h"
+#include "mmkern/common.h"
+
+namespace mmkern {
+namespace {
+
+using attn::Layout;
+using attn::Problem;
+using namespace nvcuda;
+
+constexpr int kThreads = 128;
+
+template <typename T>
+struct WmmaType {
+  using type = float;
+};
+template <>
+struct WmmaType<Half> {
+  using type = __half;
+};
+template <>
+struct WmmaType<BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+struct Params {
+  Problem pb;
+  const void *q, *k, *v, *o, *go, *mask;
+  void *out, *dq, *dk, *dv;
+  float *lse, *delta, *dmask;
+  Layout lq, lk, lv, lo, lgo, lrow, lmask, ldmask, ldq, ldk, ldv;
+  bool mask_bool;
+  int dp, dvp;  // head dims rounded up to 16
+};
+
+__host__ __device__ inline int round16(int64_t x) { return static_cast<int>((x + 15) / 16 * 16); }
+__host__ __device__ inline size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
+
+// C (M x N fp32, row stride ldc) (+)= A (M x K) B (K x N), all in shared memory, M, N, K multiples of 16.
+// ACol: A(i, k) = A[k * lda + i], else A[i * lda + k]; BCol: B(k, j) = B[j * ldb + k], else B[k * ldb + j].
+template <typename T, bool ACol, bool BCol>
+__device__ void gemm_smem(int M, int N, int K, const T* A, int lda, const T* B, int ldb, float* C, int ldc,
+                          bool accumulate) {
+  if constexpr (std::is_same<T, float>::value) {
+    for (int idx = threadIdx.x; idx < M * N; idx += blockDim.x) {
+      const int i = idx / N, j = idx % N;
+      float s = accumulate ? C[i * ldc + j] : 0.f;
+      for (int k = 0; k < K; ++k) s += A[ACol ? k * lda + i : i * lda + k] * B[BCol ? j * ldb + k : k * ldb + j];
+      C[i * ldc + j] = s;
+    }
+  } else {
+    using W = typename WmmaType<T>::type;
+    using LA = typename std::conditional<ACol, wmma::col_major, wmma::row_major>::type;
+    using LB = typename std::conditional<BCol, wmma::col_major, wmma::row_major>::type;
+    const int warp = threadIdx.x / 32, warps = blockDim.x / 32, tiles_n = N / 16;
+    for (int t = warp; t < (M / 16) * tiles_n; t += warps) {
+      const int ti = t / tiles_n * 16, tj = t % tiles_n * 16;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+      if (accumulate)
+        wmma::load_matrix_sync(c, C + ti * ldc + tj, ldc, wmma::mem_row_major);
+      else
+        wmma::fill_fragment(c, 0.f);
+      for (int k = 0; k < K; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, W, LA> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, W, LB> b;
+        wmma::load_matrix_sync(a, reinterpret_cast<const W*>(ACol ? A + k * lda + ti : A + ti * lda + k), lda);
+        wmma::load_matrix_sync(b, reinterpret_cast<const W*>(BCol ? B + tj * ldb + k : B + k * ldb + tj), ldb);
+        wmma::mma_sync(c, a, b, c);
+      }
+      wmma::store_matrix_sync(C + ti * ldc + tj, c, ldc, wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+}
+
+// Copies rows [t0, t0 + rows) x [0, cols) of (b, h) into a (R x ld) tile, zero padding the rest.
+template <typename T>
+__device__ void load_tile(T* dst, int R, int ld, const T* src, const Layout& lay, int64_t b, int64_t h, int64_t t0,
+                          int64_t rows, int64_t cols) {
+  for (int idx = threadIdx.x; idx < R * ld; idx += blockDim.x) {
+    const int r = idx / ld, c = idx % ld;
+    dst[idx] = (r < rows && c < cols) ? src[lay.offset(b, h, t0 + r, c)] : from_float<T>(0.f);
+  }
+}
+
+// Score s (already scaled) of query i, key j after the float / bool mask and visibility; -inf if hidden.
+__device__ inline float masked_score(const Params& p, float s, int64_t b, int64_t h, int64_t i, int64_t j,
+                                     int64_t L, int64_t S) {
+  if (i >= L || j >= S || !attn::visible(p.pb.vis, i, j)) return -INFINITY;
+  if (p.mask) {
+    const int64_t off = p.lmask.offset(b, h, i, j);
+    if (p.mask_bool) return static_cast<const uint8_t*>(p.mask)[off] ? s : -INFINITY;
+    return s + static_cast<const float*>(p.mask)[off];
+  }
+  return s;
+}
+
+template <typename T, int BM, int BN>
+__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
+  const Problem& pb = p.pb;
+  const int64_t bh = blockIdx.y, b = bh / pb.heads_q, h = bh % pb.heads_q, hk = h / (pb.heads_q / pb.heads_k);
+  const int64_t L = pb.len_q(b), S = pb.len_k(b), i0 = static_cast<int64_t>(blockIdx.x) * BM;
+  if (i0 >= L) return;
+  const int Dp = p.dp, DVp = p.dvp;
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* cur = smem;
+  auto take = [&](size_t bytes) { unsigned char* r = cur; cur += align128(bytes); return r; };
+  T* qs = reinterpret_cast<T*>(take(sizeof(T) * BM * Dp));
+  T* ks = reinterpret_cast<T*>(take(sizeof(T) * BN * Dp));
+  T* vs = reinterpret_cast<T*>(take(sizeof(T) * BN * DVp));
+  T* ps = reinterpret_cast<T*>(take(sizeof(T) * BM * BN));
+  float* ss = reinterpret_cast<float*>(take(sizeof(float) * BM * BN));
+  float* os = reinterpret_cast<float*>(take(sizeof(float) * BM * DVp));
+  float* m = reinterpret_cast<float*>(take(sizeof(float) * BM));
+  float* l = reinterpret_cast<float*>(take(sizeof(float) * BM));
+
+  const T* Q = static_cast<const T*>(p.q);
+  load_tile(qs, BM, Dp, Q, p.lq, b, h, pb.q_start(b) + i0, L - i0, pb.dim);
+  for (int idx = threadIdx.x; idx < BM * DVp; idx += blockDim.x) os[idx] = 0.f;
+  for (int r = threadIdx.x; r < BM; r += blockDim.x) {
+    m[r] = -INFINITY;
+    l[r] = 0.f;
+  }
+  for (int64_t j0 = 0; j0 < S; j0 += BN) {
+    if (!attn::block_any_visible(pb.vis, i0, i0 + BM, j0, j0 + BN)) continue;
+    __syncthreads();  // the previous tile's readers are done
+    load_tile(ks, BN, Dp, static_cast<const T*>(p.k), p.lk, b, hk, pb.k_start(b) + j0, S - j0, pb.dim);
+    load_tile(vs, BN, DVp, static_cast<const T*>(p.v), p.lv, b, hk, pb.k_start(b) + j0, S - j0, pb.dim_v);
+    __syncthreads();
+    gemm_smem<T, false, true>(BM, BN, Dp, qs, Dp, ks, Dp, ss, BN, false);
+    for (int r = threadIdx.x; r < BM; r += blockDim.x) {
+      float* row = ss + r * BN;
+      float mx = -INFINITY;
+      for (int j = 0; j < BN; ++j) {
+        row[j] = masked_score(p, row[j] * pb.scale, b, h, i0 + r, j0 + j, L, S);
+        mx = fmaxf(mx, row[j]);
+      }
+      const float m_new = fmaxf(m[r], mx), shift = attn::softmax_shift(m_new), alpha = __expf(m[r] - shift);
+      float sum = 0.f;
+      for (int j = 0; j < BN; ++j) {
+        const float e = __expf(row[j] - shift);
+        ps[r * BN + j] = from_float<T>(e);
+        sum += e;
+      }
+      l[r] = l[r] * alpha + sum;
+      m[r] = m_new;
+      for (int d = 0; d < DVp; ++d) os[r * DVp + d] *= alpha;
+    }
+    __syncthreads();
+    gemm_smem<T, false, false>(BM, DVp, BN, ps, BN, vs, DVp, os, DVp, true);
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(p.out);
+  const int64_t t0 = pb.q_start(b) + i0;
+  for (int idx = threadIdx.x; idx < BM * pb.dim_v; idx += blockDim.x) {
+    const int r = idx / pb.dim_v, d = idx % pb.dim_v;
+    if (i0 + r < L) out[p.lo.offset(b, h, t0 + r, d)] = from_float<T>(os[r * DVp + d] * attn::row_inv_sum(l[r]));
+  }
+  for (int r = threadIdx.x; r < BM; r += blockDim.x)
+    if (i0 + r < L) p.lse[p.lrow.offset(b, h, t0 + r, 0)] = attn::row_lse(m[r], l[r]);
+}
+
+template <typename T>
+__global__ void attention_delta_kernel(Params p) {
+  const Problem& pb = p.pb;
+  const int64_t bh = blockIdx.y, b = bh / pb.heads_q, h = bh % pb.heads_q;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= pb.len_q(b)) return;
+  const int64_t t = pb.q_start(b) + i;
+  float s = 0.f;
+  for (int64_t d = 0; d < pb.dim_v; ++d)
+    s += to_float(static_cast<const T*>(p.go)[p.lgo.offset(b, h, t, d)]) *
+         to_float(static_cast<const T*>(p.o)[p.lo.offset(b, h, t, d)]);
+  p.delta[p.lrow.offset(b, h, t, 0)] = s;
+}
+
+// Shared memory of the backward kernels: Q, dO, K, V tiles, S/P and dP/dS tiles (fp32 and T), accumulators.
+struct BwdSmem {
+  template <typename T>
+  __host__ __device__ static size_t bytes(int BM, int BN, int Dp, int DVp) {
+    return align128(sizeof(T) * BM * Dp) + align128(sizeof(T) * BM * DVp) + align128(sizeof(T) * BN * Dp) +
+           align128(sizeof(T) * BN * DVp) + 2 * align128(sizeof(float) * BM * BN) + 2 * align128(sizeof(T) * BM * BN) +
+           align128(sizeof(float) * (BN > BM ? BN : BM) * (Dp + DVp)) + 2 * align128(sizeof(float) * BM);
+  }
+};
+
+// Recomputes one (query block, key block) tile: pt = P (T), dst = dS (T); writes dS into dmask if asked.
+template <typename T, int BM, int BN>
+__device__ void bwd_tile(const Params& p, int64_t b, int64_t h, int64_t i0, int64_t j0, int64_t L, int64_t S,
+                         const T* qs, const T* dos, const T* ks, const T* vs, float* ss, float* dps, T* pt, T* dst,
+                         const float* lse, const float* delta, bool write_dmask) {
+  gemm_smem<T, false, true>(BM, BN, p.dp, qs, p.dp, ks, p.dp, ss, BN, false);
+  gemm_smem<T, false, true>(BM, BN, p.dvp, dos, p.dvp, vs, p.dvp, dps, BN, false);
+  for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
+    const int r = idx / BN, c = idx % BN;
+    const float s = masked_score(p, ss[idx] * p.pb.scale, b, h, i0 + r, j0 + c, L, S);
+    const float pr = s == -INFINITY ? 0.f : __expf(s - lse[r]);
+    const float ds = pr * (dps[idx] - delta[r]);
+    pt[idx] = from_float<T>(pr);
+    dst[idx] = from_float<T>(ds);
+    if (write_dmask && i0 + r < L && j0 + c < S) p.dmask[p.ldmask.offset(b, h, i0 + r, j0 + c)] = ds;
+  }
+  __syncthreads();
+}
+
+template <typename T, int BM>
+__device__ void load_query_rows(const Params& p, int64_t b, int64_t h, int64_t i0, int64_t L, T* qs, T* dos,
+                                float* lse, float* delta) {
+  const int64_t t0 = p.pb.q_start(b) + i0;
+  load_tile(qs, BM, p.dp, static_cast<const T*>(p.q), p.lq, b, h, t0, L - i0, p.pb.dim);
+  load_tile(dos, BM, p.dvp, static_cast<const T*>(p.go), p.lgo, b, h, t0, L - i0, p.pb.dim_v);
+  for (int r = threadIdx.x; r < BM; r += blockDim.x) {
+    const bool in = i0 + r < L;
+    lse[r] = in ? p.lse[p.lrow.offset(b, h, t0 + r, 0)] : INFINITY;
+    delta[r] = in ? p.delta[p.lrow.offset(b, h, t0 + r, 0)] : 0.f;
+  }
+}
+
+#define MMK_BWD_SMEM                                                          \
+  extern __shared__ __align__(128) unsigned char smem[];                      \
+  unsigned char* cur = smem;                                                  \
+  auto take = [&](size_t bytes) {                                             \
+    unsigned char* r = cur;                                                   \
+    cur += align128(bytes);                                                   \
+    return r;                                                                 \
+  };                                                                          \
+  T* qs = reinterpret_cast<T*>(take(sizeof(T) * BM * p.dp));                  \
+  T* dos = reinterpret_cast<T*>(take(sizeof(T) * BM * p.dvp));                \
+  T* ks = reinterpret_cast<T*>(take(sizeof(T) * BN * p.dp));                  \
+  T* vs = reinterpret_cast<T*>(take(sizeof(T) * BN * p.dvp));                 \
+  float* ss = reinterpret_cast<float*>(take(sizeof(float) * BM * BN));        \
+  float* dps = reinterpret_cast<float*>(take(sizeof(float) * BM * BN));       \
+  T* pt = reinterpret_cast<T*>(take(sizeof(T) * BM * BN));                    \
+  T* dst = reinterpret_cast<T*>(take(sizeof(T) * BM * BN));                   \
+  float* acc = reinterpret_cast<float*>(take(sizeof(float) * (BN > BM ? BN : BM) * (p.dp + p.dvp))); \
+  float* lse = reinterpret_cast<float*>(take(sizeof(float) * BM));            \
+  float* delta = reinterpret_cast<float*>(take(sizeof(float) * BM));
+
+template <typename T, int BM, int BN>
+__global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) {
+  const Problem& pb = p.pb;
+  const int64_t group = pb.heads_q / pb.heads_k, bhk = blockIdx.y, b = bhk / pb.heads_k, hk = bhk % pb.heads_k;
+  const int64_t L = pb.len_q(b), S = pb.len_k(b), j0 = static_cast<int64_t>(blockIdx.x) * BN;
+  if (j0 >= S) return;
+  MMK_BWD_SMEM
+  float* dk = acc;
+  float* dv = acc + BN * p.dp;
+  load_tile(ks, BN, p.dp, static_cast<const T*>(p.k), p.lk, b, hk, pb.k_start(b) + j0, S - j0, pb.dim);
+  load_tile(vs, BN, p.dvp, static_cast<const T*>(p.v), p.lv, b, hk, pb.k_start(b) + j0, S - j0, pb.dim_v);
+  for (int idx = threadIdx.x; idx < BN * (p.dp + p.dvp); idx += blockDim.x) acc[idx] = 0.f;
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    for (int64_t i0 = 0; i0 < L; i0 += BM) {
+      if (!attn::block_any_visible(pb.vis, i0, i0 + BM, j0, j0 + BN)) continue;
+      __syncthreads();
+      load_query_rows<T, BM>(p, b, h, i0, L, qs, dos, lse, delta);
+      __syncthreads();
+      bwd_tile<T, BM, BN>(p, b, h, i0, j0, L, S, qs, dos, ks, vs, ss, dps, pt, dst, lse, delta, false);
+      gemm_smem<T, true, false>(BN, p.dvp, BM, pt, BN, dos, p.dvp, dv, p.dvp, true);   // dV += P^T dO
+      gemm_smem<T, true, false>(BN, p.dp, BM, dst, BN, qs, p.dp, dk, p.dp, true);       // dK += dS^T Q
+    }
+  }
+  __syncthreads();
+  const int64_t t0 = pb.k_start(b) + j0;
+  for (int idx = threadIdx.x; idx < BN * pb.dim; idx += blockDim.x) {
+    const int r = idx / pb.dim, d = idx % pb.dim;
+    if (j0 + r < S) static_cast<T*>(p.dk)[p.ldk.offset(b, hk, t0 + r, d)] = from_float<T>(dk[r * p.dp + d] * pb.scale);
+  }
+  for (int idx = threadIdx.x; idx < BN * pb.dim_v; idx += blockDim.x) {
+    const int r = idx / pb.dim_v, d = idx % pb.dim_v;
+    if (j0 + r < S) static_cast<T*>(p.dv)[p.ldv.offset(b, hk, t0 + r, d)] = from_float<T>(dv[r * p.dvp + d]);
+  }
+}
+
+template <typename T, int BM, int BN>
+__global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
+  const Problem& pb = p.pb;
+  const int64_t bh = blockIdx.y, b = bh / pb.heads_q, h = bh % pb.heads_q, hk = h / (pb.heads_q / pb.heads_k);
+  const int64_t L = pb.len_q(b), S = pb.len_k(b), i0 = static_cast<int64_t>(blockIdx.x) * BM;
+  if (i0 >= L) return;
+  MMK_BWD_SMEM
+  float* dq = acc;
+  load_query_rows<T, BM>(p, b, h, i0, L, qs, dos, lse, delta);
+  for (int idx = threadIdx.x; idx < BM * p.dp; idx += blockDim.x) dq[idx] = 0.f;
+  for (int64_t j0 = 0; j0 < S; j0 += BN) {
+    if (!attn::block_any_visible(pb.vis, i0, i0 + BM, j0, j0 + BN)) continue;
+    __syncthreads();
+    load_tile(ks, BN, p.dp, static_cast<const T*>(p.k), p.lk, b, hk, pb.k_start(b) + j0, S - j0, pb.dim);
+    load_tile(vs, BN, p.dvp, static_cast<const T*>(p.v), p.lv, b, hk, pb.k_start(b) + j0, S - j0, pb.dim_v);
+    __syncthreads();
+    bwd_tile<T, BM, BN>(p, b, h, i0, j0, L, S, qs, dos, ks, vs, ss, dps, pt, dst, lse, delta, p.dmask != nullptr);
+    gemm_smem<T, false, false>(BM, p.dp, BN, dst, BN, ks, p.dp, dq, p.dp, true);  // dQ += dS K
+  }
+  __syncthreads();
+  const int64_t t0 = pb.q_start(b) + i0;
+  for (int idx = threadIdx.x; idx < BM * pb.dim; idx += blockDim.x) {
+    const int r = idx / pb.dim, d = idx % pb.dim;
+    if (i0 + r < L) static_cast<T*>(p.dq)[p.ldq.offset(b, h, t0 + r, d)] = from_float<T>(dq[r * p.dp + d] * pb.scale);
+  }
+}
+
+size_t fwd_smem(size_t elem, int BM, int BN, int Dp, int DVp) {
+  return align128(elem * BM * Dp) + align128(elem * BN * Dp) + align128(elem * BN * DVp) + align128(elem * BM * BN) +
+         align128(4 * BM * BN) + align128(4 * BM * DVp) + 2 * align128(4 * BM);
+}
+
+int max_smem() {
+  int device = 0, bytes = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return bytes;
+}
+
+cudaError_t launch(void (*kernel)(Params), dim3 grid, size_t smem, const Params& p, cudaStream_t stream) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+Params make_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& cu_q,
+                   const Tensor& cu_k, const Tensor& out, const Tensor& lse, int64_t max_len_q, int64_t max_len_k,
+                   double scale, bool causal, bool windowed, int64_t left, int64_t right, int64_t num_global) {
+  const bool packed = cu_q.present;
+  check(q.ndim == (packed ? 3 : 4) && k.ndim == q.ndim && v.ndim == q.ndim, "query: bad rank");
+  check(q.dtype == k.dtype && q.dtype == v.dtype && q.dtype == out.dtype, "key/value: dtype differs from query");
+  check(q.size(-1) <= 256 && v.size(-1) <= 256, "query: head dims above 256 are not supported");
+  Params p{};
+  Problem& pb = p.pb;
+  pb.heads_q = q.size(1);
+  pb.heads_k = k.size(1);
+  check(pb.heads_k > 0 && pb.heads_q % pb.heads_k == 0, "key: query heads must be a multiple of key heads");
+  pb.dim = q.size(-1);
+  pb.dim_v = v.size(-1);
+  pb.batch = packed ? cu_q.size(0) - 1 : q.size(0);
+  pb.cu_q = packed ? cu_q.ptr<int32_t>() : nullptr;  // device pointers: read only inside kernels
+  pb.cu_k = packed ? cu_k.ptr<int32_t>() : nullptr;
+  pb.max_len_q = max_len_q;
+  pb.max_len_k = max_len_k;
+  pb.scale = static_cast<float>(scale);
+  pb.vis.causal = causal;
+  pb.vis.windowed = windowed;
+  pb.vis.left = left;
+  pb.vis.right = right;
+  pb.vis.num_global = num_global;
+  p.q = q.data;
+  p.k = k.data;
+  p.v = v.data;
+  p.o = out.data;
+  p.out = out.data;
+  p.lq = attn::layout_of(q);
+  p.lk = attn::layout_of(k);
+  p.lv = attn::layout_of(v);
+  p.lo = attn::layout_of(out);
+  p.lrow = attn::row_layout_of(lse, packed);
+  p.lse = lse.ptr<float>();
+  if (mask.present) {
+    check(mask.dtype == DType::b8 || mask.dtype == DType::f32, "attn_mask: expected bool or float32");
+    p.mask = mask.data;
+    p.mask_bool = mask.dtype == DType::b8;
+    p.lmask = attn::layout_of(mask);
+  }
+  p.dp = round16(pb.dim);
+  p.dvp = round16(pb.dim_v);
+  return p;
+}
+
+// Each launcher picks the largest tile size (64, 32, 16) whose shared memory fits the device.
+template <typename T>
+cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
+  const int64_t limit = max_smem();
+  const dim3 grid64((p.pb.max_len_q + 63) / 64, p.pb.batch * p.pb.heads_q);
+  const size_t s64 = fwd_smem(sizeof(T), 64, 64, p.dp, p.dvp), s32 = fwd_smem(sizeof(T), 32, 32, p.dp, p.dvp);
+  if (static_cast<int64_t>(s64) <= limit)
+    return launch(attention_fwd_kernel<T, 64, 64>, grid64, s64, p, stream);
+  const dim3 grid32((p.pb.max_len_q + 31) / 32, p.pb.batch * p.pb.heads_q);
+  if (static_cast<int64_t>(s32) <= limit)
+    return launch(attention_fwd_kernel<T, 32, 32>, grid32, s32, p, stream);
+  const dim3 grid16((p.pb.max_len_q + 15) / 16, p.pb.batch * p.pb.heads_q);
+  return launch(attention_fwd_kernel<T, 16, 16>, grid16, fwd_smem(sizeof(T), 16, 16, p.dp, p.dvp), p,
+                                 stream);
+}
+
+template <typename T, int B>
+cudaError_t run_bwd_tiles(const Params& p, cudaStream_t stream) {
+  const size_t smem = BwdSmem::bytes<T>(B, B, p.dp, p.dvp);
+  const dim3 grid_kv((p.pb.max_len_k + B - 1) / B, p.pb.batch * p.pb.heads_k);
+  cudaError_t err = launch(attention_bwd_dkdv_kernel<T, B, B>, grid_kv, smem, p, stream);
+  if (err != cudaSuccess) return err;
+  const dim3 grid_q((p.pb.max_len_q + B - 1) / B, p.pb.batch * p.pb.heads_q);
+  return launch(attention_bwd_dq_kernel<T, B, B>, grid_q, smem, p, stream);
+}
+
+template <typename T>
+cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
+  const dim3 grid_delta((p.pb.max_len_q + kThreads - 1) / kThreads, p.pb.batch * p.pb.heads_q);
+  attention_delta_kernel<T><<<grid_delta, kThreads, 0, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const int64_t limit = max_smem();
+  if (static_cast<int64_t>(BwdSmem::bytes<T>(64, 64, p.dp, p.dvp)) <= limit) return run_bwd_tiles<T, 64>(p, stream);
+  if (static_cast<int64_t>(BwdSmem::bytes<T>(32, 32, p.dp, p.dvp)) <= limit) return run_bwd_tiles<T, 32>(p, stream);
+  return run_bwd_tiles<T, 16>(p, stream);
+}
+
+}  // namespace
+
+int attention_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& cu_q,
+                       const Tensor& cu_k, const Tensor& out, const Tensor& lse, int64_t max_len_q, int64_t max_len_k,
+                       double scale, bool causal, bool windowed, int64_t left, int64_t right, int64_t num_global,
+                       uintptr_t stream) {
+  const Params p = make_params(q, k, v, mask, cu_q, cu_k, out, lse, max_len_q, max_len_k, scale, causal, windowed,
+                               left, right, num_global);
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  return dispatch_float(q.dtype, "query", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    return static_cast<int>(run_fwd<scalar_t>(p, s));
+  });
+}
+
+int attention_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& cu_q,
+                       const Tensor& cu_k, const Tensor& out, const Tensor& grad_out, const Tensor& lse,
+                       const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dmask, const Tensor& delta,
+                       int64_t max_len_q, int64_t max_len_k, double scale, bool causal, bool windowed, int64_t left,
+                       int64_t right, int64_t num_global, uintptr_t stream) {
+  Params p = make_params(q, k, v, mask, cu_q, cu_k, out, lse, max_len_q, max_len_k, scale, causal, windowed, left,
+                         right, num_global);
+  p.go = grad_out.data;
+  p.lgo = attn::layout_of(grad_out);
+  p.dq = dq.data;
+  p.dk = dk.data;
+  p.dv = dv.data;
+  p.ldq = attn::layout_of(dq);
+  p.ldk = attn::layout_of(dk);
+  p.ldv = attn::layout_of(dv);
+  p.delta = delta.ptr<float>();
+  if (dmask.present) {
+    p.dmask = dmask.ptr<float>();
+    p.ldmask = attn::layout_of(dmask);
+  }
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  return dispatch_float(q.dtype, "query", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    return static_cast<int>(run_bwd<scalar_t>(p, s));
+  });
+}
+
+}  // namespace mmkern

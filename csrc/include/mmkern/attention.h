@@ -1,0 +1,116 @@
+// Attention math shared by the CPU and CUDA kernels (and mirrored line by line in the Triton kernel):
+// which (query, key) pairs are visible, block skipping, the online-softmax guards and the dropout RNG.
+//
+// Visibility: causal masking is aligned top-left as in torch's SDPA (query i sees keys j <= i, also when
+// L != S). A window (left, right) keeps keys in [i - left, i + right]; the first `num_global` queries and
+// keys ignore the window (they see and are seen by every position) but never the causal mask.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "mmkern/common.h"
+
+namespace mmkern::attn {
+
+struct Visibility {
+  bool causal = false;
+  bool windowed = false;
+  int64_t left = 0, right = 0, num_global = 0;  // left/right clamped by Python to the sequence lengths
+};
+
+MMK_HD bool visible(const Visibility& v, int64_t i, int64_t j) {
+  if (v.causal && j > i) return false;
+  if (!v.windowed) return true;
+  return (j >= i - v.left && j <= i + v.right) || i < v.num_global || j < v.num_global;
+}
+
+// False only if no pair of queries [i0, i1) x keys [j0, j1) is visible: such key blocks are skipped, so
+// cost grows as L * window for local attention and halves for causal attention.
+MMK_HD bool block_any_visible(const Visibility& v, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  if (v.causal && j0 > i1 - 1) return false;
+  if (!v.windowed || i0 < v.num_global || j0 < v.num_global) return true;
+  return j1 - 1 >= i0 - v.left && j0 <= i1 - 1 + v.right;
+}
+
+// True if every pair of the block is visible, so the kernels may skip the per-element test.
+MMK_HD bool block_all_visible(const Visibility& v, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  if (v.causal && j1 - 1 > i0) return false;
+  if (!v.windowed) return true;
+  return j0 >= i1 - 1 - v.left && j1 - 1 <= i0 + v.right;
+}
+
+// Online softmax: the running max used as the exponent shift. A row that has seen only -inf scores so far
+// shifts by 0, so exp(-inf - shift) = 0 instead of exp(-inf + inf) = NaN.
+MMK_HD float softmax_shift(float running_max) { return running_max == -INFINITY ? 0.f : running_max; }
+
+// Log-sum-exp stored for the backward pass. A row that sees no key stores +inf, so the recomputed
+// probabilities exp(s - lse) are 0 and the row's output and gradients are 0, never NaN.
+MMK_HD float row_lse(float running_max, float sum) { return sum == 0.f ? INFINITY : running_max + logf(sum); }
+MMK_HD float row_inv_sum(float sum) { return sum == 0.f ? 0.f : 1.f / sum; }
+
+// Dropout: one Philox-4x32-10 draw (Salmon et al., Random123) per (batch*head, query, key) element, keyed by
+// a 64-bit seed, so every backend and the backward pass regenerate the same keep-mask without storing it.
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
+
+MMK_HD uint32_t philox_first_word(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
+    const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(p1);
+    c3 = static_cast<uint32_t>(p0);
+    c0 = n0;
+    c2 = n2;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  return c0;
+}
+
+// True if element (bh, i, j) is kept. The top 24 bits give a uniform u in [0, 1) exactly representable in
+// fp32, so every backend makes the same comparison u >= p.
+MMK_HD bool dropout_keep(uint64_t seed, int64_t bh, int64_t i, int64_t j, float p) {
+  const uint32_t r = philox_first_word(static_cast<uint32_t>(j), static_cast<uint32_t>(i), static_cast<uint32_t>(bh),
+                                       0u, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  return static_cast<float>(r >> 8) * (1.0f / 16777216.0f) >= p;
+}
+
+// Problem description shared by every kernel. Dense tensors are (B, H, T, D); packed (varlen) tensors
+// are (total, H, D) with sequence b at rows cu[b]:cu[b+1] (then the batch stride is 0).
+struct Problem {
+  int64_t batch, heads_q, heads_k, dim, dim_v, max_len_q, max_len_k;
+  const int32_t* cu_q = nullptr;  // null for dense inputs
+  const int32_t* cu_k = nullptr;
+  float scale;
+  Visibility vis;
+  float dropout_p = 0.f;
+  uint64_t seed = 0;
+
+  MMK_HD int64_t q_start(int64_t b) const { return cu_q ? cu_q[b] : 0; }
+  MMK_HD int64_t k_start(int64_t b) const { return cu_k ? cu_k[b] : 0; }
+  MMK_HD int64_t len_q(int64_t b) const { return cu_q ? cu_q[b + 1] - cu_q[b] : max_len_q; }
+  MMK_HD int64_t len_k(int64_t b) const { return cu_k ? cu_k[b + 1] - cu_k[b] : max_len_k; }
+};
+
+// Element (b, h, t, d) of a dense (B, H, T, D) or packed (total, H, D) tensor, t relative to the sequence.
+struct Layout {
+  int64_t sb = 0, sh = 0, st = 0, sd = 0;
+  MMK_HD int64_t offset(int64_t b, int64_t h, int64_t t, int64_t d) const { return b * sb + h * sh + t * st + d * sd; }
+};
+
+inline Layout layout_of(const Tensor& t) {
+  if (!t.present) return {};
+  if (t.ndim == 3) return {0, t.stride(1), t.stride(0), t.stride(2)};
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// Log-sum-exp / delta rows: dense (B, H, L), packed (H, total_q).
+inline Layout row_layout_of(const Tensor& t, bool packed) {
+  if (packed) return {0, t.stride(0), t.stride(1), 0};
+  return {t.stride(0), t.stride(1), t.stride(2), 0};
+}
+
+}  // namespace mmkern::attn
