@@ -34,9 +34,7 @@ def demo_configs(size: str, out: Path, seed: int = 0, progress: bool = True):
     clip = ContrastiveConfig(steps=150, batch_size=128, lr=2e-3, warmup_steps=10, out_dir=str(out / "pretrain"),
                              **common)
     prompt = PromptConfig(steps=80, lr=1e-2, out_dir=str(out / "prompt"), **common)
-    # Padded batches on the CPU for now: the interim varlen_attention op loops over sequences in Python and is
-    # ~25x slower than one padded batch here; packing (pack=True) is the default elsewhere and on the GPU.
-    instruct = InstructConfig(steps=150, stage1_steps=30, pack=False, out_dir=str(out / "instruct"), **common)
+    instruct = InstructConfig(steps=150, stage1_steps=30, out_dir=str(out / "instruct"), **common)
     bench = 3
     if size == "tiny":
         clip = replace(clip, steps=3, batch_size=32, width=32, text_width=32, embed_dim=32, depth=1, text_depth=1)
@@ -49,7 +47,7 @@ def demo_configs(size: str, out: Path, seed: int = 0, progress: bool = True):
     elif size == "gpu":
         clip = replace(clip, steps=600, batch_size=256, width=128, text_width=128, embed_dim=128, depth=4,
                        text_depth=4, precision="bf16")
-        instruct = replace(instruct, steps=600, width=128, depth=4, precision="bf16", pack=True)
+        instruct = replace(instruct, steps=600, width=128, depth=4, precision="bf16")
         bench = 30
     elif size != "full":
         raise ValueError(f"size: expected tiny, quick, full or gpu, got {size!r}")
