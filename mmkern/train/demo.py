@@ -34,7 +34,7 @@ def demo_configs(size: str, out: Path, seed: int = 0, progress: bool = True):
     clip = ContrastiveConfig(steps=150, batch_size=128, lr=2e-3, warmup_steps=10, out_dir=str(out / "pretrain"),
                              **common)
     prompt = PromptConfig(steps=80, lr=1e-2, out_dir=str(out / "prompt"), **common)
-    instruct = InstructConfig(steps=150, stage1_steps=30, out_dir=str(out / "instruct"), **common)
+    instruct = InstructConfig(steps=100, stage1_steps=20, out_dir=str(out / "instruct"), **common)
     bench = 3
     if size == "tiny":
         clip = replace(clip, steps=3, batch_size=32, width=32, text_width=32, embed_dim=32, depth=1, text_depth=1)

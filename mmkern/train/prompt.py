@@ -25,15 +25,16 @@ class PromptConfig(TrainConfig):
     shots: int = 16  # labelled images per class
     init: str = "a photo of the digit"  # context initialised from these words (their count is M); "" = random
     n_ctx: int = 4  # M when init is ""
+    class_specific: bool = False  # CoOp's CSC: one context per class instead of one shared by all
     context_length: int = 16
 
 
 class PromptLearner(nn.Module):
-    """Learnable context (M, D) before each class name: forward() -> normalised class text features (C, E).
+    """Learnable context (M, D), or (C, M, D) class-specific, before each class name: forward() -> normalised class text features (C, E).
     The CLIP inside is frozen (requires_grad False); only `ctx` trains."""
 
     def __init__(self, clip: CLIP, tokenizer: WordTokenizer, classnames: list[str], init: str = "", n_ctx: int = 4,
-                 context_length: int = 16):
+                 context_length: int = 16, class_specific: bool = False):
         super().__init__()
         self.clip = clip
         for p in clip.parameters():
@@ -42,16 +43,16 @@ class PromptLearner(nn.Module):
         M = len(words) or n_ctx
         emb = clip.text.token_embedding.weight
         ctx = emb[words].detach().clone() if words else torch.randn(M, emb.shape[1]) * 0.02
-        self.ctx = nn.Parameter(ctx)
+        self.ctx = nn.Parameter(ctx.expand(len(classnames), -1, -1).clone() if class_specific else ctx)
         ids, mask = tokenizer([" ".join(["x"] * M + [c]) + "." for c in classnames], context_length)
         ids[:, 1 : 1 + M] = tokenizer.unk_id  # placeholders; their embeddings are replaced by ctx
         self.register_buffer("ids", ids, persistent=False)
         self.register_buffer("mask", mask, persistent=False)
 
     def forward(self) -> torch.Tensor:
-        text, M = self.clip.text, self.ctx.shape[0]
+        text, M = self.clip.text, self.ctx.shape[-2]
         x = text.embed(self.ids)
-        ctx = (self.ctx + text.pos_embed[1 : 1 + M]).to(x.dtype).expand(x.shape[0], -1, -1)
+        ctx = (self.ctx + text.pos_embed[1 : 1 + M]).to(x.dtype).expand(x.shape[0], -1, -1)  # (C, M, D)
         x = torch.cat([x[:, :1], ctx, x[:, 1 + M :]], dim=1)
         tokens = text.norm(text.run_blocks(x, self.mask))
         return F.normalize(text.proj(text.pool(tokens, self.ids, self.mask)), dim=-1)
@@ -79,7 +80,8 @@ def train_prompts(clip: CLIP, tokenizer: WordTokenizer, train: ImageTextDataset,
     clip.eval()
     handwritten = zero_shot_accuracy(clip, tokenizer, test, templates, config.context_length)
     shots = train.few_shot(config.shots, seed=config.seed)
-    learner = PromptLearner(clip, tokenizer, train.classnames, config.init, config.n_ctx, config.context_length)
+    learner = PromptLearner(clip, tokenizer, train.classnames, config.init, config.n_ctx, config.context_length,
+                            config.class_specific)
     feats = image_features(clip, shots.images)
     cached = ImageTextDataset(feats[:, :, None, None], shots.captions, shots.labels, shots.classnames)
 
