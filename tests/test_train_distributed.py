@@ -78,7 +78,11 @@ def test_two_processes_train_like_one_global_batch(tmp_path, mode):
         for k, v in grads.items():
             torch.testing.assert_close(results[r]["grads"][k], v, rtol=2e-3, atol=1e-5, msg=f"rank {r} grad {k}")
         for k, v in single.items():
-            torch.testing.assert_close(results[r]["state"][k], v, rtol=1e-3, atol=2 * CFG.lr, msg=f"rank {r} {k}")
+            got = results[r]["state"][k]
+            if k.endswith("qkv.bias"):  # the key bias has an exactly-zero gradient (softmax shift invariance):
+                D = v.shape[0] // 3  # AdamW moves it by +-lr on rounding noise, so leave that slice out
+                got, v = torch.cat([got[:D], got[2 * D :]]), torch.cat([v[:D], v[2 * D :]])
+            torch.testing.assert_close(got, v, rtol=1e-3, atol=2 * CFG.lr, msg=f"rank {r} {k}")
     losses = [h["loss"] for h in results[0]["hist"]]
     assert losses == pytest.approx([h["loss"] for h in hist], rel=1e-4)
     if mode == "fsdp":
