@@ -31,19 +31,19 @@ TARGETS = {"zero_shot_top1": 0.90, "prompt_gain": 0.0, "instruction_exact_match"
 def demo_configs(size: str, out: Path, seed: int = 0, progress: bool = True):
     """(contrastive, prompt, instruct, throughput steps) for size "tiny" (tests), "quick", "full" or "gpu"."""
     common = {"seed": seed, "progress": progress, "log_every": 10}
-    clip = ContrastiveConfig(steps=150, batch_size=128, lr=2e-3, warmup_steps=10, out_dir=str(out / "pretrain"),
+    clip = ContrastiveConfig(steps=300, batch_size=128, lr=2e-3, warmup_steps=10, out_dir=str(out / "pretrain"),
                              **common)
     prompt = PromptConfig(steps=80, lr=1e-2, out_dir=str(out / "prompt"), **common)
-    instruct = InstructConfig(steps=100, stage1_steps=20, out_dir=str(out / "instruct"), **common)
+    instruct = InstructConfig(steps=150, stage1_steps=30, out_dir=str(out / "instruct"), **common)
     bench = 3
     if size == "tiny":
         clip = replace(clip, steps=3, batch_size=32, width=32, text_width=32, embed_dim=32, depth=1, text_depth=1)
         prompt, bench = replace(prompt, steps=2, shots=2), 1
         instruct = replace(instruct, steps=2, stage1_steps=1, width=32, depth=1, batch_size=16)
     elif size == "quick":
-        clip = replace(clip, steps=50)
+        clip = replace(clip, steps=100)
         prompt, bench = replace(prompt, steps=40), 4
-        instruct = replace(instruct, steps=50, stage1_steps=10)
+        instruct = replace(instruct, steps=60, stage1_steps=10)
     elif size == "gpu":
         clip = replace(clip, steps=600, batch_size=256, width=128, text_width=128, embed_dim=128, depth=4,
                        text_depth=4, precision="bf16")
