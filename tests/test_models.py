@@ -150,6 +150,81 @@ def test_text_rejects_long_input():
         TextTransformer(TextConfig(**TEXT))(torch.zeros(1, 17, dtype=torch.long))
 
 
+def band_mask(L: int, left: int, right: int, num_global: int) -> torch.Tensor:
+    """(L, L) bool: query i sees keys [i - left, i + right]; the first num_global rows and columns see all."""
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    return ((j >= i - left) & (j <= i + right)) | (i < num_global) | (j < num_global)
+
+
+def _same_weights(model, **config_changes):
+    """A copy of `model` built from its config with `config_changes`, carrying the same state dict."""
+    dense = type(model)(type(model.config)(**{**model.config.to_dict(), **config_changes}))
+    return load_state_dict(dense, model.state_dict())
+
+
+def _check_outputs_and_grads(model, out, dense, expected):
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    params, dense_params = list(model.parameters()), list(dense.parameters())
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(expected, dense_params, g)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_vit_window_layers_match_dense_band_masks():
+    torch.manual_seed(0)
+    windows = ((2, 1), None, (0, 3))  # local, global, local: 2 prefix tokens + 16 patches
+    m = VisionTransformer(ViTConfig(**dict(VIT, depth=3), reg_tokens=1, windows=windows))
+    dense = _same_weights(m, windows=None)
+    images = torch.randn(2, 3, 32, 32)
+    x = dense.norm_pre(dense.patch_embed(images, dense.pos_embed, dense._prefix_tokens()))
+    for blk, w in zip(dense.blocks, windows):
+        x = blk(x, None if w is None else band_mask(x.shape[1], *w, num_global=2))
+    expected = dense.head(dense.pool(dense.norm(x)))
+    out = m(images)
+    assert not torch.allclose(out, dense(images), atol=1e-3)  # the windows do change the result
+    _check_outputs_and_grads(m, out, dense, expected)
+
+
+@pytest.mark.parametrize("config", [dict(TEXT, depth=3), dict(BERT, depth=3, num_global=1)], ids=["causal", "bert"])
+def test_text_window_layers_match_dense_band_masks(config):
+    torch.manual_seed(0)
+    windows = ((2, 0), None, (1, 2))
+    m = TextTransformer(TextConfig(**config, windows=windows))
+    dense = _same_weights(m, windows=None)
+    ids = torch.randint(1, 64, (2, 12))
+    attention_mask = torch.ones(2, 12)
+    attention_mask[1, 9:] = 0  # padding in the second row
+    keys, causal = attention_mask.bool()[:, None, None, :], torch.ones(12, 12, dtype=torch.bool).tril()
+    x = dense.embed(ids)
+    for blk, w in zip(dense.blocks, windows):
+        mask = keys & causal if m.config.causal else keys
+        if w is not None:
+            mask = mask & band_mask(12, *w, num_global=m.config.num_global)
+        x = blk(x, mask)
+    expected = dense.proj(dense.pool(dense.norm(x), ids, attention_mask))
+    out = m(ids, attention_mask)
+    assert not torch.allclose(out, dense(ids, attention_mask), atol=1e-3)
+    _check_outputs_and_grads(m, out, dense, expected)
+
+
+def test_window_config_errors():
+    with pytest.raises(ValueError, match="windows"):
+        ViTConfig(**VIT, windows=((2, 2),))  # depth 2 needs two entries
+    with pytest.raises(ValueError, match="windows"):
+        TextConfig(**TEXT, windows=((2, -1), None))
+
+
+def test_vit_window_layers_long_input_smoke():
+    torch.manual_seed(0)
+    config = dict(VIT, img_size=64, patch_size=16, depth=3, dynamic_img_size=True)
+    m = VisionTransformer(ViTConfig(**config, windows=((32, 32), (32, 32), None)))
+    out = m.forward_features(torch.randn(1, 3, 512, 512))  # 1 + 32 * 32 tokens, two local layers
+    assert out.shape == (1, 1 + 1024, 32) and torch.isfinite(out).all()
+    out.mean().backward()
+    assert_all_grads(m)
+
+
 @pytest.mark.parametrize("bias", [None, -10.0])
 def test_clip_and_siglip_train_step(bias):
     torch.manual_seed(0)
@@ -303,8 +378,8 @@ def test_vl_decoder_sampling_and_eos():
 def _models():
     torch.manual_seed(0)
     return {
-        "vit": VisionTransformer(ViTConfig(**VIT, pool="map", reg_tokens=1)),
-        "text": TextTransformer(TextConfig(**BERT)),
+        "vit": VisionTransformer(ViTConfig(**VIT, pool="map", reg_tokens=1, windows=((3, 3), None))),
+        "text": TextTransformer(TextConfig(**BERT, windows=((2, 2), None, (2, 2), None), num_global=1)),
         "clip": tiny_clip(init_logit_bias=-10.0),
         "fusion": FusionEncoder(FusionConfig(vision=ViTConfig(**VIT), text=TextConfig(**BERT), fusion_layer=2)),
         "decoder": tiny_decoder(tie_embeddings=True),
@@ -321,7 +396,7 @@ def test_checkpoint_round_trip_bit_exact(name, tmp_path):
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
     _, meta = read_checkpoint(path)
-    assert meta["step"] == "7" and json.loads(meta["config"]) == model.config.to_dict()
+    assert meta["step"] == "7" and meta["config"] == json.dumps(model.config.to_dict())
     if name == "decoder":
         assert loaded.lm_head.weight is loaded.lm.token_embedding.weight
 

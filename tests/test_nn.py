@@ -126,6 +126,23 @@ def test_packed_attention_matches_per_sequence():
     torch.testing.assert_close(packed, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_window_attention_packed_matches_per_sequence():
+    torch.manual_seed(0)
+    m = Attention(32, 4, window=(1, 2), num_global=1)
+    seqs = [torch.randn(1, n, 32) for n in (4, 1, 6)]
+    cu = torch.tensor([0, 4, 5, 11], dtype=torch.int32)
+    packed = m(torch.cat(seqs, dim=1)[0], cu_seqlens=cu, max_seqlen=6)
+    expected = torch.cat([m(s)[0] for s in seqs])
+    torch.testing.assert_close(packed, expected, atol=1e-5, rtol=1e-5)
+    dense = Attention(32, 4)
+    dense.load_state_dict(m.state_dict())
+    i, j = torch.arange(6)[:, None], torch.arange(6)[None, :]
+    band = ((j >= i - 1) & (j <= i + 2)) | (i < 1) | (j < 1)
+    torch.testing.assert_close(m(seqs[2]), dense(seqs[2], band), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="kv_cache"):  # cached decoding would misplace the window
+        m(seqs[0], kv_cache=KVCache(8))
+
+
 def test_block_pre_and_post_norm():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 32)

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmkern.nn import Block
+from mmkern.nn.attention import layer_windows
 
 
 @dataclass
@@ -37,6 +38,13 @@ class TextConfig:
     cross_dim: int | None = None  # blocks from `cross_from` on cross-attend to a context of this width
     cross_from: int = 0
     drop: float = 0.0
+    # One (left, right) token window or None (global) per block; a causal tower only uses left. The first
+    # num_global tokens (e.g. BERT's CLS) see and are seen by every position in windowed blocks.
+    windows: tuple[tuple[int, int] | None, ...] | None = None
+    num_global: int = 0
+
+    def __post_init__(self):
+        self.windows = layer_windows(self.windows, self.depth)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,6 +89,8 @@ class TextTransformer(nn.Module):
                 norm_first=c.norm_first,
                 drop=c.drop,
                 cross_dim=c.cross_dim if i >= c.cross_from else None,
+                window=c.windows[i] if c.windows else None,
+                num_global=c.num_global,
             )
             for i in range(c.depth)
         )

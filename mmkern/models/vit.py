@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmkern.nn import Block, CrossAttention, Mlp, PatchEmbed
+from mmkern.nn.attention import layer_windows
 
 
 @dataclass
@@ -39,6 +40,11 @@ class ViTConfig:
     dynamic_img_size: bool = False
     patch_dropout: float = 0.0  # FLIP: fraction of patch tokens dropped in training
     drop: float = 0.0
+    # One (left, right) token window or None (global) per block; prefix tokens (class, registers) stay global.
+    windows: tuple[tuple[int, int] | None, ...] | None = None
+
+    def __post_init__(self):
+        self.windows = layer_windows(self.windows, self.depth)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,8 +88,10 @@ class VisionTransformer(nn.Module):
         pos_len = self.patch_embed.num_patches + (0 if c.no_embed_class else self.num_prefix_tokens)
         self.pos_embed = nn.Parameter(torch.randn(1, pos_len, D) * 0.02)
         self.norm_pre = nn.LayerNorm(D, eps=c.eps) if c.pre_norm else nn.Identity()
+        T = self.num_prefix_tokens
         self.blocks = nn.ModuleList(
-            Block(D, c.heads, c.mlp_ratio, c.qkv_bias, c.act, c.eps, drop=c.drop) for _ in range(c.depth)
+            Block(D, c.heads, c.mlp_ratio, c.qkv_bias, c.act, c.eps, drop=c.drop, window=w, num_global=T)
+            for w in c.windows or (None,) * c.depth
         )
         self.norm = nn.Identity() if c.fc_norm else nn.LayerNorm(D, eps=c.eps)
         self.fc_norm = nn.LayerNorm(D, eps=c.eps) if c.fc_norm else nn.Identity()

@@ -34,12 +34,27 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def layer_windows(windows, depth: int) -> tuple[tuple[int, int] | None, ...] | None:
+    """Checks a per-layer window list (one (left, right) or None = global entry per layer) and returns it as
+    tuples, so that a config read back from JSON (lists) equals the one saved."""
+    if windows is None:
+        return None
+    if len(windows) != depth:
+        raise ValueError(f"windows: expected one entry per layer ({depth}), got {len(windows)}")
+    for w in windows:
+        if w is not None and not (len(w) == 2 and all(isinstance(n, int) and n >= 0 for n in w)):
+            raise ValueError(f"windows: each entry must be None or (left, right) ints >= 0, got {w!r}")
+    return tuple(None if w is None else tuple(w) for w in windows)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention, state-dict compatible with timm's `Attention` (`qkv`, `proj`).
 
     forward(x (B, L, D), attn_mask=None, is_causal=False, kv_cache=None) -> (B, L, D). `attn_mask` is a
     bool (True = attend) or additive float mask broadcastable to (B, H, L, S). Packed sequences: x
     (total, D) with `cu_seqlens` (num_seqs + 1,) int32 and `max_seqlen` go through varlen_attention.
+    `window` (left, right) makes the layer local: query i sees keys [i - left, i + right] only, except the
+    first `num_global` tokens, which see and are seen by every position (see ops.scaled_dot_product_attention).
     """
 
     def __init__(
@@ -50,11 +65,15 @@ class Attention(nn.Module):
         proj_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        window: tuple[int, int] | None = None,
+        num_global: int = 0,
     ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"num_heads: dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
+        # The ops take num_global only together with a window.
+        self.window, self.num_global = window, num_global if window is not None else 0
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.attn_drop, self.proj_drop = attn_drop, nn.Dropout(proj_drop)
@@ -71,13 +90,20 @@ class Attention(nn.Module):
         drop = self.attn_drop if self.training else 0.0
         if cu_seqlens is not None:
             q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
-            o = ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=is_causal)
+            cu, n = cu_seqlens, max_seqlen
+            o = ops.varlen_attention(
+                q, k, v, cu, cu, n, n, causal=is_causal, window=self.window, num_global=self.num_global
+            )
             return self.proj_drop(self.proj(o.flatten(-2)))
         B, L, _ = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if kv_cache is not None:
+            if self.window is not None:  # the op counts query positions from 0, not from the cache's end
+                raise ValueError("kv_cache: decoding with a cache is not supported by windowed attention layers")
             k, v = kv_cache.update(k, v)
-        o = ops.scaled_dot_product_attention(q, k, v, attn_mask, drop, is_causal)
+        o = ops.scaled_dot_product_attention(
+            q, k, v, attn_mask, drop, is_causal, window=self.window, num_global=self.num_global
+        )
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, L, -1)))
 
 

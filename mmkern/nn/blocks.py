@@ -57,6 +57,7 @@ class Block(nn.Module):
 
     norm_first=True is the pre-norm layer of ViT / CLIP / GPT (x + f(norm(x))); False the post-norm layer of
     BERT (norm(x + f(x))). `cross_dim` adds `cross_attn` over a context (B, S, cross_dim) between the two.
+    `window` / `num_global` make the self-attention local (see Attention); they are config, not parameters.
     Keys: norm1, attn.{qkv,proj}, [norm_cross, cross_attn.{q,kv,proj}], norm2, mlp.{fc1,fc2}.
 
     forward(x (B, L, D) or packed (total, D), attn_mask=None, is_causal=False, context=None, context_mask=None,
@@ -75,11 +76,15 @@ class Block(nn.Module):
         cross_dim: int | None = None,
         drop: float = 0.0,
         attn_drop: float = 0.0,
+        window: tuple[int, int] | None = None,
+        num_global: int = 0,
     ):
         super().__init__()
         self.norm_first = norm_first
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.attn = Attention(
+            dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop, window=window, num_global=num_global
+        )
         self.cross_attn = None
         if cross_dim is not None:
             self.norm_cross = nn.LayerNorm(dim, eps=eps)
