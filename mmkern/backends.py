@@ -116,7 +116,10 @@ def resolve(backend: str | None, device: torch.device, cuda_default: str = "trit
     return chosen
 
 
-def availability() -> dict[str, dict[str, str | None]]:
-    """For each backend and device type: None if available, else why not (used by `mmkern info`)."""
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return {b: {d: unavailable_reason(b, d) for d in devices} for b in BACKENDS}
+def availability() -> dict[str, str | None]:
+    """For each backend: None if it can run here, else why not (used by `mmkern info`). Each backend is
+    judged on its natural device: cpu on CPU tensors, cuda on CUDA tensors, triton on CUDA tensors where a
+    GPU is visible (else on CPU tensors, i.e. under the interpreter)."""
+    gpu = torch.cuda.is_available()
+    natural = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda" if gpu else "cpu", "reference": "cpu"}
+    return {b: unavailable_reason(b, natural[b]) for b in BACKENDS}

@@ -38,10 +38,8 @@ def info() -> str:
     else:
         lines.append(f"native module: {_native.IMPORT_ERROR}")
     lines.append("backends:")
-    for backend, per_device in backends.availability().items():
-        for device, reason in per_device.items():
-            status = "available" if reason is None else f"unavailable: {reason}"
-            lines.append(f"  {backend:<9} on {device:<4} {status}")
+    for backend, reason in backends.availability().items():
+        lines.append(f"  {backend:<9} {'available' if reason is None else 'unavailable: ' + reason}")
     return "\n".join(lines)
 
 
