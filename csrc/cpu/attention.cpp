@@ -223,27 +223,35 @@ struct Buffer {
 };
 
 struct PackedKV {
-  Buffer kt, kn, v, vt;
-  int64_t kt_sz = 0, kn_sz = 0, v_sz = 0, vt_sz = 0;
+  Buffer kt, kn, vt, ka, va;
+  int64_t kt_sz = 0, kn_sz = 0, vt_sz = 0, ka_sz = 0, va_sz = 0;
   const float* at(const Buffer& a, int64_t sz, int64_t blk, int64_t hk, int64_t heads_k) const {
     return a.data() + (blk * heads_k + hk) * sz;
   }
 };
 
+// Which packings a pass needs. Backward: K^T and V^T as B panels (score and dO V^T products), K as B panels
+// (dS K). Forward: K and V^T as A panels (kMR keys / value dims per panel) for the transposed products.
+struct KVWant {
+  bool kt = false, kn = false, vt = false, ka = false, va = false;
+};
+
 template <typename T>
-PackedKV pack_kv(const Call& c, bool want_kt, bool want_kn, bool want_v, bool want_vt, int num_threads) {
+PackedKV pack_kv(const Call& c, KVWant want, int num_threads) {
   const Problem& pb = c.pb;
   PackedKV p;
   p.kt_sz = pb.dim * kBN;
   p.kn_sz = kBN * c.d_pad;
-  p.v_sz = kBN * c.dv_pad;
   p.vt_sz = pb.dim_v * kBN;
+  p.ka_sz = kBN * pb.dim;
+  p.va_sz = cpu::round_up(pb.dim_v, cpu::kMR) * kBN;
   const int64_t n = c.num_kblocks * pb.heads_k;
-  thread_local Workspace ws[4];
-  if (want_kt) p.kt.p = ws[0].get(n * p.kt_sz);
-  if (want_kn) p.kn.p = ws[1].get(n * p.kn_sz);
-  if (want_v) p.v.p = ws[2].get(n * p.v_sz);
-  if (want_vt) p.vt.p = ws[3].get(n * p.vt_sz);
+  thread_local Workspace ws[5];
+  if (want.kt) p.kt.p = ws[0].get(n * p.kt_sz);
+  if (want.kn) p.kn.p = ws[1].get(n * p.kn_sz);
+  if (want.vt) p.vt.p = ws[2].get(n * p.vt_sz);
+  if (want.ka) p.ka.p = ws[3].get(n * p.ka_sz);
+  if (want.va) p.va.p = ws[4].get(n * p.va_sz);
   const T* K = static_cast<const T*>(c.k);
   const T* V = static_cast<const T*>(c.v);
 #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(num_threads)
@@ -257,13 +265,14 @@ PackedKV pack_kv(const Call& c, bool want_kt, bool want_kn, bool want_v, bool wa
         const int64_t kst = c.lk.st, ksd = c.lk.sd, vst = c.lv.st, vsd = c.lv.sd;
         auto k_at = [=](int64_t s, int64_t d) { return to_float(kbase[s * kst + d * ksd]); };
         auto v_at = [=](int64_t s, int64_t d) { return to_float(vbase[s * vst + d * vsd]); };
+        auto vt_at = [&](int64_t d, int64_t s) { return v_at(s, d); };
         const int64_t idx = blk * pb.heads_k + hk;
-        if (want_kt)
+        if (want.kt)
           cpu::pack_b_all([&](int64_t d, int64_t s) { return k_at(s, d); }, pb.dim, bn, p.kt.data() + idx * p.kt_sz);
-        if (want_kn) cpu::pack_b_all(k_at, bn, pb.dim, p.kn.data() + idx * p.kn_sz);
-        if (want_v) cpu::pack_b_all(v_at, bn, pb.dim_v, p.v.data() + idx * p.v_sz);
-        if (want_vt)
-          cpu::pack_b_all([&](int64_t d, int64_t s) { return v_at(s, d); }, pb.dim_v, bn, p.vt.data() + idx * p.vt_sz);
+        if (want.kn) cpu::pack_b_all(k_at, bn, pb.dim, p.kn.data() + idx * p.kn_sz);
+        if (want.vt) cpu::pack_b_all(vt_at, pb.dim_v, bn, p.vt.data() + idx * p.vt_sz);
+        if (want.ka) pack_a_all(k_at, bn, pb.dim, p.ka.data() + idx * p.ka_sz);
+        if (want.va) pack_a_all(vt_at, pb.dim_v, bn, p.va.data() + idx * p.va_sz);
       }
     }
   }
@@ -280,59 +289,114 @@ void load_q(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t bm, float* 
     for (int64_t d = 0; d < D; ++d) qs[i * D + d] = to_float(Q[i * st + d * sd]) * scale;
 }
 
+// Forward on transposed tiles. A task is one panel of kNR queries: St = K Q^T (keys x kNR queries, one
+// micro-kernel sweep with K as packed A panels and scale Q^T as the B panel) lands in exactly the packed
+// B layout of the second product, Ot += V^T P^T, so P is never copied or transposed. The softmax runs down
+// the columns: max, exp and sum are 16-lane vertical operations with no horizontal reductions. The
+// accumulator Ot (Dv x kNR) is transposed once when the output is written.
+constexpr int64_t kQP = cpu::kNR;  // queries per forward task
+
+// Adds the float mask / applies the bool mask and the structural visibility to a transposed tile
+// st[key][query] (row stride kQP): queries i0 + [0, nq), keys j0 + [0, bn).
+inline void mask_tile_t(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0, int64_t bn,
+                        bool all_visible, float* st) {
+  for (int64_t q = 0; q < nq; ++q) {
+    if (c.mask) {
+      const int64_t base = c.lmask.offset(b, h, i0 + q, 0);
+      if (!c.mask_bool) {
+        const float* m = static_cast<const float*>(c.mask) + base;
+        for (int64_t j = 0; j < bn; ++j) st[j * kQP + q] += m[(j0 + j) * c.lmask.sd];
+      } else {
+        const uint8_t* m = static_cast<const uint8_t*>(c.mask) + base;
+        for (int64_t j = 0; j < bn; ++j)
+          if (!m[(j0 + j) * c.lmask.sd]) st[j * kQP + q] = -INFINITY;
+      }
+    }
+    if (!all_visible)
+      for (int64_t j = 0; j < bn; ++j)
+        if (!attn::visible(c.pb.vis, i0 + q, j0 + j)) st[j * kQP + q] = -INFINITY;
+  }
+}
+
 template <typename T>
 void forward(const Call& c, T* out, int num_threads) {
   const Problem& pb = c.pb;
-  const PackedKV kv = pack_kv<T>(c, true, false, true, false, num_threads);
-  const int64_t D = pb.dim, Dv = pb.dim_v, group = pb.heads_q / pb.heads_k;
+  KVWant want;
+  want.ka = want.va = true;
+  const PackedKV kv = pack_kv<T>(c, want, num_threads);
+  const int64_t D = pb.dim, Dv = pb.dim_v, dv8 = cpu::round_up(Dv, cpu::kMR), group = pb.heads_q / pb.heads_k;
   const float keep_scale = pb.dropout_p > 0.f ? 1.f / (1.f - pb.dropout_p) : 1.f;
-  const int64_t tasks = pb.batch * pb.heads_q * c.num_qblocks_max;
+  const int64_t panels = (pb.max_len_q + kQP - 1) / kQP, tasks = pb.batch * pb.heads_q * panels;
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> qs(kBM * D), qa(kBM * D), st(kBM * kBN), acc(kBM * Dv), m(kBM), l(kBM),
-        panel(cpu::kPanelAFloats);
+    std::vector<float> qt(D * kQP), st(kBN * kQP), acc(dv8 * kQP);
+    alignas(64) float m[kQP], l[kQP];
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t qb = task % c.num_qblocks_max, bh = task / c.num_qblocks_max;
+      const int64_t qp = task % panels, bh = task / panels;
       const int64_t b = bh / pb.heads_q, h = bh % pb.heads_q, hk = h / group;
-      const int64_t L = pb.len_q(b), S = pb.len_k(b), i0 = qb * kBM;
+      const int64_t L = pb.len_q(b), S = pb.len_k(b), i0 = qp * kQP;
       if (i0 >= L) continue;
-      const int64_t bm = std::min(kBM, L - i0);
-      load_q<T>(c, b, h, i0, bm, qs.data());
-      pack_a_all([&](int64_t i, int64_t d) { return qs[i * D + d]; }, bm, D, qa.data());
+      const int64_t nq = std::min(kQP, L - i0);
+      const T* qbase = static_cast<const T*>(c.q) + c.lq.offset(b, h, pb.q_start(b) + i0, 0);
+      const int64_t qst = c.lq.st, qsd = c.lq.sd;
+      const float scale = pb.scale;
+      cpu::pack_b([&](int64_t d, int64_t i) { return to_float(qbase[i * qst + d * qsd]) * scale; }, 0, D, 0,
+                  static_cast<int>(nq), qt.data());
       std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(m.begin(), m.end(), -INFINITY);
-      std::fill(l.begin(), l.end(), 0.f);
+      vf16 m0 = vf16{} - INFINITY, m1 = m0, l0 = vf16{}, l1 = l0;
       for (int64_t j0 = 0; j0 < S; j0 += kBN) {
         const int64_t bn = std::min(kBN, S - j0);
-        if (!attn::block_any_visible(pb.vis, i0, i0 + bm, j0, j0 + bn)) continue;
-        const bool all_visible = attn::block_all_visible(pb.vis, i0, i0 + bm, j0, j0 + bn);
+        if (!attn::block_any_visible(pb.vis, i0, i0 + nq, j0, j0 + bn)) continue;
         const int64_t blk = c.kblock_base[b] + j0 / kBN;
-        gemm_prepacked(bm, bn, D, qa.data(), kv.at(kv.kt, kv.kt_sz, blk, hk, pb.heads_k), st.data(), kBN, false);
-        for (int64_t i = 0; i < bm; ++i) {
-          float* row = st.data() + i * kBN;
-          mask_row_any(c, b, h, i0 + i, j0, bn, all_visible, row);
-          const float m_new = std::max(m[i], row_max(row, bn)), shift = attn::softmax_shift(m_new);
-          const float alpha = fast_exp(m[i] - shift);
-          const float sum = exp_row(row, bn, shift);
-          l[i] = l[i] * alpha + sum;
-          m[i] = m_new;
-          if (alpha != 1.f)
-            for (int64_t d = 0; d < Dv; ++d) acc[i * Dv + d] *= alpha;
-          if (pb.dropout_p > 0.f)
-            for (int64_t j = 0; j < bn; ++j)
-              row[j] *= attn::dropout_keep(pb.seed, bh, i0 + i, j0 + j, pb.dropout_p) ? keep_scale : 0.f;
+        const float* ka = kv.at(kv.ka, kv.ka_sz, blk, hk, pb.heads_k);
+        const float* va = kv.at(kv.va, kv.va_sz, blk, hk, pb.heads_k);
+        for (int64_t k0 = 0; k0 < bn; k0 += cpu::kMR)  // padded keys (zero rows of ka) are never read back
+          cpu::micro_kernel(D, ka + k0 * D, qt.data(), st.data() + k0 * kQP, kQP, cpu::kMR, cpu::kNR, false);
+        const bool all_visible = attn::block_all_visible(pb.vis, i0, i0 + nq, j0, j0 + bn);
+        if (c.mask || !all_visible) mask_tile_t(c, b, h, i0, nq, j0, bn, all_visible, st.data());
+        float* p = st.data();
+        vf16 x0 = m0, x1 = m1;
+        for (int64_t j = 0; j < bn; ++j) {
+          const vf16 s0 = load16(p + j * kQP), s1 = load16(p + j * kQP + 16);
+          x0 = s0 > x0 ? s0 : x0;
+          x1 = s1 > x1 ? s1 : x1;
         }
-        auto pa = [&](int64_t i, int64_t j) { return st[i * kBN + j]; };
-        cpu::gemm_packed_b(bm, Dv, bn, pa, kv.at(kv.v, kv.v_sz, blk, hk, pb.heads_k), acc.data(), Dv, true,
-                           panel.data());
+        // softmax_shift, vectorised: a column that has seen only -inf shifts by 0.
+        const vf16 sh0 = x0 == -INFINITY ? vf16{} : x0, sh1 = x1 == -INFINITY ? vf16{} : x1;
+        const vf16 a0 = exp16(m0 - sh0), a1 = exp16(m1 - sh1);
+        vf16 s0 = vf16{}, s1 = vf16{};
+        for (int64_t j = 0; j < bn; ++j) {
+          const vf16 e0 = exp16(load16(p + j * kQP) - sh0), e1 = exp16(load16(p + j * kQP + 16) - sh1);
+          store16(p + j * kQP, e0);
+          store16(p + j * kQP + 16, e1);
+          s0 += e0;
+          s1 += e1;
+        }
+        l0 = l0 * a0 + s0;
+        l1 = l1 * a1 + s1;
+        m0 = x0;
+        m1 = x1;
+        for (int64_t d = 0; d < Dv; ++d) {
+          store16(acc.data() + d * kQP, load16(acc.data() + d * kQP) * a0);
+          store16(acc.data() + d * kQP + 16, load16(acc.data() + d * kQP + 16) * a1);
+        }
+        if (pb.dropout_p > 0.f)
+          for (int64_t q = 0; q < nq; ++q)
+            for (int64_t j = 0; j < bn; ++j)
+              p[j * kQP + q] *= attn::dropout_keep(pb.seed, bh, i0 + q, j0 + j, pb.dropout_p) ? keep_scale : 0.f;
+        for (int64_t d0 = 0; d0 < dv8; d0 += cpu::kMR)
+          cpu::micro_kernel(bn, va + d0 * bn, p, acc.data() + d0 * kQP, kQP, cpu::kMR, cpu::kNR, true);
       }
-      const int64_t t0 = pb.q_start(b) + i0;
-      T* obase = out + c.lo.offset(b, h, t0, 0);
-      for (int64_t i = 0; i < bm; ++i) {
-        const float inv = attn::row_inv_sum(l[i]);
-        for (int64_t d = 0; d < Dv; ++d) obase[i * c.lo.st + d * c.lo.sd] = from_float<T>(acc[i * Dv + d] * inv);
-        c.lse[c.lrow_offset(b, h, i0 + i)] = attn::row_lse(m[i], l[i]);
+      store16(m, m0);
+      store16(m + 16, m1);
+      store16(l, l0);
+      store16(l + 16, l1);
+      T* obase = out + c.lo.offset(b, h, pb.q_start(b) + i0, 0);
+      for (int64_t q = 0; q < nq; ++q) {
+        const float inv = attn::row_inv_sum(l[q]);
+        for (int64_t d = 0; d < Dv; ++d) obase[q * c.lo.st + d * c.lo.sd] = from_float<T>(acc[d * kQP + q] * inv);
+        c.lse[c.lrow_offset(b, h, i0 + q)] = attn::row_lse(m[q], l[q]);
       }
     }
   }
@@ -436,7 +500,9 @@ template <typename T>
 void backward(const Call& c, T* dq, const Layout& ldq, T* dk, const Layout& ldk, T* dv, const Layout& ldv,
               int num_threads) {
   const Problem& pb = c.pb;
-  const PackedKV kv = pack_kv<T>(c, true, true, false, true, num_threads);
+  KVWant want;
+  want.kt = want.kn = want.vt = true;
+  const PackedKV kv = pack_kv<T>(c, want, num_threads);
   const int64_t D = pb.dim, Dv = pb.dim_v, group = pb.heads_q / pb.heads_k;
   const int64_t kv_tasks = pb.batch * pb.heads_k;
   const bool one_pass = kv_tasks >= 4 * static_cast<int64_t>(num_threads);
