@@ -88,6 +88,19 @@ inline vf16 load16(const float* p) {
 }
 inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
 
+// Horizontal max / sum of 16 lanes as a halving tree (4 vector steps instead of 16 scalar ones).
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+template <bool kMax>
+inline float reduce16(vf16 x) {
+  auto op = [](auto u, auto v) { return kMax ? (u > v ? u : v) : u + v; };
+  const vf8 a = op(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7),
+                   __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15));
+  const vf4 c = op(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
+  const float lo = kMax ? std::max(c[0], c[2]) : c[0] + c[2], hi = kMax ? std::max(c[1], c[3]) : c[1] + c[3];
+  return kMax ? std::max(lo, hi) : lo + hi;
+}
+
 inline float row_max(const float* row, int64_t n) {
   vf16 m = vf16{} - INFINITY;
   int64_t j = 0;
@@ -95,8 +108,7 @@ inline float row_max(const float* row, int64_t n) {
     const vf16 x = load16(row + j);
     m = x > m ? x : m;
   }
-  float mx = -INFINITY;
-  for (int l = 0; l < 16; ++l) mx = m[l] > mx ? m[l] : mx;
+  float mx = reduce16<true>(m);
   for (; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
   return mx;
 }
@@ -110,8 +122,7 @@ inline float exp_row(float* row, int64_t n, float shift) {
     store16(row + j, p);
     s += p;
   }
-  float sum = 0.f;
-  for (int l = 0; l < 16; ++l) sum += s[l];
+  float sum = reduce16<false>(s);
   for (; j < n; ++j) {
     row[j] = fast_exp(row[j] - shift);
     sum += row[j];
@@ -151,6 +162,72 @@ inline void gemm_transposed_a(int64_t M, int64_t N, int64_t K, const float* t, i
     for (int64_t j0 = 0; j0 < N; j0 += cpu::kNR)
       cpu::micro_kernel(K, panel, Bp + j0 * K, C + i0 * ldc + j0, ldc, mr,
                         static_cast<int>(std::min<int64_t>(cpu::kNR, N - j0)), true);
+  }
+}
+
+// C (kMR x kNR tile, row stride ldc) (+)= A B where A is read in place, a(i, k) = A[i * lda + k], and B is
+// a packed kNR-wide panel. The A values are broadcast from memory anyway, so reading them from mr separate
+// rows costs the same as reading a packed panel, and the operand needs no copy. Rows i >= mr of the tile
+// reuse row 0 (in bounds; their results are discarded).
+inline void micro_kernel_rows(int64_t K, const float* A, int64_t lda, const float* __restrict__ Bp, float* C,
+                              int64_t ldc, int mr, int nr, bool accumulate) {
+  const float* a[cpu::kMR];
+  for (int i = 0; i < cpu::kMR; ++i) a[i] = A + (i < mr ? i : 0) * lda;
+  vf16 c0[cpu::kMR], c1[cpu::kMR];
+  for (int i = 0; i < cpu::kMR; ++i) c0[i] = c1[i] = vf16{};
+  for (int64_t k = 0; k < K; ++k) {
+    const vf16 b0 = load16(Bp + k * cpu::kNR), b1 = load16(Bp + k * cpu::kNR + 16);
+#pragma GCC unroll 8
+    for (int i = 0; i < cpu::kMR; ++i) {
+      const float x = a[i][k];
+      c0[i] += x * b0;
+      c1[i] += x * b1;
+    }
+  }
+  if (nr == cpu::kNR) {
+    for (int i = 0; i < mr; ++i) {
+      float* row = C + i * ldc;
+      store16(row, accumulate ? load16(row) + c0[i] : c0[i]);
+      store16(row + 16, accumulate ? load16(row + 16) + c1[i] : c1[i]);
+    }
+    return;
+  }
+  for (int i = 0; i < mr; ++i) {
+    float* row = C + i * ldc;
+    for (int j = 0; j < nr; ++j) {
+      const float v = j < 16 ? c0[i][j] : c1[i][j - 16];
+      row[j] = accumulate ? row[j] + v : v;
+    }
+  }
+}
+
+// C (M x N, row stride ldc) (+)= A (M x K, row stride lda, read in place) B (packed by pack_b_all, K <= kKC).
+inline void gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp, float* C,
+                      int64_t ldc, bool accumulate) {
+  for (int64_t i0 = 0; i0 < M; i0 += cpu::kMR)
+    for (int64_t j0 = 0; j0 < N; j0 += cpu::kNR)
+      micro_kernel_rows(K, A + i0 * lda, lda, Bp + j0 * K, C + i0 * ldc + j0, ldc,
+                        static_cast<int>(std::min<int64_t>(cpu::kMR, M - i0)),
+                        static_cast<int>(std::min<int64_t>(cpu::kNR, N - j0)), accumulate);
+}
+
+// Packs rows x cols of a strided array (row stride st, column stride sd) as B panels (cpu::pack_b_all
+// layout, rows <= kKC), with a unit-stride copy loop for the common layout.
+template <typename T>
+void pack_rows_b(const T* src, int64_t st, int64_t sd, int64_t rows, int64_t cols, float* dst) {
+  for (int64_t j0 = 0; j0 < cols; j0 += cpu::kNR) {
+    const int64_t nr = std::min<int64_t>(cpu::kNR, cols - j0);
+    float* panel = dst + j0 * rows;
+    for (int64_t k = 0; k < rows; ++k) {
+      const T* s = src + k * st + j0 * sd;
+      float* d = panel + k * cpu::kNR;
+      if (sd == 1) {
+        for (int64_t j = 0; j < nr; ++j) d[j] = to_float(s[j]);
+      } else {
+        for (int64_t j = 0; j < nr; ++j) d[j] = to_float(s[j * sd]);
+      }
+      for (int64_t j = nr; j < cpu::kNR; ++j) d[j] = 0.f;
+    }
   }
 }
 
@@ -223,17 +300,16 @@ struct Buffer {
 };
 
 struct PackedKV {
-  Buffer kt, kn, vt, ka, va;
-  int64_t kt_sz = 0, kn_sz = 0, vt_sz = 0, ka_sz = 0, va_sz = 0;
+  Buffer kt, kn, vt, v;
+  int64_t kt_sz = 0, kn_sz = 0, vt_sz = 0, v_sz = 0;
   const float* at(const Buffer& a, int64_t sz, int64_t blk, int64_t hk, int64_t heads_k) const {
     return a.data() + (blk * heads_k + hk) * sz;
   }
 };
 
-// Which packings a pass needs. Backward: K^T and V^T as B panels (score and dO V^T products), K as B panels
-// (dS K). Forward: K and V^T as A panels (kMR keys / value dims per panel) for the transposed products.
+// Which packings a pass needs (all as B panels): K^T (scores), V^T (dO V^T), K (dS K), V (P V).
 struct KVWant {
-  bool kt = false, kn = false, vt = false, ka = false, va = false;
+  bool kt = false, kn = false, vt = false, v = false;
 };
 
 template <typename T>
@@ -243,15 +319,13 @@ PackedKV pack_kv(const Call& c, KVWant want, int num_threads) {
   p.kt_sz = pb.dim * kBN;
   p.kn_sz = kBN * c.d_pad;
   p.vt_sz = pb.dim_v * kBN;
-  p.ka_sz = kBN * pb.dim;
-  p.va_sz = cpu::round_up(pb.dim_v, cpu::kMR) * kBN;
+  p.v_sz = kBN * c.dv_pad;
   const int64_t n = c.num_kblocks * pb.heads_k;
-  thread_local Workspace ws[5];
+  thread_local Workspace ws[4];
   if (want.kt) p.kt.p = ws[0].get(n * p.kt_sz);
   if (want.kn) p.kn.p = ws[1].get(n * p.kn_sz);
   if (want.vt) p.vt.p = ws[2].get(n * p.vt_sz);
-  if (want.ka) p.ka.p = ws[3].get(n * p.ka_sz);
-  if (want.va) p.va.p = ws[4].get(n * p.va_sz);
+  if (want.v) p.v.p = ws[3].get(n * p.v_sz);
   const T* K = static_cast<const T*>(c.k);
   const T* V = static_cast<const T*>(c.v);
 #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(num_threads)
@@ -271,8 +345,7 @@ PackedKV pack_kv(const Call& c, KVWant want, int num_threads) {
           cpu::pack_b_all([&](int64_t d, int64_t s) { return k_at(s, d); }, pb.dim, bn, p.kt.data() + idx * p.kt_sz);
         if (want.kn) cpu::pack_b_all(k_at, bn, pb.dim, p.kn.data() + idx * p.kn_sz);
         if (want.vt) cpu::pack_b_all(vt_at, pb.dim_v, bn, p.vt.data() + idx * p.vt_sz);
-        if (want.ka) pack_a_all(k_at, bn, pb.dim, p.ka.data() + idx * p.ka_sz);
-        if (want.va) pack_a_all(vt_at, pb.dim_v, bn, p.va.data() + idx * p.va_sz);
+        if (want.v) pack_rows_b(vbase, vst, vsd, bn, pb.dim_v, p.v.data() + idx * p.v_sz);
       }
     }
   }
@@ -285,36 +358,24 @@ void load_q(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t bm, float* 
   const T* Q = static_cast<const T*>(c.q) + c.lq.offset(b, h, c.pb.q_start(b) + i0, 0);
   const int64_t st = c.lq.st, sd = c.lq.sd, D = c.pb.dim;
   const float scale = c.pb.scale;
-  for (int64_t i = 0; i < bm; ++i)
-    for (int64_t d = 0; d < D; ++d) qs[i * D + d] = to_float(Q[i * st + d * sd]) * scale;
+  for (int64_t i = 0; i < bm; ++i) {
+    if (sd == 1) {  // the common layout: a unit-stride loop the compiler vectorises
+      for (int64_t d = 0; d < D; ++d) qs[i * D + d] = to_float(Q[i * st + d]) * scale;
+    } else {
+      for (int64_t d = 0; d < D; ++d) qs[i * D + d] = to_float(Q[i * st + d * sd]) * scale;
+    }
+  }
 }
 
-// Forward on transposed tiles. A task is one panel of kNR queries: St = K Q^T (keys x kNR queries, one
-// micro-kernel sweep with K as packed A panels and scale Q^T as the B panel) lands in exactly the packed
-// B layout of the second product, Ot += V^T P^T, so P is never copied or transposed. The softmax runs down
-// the columns: max, exp and sum are 16-lane vertical operations with no horizontal reductions. The
-// accumulator Ot (Dv x kNR) is transposed once when the output is written.
-constexpr int64_t kQP = cpu::kNR;  // queries per forward task
-
-// Adds the float mask / applies the bool mask and the structural visibility to a transposed tile
-// st[key][query] (row stride kQP): queries i0 + [0, nq), keys j0 + [0, bn).
-inline void mask_tile_t(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0, int64_t bn,
-                        bool all_visible, float* st) {
-  for (int64_t q = 0; q < nq; ++q) {
-    if (c.mask) {
-      const int64_t base = c.lmask.offset(b, h, i0 + q, 0);
-      if (!c.mask_bool) {
-        const float* m = static_cast<const float*>(c.mask) + base;
-        for (int64_t j = 0; j < bn; ++j) st[j * kQP + q] += m[(j0 + j) * c.lmask.sd];
-      } else {
-        const uint8_t* m = static_cast<const uint8_t*>(c.mask) + base;
-        for (int64_t j = 0; j < bn; ++j)
-          if (!m[(j0 + j) * c.lmask.sd]) st[j * kQP + q] = -INFINITY;
-      }
+// dst (rows x cols, strides st / sd) = src (row-major fp32), converted to T.
+template <typename T>
+void store_rows(T* dst, int64_t st, int64_t sd, int64_t rows, int64_t cols, const float* src) {
+  for (int64_t i = 0; i < rows; ++i) {
+    if (sd == 1) {
+      for (int64_t d = 0; d < cols; ++d) dst[i * st + d] = from_float<T>(src[i * cols + d]);
+    } else {
+      for (int64_t d = 0; d < cols; ++d) dst[i * st + d * sd] = from_float<T>(src[i * cols + d]);
     }
-    if (!all_visible)
-      for (int64_t j = 0; j < bn; ++j)
-        if (!attn::visible(c.pb.vis, i0 + q, j0 + j)) st[j * kQP + q] = -INFINITY;
   }
 }
 
@@ -322,82 +383,55 @@ template <typename T>
 void forward(const Call& c, T* out, int num_threads) {
   const Problem& pb = c.pb;
   KVWant want;
-  want.ka = want.va = true;
+  want.kt = want.v = true;
   const PackedKV kv = pack_kv<T>(c, want, num_threads);
-  const int64_t D = pb.dim, Dv = pb.dim_v, dv8 = cpu::round_up(Dv, cpu::kMR), group = pb.heads_q / pb.heads_k;
+  const int64_t D = pb.dim, Dv = pb.dim_v, group = pb.heads_q / pb.heads_k;
   const float keep_scale = pb.dropout_p > 0.f ? 1.f / (1.f - pb.dropout_p) : 1.f;
-  const int64_t panels = (pb.max_len_q + kQP - 1) / kQP, tasks = pb.batch * pb.heads_q * panels;
+  const int64_t tasks = pb.batch * pb.heads_q * c.num_qblocks_max;
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> qt(D * kQP), st(kBN * kQP), acc(dv8 * kQP);
-    alignas(64) float m[kQP], l[kQP];
+    std::vector<float> qs(kBM * D), st(kBM * kBN), acc(kBM * Dv), m(kBM), l(kBM);
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t qp = task % panels, bh = task / panels;
+      const int64_t qb = task % c.num_qblocks_max, bh = task / c.num_qblocks_max;
       const int64_t b = bh / pb.heads_q, h = bh % pb.heads_q, hk = h / group;
-      const int64_t L = pb.len_q(b), S = pb.len_k(b), i0 = qp * kQP;
+      const int64_t L = pb.len_q(b), S = pb.len_k(b), i0 = qb * kBM;
       if (i0 >= L) continue;
-      const int64_t nq = std::min(kQP, L - i0);
-      const T* qbase = static_cast<const T*>(c.q) + c.lq.offset(b, h, pb.q_start(b) + i0, 0);
-      const int64_t qst = c.lq.st, qsd = c.lq.sd;
-      const float scale = pb.scale;
-      cpu::pack_b([&](int64_t d, int64_t i) { return to_float(qbase[i * qst + d * qsd]) * scale; }, 0, D, 0,
-                  static_cast<int>(nq), qt.data());
+      const int64_t bm = std::min(kBM, L - i0);
+      load_q<T>(c, b, h, i0, bm, qs.data());
       std::fill(acc.begin(), acc.end(), 0.f);
-      vf16 m0 = vf16{} - INFINITY, m1 = m0, l0 = vf16{}, l1 = l0;
+      std::fill(m.begin(), m.end(), -INFINITY);
+      std::fill(l.begin(), l.end(), 0.f);
       for (int64_t j0 = 0; j0 < S; j0 += kBN) {
         const int64_t bn = std::min(kBN, S - j0);
-        if (!attn::block_any_visible(pb.vis, i0, i0 + nq, j0, j0 + bn)) continue;
+        if (!attn::block_any_visible(pb.vis, i0, i0 + bm, j0, j0 + bn)) continue;
+        const bool all_visible = attn::block_all_visible(pb.vis, i0, i0 + bm, j0, j0 + bn);
         const int64_t blk = c.kblock_base[b] + j0 / kBN;
-        const float* ka = kv.at(kv.ka, kv.ka_sz, blk, hk, pb.heads_k);
-        const float* va = kv.at(kv.va, kv.va_sz, blk, hk, pb.heads_k);
-        for (int64_t k0 = 0; k0 < bn; k0 += cpu::kMR)  // padded keys (zero rows of ka) are never read back
-          cpu::micro_kernel(D, ka + k0 * D, qt.data(), st.data() + k0 * kQP, kQP, cpu::kMR, cpu::kNR, false);
-        const bool all_visible = attn::block_all_visible(pb.vis, i0, i0 + nq, j0, j0 + bn);
-        if (c.mask || !all_visible) mask_tile_t(c, b, h, i0, nq, j0, bn, all_visible, st.data());
-        float* p = st.data();
-        vf16 x0 = m0, x1 = m1;
-        for (int64_t j = 0; j < bn; ++j) {
-          const vf16 s0 = load16(p + j * kQP), s1 = load16(p + j * kQP + 16);
-          x0 = s0 > x0 ? s0 : x0;
-          x1 = s1 > x1 ? s1 : x1;
-        }
-        // softmax_shift, vectorised: a column that has seen only -inf shifts by 0.
-        const vf16 sh0 = x0 == -INFINITY ? vf16{} : x0, sh1 = x1 == -INFINITY ? vf16{} : x1;
-        const vf16 a0 = exp16(m0 - sh0), a1 = exp16(m1 - sh1);
-        vf16 s0 = vf16{}, s1 = vf16{};
-        for (int64_t j = 0; j < bn; ++j) {
-          const vf16 e0 = exp16(load16(p + j * kQP) - sh0), e1 = exp16(load16(p + j * kQP + 16) - sh1);
-          store16(p + j * kQP, e0);
-          store16(p + j * kQP + 16, e1);
-          s0 += e0;
-          s1 += e1;
-        }
-        l0 = l0 * a0 + s0;
-        l1 = l1 * a1 + s1;
-        m0 = x0;
-        m1 = x1;
-        for (int64_t d = 0; d < Dv; ++d) {
-          store16(acc.data() + d * kQP, load16(acc.data() + d * kQP) * a0);
-          store16(acc.data() + d * kQP + 16, load16(acc.data() + d * kQP + 16) * a1);
-        }
-        if (pb.dropout_p > 0.f)
-          for (int64_t q = 0; q < nq; ++q)
+        gemm_rows(bm, bn, D, qs.data(), D, kv.at(kv.kt, kv.kt_sz, blk, hk, pb.heads_k), st.data(), kBN, false);
+        const int64_t bn16 = cpu::round_up(bn, 16);  // -inf padding: whole vectors only, and exp(-inf) = 0
+        for (int64_t i = 0; i < bm; ++i) {
+          float* row = st.data() + i * kBN;
+          if (c.mask || !all_visible) mask_row_any(c, b, h, i0 + i, j0, bn, all_visible, row);
+          std::fill(row + bn, row + bn16, -INFINITY);
+          const float m_new = std::max(m[i], row_max(row, bn16)), shift = attn::softmax_shift(m_new);
+          const float alpha = fast_exp(m[i] - shift);
+          const float sum = exp_row(row, bn16, shift);
+          l[i] = l[i] * alpha + sum;
+          m[i] = m_new;
+          if (alpha != 1.f)
+            for (int64_t d = 0; d < Dv; ++d) acc[i * Dv + d] *= alpha;
+          if (pb.dropout_p > 0.f)
             for (int64_t j = 0; j < bn; ++j)
-              p[j * kQP + q] *= attn::dropout_keep(pb.seed, bh, i0 + q, j0 + j, pb.dropout_p) ? keep_scale : 0.f;
-        for (int64_t d0 = 0; d0 < dv8; d0 += cpu::kMR)
-          cpu::micro_kernel(bn, va + d0 * bn, p, acc.data() + d0 * kQP, kQP, cpu::kMR, cpu::kNR, true);
+              row[j] *= attn::dropout_keep(pb.seed, bh, i0 + i, j0 + j, pb.dropout_p) ? keep_scale : 0.f;
+        }
+        gemm_rows(bm, Dv, bn, st.data(), kBN, kv.at(kv.v, kv.v_sz, blk, hk, pb.heads_k), acc.data(), Dv, true);
       }
-      store16(m, m0);
-      store16(m + 16, m1);
-      store16(l, l0);
-      store16(l + 16, l1);
-      T* obase = out + c.lo.offset(b, h, pb.q_start(b) + i0, 0);
-      for (int64_t q = 0; q < nq; ++q) {
-        const float inv = attn::row_inv_sum(l[q]);
-        for (int64_t d = 0; d < Dv; ++d) obase[q * c.lo.st + d * c.lo.sd] = from_float<T>(acc[d * kQP + q] * inv);
-        c.lse[c.lrow_offset(b, h, i0 + q)] = attn::row_lse(m[q], l[q]);
+      for (int64_t i = 0; i < bm; ++i) {
+        const float inv = attn::row_inv_sum(l[i]);
+        for (int64_t d = 0; d < Dv; ++d) acc[i * Dv + d] *= inv;
+        c.lse[c.lrow_offset(b, h, i0 + i)] = attn::row_lse(m[i], l[i]);
       }
+      store_rows(out + c.lo.offset(b, h, pb.q_start(b) + i0, 0), c.lo.st, c.lo.sd, bm, Dv, acc.data());
     }
   }
 }
