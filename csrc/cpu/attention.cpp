@@ -130,56 +130,28 @@ inline float exp_row(float* row, int64_t n, float shift) {
   return sum;
 }
 
-// Head dims are at most 256 = cpu::kKC, so every product below has a single k-block and its operands can be
-// packed once and reused: Q and dO as A panels per query block, K and V as B panels per key block.
-template <class FA>
-void pack_a_all(const FA& a, int64_t M, int64_t K, float* dst) {
-  for (int64_t i0 = 0; i0 < M; i0 += cpu::kMR)
-    cpu::pack_a(a, i0, static_cast<int>(std::min<int64_t>(cpu::kMR, M - i0)), 0, K, dst + i0 * K);
-}
-
-// C (M x N, row stride ldc) (+)= A B with A packed by pack_a_all and B by cpu::pack_b_all (K <= kKC).
-inline void gemm_prepacked(int64_t M, int64_t N, int64_t K, const float* Ap, const float* Bp, float* C, int64_t ldc,
-                           bool accumulate) {
-  for (int64_t i0 = 0; i0 < M; i0 += cpu::kMR)
-    for (int64_t j0 = 0; j0 < N; j0 += cpu::kNR)
-      cpu::micro_kernel(K, Ap + i0 * K, Bp + j0 * K, C + i0 * ldc + j0, ldc,
-                        static_cast<int>(std::min<int64_t>(cpu::kMR, M - i0)),
-                        static_cast<int>(std::min<int64_t>(cpu::kNR, N - j0)), accumulate);
-}
-
-// C (M x N) += A B where A = T^T for a row-major T (K x M, row stride ld) that the caller pads by kMR floats:
-// each packed A row is then a contiguous 8-float copy (the backward's P^T dO and dS^T Q products).
-inline void gemm_transposed_a(int64_t M, int64_t N, int64_t K, const float* t, int64_t ld, const float* Bp, float* C,
-                              int64_t ldc, float* panel) {
-  for (int64_t i0 = 0; i0 < M; i0 += cpu::kMR) {
-    const int mr = static_cast<int>(std::min<int64_t>(cpu::kMR, M - i0));
-    for (int64_t k = 0; k < K; ++k) {
-      const float* src = t + k * ld + i0;
-      float* dst = panel + k * cpu::kMR;
-      for (int ii = 0; ii < cpu::kMR; ++ii) dst[ii] = ii < mr ? src[ii] : 0.f;
-    }
-    for (int64_t j0 = 0; j0 < N; j0 += cpu::kNR)
-      cpu::micro_kernel(K, panel, Bp + j0 * K, C + i0 * ldc + j0, ldc, mr,
-                        static_cast<int>(std::min<int64_t>(cpu::kNR, N - j0)), true);
-  }
-}
-
-// C (kMR x kNR tile, row stride ldc) (+)= A B where A is read in place, a(i, k) = A[i * lda + k], and B is
-// a packed kNR-wide panel. The A values are broadcast from memory anyway, so reading them from mr separate
-// rows costs the same as reading a packed panel, and the operand needs no copy. Rows i >= mr of the tile
-// reuse row 0 (in bounds; their results are discarded).
-inline void micro_kernel_rows(int64_t K, const float* A, int64_t lda, const float* __restrict__ Bp, float* C,
-                              int64_t ldc, int mr, int nr, bool accumulate) {
-  const float* a[cpu::kMR];
-  for (int i = 0; i < cpu::kMR; ++i) a[i] = A + (i < mr ? i : 0) * lda;
+// C (kMR x kNR tile, row stride ldc) (+)= A B where A is read in place and B is a packed kNR-wide panel:
+// a(i, k) = A[i * lda + k], or A[k * lda + i] when kTrans (A given as its transpose, e.g. P^T from the
+// row-major P tile). The A values are broadcast from memory anyway, so reading them from mr rows (or one
+// row of 8 columns) costs the same as a packed panel, and no operand is ever copied or transposed. Rows
+// i >= mr of the tile reuse row 0 (in bounds; their results are discarded).
+template <bool kTrans>
+inline void micro_kernel_a(int64_t K, const float* A, int64_t lda, const float* __restrict__ Bp, float* C,
+                           int64_t ldc, int mr, int nr, bool accumulate) {
   vf16 c0[cpu::kMR], c1[cpu::kMR];
   for (int i = 0; i < cpu::kMR; ++i) c0[i] = c1[i] = vf16{};
+  const float* a[cpu::kMR];
+  int64_t col[cpu::kMR];
+  for (int i = 0; i < cpu::kMR; ++i) {
+    a[i] = A + (i < mr ? i : 0) * lda;
+    col[i] = i < mr ? i : 0;
+  }
   for (int64_t k = 0; k < K; ++k) {
     const vf16 b0 = load16(Bp + k * cpu::kNR), b1 = load16(Bp + k * cpu::kNR + 16);
+    const float* ak = A + k * lda;
 #pragma GCC unroll 8
     for (int i = 0; i < cpu::kMR; ++i) {
-      const float x = a[i][k];
+      const float x = kTrans ? ak[col[i]] : a[i][k];
       c0[i] += x * b0;
       c1[i] += x * b1;
     }
@@ -201,14 +173,16 @@ inline void micro_kernel_rows(int64_t K, const float* A, int64_t lda, const floa
   }
 }
 
-// C (M x N, row stride ldc) (+)= A (M x K, row stride lda, read in place) B (packed by pack_b_all, K <= kKC).
-inline void gemm_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp, float* C,
-                      int64_t ldc, bool accumulate) {
+// C (M x N, row stride ldc) (+)= A B: A (M x K) read in place with row stride lda (kTrans: A^T is given,
+// K x M with row stride lda); B packed by pack_b_all (K <= kKC).
+template <bool kTrans = false>
+inline void gemm_a(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp, float* C,
+                   int64_t ldc, bool accumulate) {
   for (int64_t i0 = 0; i0 < M; i0 += cpu::kMR)
     for (int64_t j0 = 0; j0 < N; j0 += cpu::kNR)
-      micro_kernel_rows(K, A + i0 * lda, lda, Bp + j0 * K, C + i0 * ldc + j0, ldc,
-                        static_cast<int>(std::min<int64_t>(cpu::kMR, M - i0)),
-                        static_cast<int>(std::min<int64_t>(cpu::kNR, N - j0)), accumulate);
+      micro_kernel_a<kTrans>(K, kTrans ? A + i0 : A + i0 * lda, lda, Bp + j0 * K, C + i0 * ldc + j0, ldc,
+                             static_cast<int>(std::min<int64_t>(cpu::kMR, M - i0)),
+                             static_cast<int>(std::min<int64_t>(cpu::kNR, N - j0)), accumulate);
 }
 
 // Packs rows x cols of a strided array (row stride st, column stride sd) as B panels (cpu::pack_b_all
@@ -407,7 +381,7 @@ void forward(const Call& c, T* out, int num_threads) {
         if (!attn::block_any_visible(pb.vis, i0, i0 + bm, j0, j0 + bn)) continue;
         const bool all_visible = attn::block_all_visible(pb.vis, i0, i0 + bm, j0, j0 + bn);
         const int64_t blk = c.kblock_base[b] + j0 / kBN;
-        gemm_rows(bm, bn, D, qs.data(), D, kv.at(kv.kt, kv.kt_sz, blk, hk, pb.heads_k), st.data(), kBN, false);
+        gemm_a(bm, bn, D, qs.data(), D, kv.at(kv.kt, kv.kt_sz, blk, hk, pb.heads_k), st.data(), kBN, false);
         const int64_t bn16 = cpu::round_up(bn, 16);  // -inf padding: whole vectors only, and exp(-inf) = 0
         for (int64_t i = 0; i < bm; ++i) {
           float* row = st.data() + i * kBN;
@@ -424,7 +398,7 @@ void forward(const Call& c, T* out, int num_threads) {
             for (int64_t j = 0; j < bn; ++j)
               row[j] *= attn::dropout_keep(pb.seed, bh, i0 + i, j0 + j, pb.dropout_p) ? keep_scale : 0.f;
         }
-        gemm_rows(bm, Dv, bn, st.data(), kBN, kv.at(kv.v, kv.v_sz, blk, hk, pb.heads_k), acc.data(), Dv, true);
+        gemm_a(bm, Dv, bn, st.data(), kBN, kv.at(kv.v, kv.v_sz, blk, hk, pb.heads_k), acc.data(), Dv, true);
       }
       for (int64_t i = 0; i < bm; ++i) {
         const float inv = attn::row_inv_sum(l[i]);
@@ -438,12 +412,10 @@ void forward(const Call& c, T* out, int num_threads) {
 
 // Per-thread buffers of the backward pass and the work on one (query block, key block) tile.
 struct BwdScratch {
-  std::vector<float> qs, qs_packed, qs_a, dout, dout_packed, dout_a, st, dpt, dq_acc, lse, delta, panel;
+  std::vector<float> qs, qs_packed, dout, dout_packed, st, dpt, dq_acc, lse, delta;
   BwdScratch(const Call& c)
-      : qs(kBM * c.pb.dim), qs_packed(kBM * c.d_pad), qs_a(kBM * c.pb.dim), dout(kBM * c.pb.dim_v),
-        dout_packed(kBM * c.dv_pad), dout_a(kBM * c.pb.dim_v),
-        st(kBM * kBN + cpu::kMR), dpt(kBM * kBN + cpu::kMR), dq_acc(kBM * c.pb.dim), lse(kBM), delta(kBM),
-        panel(cpu::kPanelAFloats) {}
+      : qs(kBM * c.pb.dim), qs_packed(kBM * c.d_pad), dout(kBM * c.pb.dim_v), dout_packed(kBM * c.dv_pad),
+        st(kBM * kBN + cpu::kMR), dpt(kBM * kBN + cpu::kMR), dq_acc(kBM * c.pb.dim), lse(kBM), delta(kBM) {}
 };
 
 // Loads query block (b, h, i0) and its dO, lse and delta = rowsum(dO o O); packs Q and dO as GEMM B
@@ -467,14 +439,9 @@ void load_query_block(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t b
     w.delta[i] = delta;
     w.lse[i] = c.lse[c.lrow_offset(b, h, i0 + i)];
   }
-  const float* qs = w.qs.data();
-  const float* dout = w.dout.data();
-  const int64_t D = pb.dim, Dv = pb.dim_v;
-  pack_a_all([&](int64_t i, int64_t d) { return qs[i * D + d]; }, bm, D, w.qs_a.data());
-  pack_a_all([&](int64_t i, int64_t d) { return dout[i * Dv + d]; }, bm, Dv, w.dout_a.data());
   if (for_dkdv) {
-    cpu::pack_b_all([&](int64_t i, int64_t d) { return qs[i * D + d]; }, bm, D, w.qs_packed.data());
-    cpu::pack_b_all([&](int64_t i, int64_t d) { return dout[i * Dv + d]; }, bm, Dv, w.dout_packed.data());
+    pack_rows_b(w.qs.data(), pb.dim, 1, bm, pb.dim, w.qs_packed.data());
+    pack_rows_b(w.dout.data(), pb.dim_v, 1, bm, pb.dim_v, w.dout_packed.data());
   }
 }
 
@@ -488,8 +455,8 @@ void backward_tile(const Call& c, const PackedKV& kv, int64_t b, int64_t h, int6
   const float keep_scale = pb.dropout_p > 0.f ? 1.f / (1.f - pb.dropout_p) : 1.f;
   float* st = w.st.data();
   float* dpt = w.dpt.data();
-  gemm_prepacked(bm, bn, D, w.qs_a.data(), kv.at(kv.kt, kv.kt_sz, blk, hk, pb.heads_k), st, kBN, false);
-  gemm_prepacked(bm, bn, Dv, w.dout_a.data(), kv.at(kv.vt, kv.vt_sz, blk, hk, pb.heads_k), dpt, kBN, false);
+  gemm_a(bm, bn, D, w.qs.data(), D, kv.at(kv.kt, kv.kt_sz, blk, hk, pb.heads_k), st, kBN, false);
+  gemm_a(bm, bn, Dv, w.dout.data(), Dv, kv.at(kv.vt, kv.vt_sz, blk, hk, pb.heads_k), dpt, kBN, false);
   for (int64_t i = 0; i < bm; ++i) {
     float* srow = st + i * kBN;
     float* drow = dpt + i * kBN;
@@ -514,12 +481,10 @@ void backward_tile(const Call& c, const PackedKV& kv, int64_t b, int64_t h, int6
     }
   }
   if (dk) {
-    gemm_transposed_a(bn, Dv, bm, st, kBN, w.dout_packed.data(), dv, Dv, w.panel.data());
-    gemm_transposed_a(bn, D, bm, dpt, kBN, w.qs_packed.data(), dk, D, w.panel.data());
+    gemm_a<true>(bn, Dv, bm, st, kBN, w.dout_packed.data(), dv, Dv, true);
+    gemm_a<true>(bn, D, bm, dpt, kBN, w.qs_packed.data(), dk, D, true);
   }
-  if (want_dq)
-    cpu::gemm_packed_b(bm, D, bn, [&](int64_t i, int64_t j) { return dpt[i * kBN + j]; },
-                       kv.at(kv.kn, kv.kn_sz, blk, hk, pb.heads_k), w.dq_acc.data(), D, true, w.panel.data());
+  if (want_dq) gemm_a(bm, D, bn, dpt, kBN, kv.at(kv.kn, kv.kn_sz, blk, hk, pb.heads_k), w.dq_acc.data(), D, true);
 }
 
 template <typename T>
