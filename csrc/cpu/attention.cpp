@@ -5,8 +5,9 @@
 // Backward recomputes P = exp(S - lse) per tile:  dV += (P o Z)^T dO,  dS = P o (Z o dO V^T - delta) with
 // delta = rowsum(dO o O) and Z the dropout scale,  dK += dS^T (scale Q),  dQ += scale dS K.
 //
-// K and V are packed once per call into the GEMM panel layout of cpu_gemm.h (extra memory the size of K
-// and V: O(L)); every tile product is then one micro-kernel sweep. Parallelism: the forward runs over
+// K and V are packed once per call into the GEMM B-panel layout of cpu_gemm.h (extra memory the size of K
+// and V: O(L)); every tile product is then one micro-kernel sweep whose A operand (Q, dO, P, P^T, dS,
+// dS^T) is read in place by micro_kernel_a, so no tile is ever packed or transposed. Parallelism: the forward runs over
 // batch x heads x query blocks. The backward runs over batch x kv-heads with a private dQ tile when that
 // gives every thread several tasks; otherwise it runs in two passes, over key blocks (dK, dV) and over
 // query blocks (dQ), recomputing the tile products once more but keeping all threads busy (ATen
