@@ -5,8 +5,9 @@
 // Backward recomputes P = exp(S - lse) per tile:  dV += (P o Z)^T dO,  dS = P o (Z o dO V^T - delta) with
 // delta = rowsum(dO o O) and Z the dropout scale,  dK += dS^T (scale Q),  dQ += scale dS K.
 //
-// K and V are packed once per call into the GEMM panel layout of cpu_gemm.h (extra memory the size of K
-// and V: O(L)); every tile product is then one micro-kernel sweep. Parallelism: the forward runs over
+// K and V are packed once per call into the GEMM B-panel layout of cpu_gemm.h (extra memory the size of K
+// and V: O(L)); every tile product is then one micro-kernel sweep whose A operand (Q, dO, P, P^T, dS,
+// dS^T) is read in place by micro_kernel_a, so no tile is ever packed or transposed. Parallelism: the forward runs over
 // batch x heads x query blocks. The backward runs over batch x kv-heads with a private dQ tile when that
 // gives every thread several tasks; otherwise it runs in two passes, over key blocks (dK, dV) and over
 // query blocks (dQ), recomputing the tile products once more but keeping all threads busy (ATen
@@ -88,6 +89,19 @@ inline vf16 load16(const float* p) {
 }
 inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
 
+// Horizontal max / sum of 16 lanes as a halving tree (4 vector steps instead of 16 scalar ones).
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+template <bool kMax>
+inline float reduce16(vf16 x) {
+  auto op = [](auto u, auto v) { return kMax ? (u > v ? u : v) : u + v; };
+  const vf8 a = op(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7),
+                   __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15));
+  const vf4 c = op(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
+  const float lo = kMax ? std::max(c[0], c[2]) : c[0] + c[2], hi = kMax ? std::max(c[1], c[3]) : c[1] + c[3];
+  return kMax ? std::max(lo, hi) : lo + hi;
+}
+
 inline float row_max(const float* row, int64_t n) {
   vf16 m = vf16{} - INFINITY;
   int64_t j = 0;
@@ -95,8 +109,7 @@ inline float row_max(const float* row, int64_t n) {
     const vf16 x = load16(row + j);
     m = x > m ? x : m;
   }
-  float mx = -INFINITY;
-  for (int l = 0; l < 16; ++l) mx = m[l] > mx ? m[l] : mx;
+  float mx = reduce16<true>(m);
   for (; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
   return mx;
 }
@@ -110,8 +123,7 @@ inline float exp_row(float* row, int64_t n, float shift) {
     store16(row + j, p);
     s += p;
   }
-  float sum = 0.f;
-  for (int l = 0; l < 16; ++l) sum += s[l];
+  float sum = reduce16<false>(s);
   for (; j < n; ++j) {
     row[j] = fast_exp(row[j] - shift);
     sum += row[j];
@@ -119,38 +131,78 @@ inline float exp_row(float* row, int64_t n, float shift) {
   return sum;
 }
 
-// Head dims are at most 256 = cpu::kKC, so every product below has a single k-block and its operands can be
-// packed once and reused: Q and dO as A panels per query block, K and V as B panels per key block.
-template <class FA>
-void pack_a_all(const FA& a, int64_t M, int64_t K, float* dst) {
-  for (int64_t i0 = 0; i0 < M; i0 += cpu::kMR)
-    cpu::pack_a(a, i0, static_cast<int>(std::min<int64_t>(cpu::kMR, M - i0)), 0, K, dst + i0 * K);
-}
-
-// C (M x N, row stride ldc) (+)= A B with A packed by pack_a_all and B by cpu::pack_b_all (K <= kKC).
-inline void gemm_prepacked(int64_t M, int64_t N, int64_t K, const float* Ap, const float* Bp, float* C, int64_t ldc,
-                           bool accumulate) {
-  for (int64_t i0 = 0; i0 < M; i0 += cpu::kMR)
-    for (int64_t j0 = 0; j0 < N; j0 += cpu::kNR)
-      cpu::micro_kernel(K, Ap + i0 * K, Bp + j0 * K, C + i0 * ldc + j0, ldc,
-                        static_cast<int>(std::min<int64_t>(cpu::kMR, M - i0)),
-                        static_cast<int>(std::min<int64_t>(cpu::kNR, N - j0)), accumulate);
-}
-
-// C (M x N) += A B where A = T^T for a row-major T (K x M, row stride ld) that the caller pads by kMR floats:
-// each packed A row is then a contiguous 8-float copy (the backward's P^T dO and dS^T Q products).
-inline void gemm_transposed_a(int64_t M, int64_t N, int64_t K, const float* t, int64_t ld, const float* Bp, float* C,
-                              int64_t ldc, float* panel) {
-  for (int64_t i0 = 0; i0 < M; i0 += cpu::kMR) {
-    const int mr = static_cast<int>(std::min<int64_t>(cpu::kMR, M - i0));
-    for (int64_t k = 0; k < K; ++k) {
-      const float* src = t + k * ld + i0;
-      float* dst = panel + k * cpu::kMR;
-      for (int ii = 0; ii < cpu::kMR; ++ii) dst[ii] = ii < mr ? src[ii] : 0.f;
+// C (kMR x kNR tile, row stride ldc) (+)= A B where A is read in place and B is a packed kNR-wide panel:
+// a(i, k) = A[i * lda + k], or A[k * lda + i] when kTrans (A given as its transpose, e.g. P^T from the
+// row-major P tile). The A values are broadcast from memory anyway, so reading them from mr rows (or one
+// row of 8 columns) costs the same as a packed panel, and no operand is ever copied or transposed. Rows
+// i >= mr of the tile reuse row 0 (in bounds; their results are discarded).
+template <bool kTrans>
+inline void micro_kernel_a(int64_t K, const float* A, int64_t lda, const float* __restrict__ Bp, float* C,
+                           int64_t ldc, int mr, int nr, bool accumulate) {
+  vf16 c0[cpu::kMR], c1[cpu::kMR];
+  for (int i = 0; i < cpu::kMR; ++i) c0[i] = c1[i] = vf16{};
+  const float* a[cpu::kMR];
+  int64_t col[cpu::kMR];
+  for (int i = 0; i < cpu::kMR; ++i) {
+    a[i] = A + (i < mr ? i : 0) * lda;
+    col[i] = i < mr ? i : 0;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const vf16 b0 = load16(Bp + k * cpu::kNR), b1 = load16(Bp + k * cpu::kNR + 16);
+    const float* ak = A + k * lda;
+#pragma GCC unroll 8
+    for (int i = 0; i < cpu::kMR; ++i) {
+      const float x = kTrans ? ak[col[i]] : a[i][k];
+      c0[i] += x * b0;
+      c1[i] += x * b1;
     }
+  }
+  if (nr == cpu::kNR) {
+    for (int i = 0; i < mr; ++i) {
+      float* row = C + i * ldc;
+      store16(row, accumulate ? load16(row) + c0[i] : c0[i]);
+      store16(row + 16, accumulate ? load16(row + 16) + c1[i] : c1[i]);
+    }
+    return;
+  }
+  for (int i = 0; i < mr; ++i) {
+    float* row = C + i * ldc;
+    for (int j = 0; j < nr; ++j) {
+      const float v = j < 16 ? c0[i][j] : c1[i][j - 16];
+      row[j] = accumulate ? row[j] + v : v;
+    }
+  }
+}
+
+// C (M x N, row stride ldc) (+)= A B: A (M x K) read in place with row stride lda (kTrans: A^T is given,
+// K x M with row stride lda); B packed by pack_b_all (K <= kKC).
+template <bool kTrans = false>
+inline void gemm_a(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp, float* C,
+                   int64_t ldc, bool accumulate) {
+  for (int64_t i0 = 0; i0 < M; i0 += cpu::kMR)
     for (int64_t j0 = 0; j0 < N; j0 += cpu::kNR)
-      cpu::micro_kernel(K, panel, Bp + j0 * K, C + i0 * ldc + j0, ldc, mr,
-                        static_cast<int>(std::min<int64_t>(cpu::kNR, N - j0)), true);
+      micro_kernel_a<kTrans>(K, kTrans ? A + i0 : A + i0 * lda, lda, Bp + j0 * K, C + i0 * ldc + j0, ldc,
+                             static_cast<int>(std::min<int64_t>(cpu::kMR, M - i0)),
+                             static_cast<int>(std::min<int64_t>(cpu::kNR, N - j0)), accumulate);
+}
+
+// Packs rows x cols of a strided array (row stride st, column stride sd) as B panels (cpu::pack_b_all
+// layout, rows <= kKC), with a unit-stride copy loop for the common layout.
+template <typename T>
+void pack_rows_b(const T* src, int64_t st, int64_t sd, int64_t rows, int64_t cols, float* dst) {
+  for (int64_t j0 = 0; j0 < cols; j0 += cpu::kNR) {
+    const int64_t nr = std::min<int64_t>(cpu::kNR, cols - j0);
+    float* panel = dst + j0 * rows;
+    for (int64_t k = 0; k < rows; ++k) {
+      const T* s = src + k * st + j0 * sd;
+      float* d = panel + k * cpu::kNR;
+      if (sd == 1) {
+        for (int64_t j = 0; j < nr; ++j) d[j] = to_float(s[j]);
+      } else {
+        for (int64_t j = 0; j < nr; ++j) d[j] = to_float(s[j * sd]);
+      }
+      for (int64_t j = nr; j < cpu::kNR; ++j) d[j] = 0.f;
+    }
   }
 }
 
@@ -223,27 +275,32 @@ struct Buffer {
 };
 
 struct PackedKV {
-  Buffer kt, kn, v, vt;
-  int64_t kt_sz = 0, kn_sz = 0, v_sz = 0, vt_sz = 0;
+  Buffer kt, kn, vt, v;
+  int64_t kt_sz = 0, kn_sz = 0, vt_sz = 0, v_sz = 0;
   const float* at(const Buffer& a, int64_t sz, int64_t blk, int64_t hk, int64_t heads_k) const {
     return a.data() + (blk * heads_k + hk) * sz;
   }
 };
 
+// Which packings a pass needs (all as B panels): K^T (scores), V^T (dO V^T), K (dS K), V (P V).
+struct KVWant {
+  bool kt = false, kn = false, vt = false, v = false;
+};
+
 template <typename T>
-PackedKV pack_kv(const Call& c, bool want_kt, bool want_kn, bool want_v, bool want_vt, int num_threads) {
+PackedKV pack_kv(const Call& c, KVWant want, int num_threads) {
   const Problem& pb = c.pb;
   PackedKV p;
   p.kt_sz = pb.dim * kBN;
   p.kn_sz = kBN * c.d_pad;
-  p.v_sz = kBN * c.dv_pad;
   p.vt_sz = pb.dim_v * kBN;
+  p.v_sz = kBN * c.dv_pad;
   const int64_t n = c.num_kblocks * pb.heads_k;
   thread_local Workspace ws[4];
-  if (want_kt) p.kt.p = ws[0].get(n * p.kt_sz);
-  if (want_kn) p.kn.p = ws[1].get(n * p.kn_sz);
-  if (want_v) p.v.p = ws[2].get(n * p.v_sz);
-  if (want_vt) p.vt.p = ws[3].get(n * p.vt_sz);
+  if (want.kt) p.kt.p = ws[0].get(n * p.kt_sz);
+  if (want.kn) p.kn.p = ws[1].get(n * p.kn_sz);
+  if (want.vt) p.vt.p = ws[2].get(n * p.vt_sz);
+  if (want.v) p.v.p = ws[3].get(n * p.v_sz);
   const T* K = static_cast<const T*>(c.k);
   const T* V = static_cast<const T*>(c.v);
 #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(num_threads)
@@ -257,13 +314,13 @@ PackedKV pack_kv(const Call& c, bool want_kt, bool want_kn, bool want_v, bool wa
         const int64_t kst = c.lk.st, ksd = c.lk.sd, vst = c.lv.st, vsd = c.lv.sd;
         auto k_at = [=](int64_t s, int64_t d) { return to_float(kbase[s * kst + d * ksd]); };
         auto v_at = [=](int64_t s, int64_t d) { return to_float(vbase[s * vst + d * vsd]); };
+        auto vt_at = [&](int64_t d, int64_t s) { return v_at(s, d); };
         const int64_t idx = blk * pb.heads_k + hk;
-        if (want_kt)
+        if (want.kt)
           cpu::pack_b_all([&](int64_t d, int64_t s) { return k_at(s, d); }, pb.dim, bn, p.kt.data() + idx * p.kt_sz);
-        if (want_kn) cpu::pack_b_all(k_at, bn, pb.dim, p.kn.data() + idx * p.kn_sz);
-        if (want_v) cpu::pack_b_all(v_at, bn, pb.dim_v, p.v.data() + idx * p.v_sz);
-        if (want_vt)
-          cpu::pack_b_all([&](int64_t d, int64_t s) { return v_at(s, d); }, pb.dim_v, bn, p.vt.data() + idx * p.vt_sz);
+        if (want.kn) cpu::pack_b_all(k_at, bn, pb.dim, p.kn.data() + idx * p.kn_sz);
+        if (want.vt) cpu::pack_b_all(vt_at, pb.dim_v, bn, p.vt.data() + idx * p.vt_sz);
+        if (want.v) pack_rows_b(vbase, vst, vsd, bn, pb.dim_v, p.v.data() + idx * p.v_sz);
       }
     }
   }
@@ -276,21 +333,39 @@ void load_q(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t bm, float* 
   const T* Q = static_cast<const T*>(c.q) + c.lq.offset(b, h, c.pb.q_start(b) + i0, 0);
   const int64_t st = c.lq.st, sd = c.lq.sd, D = c.pb.dim;
   const float scale = c.pb.scale;
-  for (int64_t i = 0; i < bm; ++i)
-    for (int64_t d = 0; d < D; ++d) qs[i * D + d] = to_float(Q[i * st + d * sd]) * scale;
+  for (int64_t i = 0; i < bm; ++i) {
+    if (sd == 1) {  // the common layout: a unit-stride loop the compiler vectorises
+      for (int64_t d = 0; d < D; ++d) qs[i * D + d] = to_float(Q[i * st + d]) * scale;
+    } else {
+      for (int64_t d = 0; d < D; ++d) qs[i * D + d] = to_float(Q[i * st + d * sd]) * scale;
+    }
+  }
+}
+
+// dst (rows x cols, strides st / sd) = src (row-major fp32), converted to T.
+template <typename T>
+void store_rows(T* dst, int64_t st, int64_t sd, int64_t rows, int64_t cols, const float* src) {
+  for (int64_t i = 0; i < rows; ++i) {
+    if (sd == 1) {
+      for (int64_t d = 0; d < cols; ++d) dst[i * st + d] = from_float<T>(src[i * cols + d]);
+    } else {
+      for (int64_t d = 0; d < cols; ++d) dst[i * st + d * sd] = from_float<T>(src[i * cols + d]);
+    }
+  }
 }
 
 template <typename T>
 void forward(const Call& c, T* out, int num_threads) {
   const Problem& pb = c.pb;
-  const PackedKV kv = pack_kv<T>(c, true, false, true, false, num_threads);
+  KVWant want;
+  want.kt = want.v = true;
+  const PackedKV kv = pack_kv<T>(c, want, num_threads);
   const int64_t D = pb.dim, Dv = pb.dim_v, group = pb.heads_q / pb.heads_k;
   const float keep_scale = pb.dropout_p > 0.f ? 1.f / (1.f - pb.dropout_p) : 1.f;
   const int64_t tasks = pb.batch * pb.heads_q * c.num_qblocks_max;
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> qs(kBM * D), qa(kBM * D), st(kBM * kBN), acc(kBM * Dv), m(kBM), l(kBM),
-        panel(cpu::kPanelAFloats);
+    std::vector<float> qs(kBM * D), st(kBM * kBN), acc(kBM * Dv), m(kBM), l(kBM);
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t qb = task % c.num_qblocks_max, bh = task / c.num_qblocks_max;
@@ -299,7 +374,6 @@ void forward(const Call& c, T* out, int num_threads) {
       if (i0 >= L) continue;
       const int64_t bm = std::min(kBM, L - i0);
       load_q<T>(c, b, h, i0, bm, qs.data());
-      pack_a_all([&](int64_t i, int64_t d) { return qs[i * D + d]; }, bm, D, qa.data());
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m.begin(), m.end(), -INFINITY);
       std::fill(l.begin(), l.end(), 0.f);
@@ -308,13 +382,15 @@ void forward(const Call& c, T* out, int num_threads) {
         if (!attn::block_any_visible(pb.vis, i0, i0 + bm, j0, j0 + bn)) continue;
         const bool all_visible = attn::block_all_visible(pb.vis, i0, i0 + bm, j0, j0 + bn);
         const int64_t blk = c.kblock_base[b] + j0 / kBN;
-        gemm_prepacked(bm, bn, D, qa.data(), kv.at(kv.kt, kv.kt_sz, blk, hk, pb.heads_k), st.data(), kBN, false);
+        gemm_a(bm, bn, D, qs.data(), D, kv.at(kv.kt, kv.kt_sz, blk, hk, pb.heads_k), st.data(), kBN, false);
+        const int64_t bn16 = cpu::round_up(bn, 16);  // -inf padding: whole vectors only, and exp(-inf) = 0
         for (int64_t i = 0; i < bm; ++i) {
           float* row = st.data() + i * kBN;
-          mask_row_any(c, b, h, i0 + i, j0, bn, all_visible, row);
-          const float m_new = std::max(m[i], row_max(row, bn)), shift = attn::softmax_shift(m_new);
+          if (c.mask || !all_visible) mask_row_any(c, b, h, i0 + i, j0, bn, all_visible, row);
+          std::fill(row + bn, row + bn16, -INFINITY);
+          const float m_new = std::max(m[i], row_max(row, bn16)), shift = attn::softmax_shift(m_new);
           const float alpha = fast_exp(m[i] - shift);
-          const float sum = exp_row(row, bn, shift);
+          const float sum = exp_row(row, bn16, shift);
           l[i] = l[i] * alpha + sum;
           m[i] = m_new;
           if (alpha != 1.f)
@@ -323,29 +399,24 @@ void forward(const Call& c, T* out, int num_threads) {
             for (int64_t j = 0; j < bn; ++j)
               row[j] *= attn::dropout_keep(pb.seed, bh, i0 + i, j0 + j, pb.dropout_p) ? keep_scale : 0.f;
         }
-        auto pa = [&](int64_t i, int64_t j) { return st[i * kBN + j]; };
-        cpu::gemm_packed_b(bm, Dv, bn, pa, kv.at(kv.v, kv.v_sz, blk, hk, pb.heads_k), acc.data(), Dv, true,
-                           panel.data());
+        gemm_a(bm, Dv, bn, st.data(), kBN, kv.at(kv.v, kv.v_sz, blk, hk, pb.heads_k), acc.data(), Dv, true);
       }
-      const int64_t t0 = pb.q_start(b) + i0;
-      T* obase = out + c.lo.offset(b, h, t0, 0);
       for (int64_t i = 0; i < bm; ++i) {
         const float inv = attn::row_inv_sum(l[i]);
-        for (int64_t d = 0; d < Dv; ++d) obase[i * c.lo.st + d * c.lo.sd] = from_float<T>(acc[i * Dv + d] * inv);
+        for (int64_t d = 0; d < Dv; ++d) acc[i * Dv + d] *= inv;
         c.lse[c.lrow_offset(b, h, i0 + i)] = attn::row_lse(m[i], l[i]);
       }
+      store_rows(out + c.lo.offset(b, h, pb.q_start(b) + i0, 0), c.lo.st, c.lo.sd, bm, Dv, acc.data());
     }
   }
 }
 
 // Per-thread buffers of the backward pass and the work on one (query block, key block) tile.
 struct BwdScratch {
-  std::vector<float> qs, qs_packed, qs_a, dout, dout_packed, dout_a, st, dpt, dq_acc, lse, delta, panel;
+  std::vector<float> qs, qs_packed, dout, dout_packed, st, dpt, dq_acc, lse, delta;
   BwdScratch(const Call& c)
-      : qs(kBM * c.pb.dim), qs_packed(kBM * c.d_pad), qs_a(kBM * c.pb.dim), dout(kBM * c.pb.dim_v),
-        dout_packed(kBM * c.dv_pad), dout_a(kBM * c.pb.dim_v),
-        st(kBM * kBN + cpu::kMR), dpt(kBM * kBN + cpu::kMR), dq_acc(kBM * c.pb.dim), lse(kBM), delta(kBM),
-        panel(cpu::kPanelAFloats) {}
+      : qs(kBM * c.pb.dim), qs_packed(kBM * c.d_pad), dout(kBM * c.pb.dim_v), dout_packed(kBM * c.dv_pad),
+        st(kBM * kBN + cpu::kMR), dpt(kBM * kBN + cpu::kMR), dq_acc(kBM * c.pb.dim), lse(kBM), delta(kBM) {}
 };
 
 // Loads query block (b, h, i0) and its dO, lse and delta = rowsum(dO o O); packs Q and dO as GEMM B
@@ -369,14 +440,9 @@ void load_query_block(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t b
     w.delta[i] = delta;
     w.lse[i] = c.lse[c.lrow_offset(b, h, i0 + i)];
   }
-  const float* qs = w.qs.data();
-  const float* dout = w.dout.data();
-  const int64_t D = pb.dim, Dv = pb.dim_v;
-  pack_a_all([&](int64_t i, int64_t d) { return qs[i * D + d]; }, bm, D, w.qs_a.data());
-  pack_a_all([&](int64_t i, int64_t d) { return dout[i * Dv + d]; }, bm, Dv, w.dout_a.data());
   if (for_dkdv) {
-    cpu::pack_b_all([&](int64_t i, int64_t d) { return qs[i * D + d]; }, bm, D, w.qs_packed.data());
-    cpu::pack_b_all([&](int64_t i, int64_t d) { return dout[i * Dv + d]; }, bm, Dv, w.dout_packed.data());
+    pack_rows_b(w.qs.data(), pb.dim, 1, bm, pb.dim, w.qs_packed.data());
+    pack_rows_b(w.dout.data(), pb.dim_v, 1, bm, pb.dim_v, w.dout_packed.data());
   }
 }
 
@@ -390,8 +456,8 @@ void backward_tile(const Call& c, const PackedKV& kv, int64_t b, int64_t h, int6
   const float keep_scale = pb.dropout_p > 0.f ? 1.f / (1.f - pb.dropout_p) : 1.f;
   float* st = w.st.data();
   float* dpt = w.dpt.data();
-  gemm_prepacked(bm, bn, D, w.qs_a.data(), kv.at(kv.kt, kv.kt_sz, blk, hk, pb.heads_k), st, kBN, false);
-  gemm_prepacked(bm, bn, Dv, w.dout_a.data(), kv.at(kv.vt, kv.vt_sz, blk, hk, pb.heads_k), dpt, kBN, false);
+  gemm_a(bm, bn, D, w.qs.data(), D, kv.at(kv.kt, kv.kt_sz, blk, hk, pb.heads_k), st, kBN, false);
+  gemm_a(bm, bn, Dv, w.dout.data(), Dv, kv.at(kv.vt, kv.vt_sz, blk, hk, pb.heads_k), dpt, kBN, false);
   for (int64_t i = 0; i < bm; ++i) {
     float* srow = st + i * kBN;
     float* drow = dpt + i * kBN;
@@ -416,12 +482,10 @@ void backward_tile(const Call& c, const PackedKV& kv, int64_t b, int64_t h, int6
     }
   }
   if (dk) {
-    gemm_transposed_a(bn, Dv, bm, st, kBN, w.dout_packed.data(), dv, Dv, w.panel.data());
-    gemm_transposed_a(bn, D, bm, dpt, kBN, w.qs_packed.data(), dk, D, w.panel.data());
+    gemm_a<true>(bn, Dv, bm, st, kBN, w.dout_packed.data(), dv, Dv, true);
+    gemm_a<true>(bn, D, bm, dpt, kBN, w.qs_packed.data(), dk, D, true);
   }
-  if (want_dq)
-    cpu::gemm_packed_b(bm, D, bn, [&](int64_t i, int64_t j) { return dpt[i * kBN + j]; },
-                       kv.at(kv.kn, kv.kn_sz, blk, hk, pb.heads_k), w.dq_acc.data(), D, true, w.panel.data());
+  if (want_dq) gemm_a(bm, D, bn, dpt, kBN, kv.at(kv.kn, kv.kn_sz, blk, hk, pb.heads_k), w.dq_acc.data(), D, true);
 }
 
 template <typename T>
@@ -436,7 +500,9 @@ template <typename T>
 void backward(const Call& c, T* dq, const Layout& ldq, T* dk, const Layout& ldk, T* dv, const Layout& ldv,
               int num_threads) {
   const Problem& pb = c.pb;
-  const PackedKV kv = pack_kv<T>(c, true, true, false, true, num_threads);
+  KVWant want;
+  want.kt = want.kn = want.vt = true;
+  const PackedKV kv = pack_kv<T>(c, want, num_threads);
   const int64_t D = pb.dim, Dv = pb.dim_v, group = pb.heads_q / pb.heads_k;
   const int64_t kv_tasks = pb.batch * pb.heads_k;
   const bool one_pass = kv_tasks >= 4 * static_cast<int64_t>(num_threads);
