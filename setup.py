@@ -43,7 +43,9 @@ NVCC, CUDA_ROOT = _find_cuda()
 WITH_CUDA = _flag("MMKERN_CUDA", NVCC is not None)
 if WITH_CUDA and NVCC is None:
     raise RuntimeError("MMKERN_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME or put nvcc on PATH)")
-CUDA_ARCHS = [a.strip() for a in os.environ.get("MMKERN_CUDA_ARCHS", "80;90a").replace(",", ";").split(";") if a.strip()]
+CUDA_ARCHS = [
+    a.strip() for a in os.environ.get("MMKERN_CUDA_ARCHS", "80;90a").replace(",", ";").split(";") if a.strip()
+]
 NATIVE_ARCH = _flag("MMKERN_NATIVE_ARCH", True)
 
 cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
@@ -78,8 +80,22 @@ class BuildWithCuda(build_ext):
             obj = out_dir / (Path(src).stem + ".o")
             if obj.exists() and obj.stat().st_mtime > max(os.path.getmtime(src), newest_header):
                 continue
-            cmd = [NVCC, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "--use_fast_math", "-Xcompiler", "-fPIC",
-                   "-I", str(ROOT / "csrc" / "include"), "--expt-relaxed-constexpr", *gencode]
+            cmd = [
+                NVCC,
+                "-c",
+                src,
+                "-o",
+                str(obj),
+                "-O3",
+                "-std=c++17",
+                "--use_fast_math",
+                "-Xcompiler",
+                "-fPIC",
+                "-I",
+                str(ROOT / "csrc" / "include"),
+                "--expt-relaxed-constexpr",
+                *gencode,
+            ]
             print(" ".join(cmd), flush=True)
             jobs.append((src, subprocess.Popen(cmd)))
         for src, job in jobs:

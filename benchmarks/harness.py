@@ -99,8 +99,16 @@ def save(name: str, records: list[dict], out_dir: Path | None = None) -> Path:
     return path
 
 
-def plot_bars(name: str, records: list[dict], *, label_key: str, group_key: str, value_key: str = "median_ms",
-              ylabel: str = "median time (ms)", out_dir: Path | None = None) -> Path:
+def plot_bars(
+    name: str,
+    records: list[dict],
+    *,
+    label_key: str,
+    group_key: str,
+    value_key: str = "median_ms",
+    ylabel: str = "median time (ms)",
+    out_dir: Path | None = None,
+) -> Path:
     """Grouped bar chart: one group per record[group_key], one bar per record[label_key]."""
     import matplotlib
 

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from mmkern import ops  # noqa: E402  (registers the torch custom ops)
-from mmkern.backends import BACKENDS, use_backend  # noqa: E402
+from mmkern import ops  # registers the torch custom ops
+from mmkern.backends import BACKENDS, use_backend
 
-__all__ = ["BACKENDS", "ops", "use_backend", "__version__"]
+__all__ = ["BACKENDS", "__version__", "ops", "use_backend"]

@@ -27,7 +27,9 @@ def info() -> str:
         lines.append("triton not installed")
     lines.append(f"torch threads {torch.get_num_threads()}")
     if torch.cuda.is_available():
-        lines.append(f"GPU {torch.cuda.get_device_name()} (capability {'.'.join(map(str, torch.cuda.get_device_capability()))})")
+        lines.append(
+            f"GPU {torch.cuda.get_device_name()} (capability {'.'.join(map(str, torch.cuda.get_device_capability()))})"
+        )
     else:
         lines.append("GPU none visible to torch")
     if _native._C is not None:
@@ -46,10 +48,12 @@ def info() -> str:
 def _load_benchmark(op: str):
     path = BENCHMARKS_DIR / f"bench_{op}.py"
     if not path.exists():
-        known = sorted(p.stem[len("bench_"):] for p in BENCHMARKS_DIR.glob("bench_*.py"))
+        known = sorted(p.stem[len("bench_") :] for p in BENCHMARKS_DIR.glob("bench_*.py"))
         if not BENCHMARKS_DIR.exists():
-            raise SystemExit(f"mmkern bench: no benchmarks/ folder at {BENCHMARKS_DIR} (run from a source checkout "
-                             "installed with `pip install -e .`)")
+            raise SystemExit(
+                f"mmkern bench: no benchmarks/ folder at {BENCHMARKS_DIR} (run from a source checkout "
+                "installed with `pip install -e .`)"
+            )
         raise SystemExit(f"mmkern bench: unknown benchmark {op!r}; choose from {', '.join(known)}")
     if str(BENCHMARKS_DIR.parent) not in sys.path:
         sys.path.insert(0, str(BENCHMARKS_DIR.parent))

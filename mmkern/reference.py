@@ -96,8 +96,16 @@ def scaled_dot_product_attention(
 
 
 def varlen_attention(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = False, scale: float | None = None,
-    window: tuple[int, int] | None = None, num_global: int = 0,
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    num_global: int = 0,
 ):
     """Packed attention: q (total_q, H, D), k/v (total_k, H_kv, D); sequence i is rows
     cu_seqlens[i]:cu_seqlens[i+1]. Each sequence attends only within itself."""
@@ -107,13 +115,19 @@ def varlen_attention(
         q0, q1 = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1])
         k0, k1 = int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1])
         o = scaled_dot_product_attention(
-            q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1),
-            is_causal=causal, scale=scale, enable_gqa=True, window=window, num_global=num_global,
+            q[q0:q1].transpose(0, 1),
+            k[k0:k1].transpose(0, 1),
+            v[k0:k1].transpose(0, 1),
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=True,
+            window=window,
+            num_global=num_global,
         )
         pieces.append((q0, q1, o.transpose(0, 1)))
     if not pieces:
         return out
-    return torch.cat([out[: pieces[0][0]]] + [o for _, _, o in pieces] + [out[pieces[-1][1]:]], dim=0)
+    return torch.cat([out[: pieces[0][0]]] + [o for _, _, o in pieces] + [out[pieces[-1][1] :]], dim=0)
 
 
 def infonce(query, keys, logit_scale, labels=None):

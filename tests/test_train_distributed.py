@@ -14,9 +14,24 @@ from mmkern.data import ImageTextCollator, WordTokenizer, digits
 from mmkern.train import Trainer
 from mmkern.train.contrastive import ContrastiveConfig, contrastive_loss_fn, grad_cache_step, small_clip
 
-CFG = ContrastiveConfig(image_size=8, patch_size=4, width=32, depth=1, text_width=32, text_depth=1, embed_dim=32,
-                        heads=2, context_length=12, progress=False, log_every=1, steps=2, batch_size=8, lr=1e-3,
-                        warmup_steps=1, grad_clip=0.0)
+CFG = ContrastiveConfig(
+    image_size=8,
+    patch_size=4,
+    width=32,
+    depth=1,
+    text_width=32,
+    text_depth=1,
+    embed_dim=32,
+    heads=2,
+    context_length=12,
+    progress=False,
+    log_every=1,
+    steps=2,
+    batch_size=8,
+    lr=1e-3,
+    warmup_steps=1,
+    grad_clip=0.0,
+)
 
 
 def _train(config, out_path):
@@ -43,8 +58,13 @@ def _train(config, out_path):
 
 
 def _worker(rank, world, init_file, config, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=__import__("datetime").timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=__import__("datetime").timedelta(seconds=60),
+    )
     torch.set_num_threads(1)
     try:
         _train(config, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -53,8 +73,9 @@ def _worker(rank, world, init_file, config, out_dir):
 
 
 def _run_two(tmp_path, config, timeout=240):
-    ctx = mp.start_processes(_worker, args=(2, str(tmp_path / "init"), config, str(tmp_path)), nprocs=2,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _worker, args=(2, str(tmp_path / "init"), config, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
     deadline = time.time() + timeout
     while not ctx.join(timeout=5):
         if time.time() > deadline:
@@ -66,13 +87,16 @@ def _run_two(tmp_path, config, timeout=240):
 
 @pytest.mark.parametrize("mode", ["ddp", "ddp_gradcache", "fsdp"])
 def test_two_processes_train_like_one_global_batch(tmp_path, mode):
-    config = replace(CFG, distributed="fsdp" if mode == "fsdp" else "ddp",
-                     accum_steps=2 if mode == "ddp_gradcache" else 1,
-                     out_dir=str(tmp_path / "ckpt") if mode == "fsdp" else None)
+    config = replace(
+        CFG,
+        distributed="fsdp" if mode == "fsdp" else "ddp",
+        accum_steps=2 if mode == "ddp_gradcache" else 1,
+        out_dir=str(tmp_path / "ckpt") if mode == "fsdp" else None,
+    )
     results = _run_two(tmp_path, config)
     # one process, batch = the global batch of both ranks (the sampler gives rank r the r-th slice of it)
     single, grads, hist = _train(replace(config, batch_size=2 * CFG.batch_size, distributed="ddp", out_dir=None), None)
-    for r in ([0] if mode == "fsdp" else [0, 1]):
+    for r in [0] if mode == "fsdp" else [0, 1]:
         # Gradients must agree (a missing average or missing cross-rank negatives would show here); weights
         # get a looser bound because AdamW turns float noise in near-zero gradients (the key bias) into steps.
         for k, v in grads.items():

@@ -113,7 +113,11 @@ def digits(image_size: int = 16) -> ImageTextDataset:
     labels = torch.tensor(d.target, dtype=torch.long)
     captions = [DIGIT_CAPTIONS[i % len(DIGIT_CAPTIONS)].format(DIGIT_NAMES[y]) for i, y in enumerate(d.target)]
     meta = [
-        {"digit": DIGIT_NAMES[y], "parity": "even" if y % 2 == 0 else "odd", "describe": f"a handwritten {DIGIT_NAMES[y]}."}
+        {
+            "digit": DIGIT_NAMES[y],
+            "parity": "even" if y % 2 == 0 else "odd",
+            "describe": f"a handwritten {DIGIT_NAMES[y]}.",
+        }
         for y in d.target
     ]
     return ImageTextDataset(images, captions, labels, list(DIGIT_NAMES), meta)
@@ -157,7 +161,13 @@ def shapes(num_images: int = 1000, image_size: int = 32, max_count: int = 3, see
         captions.append(f"{count_word} {color} {word}.")
         labels.append(SHAPES.index(shape))
         meta.append(
-            {"shape": shape, "color": color, "count": COUNT_NAMES[count], "position": position, "describe": captions[-1]}
+            {
+                "shape": shape,
+                "color": color,
+                "count": COUNT_NAMES[count],
+                "position": position,
+                "describe": captions[-1],
+            }
         )
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2)
     return ImageTextDataset(_normalise(tensor, image_size), captions, torch.tensor(labels), list(SHAPES), meta)
@@ -202,7 +212,7 @@ def from_folder(root: str | os.PathLike, captions_file: str | None = None, image
 
 
 def load_dataset(name: str, image_size: int, **kwargs) -> ImageTextDataset:
-    """"digits", "shapes", or a folder path (see from_folder)."""
+    """ "digits", "shapes", or a folder path (see from_folder)."""
     if name == "digits":
         return digits(image_size)
     if name == "shapes":

@@ -43,7 +43,12 @@ def instruction_data(dataset: ImageTextDataset, per_image: int = 2, seed: int = 
         for task in rng.sample(tasks, min(per_image, len(tasks))):
             prompts, response = TASKS[task]
             rows.append(
-                {"image_index": i, "task": task, "instruction": rng.choice(prompts), "response": response.format(meta[task])}
+                {
+                    "image_index": i,
+                    "task": task,
+                    "instruction": rng.choice(prompts),
+                    "response": response.format(meta[task]),
+                }
             )
     return rows
 
@@ -71,8 +76,9 @@ class InstructionCollator:
         self.tokenizer, self.image_tokens, self.pack = tokenizer, image_tokens, pack
 
     def __call__(self, items: list[dict]) -> dict:
-        examples = [instruction_example(self.tokenizer, self.image_tokens, it["instruction"], it["response"])
-                    for it in items]
+        examples = [
+            instruction_example(self.tokenizer, self.image_tokens, it["instruction"], it["response"]) for it in items
+        ]
         batch = pack_examples(examples) if self.pack else pad_examples(examples, self.tokenizer.pad_id)
         batch["images"] = torch.stack([it["image"] for it in items])
         return batch

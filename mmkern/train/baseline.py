@@ -39,8 +39,17 @@ class PlainCLIP(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
         v, t = config.vision, config.text
-        if (v.reg_tokens or v.pool != "token" or v.pre_norm or v.fc_norm or not t.causal or not t.norm_first
-                or t.eot_token_id is None or t.type_vocab_size or config.init_logit_bias is not None):
+        if (
+            v.reg_tokens
+            or v.pool != "token"
+            or v.pre_norm
+            or v.fc_norm
+            or not t.causal
+            or not t.norm_first
+            or t.eot_token_id is None
+            or t.type_vocab_size
+            or config.init_logit_bias is not None
+        ):
             raise ValueError("config: PlainCLIP covers class-token ViTs and causal EOT-pooled text towers only")
         self.visual, self.text = nn.Module(), nn.Module()
         vis, txt = self.visual, self.text

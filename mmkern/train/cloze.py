@@ -16,7 +16,9 @@ from mmkern.train.loop import TrainConfig, Trainer
 def cloze_inputs(tokenizer: WordTokenizer, template: str, context_length: int = 16):
     """template with "{}" for the slot -> (input_ids (1, L), attention_mask (1, L), slot position)."""
     before, after = template.split("{}")
-    row = (tokenizer.encode(before, eos=False) + [tokenizer.mask_id] + tokenizer.encode(after, bos=False))[:context_length]
+    row = (tokenizer.encode(before, eos=False) + [tokenizer.mask_id] + tokenizer.encode(after, bos=False))[
+        :context_length
+    ]
     ids = torch.full((1, context_length), tokenizer.pad_id, dtype=torch.long)
     ids[0, : len(row)] = torch.tensor(row)
     return ids, ids != tokenizer.pad_id, row.index(tokenizer.mask_id)
@@ -31,8 +33,14 @@ def verbalizer_ids(tokenizer: WordTokenizer, classnames: list[str]) -> torch.Ten
     return torch.tensor([w + [w[-1]] * (width - len(w)) for w in words])
 
 
-def cloze_logits(model: FusionEncoder, tokenizer: WordTokenizer, images: torch.Tensor, classnames: list[str],
-                 template: str = "a photo of the digit {}.", context_length: int = 16) -> torch.Tensor:
+def cloze_logits(
+    model: FusionEncoder,
+    tokenizer: WordTokenizer,
+    images: torch.Tensor,
+    classnames: list[str],
+    template: str = "a photo of the digit {}.",
+    context_length: int = 16,
+) -> torch.Tensor:
     """(B, C) class scores: mean MLM log-probability of each class's label words at the slot."""
     ids, mask, slot = cloze_inputs(tokenizer, template, context_length)
     B, device = images.shape[0], images.device
@@ -43,17 +51,28 @@ def cloze_logits(model: FusionEncoder, tokenizer: WordTokenizer, images: torch.T
 
 
 @torch.no_grad()
-def cloze_accuracy(model, tokenizer, data: ImageTextDataset, template: str = "a photo of the digit {}.",
-                   context_length: int = 16) -> float:
+def cloze_accuracy(
+    model, tokenizer, data: ImageTextDataset, template: str = "a photo of the digit {}.", context_length: int = 16
+) -> float:
     model.eval()
     device = next(model.parameters()).device
-    preds = [cloze_logits(model, tokenizer, data.images[i : i + 256].to(device), data.classnames, template,
-                          context_length).argmax(1).cpu() for i in range(0, len(data), 256)]
+    preds = [
+        cloze_logits(model, tokenizer, data.images[i : i + 256].to(device), data.classnames, template, context_length)
+        .argmax(1)
+        .cpu()
+        for i in range(0, len(data), 256)
+    ]
     return float((torch.cat(preds) == data.labels).float().mean())
 
 
-def tune_cloze(model: FusionEncoder, tokenizer: WordTokenizer, shots: ImageTextDataset, config: TrainConfig,
-               template: str = "a photo of the digit {}.", context_length: int = 16) -> list[dict]:
+def tune_cloze(
+    model: FusionEncoder,
+    tokenizer: WordTokenizer,
+    shots: ImageTextDataset,
+    config: TrainConfig,
+    template: str = "a photo of the digit {}.",
+    context_length: int = 16,
+) -> list[dict]:
     """Few-shot tuning of the whole fusion encoder: cross-entropy over the verbalizer scores at the slot."""
 
     def loss_fn(m, batch):
@@ -61,6 +80,9 @@ def tune_cloze(model: FusionEncoder, tokenizer: WordTokenizer, shots: ImageTextD
         return F.cross_entropy(logits, batch["labels"])
 
     def collate(items):
-        return {"images": torch.stack([it["image"] for it in items]), "labels": torch.tensor([it["label"] for it in items])}
+        return {
+            "images": torch.stack([it["image"] for it in items]),
+            "labels": torch.tensor([it["label"] for it in items]),
+        }
 
     return Trainer(model, config, loss_fn).fit(shots, collate)

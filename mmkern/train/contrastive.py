@@ -125,7 +125,9 @@ def evaluate_clip(
     device = model.logit_scale.device
     out = {}
     images = data.images.to(device)
-    feats = torch.cat([model.encode_image(images[i : i + 512], normalize=True).float() for i in range(0, len(images), 512)])
+    feats = torch.cat(
+        [model.encode_image(images[i : i + 512], normalize=True).float() for i in range(0, len(images), 512)]
+    )
     if data.labels is not None and data.classnames:
         clf = model.zero_shot_classifier(lambda t: tokenizer(t, context_length), data.classnames, templates)
         out["zero_shot_top1"] = float(((feats @ clf.to(device)).argmax(1).cpu() == data.labels).float().mean())
@@ -147,8 +149,9 @@ def train_contrastive(config: ContrastiveConfig, dataset: ImageTextDataset | Non
     "history", "metrics"} (metrics: held-out zero_shot_top1 and retrieval_r1)."""
     data = dataset or load_dataset(config.dataset, config.image_size)
     train, test = data.split(config.held_out, seed=config.seed)
-    tokenizer = WordTokenizer.from_texts(data.captions + [t.format(c) for t in HANDWRITTEN_TEMPLATES
-                                                           for c in (data.classnames or [])])
+    tokenizer = WordTokenizer.from_texts(
+        data.captions + [t.format(c) for t in HANDWRITTEN_TEMPLATES for c in (data.classnames or [])]
+    )
     model = small_clip(tokenizer, config)
     loss_fn = contrastive_loss_fn(config.loss)
     if config.accum_steps > 1 and config.grad_cache:
@@ -162,8 +165,15 @@ def train_contrastive(config: ContrastiveConfig, dataset: ImageTextDataset | Non
 
     history = trainer.fit(train, ImageTextCollator(tokenizer, config.context_length), eval_fn)
     metrics = {k: v for k, v in history[-1].items() if k in ("zero_shot_top1", "retrieval_r1")}
-    return {"model": model, "tokenizer": tokenizer, "train": train, "test": test, "history": history,
-            "metrics": metrics, "trainer": trainer}
+    return {
+        "model": model,
+        "tokenizer": tokenizer,
+        "train": train,
+        "test": test,
+        "history": history,
+        "metrics": metrics,
+        "trainer": trainer,
+    }
 
 
 def _digit_names():

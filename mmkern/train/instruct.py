@@ -43,10 +43,22 @@ class InstructConfig(TrainConfig):
 
 
 def build_decoder(vision: ViTConfig, tokenizer: WordTokenizer, c: InstructConfig) -> VisionLanguageDecoder:
-    lm = TextConfig(vocab_size=tokenizer.vocab_size, context_length=c.context_length, width=c.width, depth=c.depth,
-                    heads=c.heads, pool="none")
-    cfg = VLDecoderConfig(vision=vision, lm=lm, projector="mlp2x_gelu", image_token_id=tokenizer.img_id,
-                          vision_layer=-1, drop_prefix=False)
+    lm = TextConfig(
+        vocab_size=tokenizer.vocab_size,
+        context_length=c.context_length,
+        width=c.width,
+        depth=c.depth,
+        heads=c.heads,
+        pool="none",
+    )
+    cfg = VLDecoderConfig(
+        vision=vision,
+        lm=lm,
+        projector="mlp2x_gelu",
+        image_token_id=tokenizer.img_id,
+        vision_layer=-1,
+        drop_prefix=False,
+    )
     return VisionLanguageDecoder(cfg)
 
 
@@ -57,8 +69,14 @@ def instruction_loss(model: VisionLanguageDecoder, batch: dict):
 
 
 @torch.no_grad()
-def answer(model: VisionLanguageDecoder, tokenizer: WordTokenizer, images: torch.Tensor, instructions: list[str],
-           max_new_tokens: int = 8, batch_size: int = 128) -> list[str]:
+def answer(
+    model: VisionLanguageDecoder,
+    tokenizer: WordTokenizer,
+    images: torch.Tensor,
+    instructions: list[str],
+    max_new_tokens: int = 8,
+    batch_size: int = 128,
+) -> list[str]:
     """Greedy answers to one instruction per image."""
     model.eval()
     device = next(model.parameters()).device
@@ -66,9 +84,13 @@ def answer(model: VisionLanguageDecoder, tokenizer: WordTokenizer, images: torch
     for i in range(0, len(instructions), batch_size):
         ex = [instruction_example(tokenizer, model.tokens_per_image, t, None) for t in instructions[i : i + batch_size]]
         b = pad_examples(ex, tokenizer.pad_id, left=True)
-        ids = model.generate(b["input_ids"].to(device), images[i : i + batch_size].to(device),
-                             b["attention_mask"].to(device), max_new_tokens=max_new_tokens,
-                             eos_token_id=tokenizer.eos_id)
+        ids = model.generate(
+            b["input_ids"].to(device),
+            images[i : i + batch_size].to(device),
+            b["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_id,
+        )
         out += [tokenizer.decode(row[b["input_ids"].shape[1] :]) for row in ids.cpu()]
     return out
 
@@ -85,8 +107,13 @@ def exact_match(model, tokenizer, data: ImageTextDataset, rows: list[dict], max_
     return out
 
 
-def train_instruct(train: ImageTextDataset, test: ImageTextDataset, config: InstructConfig,
-                   vision_state: dict | None = None, vision_config: ViTConfig | None = None) -> dict:
+def train_instruct(
+    train: ImageTextDataset,
+    test: ImageTextDataset,
+    config: InstructConfig,
+    vision_state: dict | None = None,
+    vision_config: ViTConfig | None = None,
+) -> dict:
     """Two-stage instruction tuning; `vision_state` (a VisionTransformer state dict, e.g. a CLIP image tower's)
     initialises the frozen vision tower. -> {"model", "tokenizer", "metrics" (held-out exact match), "history"}."""
     train_rows = instruction_data(train, config.per_image, seed=config.seed)
@@ -95,8 +122,9 @@ def train_instruct(train: ImageTextDataset, test: ImageTextDataset, config: Inst
     texts += [p for prompts, _ in TASKS.values() for p in prompts]
     tok = WordTokenizer.from_texts(texts)
     size = train.images.shape[-1]
-    vision = vision_config or ViTConfig(img_size=size, patch_size=4, width=config.width, depth=config.depth,
-                                        heads=config.heads)
+    vision = vision_config or ViTConfig(
+        img_size=size, patch_size=4, width=config.width, depth=config.depth, heads=config.heads
+    )
     model = build_decoder(vision, tok, config)
     if vision_state is not None:
         state = {k: v for k, v in vision_state.items() if not k.startswith("head.")}
@@ -106,10 +134,18 @@ def train_instruct(train: ImageTextDataset, test: ImageTextDataset, config: Inst
     data = InstructionDataset(train, train_rows)
     collate = InstructionCollator(tok, model.tokens_per_image, pack=config.pack)
     history = []
-    stages = [("stage1", replace(config, steps=config.stage1_steps, lr=config.stage1_lr, out_dir=_sub(config, "stage1")),
-               list(model.projector.parameters())),
-              ("stage2", replace(config, out_dir=_sub(config, "stage2")),
-               list(model.projector.parameters()) + list(model.lm.parameters()) + list(model.lm_head.parameters()))]
+    stages = [
+        (
+            "stage1",
+            replace(config, steps=config.stage1_steps, lr=config.stage1_lr, out_dir=_sub(config, "stage1")),
+            list(model.projector.parameters()),
+        ),
+        (
+            "stage2",
+            replace(config, out_dir=_sub(config, "stage2")),
+            list(model.projector.parameters()) + list(model.lm.parameters()) + list(model.lm_head.parameters()),
+        ),
+    ]
     for name, cfg, params in stages:
         if cfg.steps <= 0:
             continue

@@ -311,8 +311,9 @@ class Trainer:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            set_state_dict(self.model, self.optimizer, model_state_dict=weights,
-                           optim_state_dict=state["optimizer"], options=opts)
+            set_state_dict(
+                self.model, self.optimizer, model_state_dict=weights, optim_state_dict=state["optimizer"], options=opts
+            )
         else:
             self.model.load_state_dict(weights)
             self.optimizer.load_state_dict(state["optimizer"])

@@ -30,8 +30,12 @@ def _features(tower: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
     tower.eval()
     device = next(tower.parameters()).device
     with torch.no_grad():
-        return torch.cat([tower.pool(tower.forward_features(images[i : i + 512].to(device))).float()
-                          for i in range(0, len(images), 512)])
+        return torch.cat(
+            [
+                tower.pool(tower.forward_features(images[i : i + 512].to(device))).float()
+                for i in range(0, len(images), 512)
+            ]
+        )
 
 
 def _classify_loss(model, batch):
@@ -52,8 +56,9 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
     return float((pred == labels).float().mean())
 
 
-def train_transfer(tower_state: dict, tower_config: ViTConfig, train: ImageTextDataset, test: ImageTextDataset,
-                   config: TransferConfig) -> dict:
+def train_transfer(
+    tower_state: dict, tower_config: ViTConfig, train: ImageTextDataset, test: ImageTextDataset, config: TransferConfig
+) -> dict:
     """tower_state: a VisionTransformer state dict (e.g. a CLIP's `visual.*`; its head is replaced).
     -> {"linear_probe_top1", "finetune_top1", "probe", "model", "history"}."""
     num_classes = len(train.classnames)
@@ -62,11 +67,16 @@ def train_transfer(tower_state: dict, tower_config: ViTConfig, train: ImageTextD
     tower.load_state_dict({k: v for k, v in tower_state.items() if not k.startswith("head.")})
     # Linear probe: features computed once, a Linear layer trained on them.
     probe = nn.Linear(tower.output_dim, num_classes)
-    feats = ImageTextDataset(_features(tower, train.images)[:, :, None, None], train.captions, train.labels,
-                             train.classnames)
+    feats = ImageTextDataset(
+        _features(tower, train.images)[:, :, None, None], train.captions, train.labels, train.classnames
+    )
     probe_model = nn.Sequential(nn.Flatten(), probe)
-    c_probe = replace(config, steps=config.probe_steps, lr=config.probe_lr,
-                      out_dir=None if config.out_dir is None else f"{config.out_dir}/probe")
+    c_probe = replace(
+        config,
+        steps=config.probe_steps,
+        lr=config.probe_lr,
+        out_dir=None if config.out_dir is None else f"{config.out_dir}/probe",
+    )
     hist = Trainer(probe_model, c_probe, _classify_loss).fit(feats, _collate)
     test_feats = _features(tower, test.images)
     probe_top1 = accuracy(probe_model, test_feats[:, :, None, None], test.labels)
@@ -75,5 +85,11 @@ def train_transfer(tower_state: dict, tower_config: ViTConfig, train: ImageTextD
     model.load_state_dict({**tower.state_dict(), **{f"head.{k}": v for k, v in probe.state_dict().items()}})
     c_ft = replace(config, out_dir=None if config.out_dir is None else f"{config.out_dir}/finetune")
     hist += Trainer(model, c_ft, _classify_loss).fit(train, _collate)
-    return {"linear_probe_top1": probe_top1, "finetune_top1": accuracy(model, test.images, test.labels),
-            "probe": probe_model, "model": model, "history": hist, "tower": copy.deepcopy(tower)}
+    return {
+        "linear_probe_top1": probe_top1,
+        "finetune_top1": accuracy(model, test.images, test.labels),
+        "probe": probe_model,
+        "model": model,
+        "history": hist,
+        "tower": copy.deepcopy(tower),
+    }

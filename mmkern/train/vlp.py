@@ -50,11 +50,24 @@ class VLPModel(nn.Module):
 
 def build_vlp_model(tokenizer: WordTokenizer, c: VLPConfig) -> VLPModel:
     vision = ViTConfig(img_size=c.image_size, patch_size=c.patch_size, width=c.width, depth=c.depth, heads=c.heads)
-    text = TextConfig(vocab_size=tokenizer.vocab_size, context_length=c.context_length, width=c.width,
-                      depth=c.text_depth, heads=c.heads, causal=False, norm_first=False, embed_norm=True,
-                      final_norm=False, pool="cls", eps=1e-12)
-    return VLPModel(FusionEncoder(FusionConfig(vision=vision, text=text, fusion="cross", fusion_layer=c.fusion_layer,
-                                               itc_dim=c.width)))
+    text = TextConfig(
+        vocab_size=tokenizer.vocab_size,
+        context_length=c.context_length,
+        width=c.width,
+        depth=c.text_depth,
+        heads=c.heads,
+        causal=False,
+        norm_first=False,
+        embed_norm=True,
+        final_norm=False,
+        pool="cls",
+        eps=1e-12,
+    )
+    return VLPModel(
+        FusionEncoder(
+            FusionConfig(vision=vision, text=text, fusion="cross", fusion_layer=c.fusion_layer, itc_dim=c.width)
+        )
+    )
 
 
 def _patchify(images: torch.Tensor, p: int) -> torch.Tensor:
@@ -131,5 +144,11 @@ def train_vlp(config: VLPConfig) -> dict:
     model = build_vlp_model(tokenizer, config)
     trainer = Trainer(model, config, vlp_loss_fn(tokenizer, config))
     history = trainer.fit(train, ImageTextCollator(tokenizer, config.context_length))
-    return {"model": model, "tokenizer": tokenizer, "history": history, "train": train, "test": test,
-            "metrics": {k: v for k, v in history[-1].items() if k.startswith(("loss", "itm_acc", "mlm_acc"))}}
+    return {
+        "model": model,
+        "tokenizer": tokenizer,
+        "history": history,
+        "train": train,
+        "test": test,
+        "metrics": {k: v for k, v in history[-1].items() if k.startswith(("loss", "itm_acc", "mlm_acc"))},
+    }
