@@ -17,3 +17,14 @@ def test_run_demo_tiny_writes_metrics_plots_and_checkpoints(tmp_path):
     assert saved["throughput_ratio_vs_pytorch"] > 0 and m["seconds"] > 0
     for f in ("demo.png", "clip.safetensors", "decoder.safetensors", "pretrain/metrics.jsonl"):
         assert (tmp_path / f).stat().st_size > 0, f
+
+
+def test_demo_main_exits_zero_and_prints_the_summary(tmp_path, capsys):
+    from mmkern.train.cli import demo_main
+
+    assert demo_main(["--out", str(tmp_path), "--size", "tiny", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    targets = json.loads((tmp_path / "metrics.json").read_text())["targets"]
+    assert len(targets) == 5 and "targets met" in out
+    for metric in ("zero_shot_top1", "prompt_learned_top1", "instruction_exact_match", "seconds"):
+        assert any(line.startswith(metric) and ("PASS" in line or "MISS" in line) for line in out.splitlines())

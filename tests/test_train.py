@@ -232,7 +232,7 @@ def test_task_prompt_and_transfer(data):
     train, test = data[0].split(0.2)
     r = train_prompts(model, data[1], train, test, ["a photo of the digit {}."],
                       PromptConfig(steps=2, shots=2, progress=False, context_length=12))
-    assert 0 <= r["prompt_learned_top1"] <= 1 and r["learner"].ctx.shape == (5, 32)
+    assert 0 <= r["prompt_learned_top1"] <= 1 and r["learner"].ctx[0].shape == (5, 32)
     assert all(p.requires_grad for p in model.parameters())  # the towers are unfrozen again afterwards
     vis = {k[7:]: v for k, v in model.state_dict().items() if k.startswith("visual.")}
     t = train_transfer(vis, model.visual.config, train, test, TransferConfig(steps=2, probe_steps=2, batch_size=16,
@@ -280,6 +280,32 @@ def test_cli_train_with_config_file(tmp_path, capsys):
     assert (tmp_path / "o" / "clip.safetensors").exists()
     with pytest.raises(SystemExit):
         train_main(["contrastive", "--config", str(cfg), "--precision", "fp64x", "--steps", "oops"])
+
+
+def test_prompt_context_starts_as_the_handwritten_classifier(data):
+    """init="templates": at step 0 the learned contexts are the templates' word embeddings, so the learner's class
+    features equal CLIP's template-averaged zero-shot classifier, and with no step kept the accuracies agree."""
+    from mmkern.train.prompt import PromptConfig, PromptLearner, train_prompts
+
+    _, model, _ = tiny_setup(data)
+    tok, templates = data[1], ["a photo of the digit {}.", "the digit {}."]
+    model.eval()
+    names = data[0].classnames
+    learner = PromptLearner(model, tok, names, templates, context_length=12)
+    emb = model.text.token_embedding.weight
+    assert torch.equal(learner.ctx[1], emb[tok.encode("the digit", bos=False, eos=False)])
+    clf = model.zero_shot_classifier(lambda t: tok(t, 12), names, templates)
+    with torch.no_grad():
+        torch.testing.assert_close(learner(), clf.T, rtol=1e-5, atol=1e-5)
+    train, test = data[0].split(0.2)
+    r = train_prompts(model, tok, train, test, templates, PromptConfig(steps=0, shots=4, progress=False,
+                                                                       context_length=12))
+    assert r["best_step"] == 0 and r["prompt_learned_top1"] == r["prompt_handwritten_top1"]
+    r = train_prompts(model, tok, train, test, templates, PromptConfig(steps=4, shots=4, lr=0.5, eval_every=2,
+                                                                       progress=False, context_length=12))
+    assert r["best_step"] in (0, 2, 4) and 0 <= r["val_top1"] <= 1
+    with pytest.raises(ValueError, match="templates"):
+        PromptLearner(model, tok, names, ["no slot"])
 
 
 def test_cloze_prompt_slot_scoring_and_tuning():

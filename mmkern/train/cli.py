@@ -128,5 +128,5 @@ def demo_main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     size = args.size or ("quick" if args.quick else None)
-    m = run_demo(args.out, size=size, seed=args.seed, progress=not args.no_progress)
-    return 0 if all(m["targets"].values()) else 1
+    run_demo(args.out, size=size, seed=args.seed, progress=not args.no_progress)
+    return 0  # a showcase: missed targets are in the printed summary and metrics.json["targets"], not the exit code

@@ -22,40 +22,64 @@ class PromptConfig(TrainConfig):
     lr: float = 2e-3
     warmup_steps: int = 5
     weight_decay: float = 0.0
-    shots: int = 16  # labelled images per class
-    init: str = "a photo of the digit"  # context initialised from these words (their count is M); "" = random
-    n_ctx: int = 4  # M when init is ""
+    shots: int = 16  # labelled images per class, split into a training and a validation part
+    init: str = "templates"  # "templates": one context per hand-written template, from its words; "random"
+    n_ctx: int = 4  # M when init is "random"
     class_specific: bool = False  # CoOp's CSC: one context per class instead of one shared by all
     context_length: int = 16
+    val_fraction: float = 0.25  # of the shots per class, held out to pick the best context (step 0 included)
+    eval_every: int = 5
+
+
+def _split_template(template: str) -> tuple[str, str]:
+    if template.count("{}") != 1:
+        raise ValueError(f"templates: expected one '{{}}' per template, got {template!r}")
+    prefix, suffix = template.split("{}")
+    return prefix.strip(), suffix
 
 
 class PromptLearner(nn.Module):
-    """Learnable context (M, D), or (C, M, D) class-specific, before each class name: forward() -> normalised class text features (C, E).
-    The CLIP inside is frozen (requires_grad False); only `ctx` trains."""
+    """One learnable context (M_t, D), or (C, M_t, D) class-specific, per template t: "[V]1 ... [V]M <class><suffix>".
+    With init="templates" each context starts as the token embeddings of its template's words before "{}", so at
+    step 0 forward() equals the hand-written zero-shot classifier (the same template average, renormalised).
+    forward() -> normalised class text features (C, E). The CLIP inside is frozen and stays in eval mode."""
 
-    def __init__(self, clip: CLIP, tokenizer: WordTokenizer, classnames: list[str], init: str = "", n_ctx: int = 4,
-                 context_length: int = 16, class_specific: bool = False):
+    def __init__(self, clip: CLIP, tokenizer: WordTokenizer, classnames: list[str], templates: list[str],
+                 init: str = "templates", n_ctx: int = 4, context_length: int = 16, class_specific: bool = False):
         super().__init__()
-        self.clip = clip
+        if init not in ("templates", "random"):
+            raise ValueError(f"init: expected 'templates' or 'random', got {init!r}")
+        self.clip = clip.eval()
         for p in clip.parameters():
             p.requires_grad_(False)
-        words = tokenizer.encode(init, bos=False, eos=False) if init else []
-        M = len(words) or n_ctx
         emb = clip.text.token_embedding.weight
-        ctx = emb[words].detach().clone() if words else torch.randn(M, emb.shape[1]) * 0.02
-        self.ctx = nn.Parameter(ctx.expand(len(classnames), -1, -1).clone() if class_specific else ctx)
-        ids, mask = tokenizer([" ".join(["x"] * M + [c]) + "." for c in classnames], context_length)
-        ids[:, 1 : 1 + M] = tokenizer.unk_id  # placeholders; their embeddings are replaced by ctx
-        self.register_buffer("ids", ids, persistent=False)
-        self.register_buffer("mask", mask, persistent=False)
+        self.ctx = nn.ParameterList()
+        for i, template in enumerate(templates):
+            prefix, suffix = _split_template(template)
+            words = tokenizer.encode(prefix, bos=False, eos=False) if init == "templates" and prefix else []
+            M = len(words) or n_ctx
+            ctx = emb[words].detach().clone() if words else torch.randn(M, emb.shape[1]) * 0.02
+            self.ctx.append(nn.Parameter(ctx.expand(len(classnames), -1, -1).clone() if class_specific else ctx))
+            ids, mask = tokenizer([" ".join(["x"] * M + [c]) + suffix for c in classnames], context_length)
+            ids[:, 1 : 1 + M] = tokenizer.unk_id  # placeholders; their embeddings are replaced by ctx
+            self.register_buffer(f"ids{i}", ids, persistent=False)
+            self.register_buffer(f"mask{i}", mask, persistent=False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()  # frozen towers: no dropout while the context trains
+        return self
 
     def forward(self) -> torch.Tensor:
-        text, M = self.clip.text, self.ctx.shape[-2]
-        x = text.embed(self.ids)
-        ctx = (self.ctx + text.pos_embed[1 : 1 + M]).to(x.dtype).expand(x.shape[0], -1, -1)  # (C, M, D)
-        x = torch.cat([x[:, :1], ctx, x[:, 1 + M :]], dim=1)
-        tokens = text.norm(text.run_blocks(x, self.mask))
-        return F.normalize(text.proj(text.pool(tokens, self.ids, self.mask)), dim=-1)
+        text, feats = self.clip.text, []
+        for i, ctx in enumerate(self.ctx):
+            ids, mask, M = getattr(self, f"ids{i}"), getattr(self, f"mask{i}"), ctx.shape[-2]
+            x = text.embed(ids)
+            c = (ctx + text.pos_embed[1 : 1 + M]).to(x.dtype).expand(x.shape[0], -1, -1)  # (C, M, D)
+            x = torch.cat([x[:, :1], c, x[:, 1 + M :]], dim=1)
+            tokens = text.norm(text.run_blocks(x, mask))
+            feats.append(F.normalize(text.proj(text.pool(tokens, ids, mask)).float(), dim=-1))
+        return F.normalize(torch.stack(feats).mean(0), dim=-1)
 
 
 @torch.no_grad()
@@ -74,34 +98,64 @@ def zero_shot_accuracy(clip: CLIP, tokenizer, data: ImageTextDataset, templates:
 
 def train_prompts(clip: CLIP, tokenizer: WordTokenizer, train: ImageTextDataset, test: ImageTextDataset,
                   templates: list[str], config: PromptConfig) -> dict:
-    """-> {"prompt_handwritten_top1", "prompt_learned_top1", "learner", "history"} on `test`. Image features
-    are computed once (the image tower is frozen), so a step costs one text forward over the C class prompts."""
+    """-> {"prompt_handwritten_top1", "prompt_learned_top1", "best_step", "val_top1", "learner", "history"}.
+    The shots come from `train`; a val_fraction of them per class is held out, and the context with the best
+    validation accuracy (then loss) over steps 0, eval_every, ... is kept, so a run that does not beat the
+    hand-written prompts on validation falls back to them. `test` is used only for the two reported accuracies.
+    Image features are computed once (the image tower is frozen), so a step costs one text forward per template."""
     was_training, grad_flags = clip.training, [p.requires_grad for p in clip.parameters()]
     clip.eval()
     handwritten = zero_shot_accuracy(clip, tokenizer, test, templates, config.context_length)
     shots = train.few_shot(config.shots, seed=config.seed)
-    learner = PromptLearner(clip, tokenizer, train.classnames, config.init, config.n_ctx, config.context_length,
-                            config.class_specific)
-    feats = image_features(clip, shots.images)
-    cached = ImageTextDataset(feats[:, :, None, None], shots.captions, shots.labels, shots.classnames)
+    n_val = round(config.shots * config.val_fraction) if config.shots > 1 else 0
+    is_val = torch.zeros(len(shots), dtype=torch.bool)
+    for c in shots.labels.unique().tolist():
+        is_val[(shots.labels == c).nonzero().flatten()[:n_val]] = True  # few_shot drew them at random
+    val = shots.subset(is_val.nonzero().flatten()) if n_val else None
+    fit_set = shots.subset((~is_val).nonzero().flatten())
+    learner = PromptLearner(clip, tokenizer, train.classnames, templates, config.init, config.n_ctx,
+                            config.context_length, config.class_specific)
+    feats = image_features(clip, fit_set.images)
+    cached = ImageTextDataset(feats[:, :, None, None], fit_set.captions, fit_set.labels, fit_set.classnames)
+    val_feats = image_features(clip, val.images) if val is not None else None
+
+    def logits_of(model, images):
+        return model.clip.scale().float() * images @ model().T
 
     def loss_fn(model, batch):
-        logits = model.clip.scale().float() * batch["images"].flatten(1) @ model().float().T
+        logits = logits_of(model, batch["images"].flatten(1))
         loss = F.cross_entropy(logits, batch["labels"])
         return loss, {"acc": float((logits.argmax(1) == batch["labels"]).float().mean())}
 
     def collate(items):
         return {"images": torch.stack([it["image"] for it in items]), "labels": torch.tensor([it["label"] for it in items])}
 
+    best = {"key": None, "step": 0, "ctx": [c.detach().clone() for c in learner.ctx], "val_top1": float("nan")}
+
+    @torch.no_grad()
+    def validate(model):
+        if val_feats is None:
+            return {}
+        logits = logits_of(model, val_feats)
+        acc = float((logits.argmax(1).cpu() == val.labels).float().mean())
+        loss = float(F.cross_entropy(logits.cpu(), val.labels))
+        if best["key"] is None or (acc, -loss) > best["key"]:
+            best.update(key=(acc, -loss), step=trainer.step, ctx=[c.detach().clone() for c in model.ctx], val_top1=acc)
+        return {"val_top1": acc, "val_loss": loss}
+
     config.batch_size = min(config.batch_size, len(cached))
-    trainer = Trainer(learner, config, loss_fn, parameters=[learner.ctx])
-    learner.clip.eval()  # frozen towers stay in eval mode (no dropout) while the context trains
-    history = trainer.fit(cached, collate)
+    trainer = Trainer(learner, config, loss_fn, parameters=list(learner.ctx))
+    validate(learner)  # step 0: the hand-written prompts
+    history = trainer.fit(cached, collate, validate, config.eval_every)
+    if val_feats is not None:
+        with torch.no_grad():
+            for c, b in zip(learner.ctx, best["ctx"]):
+                c.copy_(b)
     with torch.no_grad():
-        pred = (image_features(clip, test.images) @ learner().float().T).argmax(1).cpu()
+        pred = (image_features(clip, test.images) @ learner().T).argmax(1).cpu()
     learned = float((pred == test.labels).float().mean())
     clip.train(was_training)
     for p, flag in zip(clip.parameters(), grad_flags):
         p.requires_grad_(flag)
-    return {"prompt_handwritten_top1": handwritten, "prompt_learned_top1": learned, "learner": learner,
-            "history": history}
+    return {"prompt_handwritten_top1": handwritten, "prompt_learned_top1": learned, "best_step": best["step"],
+            "val_top1": best["val_top1"], "learner": learner, "history": history}
