@@ -4,8 +4,15 @@ import json
 
 from mmkern.train.demo import run_demo
 
-KEYS = {"zero_shot_top1", "retrieval_r1", "prompt_handwritten_top1", "prompt_learned_top1", "instruction_exact_match",
-        "throughput_ratio_vs_pytorch", "seconds"}
+KEYS = {
+    "zero_shot_top1",
+    "retrieval_r1",
+    "prompt_handwritten_top1",
+    "prompt_learned_top1",
+    "instruction_exact_match",
+    "throughput_ratio_vs_pytorch",
+    "seconds",
+}
 
 
 def test_run_demo_tiny_writes_metrics_plots_and_checkpoints(tmp_path):

@@ -13,8 +13,20 @@ from mmkern.train import checkpoint as ckpt
 from mmkern.train.baseline import PlainCLIP, naive_clip_loss
 from mmkern.train.contrastive import ContrastiveConfig, contrastive_loss_fn, grad_cache_step, small_clip
 
-TINY = {"image_size": 8, "patch_size": 4, "width": 32, "depth": 1, "text_width": 32, "text_depth": 1, "embed_dim": 32,
-        "heads": 2, "context_length": 12, "progress": False, "log_every": 1, "warmup_steps": 2}
+TINY = {
+    "image_size": 8,
+    "patch_size": 4,
+    "width": 32,
+    "depth": 1,
+    "text_width": 32,
+    "text_depth": 1,
+    "embed_dim": 32,
+    "heads": 2,
+    "context_length": 12,
+    "progress": False,
+    "log_every": 1,
+    "warmup_steps": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -205,9 +217,23 @@ def test_task_vlp(weights):
     from mmkern.train.vlp import VLPConfig, train_vlp
 
     itc, itm, mlm, mvm = weights
-    c = VLPConfig(image_size=8, patch_size=4, width=32, depth=1, text_depth=2, fusion_layer=1, heads=2, steps=2,
-                  batch_size=8, progress=False, log_every=1, itc_weight=itc, itm_weight=itm, mlm_weight=mlm,
-                  mvm_weight=mvm)
+    c = VLPConfig(
+        image_size=8,
+        patch_size=4,
+        width=32,
+        depth=1,
+        text_depth=2,
+        fusion_layer=1,
+        heads=2,
+        steps=2,
+        batch_size=8,
+        progress=False,
+        log_every=1,
+        itc_weight=itc,
+        itm_weight=itm,
+        mlm_weight=mlm,
+        mvm_weight=mvm,
+    )
     r = train_vlp(c)
     names = {n for n, w in zip(("itc", "itm", "mlm", "mvm"), weights) if w}
     assert {k[5:] for k in r["history"][-1] if k.startswith("loss_")} == names
@@ -230,13 +256,20 @@ def test_task_prompt_and_transfer(data):
 
     _, model, _ = tiny_setup(data)
     train, test = data[0].split(0.2)
-    r = train_prompts(model, data[1], train, test, ["a photo of the digit {}."],
-                      PromptConfig(steps=2, shots=2, progress=False, context_length=12))
+    r = train_prompts(
+        model,
+        data[1],
+        train,
+        test,
+        ["a photo of the digit {}."],
+        PromptConfig(steps=2, shots=2, progress=False, context_length=12),
+    )
     assert 0 <= r["prompt_learned_top1"] <= 1 and r["learner"].ctx[0].shape == (5, 32)
     assert all(p.requires_grad for p in model.parameters())  # the towers are unfrozen again afterwards
     vis = {k[7:]: v for k, v in model.state_dict().items() if k.startswith("visual.")}
-    t = train_transfer(vis, model.visual.config, train, test, TransferConfig(steps=2, probe_steps=2, batch_size=16,
-                                                                             progress=False))
+    t = train_transfer(
+        vis, model.visual.config, train, test, TransferConfig(steps=2, probe_steps=2, batch_size=16, progress=False)
+    )
     assert 0 <= t["linear_probe_top1"] <= 1 and 0 <= t["finetune_top1"] <= 1
 
 
@@ -246,8 +279,9 @@ def test_task_instruct(data, pack):
 
     d = data[0].subset(range(60))
     train, test = d.subset(range(50)), d.subset(range(50, 60))
-    c = InstructConfig(steps=2, stage1_steps=1, batch_size=4, width=32, depth=1, heads=2, progress=False, pack=pack,
-                       max_new_tokens=3)
+    c = InstructConfig(
+        steps=2, stage1_steps=1, batch_size=4, width=32, depth=1, heads=2, progress=False, pack=pack, max_new_tokens=3
+    )
     r = train_instruct(train, test, c)
     assert [h["stage"] for h in r["history"]] == ["stage1", "stage2"]
     assert 0 <= r["metrics"]["instruction_exact_match"] <= 1
@@ -261,8 +295,9 @@ def test_packed_and_padded_instruction_losses_agree(data):
     d = data[0].subset(range(6))
     rows = instruction_data(d, 2)
     tok = WordTokenizer.from_texts([r["instruction"] + " " + r["response"] for r in rows])
-    model = build_decoder(small_clip(data[1], ContrastiveConfig(**TINY)).visual.config, tok,
-                          InstructConfig(width=32, depth=1, heads=2))
+    model = build_decoder(
+        small_clip(data[1], ContrastiveConfig(**TINY)).visual.config, tok, InstructConfig(width=32, depth=1, heads=2)
+    )
     items = [InstructionDataset(d, rows)[i] for i in range(4)]
     packed = instruction_loss(model, InstructionCollator(tok, model.tokens_per_image, pack=True)(items))
     padded = instruction_loss(model, InstructionCollator(tok, model.tokens_per_image, pack=False)(items))
@@ -298,11 +333,18 @@ def test_prompt_context_starts_as_the_handwritten_classifier(data):
     with torch.no_grad():
         torch.testing.assert_close(learner(), clf.T, rtol=1e-5, atol=1e-5)
     train, test = data[0].split(0.2)
-    r = train_prompts(model, tok, train, test, templates, PromptConfig(steps=0, shots=4, progress=False,
-                                                                       context_length=12))
+    r = train_prompts(
+        model, tok, train, test, templates, PromptConfig(steps=0, shots=4, progress=False, context_length=12)
+    )
     assert r["best_step"] == 0 and r["prompt_learned_top1"] == r["prompt_handwritten_top1"]
-    r = train_prompts(model, tok, train, test, templates, PromptConfig(steps=4, shots=4, lr=0.5, eval_every=2,
-                                                                       progress=False, context_length=12))
+    r = train_prompts(
+        model,
+        tok,
+        train,
+        test,
+        templates,
+        PromptConfig(steps=4, shots=4, lr=0.5, eval_every=2, progress=False, context_length=12),
+    )
     assert r["best_step"] in (0, 2, 4) and 0 <= r["val_top1"] <= 1
     with pytest.raises(ValueError, match="templates"):
         PromptLearner(model, tok, names, ["no slot"])
@@ -316,11 +358,13 @@ def test_cloze_prompt_slot_scoring_and_tuning():
     tok = WordTokenizer.from_texts(d.captions)
     ids, _, slot = cloze_inputs(tok, "a photo of the digit {}.", 12)
     assert ids[0, slot] == tok.mask_id and ids[0, 0] == tok.bos_id and tok.decode(ids[0]) == "a photo of the digit."
-    enc = build_vlp_model(tok, VLPConfig(image_size=8, patch_size=4, width=32, depth=1, text_depth=2, heads=2,
-                                         context_length=12)).encoder
+    enc = build_vlp_model(
+        tok, VLPConfig(image_size=8, patch_size=4, width=32, depth=1, text_depth=2, heads=2, context_length=12)
+    ).encoder
     scores = cloze_logits(enc, tok, d.images[:3], d.classnames, context_length=12)
     assert scores.shape == (3, 10) and (scores <= 0).all()
     shots = d.few_shot(2)
-    hist = tune_cloze(enc, tok, shots, TrainConfig(steps=2, batch_size=8, progress=False, log_every=1),
-                      context_length=12)
+    hist = tune_cloze(
+        enc, tok, shots, TrainConfig(steps=2, batch_size=8, progress=False, log_every=1), context_length=12
+    )
     assert len(hist) == 2 and 0 <= cloze_accuracy(enc, tok, d.subset(range(20)), context_length=12) <= 1

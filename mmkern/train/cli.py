@@ -57,10 +57,16 @@ def train_main(argv: list[str] | None = None) -> int:
     from mmkern.train.transfer import TransferConfig
     from mmkern.train.vlp import VLPConfig
 
-    tasks = {"contrastive": ContrastiveConfig, "vlp": VLPConfig, "prompt": PromptConfig, "instruct": InstructConfig,
-             "transfer": TransferConfig}
-    parser = argparse.ArgumentParser(prog="mmkern train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    tasks = {
+        "contrastive": ContrastiveConfig,
+        "vlp": VLPConfig,
+        "prompt": PromptConfig,
+        "instruct": InstructConfig,
+        "transfer": TransferConfig,
+    }
+    parser = argparse.ArgumentParser(
+        prog="mmkern train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="task", required=True)
     for name, cls in tasks.items():
         p = sub.add_parser(name, help=cls.__module__.rsplit(".", 1)[-1])
@@ -100,7 +106,7 @@ def _run(args, config) -> dict:
 
         r = train_prompts(clip, tok, train, test, HANDWRITTEN_TEMPLATES, config)
         return {k: v for k, v in r.items() if k.endswith("top1")}
-    vis = {k[len("visual."):]: v for k, v in clip.state_dict().items() if k.startswith("visual.")}
+    vis = {k[len("visual.") :]: v for k, v in clip.state_dict().items() if k.startswith("visual.")}
     if args.task == "instruct":
         from mmkern.train.instruct import train_instruct
 

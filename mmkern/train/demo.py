@@ -31,8 +31,9 @@ TARGETS = {"zero_shot_top1": 0.90, "instruction_exact_match": 0.80, "throughput_
 def demo_configs(size: str, out: Path, seed: int = 0, progress: bool = True):
     """(contrastive, prompt, instruct, throughput steps) for size "tiny" (tests), "quick", "full" or "gpu"."""
     common = {"seed": seed, "progress": progress, "log_every": 10}
-    clip = ContrastiveConfig(steps=300, batch_size=128, lr=2e-3, warmup_steps=10, out_dir=str(out / "pretrain"),
-                             **common)
+    clip = ContrastiveConfig(
+        steps=300, batch_size=128, lr=2e-3, warmup_steps=10, out_dir=str(out / "pretrain"), **common
+    )
     prompt = PromptConfig(steps=80, lr=1e-2, out_dir=str(out / "prompt"), **common)
     instruct = InstructConfig(steps=150, stage1_steps=30, out_dir=str(out / "instruct"), **common)
     bench = 3
@@ -45,8 +46,17 @@ def demo_configs(size: str, out: Path, seed: int = 0, progress: bool = True):
         prompt, bench = replace(prompt, steps=40), 4
         instruct = replace(instruct, steps=60, stage1_steps=10)
     elif size == "gpu":
-        clip = replace(clip, steps=600, batch_size=256, width=128, text_width=128, embed_dim=128, depth=4,
-                       text_depth=4, precision="bf16")
+        clip = replace(
+            clip,
+            steps=600,
+            batch_size=256,
+            width=128,
+            text_width=128,
+            embed_dim=128,
+            depth=4,
+            text_depth=4,
+            precision="bf16",
+        )
         instruct = replace(instruct, steps=600, width=128, depth=4, precision="bf16")
         bench = 30
     elif size != "full":
@@ -95,9 +105,11 @@ def throughput_comparison(clip_model, tokenizer, data, config: ContrastiveConfig
         r_ours.append(_rate(run_ours, steps, config.batch_size))
         r_plain.append(_rate(run_plain, steps, config.batch_size))
     ratios = [a / b for a, b in zip(r_ours, r_plain)]
-    return {"throughput_mmkern_samples_per_s": statistics.median(r_ours),
-            "throughput_pytorch_samples_per_s": statistics.median(r_plain),
-            "throughput_ratio_vs_pytorch": statistics.median(ratios)}
+    return {
+        "throughput_mmkern_samples_per_s": statistics.median(r_ours),
+        "throughput_pytorch_samples_per_s": statistics.median(r_plain),
+        "throughput_ratio_vs_pytorch": statistics.median(ratios),
+    }
 
 
 def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 0, progress: bool = True) -> dict:
@@ -111,8 +123,11 @@ def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 
     size = size or ("gpu" if torch.cuda.is_available() else "full")
     c_clip, c_prompt, c_inst, bench_steps = demo_configs(size, out, seed, progress)
     data = digits(c_clip.image_size)
-    metrics: dict = {"size": size, "device": "cuda" if torch.cuda.is_available() else "cpu",
-                     "torch_threads": torch.get_num_threads()}
+    metrics: dict = {
+        "size": size,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "torch_threads": torch.get_num_threads(),
+    }
     timings = {}
 
     def say(msg):
@@ -139,7 +154,7 @@ def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 
 
     say("3/4 instruction tuning of a vision-language decoder (stage 1 projector, stage 2 + LM)")
     t = time.perf_counter()
-    vis_state = {k[len("visual."):]: v for k, v in clip.state_dict().items() if k.startswith("visual.")}
+    vis_state = {k[len("visual.") :]: v for k, v in clip.state_dict().items() if k.startswith("visual.")}
     inst = train_instruct(train, test, c_inst, vis_state, clip.visual.config)
     metrics.update(inst["metrics"])
     save_checkpoint(inst["model"], out / "decoder.safetensors")
@@ -150,19 +165,31 @@ def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 
     t = time.perf_counter()
     metrics.update(throughput_comparison(clip, tok, train, c_clip, bench_steps))
     timings["throughput"] = time.perf_counter() - t
-    say(f"{metrics['throughput_mmkern_samples_per_s']:.0f} vs {metrics['throughput_pytorch_samples_per_s']:.0f} "
-        f"samples/s: {metrics['throughput_ratio_vs_pytorch']:.2f}x")
+    say(
+        f"{metrics['throughput_mmkern_samples_per_s']:.0f} vs {metrics['throughput_pytorch_samples_per_s']:.0f} "
+        f"samples/s: {metrics['throughput_ratio_vs_pytorch']:.2f}x"
+    )
 
     metrics["seconds"] = time.perf_counter() - t0
     metrics["cpu_seconds"] = time.process_time() - c0  # with wall time, shows how much a shared machine slowed it
     metrics["seconds_per_part"] = timings
     checks = [  # (metric, target shown, passed)
         ("zero_shot_top1", ">= 0.90", metrics["zero_shot_top1"] >= TARGETS["zero_shot_top1"]),
-        ("prompt_learned_top1", f">= hand-written {metrics['prompt_handwritten_top1']:.3f}",
-         metrics["prompt_learned_top1"] >= metrics["prompt_handwritten_top1"]),
-        ("instruction_exact_match", ">= 0.80", metrics["instruction_exact_match"] >= TARGETS["instruction_exact_match"]),
-        ("throughput_ratio_vs_pytorch", ">= 1.3",
-         metrics["throughput_ratio_vs_pytorch"] >= TARGETS["throughput_ratio_vs_pytorch"]),
+        (
+            "prompt_learned_top1",
+            f">= hand-written {metrics['prompt_handwritten_top1']:.3f}",
+            metrics["prompt_learned_top1"] >= metrics["prompt_handwritten_top1"],
+        ),
+        (
+            "instruction_exact_match",
+            ">= 0.80",
+            metrics["instruction_exact_match"] >= TARGETS["instruction_exact_match"],
+        ),
+        (
+            "throughput_ratio_vs_pytorch",
+            ">= 1.3",
+            metrics["throughput_ratio_vs_pytorch"] >= TARGETS["throughput_ratio_vs_pytorch"],
+        ),
         ("seconds", "<= 300", metrics["seconds"] <= 300),
     ]
     metrics["targets"] = {
@@ -174,8 +201,10 @@ def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _plots(out, metrics)
-    say(f"done in {metrics['seconds']:.0f}s; wrote {out / 'metrics.json'}, {out / 'demo.png'}, checkpoints "
-        f"{out / 'clip.safetensors'} and {out / 'decoder.safetensors'}")
+    say(
+        f"done in {metrics['seconds']:.0f}s; wrote {out / 'metrics.json'}, {out / 'demo.png'}, checkpoints "
+        f"{out / 'clip.safetensors'} and {out / 'decoder.safetensors'}"
+    )
     print(summary_table(metrics, checks), flush=True)
     return metrics
 
@@ -212,8 +241,13 @@ def _plots(out: Path, metrics: dict) -> None:
         ax[1].plot(*series(out / "instruct" / stage / "metrics.jsonl", "loss"), label=stage)
     ax[1].set_title("instruction tuning loss (response tokens)")
     ax[1].legend()
-    names = ["zero_shot_top1", "retrieval_r1", "prompt_handwritten_top1", "prompt_learned_top1",
-             "instruction_exact_match"]
+    names = [
+        "zero_shot_top1",
+        "retrieval_r1",
+        "prompt_handwritten_top1",
+        "prompt_learned_top1",
+        "instruction_exact_match",
+    ]
     ax[2].barh(names, [metrics[n] for n in names], color="tab:blue")
     ax[2].set_xlim(0, 1)
     ax[2].set_title("held-out accuracy")

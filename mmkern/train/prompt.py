@@ -44,8 +44,17 @@ class PromptLearner(nn.Module):
     step 0 forward() equals the hand-written zero-shot classifier (the same template average, renormalised).
     forward() -> normalised class text features (C, E). The CLIP inside is frozen and stays in eval mode."""
 
-    def __init__(self, clip: CLIP, tokenizer: WordTokenizer, classnames: list[str], templates: list[str],
-                 init: str = "templates", n_ctx: int = 4, context_length: int = 16, class_specific: bool = False):
+    def __init__(
+        self,
+        clip: CLIP,
+        tokenizer: WordTokenizer,
+        classnames: list[str],
+        templates: list[str],
+        init: str = "templates",
+        n_ctx: int = 4,
+        context_length: int = 16,
+        class_specific: bool = False,
+    ):
         super().__init__()
         if init not in ("templates", "random"):
             raise ValueError(f"init: expected 'templates' or 'random', got {init!r}")
@@ -85,8 +94,9 @@ class PromptLearner(nn.Module):
 @torch.no_grad()
 def image_features(clip: CLIP, images: torch.Tensor) -> torch.Tensor:
     device = clip.logit_scale.device
-    return torch.cat([clip.encode_image(images[i : i + 512].to(device), normalize=True).float()
-                      for i in range(0, len(images), 512)])
+    return torch.cat(
+        [clip.encode_image(images[i : i + 512].to(device), normalize=True).float() for i in range(0, len(images), 512)]
+    )
 
 
 @torch.no_grad()
@@ -96,8 +106,14 @@ def zero_shot_accuracy(clip: CLIP, tokenizer, data: ImageTextDataset, templates:
     return float((pred == data.labels).float().mean())
 
 
-def train_prompts(clip: CLIP, tokenizer: WordTokenizer, train: ImageTextDataset, test: ImageTextDataset,
-                  templates: list[str], config: PromptConfig) -> dict:
+def train_prompts(
+    clip: CLIP,
+    tokenizer: WordTokenizer,
+    train: ImageTextDataset,
+    test: ImageTextDataset,
+    templates: list[str],
+    config: PromptConfig,
+) -> dict:
     """-> {"prompt_handwritten_top1", "prompt_learned_top1", "best_step", "val_top1", "learner", "history"}.
     The shots come from `train`; a val_fraction of them per class is held out, and the context with the best
     validation accuracy (then loss) over steps 0, eval_every, ... is kept, so a run that does not beat the
@@ -113,8 +129,16 @@ def train_prompts(clip: CLIP, tokenizer: WordTokenizer, train: ImageTextDataset,
         is_val[(shots.labels == c).nonzero().flatten()[:n_val]] = True  # few_shot drew them at random
     val = shots.subset(is_val.nonzero().flatten()) if n_val else None
     fit_set = shots.subset((~is_val).nonzero().flatten())
-    learner = PromptLearner(clip, tokenizer, train.classnames, templates, config.init, config.n_ctx,
-                            config.context_length, config.class_specific)
+    learner = PromptLearner(
+        clip,
+        tokenizer,
+        train.classnames,
+        templates,
+        config.init,
+        config.n_ctx,
+        config.context_length,
+        config.class_specific,
+    )
     feats = image_features(clip, fit_set.images)
     cached = ImageTextDataset(feats[:, :, None, None], fit_set.captions, fit_set.labels, fit_set.classnames)
     val_feats = image_features(clip, val.images) if val is not None else None
@@ -128,7 +152,10 @@ def train_prompts(clip: CLIP, tokenizer: WordTokenizer, train: ImageTextDataset,
         return loss, {"acc": float((logits.argmax(1) == batch["labels"]).float().mean())}
 
     def collate(items):
-        return {"images": torch.stack([it["image"] for it in items]), "labels": torch.tensor([it["label"] for it in items])}
+        return {
+            "images": torch.stack([it["image"] for it in items]),
+            "labels": torch.tensor([it["label"] for it in items]),
+        }
 
     best = {"key": None, "step": 0, "ctx": [c.detach().clone() for c in learner.ctx], "val_top1": float("nan")}
 
@@ -157,5 +184,11 @@ def train_prompts(clip: CLIP, tokenizer: WordTokenizer, train: ImageTextDataset,
     clip.train(was_training)
     for p, flag in zip(clip.parameters(), grad_flags):
         p.requires_grad_(flag)
-    return {"prompt_handwritten_top1": handwritten, "prompt_learned_top1": learned, "best_step": best["step"],
-            "val_top1": best["val_top1"], "learner": learner, "history": history}
+    return {
+        "prompt_handwritten_top1": handwritten,
+        "prompt_learned_top1": learned,
+        "best_step": best["step"],
+        "val_top1": best["val_top1"],
+        "learner": learner,
+        "history": history,
+    }
