@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from benchmarks import harness
 from mmkern.models import CLIP, CLIPConfig, TextConfig, clip_config, vit_config
+from mmkern.reference import attention_allowed
 
 CPU = torch.device("cpu")
 
@@ -31,7 +32,29 @@ def _plain_patch_embed(images, weight, bias=None, *, pos_embed=None, prefix_toke
     return x if pos_embed is None else x + pos_embed.reshape(x.shape[1], x.shape[2])
 
 
-def _plain_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, backend=None):
+def _plain_sdpa(
+    q,
+    k,
+    v,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    window=None,
+    num_global=0,
+    backend=None,
+):
+    if window is not None:  # a local layer: torch has no window argument, so give it the dense band mask
+        band = attention_allowed(
+            q.shape[-2], k.shape[-2], is_causal=is_causal, window=window, num_global=num_global, device=q.device
+        )
+        if attn_mask is None or attn_mask.dtype == torch.bool:
+            attn_mask = band if attn_mask is None else band & attn_mask
+        else:
+            attn_mask = attn_mask.masked_fill(~band, float("-inf"))
+        is_causal = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
 
 
