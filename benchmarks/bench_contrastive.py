@@ -131,7 +131,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--backends", nargs="+", default=None, help="mmkern backends (default: cpu, or triton cuda)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=None, help="results folder (default: bench_results/)")
+    p.add_argument("--out-dir", default=None, help="results folder (default: bench_results/ or $MMKERN_BENCH_DIR)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -157,10 +157,10 @@ def main(argv=None) -> list[dict]:
                 ),
                 flush=True,
             )
-    path = harness.save("contrastive", records, args.out)
+    path = harness.save("contrastive", records, args.out_dir)
     timed = [r for r in records if "median_ms" in r]
     if timed:
-        harness.plot_bars("contrastive", timed, label_key="impl", group_key="case", out_dir=args.out)
+        harness.plot_bars("contrastive", timed, label_key="impl", group_key="case", out_dir=args.out_dir)
     print(f"results: {path}")
     return records
 
