@@ -9,6 +9,9 @@ KEYS = {
     "retrieval_r1",
     "prompt_handwritten_top1",
     "prompt_learned_top1",
+    "prompt_cloze_zero_shot_top1",
+    "prompt_cloze_top1",
+    "prompt_cloze_whole_top1",
     "instruction_exact_match",
     "throughput_ratio_vs_pytorch",
     "seconds",
@@ -22,7 +25,14 @@ def test_run_demo_tiny_writes_metrics_plots_and_checkpoints(tmp_path):
     for k in KEYS - {"seconds", "throughput_ratio_vs_pytorch"}:
         assert 0.0 <= saved[k] <= 1.0, k
     assert saved["throughput_ratio_vs_pytorch"] > 0 and m["seconds"] > 0
-    for f in ("demo.png", "clip.safetensors", "decoder.safetensors", "pretrain/metrics.jsonl"):
+    files = (
+        "demo.png",
+        "clip.safetensors",
+        "decoder.safetensors",
+        "cloze_encoder.safetensors",
+        "pretrain/metrics.jsonl",
+    )
+    for f in files:
         assert (tmp_path / f).stat().st_size > 0, f
 
 
@@ -35,3 +45,4 @@ def test_demo_main_exits_zero_and_prints_the_summary(tmp_path, capsys):
     assert len(targets) == 5 and "targets met" in out
     for metric in ("zero_shot_top1", "prompt_learned_top1", "instruction_exact_match", "seconds"):
         assert any(line.startswith(metric) and ("PASS" in line or "MISS" in line) for line in out.splitlines())
+    assert any(line.startswith("prompt_cloze_top1 ") for line in out.splitlines())

@@ -348,23 +348,3 @@ def test_prompt_context_starts_as_the_handwritten_classifier(data):
     assert r["best_step"] in (0, 2, 4) and 0 <= r["val_top1"] <= 1
     with pytest.raises(ValueError, match="templates"):
         PromptLearner(model, tok, names, ["no slot"])
-
-
-def test_cloze_prompt_slot_scoring_and_tuning():
-    from mmkern.train.cloze import cloze_accuracy, cloze_inputs, cloze_logits, tune_cloze
-    from mmkern.train.vlp import VLPConfig, build_vlp_model
-
-    d = digits(8)
-    tok = WordTokenizer.from_texts(d.captions)
-    ids, _, slot = cloze_inputs(tok, "a photo of the digit {}.", 12)
-    assert ids[0, slot] == tok.mask_id and ids[0, 0] == tok.bos_id and tok.decode(ids[0]) == "a photo of the digit."
-    enc = build_vlp_model(
-        tok, VLPConfig(image_size=8, patch_size=4, width=32, depth=1, text_depth=2, heads=2, context_length=12)
-    ).encoder
-    scores = cloze_logits(enc, tok, d.images[:3], d.classnames, context_length=12)
-    assert scores.shape == (3, 10) and (scores <= 0).all()
-    shots = d.few_shot(2)
-    hist = tune_cloze(
-        enc, tok, shots, TrainConfig(steps=2, batch_size=8, progress=False, log_every=1), context_length=12
-    )
-    assert len(hist) == 2 and 0 <= cloze_accuracy(enc, tok, d.subset(range(20)), context_length=12) <= 1

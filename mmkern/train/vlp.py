@@ -91,10 +91,12 @@ def vlp_loss_fn(tokenizer: WordTokenizer, c: VLPConfig):
         enc, ids, mask, images = model.encoder, batch["input_ids"], batch["attention_mask"], batch["images"]
         B = ids.shape[0]
         losses, logs = {}, {}
-        image_embeds = enc.encode_image(images)
-        text_tokens = enc.encode_text(ids, mask)
-        img_f, txt_f = enc.image_features(image_embeds), enc.text_features(text_tokens)
-        scale = model.logit_scale.exp().clamp(max=100.0)
+        # a frozen image tower's tokens may come precomputed with the batch (cloze pretraining caches them)
+        image_embeds = batch["image_embeds"] if "image_embeds" in batch else enc.encode_image(images)
+        if c.itc_weight or c.itm_weight:  # MLM / MVM alone need neither the unmasked text nor the ITC features
+            text_tokens = enc.encode_text(ids, mask)
+            img_f, txt_f = enc.image_features(image_embeds), enc.text_features(text_tokens)
+            scale = model.logit_scale.exp().clamp(max=100.0)
         if c.itc_weight:
             losses["itc"] = ops.clip_loss(img_f.float(), txt_f.float(), scale.float())
         if c.itm_weight:
