@@ -197,3 +197,26 @@ def test_mlm_alone_on_precomputed_image_tokens_equals_the_image_path(data):
     cached, _ = loss_fn(model, {**batch, "image_embeds": image_tokens(enc, batch["images"])})
     torch.testing.assert_close(cached, loss)
     assert set(logs) == {"loss_mlm", "mlm_acc"}
+
+
+def test_cli_train_cloze(tmp_path, capsys, data):
+    import json
+
+    from mmkern.models.checkpoint import save_checkpoint
+    from mmkern.train.cli import train_main
+
+    _, tok = data
+    save_checkpoint(small_clip(tok, TINY_CLIP), tmp_path / "clip.safetensors")
+    tok.save(tmp_path / "clip_tokenizer.json")
+    flags = ["--pretrain-steps", "2", "--pretrain-batch-size", "16", "--steps", "2", "--shots", "2", "--tune", "both"]
+    out = tmp_path / "run"
+    assert (
+        train_main(
+            ["cloze", "--clip", str(tmp_path / "clip.safetensors"), "--no-progress", "--out-dir", str(out), *flags]
+        )
+        == 0
+    )
+    printed = json.loads(capsys.readouterr().out)
+    want = {"cloze_zero_shot_top1", "cloze_soft_top1", "cloze_whole_top1", "cloze_top1", "mlm_acc"}
+    assert set(printed) == want and json.loads((out / "results.json").read_text()) == printed
+    assert (out / "cloze_encoder.safetensors").stat().st_size > 0 and (out / "pretrain" / "metrics.jsonl").exists()

@@ -51,6 +51,7 @@ def _pretrained_clip(path: str | None, seed: int, progress: bool):
 
 
 def train_main(argv: list[str] | None = None) -> int:
+    from mmkern.train.cloze import ClozeConfig
     from mmkern.train.contrastive import ContrastiveConfig
     from mmkern.train.instruct import InstructConfig
     from mmkern.train.prompt import PromptConfig
@@ -63,6 +64,7 @@ def train_main(argv: list[str] | None = None) -> int:
         "prompt": PromptConfig,
         "instruct": InstructConfig,
         "transfer": TransferConfig,
+        "cloze": ClozeConfig,
     }
     parser = argparse.ArgumentParser(
         prog="mmkern train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -71,7 +73,7 @@ def train_main(argv: list[str] | None = None) -> int:
     for name, cls in tasks.items():
         p = sub.add_parser(name, help=cls.__module__.rsplit(".", 1)[-1])
         p.add_argument("--config", help="JSON file with config fields")
-        if name in ("prompt", "instruct", "transfer"):
+        if name in ("prompt", "instruct", "transfer", "cloze"):
             p.add_argument("--clip", help="clip.safetensors from `mmkern train contrastive` (default: pretrain one)")
         _add_fields(p, cls)
     args = parser.parse_args(argv)
@@ -106,6 +108,13 @@ def _run(args, config) -> dict:
 
         r = train_prompts(clip, tok, train, test, HANDWRITTEN_TEMPLATES, config)
         return {k: v for k, v in r.items() if k.endswith("top1")}
+    if args.task == "cloze":
+        from mmkern.train.cloze import train_cloze
+
+        r = train_cloze(clip, tok, train, test, config)
+        if config.out_dir:
+            save_checkpoint(r["encoder"], Path(config.out_dir) / "cloze_encoder.safetensors")
+        return {k: v for k, v in r.items() if k.endswith(("top1", "mlm_acc"))}
     vis = {k[len("visual.") :]: v for k, v in clip.state_dict().items() if k.startswith("visual.")}
     if args.task == "instruct":
         from mmkern.train.instruct import train_instruct
