@@ -74,7 +74,7 @@ def cloze_config(size: str, out: Path, seed: int = 0, progress: bool = True) -> 
     if size == "tiny":
         return replace(c, pretrain_steps=2, pretrain_batch_size=16, steps=2, shots=2)
     if size == "quick":
-        return replace(c, pretrain_steps=80, steps=30)
+        return replace(c, pretrain_steps=120, steps=20)
     if size == "gpu":
         return replace(c, pretrain_steps=300, pretrain_batch_size=256, precision="bf16")
     return c
