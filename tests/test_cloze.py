@@ -141,10 +141,10 @@ def test_pretrained_cloze_learns_above_chance(data):
     torch.manual_seed(0)
     clip = small_clip(tok, TINY_CLIP)
     cfg = tiny_config(
-        pretrain_steps=250,
+        pretrain_steps=150,
         mask_prob=0.5,
         pretrain_batch_size=64,
-        pretrain_lr=3e-3,
+        pretrain_lr=5e-3,
         freeze_vision=False,
         steps=10,
         shots=4,
