@@ -86,7 +86,7 @@ def test_multi_word_labels_score_the_mean_of_their_words(data):
 def test_soft_prompt_starts_at_the_template_changes_scores_and_gets_gradients(data):
     d, tok = data
     enc = tiny_encoder(tok)
-    prompt = ClozePrompt(enc, tok, d.classnames, TEMPLATE, n_before=2, n_after=1, context_length=12)
+    prompt = ClozePrompt(enc, tok, d.classnames, TEMPLATE, n_before=2, n_after=1)
     emb = enc.text.token_embedding.weight
     assert torch.equal(prompt.before, emb[[tok.stoi["the"], tok.stoi["digit"]]])
     assert torch.equal(prompt.after, emb[[tok.stoi["."]]]) and prompt.slot == 6
@@ -100,7 +100,7 @@ def test_soft_prompt_starts_at_the_template_changes_scores_and_gets_gradients(da
     with torch.no_grad():
         prompt.before.add_(torch.randn_like(prompt.before))
         assert not torch.allclose(prompt(e), scores)
-    inserted = ClozePrompt(enc, tok, d.classnames, TEMPLATE, n_before=2, n_after=1, init="random", context_length=12)
+    inserted = ClozePrompt(enc, tok, d.classnames, TEMPLATE, n_before=2, n_after=1, init="random")
     assert inserted.slot == 6 + 2 and inserted.ids[0, inserted.slot] == tok.mask_id and inserted.ids.shape[1] == 12
     assert inserted(e).shape == (8, 10)
 
@@ -172,11 +172,13 @@ def test_bad_input_names_the_argument(data):
     with pytest.raises(ValueError, match="context_length"):
         cloze_inputs(tok, TEMPLATE, 5)
     with pytest.raises(ValueError, match="n_before"):
-        ClozePrompt(enc, tok, d.classnames, TEMPLATE, n_before=6, context_length=12)
+        ClozePrompt(enc, tok, d.classnames, TEMPLATE, n_before=6)
     with pytest.raises(ValueError, match="n_after"):
-        ClozePrompt(enc, tok, d.classnames, TEMPLATE, n_before=1, n_after=2, context_length=12)
+        ClozePrompt(enc, tok, d.classnames, TEMPLATE, n_before=1, n_after=2)
+    with pytest.raises(ValueError, match="n_before"):
+        ClozePrompt(enc, tok, d.classnames, TEMPLATE, n_before=3, n_after=1, init="random")  # 13 > 12 tokens
     with pytest.raises(ValueError, match="init"):
-        ClozePrompt(enc, tok, d.classnames, TEMPLATE, init="zeros", context_length=12)
+        ClozePrompt(enc, tok, d.classnames, TEMPLATE, init="zeros")
     with pytest.raises(ValueError, match="tune"):
         tune_cloze(enc, tok, d.few_shot(1), tiny_config(), tune="head")
 
@@ -188,7 +190,7 @@ def test_mlm_alone_on_precomputed_image_tokens_equals_the_image_path(data):
     d, tok = data
     enc = tiny_encoder(tok)
     model = VLPModel(enc)
-    c = VLPConfig(itc_weight=0.0, itm_weight=0.0, mlm_weight=1.0, mask_prob=0.3, context_length=12)
+    c = VLPConfig(itc_weight=0.0, itm_weight=0.0, mlm_weight=1.0, mask_prob=0.3)
     batch = ImageTextCollator(tok, 12)([d[i] for i in range(16)])
     loss_fn = vlp_loss_fn(tok, c)
     torch.manual_seed(3)

@@ -127,7 +127,7 @@ def cloze_logits(
 
 # ---- soft prompts ------------------------------------------------------------------------------------------------
 class ClozePrompt(nn.Module):
-    """Learnable vectors around the slot: "[BOS] a photo of the P1 .. Pn [MASK] Q1 .. Qm [EOS]".
+    """Learnable vectors around the slot; with the defaults "[BOS] a photo of P1 P2 [MASK] Q1 [EOS]".
 
     init="words": the template's n_before words before the slot and n_after words after it are replaced by
     vectors initialised to their token embeddings, so at step 0 the scores equal those of the hand-written
@@ -146,7 +146,6 @@ class ClozePrompt(nn.Module):
         n_before: int = 2,
         n_after: int = 1,
         init: str = "words",
-        context_length: int = 16,
     ):
         super().__init__()
         if init not in ("words", "random"):
@@ -164,13 +163,16 @@ class ClozePrompt(nn.Module):
             vb, va = emb[before[len(before) - n_before :]].clone(), emb[after[:n_after]].clone()
             before, after = before[: len(before) - n_before], after[n_after:]
         else:
-            vb, va = torch.randn(n_before, emb.shape[1]) * 0.02, torch.randn(n_after, emb.shape[1]) * 0.02
+            vb, va = (torch.randn(n, emb.shape[1], device=emb.device) * 0.02 for n in (n_before, n_after))
         self.before, self.after = nn.Parameter(vb), nn.Parameter(va)
         row = before + [tokenizer.unk_id] * n_before + [tokenizer.mask_id] + [tokenizer.unk_id] * n_after + after
-        if len(row) > context_length:
-            raise ValueError(f"context_length: the prompt needs {len(row)} tokens, got {context_length}")
+        if len(row) > encoder.config.text.context_length:
+            raise ValueError(
+                f"n_before: the prompt needs {len(row)} tokens, the encoder takes at most "
+                f"{encoder.config.text.context_length}"
+            )
         self.start, self.slot = len(before), len(before) + n_before  # first soft vector; the [MASK]
-        self.register_buffer("ids", torch.tensor([row]), persistent=False)
+        self.register_buffer("ids", torch.tensor([row], device=emb.device), persistent=False)
         self.verbalizer = verbalizer_ids(tokenizer, classnames)
 
     def train(self, mode: bool = True):
@@ -348,7 +350,6 @@ def tune_cloze(
             config.n_before,
             config.n_after,
             config.prompt_init,
-            config.context_length,
         )
         params = trainable = [model.before, model.after]
         data = _WithEmbeds(shots, image_tokens(encoder, shots.images))
