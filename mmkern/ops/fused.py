@@ -255,6 +255,8 @@ def _add_layer_norm_setup(ctx, inputs, output):
     ctx.backend = backend
     ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
     ctx.mark_non_differentiable(mean, rstd)
+    # An unused output (the sum after the last block, say) then arrives as None instead of a zero-filled tensor.
+    ctx.set_materialize_grads(False)
 
 
 def _add_layer_norm_backward(ctx, grad_s, grad_out, _grad_mean, _grad_rstd):
