@@ -227,7 +227,7 @@ void add_layer_norm_bwd_cpu(const Tensor& grad_out, const Tensor& grad_sum, cons
       const int part = omp_get_thread_num(), team = omp_get_num_threads();
       int64_t begin, end;
       row_range(rows, part, team, begin, end);
-      std::vector<float> xh(d), go(d), gs(d);
+      std::vector<float> xh(d), go(d), gw(d), gs(d);
       float* accw = params ? pw.data() + part * d : nullptr;
       float* accb = params ? pb.data() + part * d : nullptr;
       for (int64_t i = begin; i < end; ++i) {
@@ -235,11 +235,13 @@ void add_layer_norm_bwd_cpu(const Tensor& grad_out, const Tensor& grad_sum, cons
         load_row<scalar_t>(s, i, d, xh.data());
         load_row<scalar_t>(grad_out, i, d, go.data());
         float sum_g = 0.f, sum_gx = 0.f;
+        // g = grad_out·weight is rounded once and reused below, so that the mean subtraction cancels exactly
+        // where it should (D = 1) instead of meeting an FMA-contracted, unrounded product.
         for (int64_t j = 0; j < d; ++j) {
           xh[j] = (xh[j] - mu) * rs;
-          const float g = go[j] * w[j];
-          sum_g += g;
-          sum_gx += g * xh[j];
+          gw[j] = go[j] * w[j];
+          sum_g += gw[j];
+          sum_gx += gw[j] * xh[j];
         }
         if (params) {
 #pragma omp simd
@@ -255,7 +257,7 @@ void add_layer_norm_bwd_cpu(const Tensor& grad_out, const Tensor& grad_sum, cons
         } else {
           std::fill(gs.begin(), gs.end(), 0.f);
         }
-        for (int64_t j = 0; j < d; ++j) gs[j] += rs * (go[j] * w[j] - mg - xh[j] * mgx);
+        for (int64_t j = 0; j < d; ++j) gs[j] += rs * (gw[j] - mg - xh[j] * mgx);
         store_row<scalar_t>(grad_x, i, d, gs.data());
       }
     }

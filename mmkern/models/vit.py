@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmkern.nn import Block, CrossAttention, Mlp, PatchEmbed
-from mmkern.nn.blocks import run_pre_norm
 from mmkern.nn.attention import layer_windows
+from mmkern.nn.blocks import run_pre_norm
 
 
 @dataclass

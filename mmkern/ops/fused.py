@@ -120,8 +120,13 @@ def _run(backend: str, name: str, tensors, *scalars, device=None):
 def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor | None, approximate: str, backend: str) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel():
-        _run(backend, "bias_gelu_fwd", (_rows(x), bias, out.view(-1, x.shape[-1])), GELU_KINDS[approximate],
-             device=x.device)
+        _run(
+            backend,
+            "bias_gelu_fwd",
+            (_rows(x), bias, out.view(-1, x.shape[-1])),
+            GELU_KINDS[approximate],
+            device=x.device,
+        )
     return out
 
 
@@ -145,8 +150,13 @@ def _bias_gelu_backward_op(
     grad_bias = x.new_empty((N,) if need_bias else (0,), dtype=torch.float32)
     if x.numel():
         gb = grad_bias if need_bias else None
-        _run(backend, "bias_gelu_bwd", (_rows(grad_out), _rows(x), bias, grad_x.view(-1, N), gb),
-             GELU_KINDS[approximate], device=x.device)
+        _run(
+            backend,
+            "bias_gelu_bwd",
+            (_rows(grad_out), _rows(x), bias, grad_x.view(-1, N), gb),
+            GELU_KINDS[approximate],
+            device=x.device,
+        )
     elif need_bias:
         grad_bias.zero_()
     return grad_x, grad_bias
@@ -167,9 +177,7 @@ def _bias_gelu_setup(ctx, inputs, output):
 def _bias_gelu_backward(ctx, grad_out):
     x, bias = ctx.saved_tensors
     need_bias = bias is not None and ctx.needs_input_grad[1]
-    grad_x, grad_bias = torch.ops.mmkern.bias_gelu_backward(
-        grad_out, x, bias, ctx.approximate, need_bias, ctx.backend
-    )
+    grad_x, grad_bias = torch.ops.mmkern.bias_gelu_backward(grad_out, x, bias, ctx.approximate, need_bias, ctx.backend)
     return grad_x, (grad_bias.to(bias.dtype) if need_bias else None), None, None
 
 
@@ -201,8 +209,13 @@ def _add_layer_norm_op(
     if x.numel():
         s2 = s.view(-1, D) if residual is not None else None
         r2 = _rows(residual) if residual is not None else None
-        _run(backend, "add_layer_norm_fwd", (_rows(x), r2, weight, bias, s2, out.view(-1, D), mean, rstd), eps,
-             device=x.device)
+        _run(
+            backend,
+            "add_layer_norm_fwd",
+            (_rows(x), r2, weight, bias, s2, out.view(-1, D), mean, rstd),
+            eps,
+            device=x.device,
+        )
     return s, out, mean, rstd
 
 
@@ -233,8 +246,12 @@ def _add_layer_norm_backward_op(
     if s.numel():
         gs = _rows(grad_sum) if grad_sum is not None else None
         gw, gb = (grad_w, grad_b) if need_params else (None, None)
-        _run(backend, "add_layer_norm_bwd", (_rows(grad_out), gs, _rows(s), weight, mean, rstd, grad_x.view(-1, D),
-                                             gw, gb), device=s.device)
+        _run(
+            backend,
+            "add_layer_norm_bwd",
+            (_rows(grad_out), gs, _rows(s), weight, mean, rstd, grad_x.view(-1, D), gw, gb),
+            device=s.device,
+        )
     elif need_params:
         grad_w.zero_(), grad_b.zero_()
     return grad_x, grad_w, grad_b
@@ -248,7 +265,7 @@ def _(grad_out, grad_sum, s, weight, mean, rstd, need_params, backend):
 
 
 def _add_layer_norm_setup(ctx, inputs, output):
-    x, residual, weight, bias, eps, backend = inputs
+    x, residual, weight, bias, _, backend = inputs
     s, _, mean, rstd = output
     ctx.has_residual = residual is not None
     ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)

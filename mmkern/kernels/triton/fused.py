@@ -38,7 +38,7 @@ def _gelu(x, TANH: tl.constexpr):
         v = 1.5957691216057308 * (x + 0.044715 * x * x * x)
         return x / (1.0 + tl.exp(-v))
     else:
-        cdf, pdf = _cdf_pdf(x)
+        cdf, _ = _cdf_pdf(x)
         return x * cdf
 
 
