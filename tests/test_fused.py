@@ -370,3 +370,27 @@ def test_mlp_state_dict_and_unfused_act():
     assert set(mlp.state_dict()) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
     x = torch.randn(3, 8)
     assert torch.allclose(mlp(x), mlp.fc2(mlp.act(mlp.fc1(x))))
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_clip_on_fused_ops_matches_plain_twin(pre_norm):
+    """The whole CLIP (fused blocks) against mmkern.train.baseline.PlainCLIP, the benchmarks' plain-PyTorch twin,
+    with CLIP's pre-norm ViT and an argmax-pooled causal text tower without a padding mask: forward and gradients."""
+    from mmkern.models import CLIP, CLIPConfig, TextConfig, ViTConfig
+    from mmkern.train.baseline import PlainCLIP, naive_clip_loss
+
+    torch.manual_seed(0)
+    vision = ViTConfig(img_size=16, patch_size=4, width=32, depth=2, heads=2, pre_norm=pre_norm, eps=1e-5)
+    text = TextConfig(vocab_size=50, context_length=9, width=32, depth=2, heads=2, act="gelu_tanh")
+    model = CLIP(CLIPConfig(embed_dim=16, vision=vision, text=text))
+    plain = PlainCLIP(model.config)
+    plain.load_state_dict(model.state_dict())
+    images, ids = torch.randn(4, 3, 16, 16), torch.randint(0, 50, (4, 9))
+    loss = model.loss(images, ids)
+    plain_loss = naive_clip_loss(*plain(images, ids)[:3])
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    plain_loss.backward()
+    plain_params = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain_params[name].grad, rtol=1e-3, atol=1e-5, msg=name)
