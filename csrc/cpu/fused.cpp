@@ -237,6 +237,7 @@ void add_layer_norm_bwd_cpu(const Tensor& grad_out, const Tensor& grad_sum, cons
         float sum_g = 0.f, sum_gx = 0.f;
         // g = grad_out·weight is rounded once and reused below, so that the mean subtraction cancels exactly
         // where it should (D = 1) instead of meeting an FMA-contracted, unrounded product.
+#pragma omp simd reduction(+ : sum_g, sum_gx)
         for (int64_t j = 0; j < d; ++j) {
           xh[j] = (xh[j] - mu) * rs;
           gw[j] = go[j] * w[j];
