@@ -125,13 +125,14 @@ def _check_ln(backend, dtype, x, residual, weight, bias, eps, grad_sum, grad_out
     ref_grads = _grads([ref_s, ref_out], ref_leaves, [None if grad_sum is None else grad_sum.double(),
                                                      grad_out.double()])  # fmt: skip
     names = [n for n, t in zip(["x", "residual", "weight", "bias"], leaves) if t is not None]
-    # x̂ carries an absolute error of a few fp32 ulps of O(1) (it can be ~0 exactly, e.g. for D = 1), so each
-    # grad_weight term grad_out·x̂ is accurate to |grad_out|·ulp, like each grad_bias term.
-    terms = {"weight": grad_out, "bias": grad_out}
-    # grad x = rstd·(g - mean(g) - x̂·mean(g·x̂)) + grad_sum cancels to ~0 for D <= 2 (the output is then
-    # constant): measure its error against the size of the terms, rstd·|grad_out·weight|.
+    # x̂ = (s - mean)·rstd carries an absolute error of ulp·(|x̂| + |s|·rstd) (it can be ~0 exactly, e.g. for
+    # D = 1, where rstd = eps^-1/2), so each grad_weight term grad_out·x̂ is accurate to that times |grad_out|, and
+    # each grad_bias term to ulp·|grad_out|.
     s64 = ref_s.detach()
     rstd = (s64.var(-1, unbiased=False, keepdim=True) + eps).rsqrt()
+    terms = {"weight": grad_out.double().abs() * (1 + s64.abs() * rstd), "bias": grad_out}
+    # grad x = rstd·(g - mean(g) - x̂·mean(g·x̂)) + grad_sum cancels to ~0 for D <= 2 (the output is then
+    # constant): measure its error against the size of the terms, rstd·|grad_out·weight|.
     g = grad_out.double() * (1.0 if weight is None else weight.double())
     scale_x = (rstd * g).abs().max() + (0.0 if grad_sum is None else grad_sum.double().abs().max())
     for n, g, rg in zip(names, grads, ref_grads):
