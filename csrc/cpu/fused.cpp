@@ -28,7 +28,7 @@ int threads_for(int64_t elems, int num_threads) {
 
 // Row `i` of a 2-D view into fp32 dst[0:n].
 template <typename T>
-inline void load_row(const Tensor& t, int64_t i, int64_t n, float* dst) {
+inline void load_row(const Tensor& t, int64_t i, int64_t n, float* __restrict dst) {
   const T* src = t.ptr<T>() + i * t.stride(0);
   const int64_t s = t.stride(1);
   if (s == 1) {
@@ -39,7 +39,7 @@ inline void load_row(const Tensor& t, int64_t i, int64_t n, float* dst) {
 }
 
 template <typename T>
-inline void store_row(const Tensor& t, int64_t i, int64_t n, const float* src) {
+inline void store_row(const Tensor& t, int64_t i, int64_t n, const float* __restrict src) {
   T* dst = t.ptr<T>() + i * t.stride(0);
   const int64_t s = t.stride(1);
   if (s == 1) {
@@ -100,12 +100,13 @@ void bias_gelu_fwd_cpu(const Tensor& x, const Tensor& bias, const Tensor& out, i
 #pragma omp parallel num_threads(threads_for(rows * n, num_threads))
       {
         std::vector<float> buf(n);
+        float* __restrict v = buf.data();
+        const float* __restrict bp = b.data();
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < rows; ++i) {
-          load_row<scalar_t>(x, i, n, buf.data());
-          float* v = buf.data();
+          load_row<scalar_t>(x, i, n, v);
 #pragma omp simd
-          for (int64_t j = 0; j < n; ++j) v[j] = gelu_value<kKind>(v[j] + b[j]);
+          for (int64_t j = 0; j < n; ++j) v[j] = gelu_value<kKind>(v[j] + bp[j]);
           store_row<scalar_t>(out, i, n, v);
         }
       }
@@ -138,14 +139,15 @@ void bias_gelu_bwd_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& bi
         int64_t begin, end;
         row_range(rows, part, team, begin, end);
         std::vector<float> v(n), g(n);
-        float* acc = grad_bias.present ? partials.data() + part * n : nullptr;
+        float* __restrict vp = v.data();
+        float* __restrict gp = g.data();
+        const float* __restrict bp = b.data();
+        float* __restrict acc = grad_bias.present ? partials.data() + part * n : nullptr;
         for (int64_t i = begin; i < end; ++i) {
-          load_row<scalar_t>(x, i, n, v.data());
-          load_row<scalar_t>(grad_out, i, n, g.data());
-          float* vp = v.data();
-          const float* gp = g.data();
+          load_row<scalar_t>(x, i, n, vp);
+          load_row<scalar_t>(grad_out, i, n, gp);
 #pragma omp simd
-          for (int64_t j = 0; j < n; ++j) vp[j] = gp[j] * gelu_derivative<kKind>(vp[j] + b[j]);
+          for (int64_t j = 0; j < n; ++j) vp[j] = gp[j] * gelu_derivative<kKind>(vp[j] + bp[j]);
           if (acc) {
 #pragma omp simd
             for (int64_t j = 0; j < n; ++j) acc[j] += vp[j];
@@ -175,25 +177,31 @@ void add_layer_norm_fwd_cpu(const Tensor& x, const Tensor& residual, const Tenso
     const float inv_d = d ? 1.0f / static_cast<float>(d) : 0.f;
 #pragma omp parallel num_threads(threads_for(rows * d, num_threads))
     {
-      std::vector<float> s(d), r(d);
+      std::vector<float> s_buf(d), r_buf(d);
+      float* __restrict sv = s_buf.data();
+      float* __restrict rv = r_buf.data();
+      const float* __restrict wp = w.data();
+      const float* __restrict bp = b.data();
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < rows; ++i) {
-        load_row<scalar_t>(x, i, d, s.data());
+        load_row<scalar_t>(x, i, d, sv);
         if (residual.present) {
-          load_row<scalar_t>(residual, i, d, r.data());
-          for (int64_t j = 0; j < d; ++j) s[j] = to_float(from_float<scalar_t>(s[j] + r[j]));
-          store_row<scalar_t>(sum_out, i, d, s.data());
+          load_row<scalar_t>(residual, i, d, rv);
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) sv[j] = to_float(from_float<scalar_t>(sv[j] + rv[j]));
+          store_row<scalar_t>(sum_out, i, d, sv);
         }
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < d; ++j) sum += s[j];
+        for (int64_t j = 0; j < d; ++j) sum += sv[j];
         const float mu = sum * inv_d;
         float sq = 0.f;
 #pragma omp simd reduction(+ : sq)
-        for (int64_t j = 0; j < d; ++j) sq += (s[j] - mu) * (s[j] - mu);
+        for (int64_t j = 0; j < d; ++j) sq += (sv[j] - mu) * (sv[j] - mu);
         const float rs = 1.0f / std::sqrt(sq * inv_d + static_cast<float>(eps));
-        for (int64_t j = 0; j < d; ++j) r[j] = (s[j] - mu) * rs * w[j] + b[j];
-        store_row<scalar_t>(out, i, d, r.data());
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) rv[j] = (sv[j] - mu) * rs * wp[j] + bp[j];
+        store_row<scalar_t>(out, i, d, rv);
         mean.ptr<float>()[i * mean.stride(0)] = mu;
         rstd.ptr<float>()[i * rstd.stride(0)] = rs;
       }
@@ -227,22 +235,29 @@ void add_layer_norm_bwd_cpu(const Tensor& grad_out, const Tensor& grad_sum, cons
       const int part = omp_get_thread_num(), team = omp_get_num_threads();
       int64_t begin, end;
       row_range(rows, part, team, begin, end);
-      std::vector<float> xh(d), go(d), gw(d), gs(d);
-      float* accw = params ? pw.data() + part * d : nullptr;
-      float* accb = params ? pb.data() + part * d : nullptr;
+      std::vector<float> xh_buf(d), go_buf(d), g_buf(d), gs_buf(d);
+      // Restrict-qualified views of the row buffers: without them GCC versions the loops on a run-time alias
+      // check and ends up in the scalar version.
+      float* __restrict xh = xh_buf.data();
+      float* __restrict go = go_buf.data();
+      float* __restrict g = g_buf.data();
+      float* __restrict gs = gs_buf.data();
+      const float* __restrict wp = w.data();
+      float* __restrict accw = params ? pw.data() + part * d : nullptr;
+      float* __restrict accb = params ? pb.data() + part * d : nullptr;
       for (int64_t i = begin; i < end; ++i) {
         const float mu = mean.ptr<float>()[i * mean.stride(0)], rs = rstd.ptr<float>()[i * rstd.stride(0)];
-        load_row<scalar_t>(s, i, d, xh.data());
-        load_row<scalar_t>(grad_out, i, d, go.data());
+        load_row<scalar_t>(s, i, d, xh);
+        load_row<scalar_t>(grad_out, i, d, go);
         float sum_g = 0.f, sum_gx = 0.f;
         // g = grad_out·weight is rounded once and reused below, so that the mean subtraction cancels exactly
         // where it should (D = 1) instead of meeting an FMA-contracted, unrounded product.
 #pragma omp simd reduction(+ : sum_g, sum_gx)
         for (int64_t j = 0; j < d; ++j) {
           xh[j] = (xh[j] - mu) * rs;
-          gw[j] = go[j] * w[j];
-          sum_g += gw[j];
-          sum_gx += gw[j] * xh[j];
+          g[j] = go[j] * wp[j];
+          sum_g += g[j];
+          sum_gx += g[j] * xh[j];
         }
         if (params) {
 #pragma omp simd
@@ -254,12 +269,13 @@ void add_layer_norm_bwd_cpu(const Tensor& grad_out, const Tensor& grad_sum, cons
         if (!grad_x.present) continue;
         const float mg = sum_g * inv_d, mgx = sum_gx * inv_d;
         if (grad_sum.present) {
-          load_row<scalar_t>(grad_sum, i, d, gs.data());
+          load_row<scalar_t>(grad_sum, i, d, gs);
         } else {
-          std::fill(gs.begin(), gs.end(), 0.f);
+          std::fill(gs, gs + d, 0.f);
         }
-        for (int64_t j = 0; j < d; ++j) gs[j] += rs * (gw[j] - mg - xh[j] * mgx);
-        store_row<scalar_t>(grad_x, i, d, gs.data());
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) gs[j] += rs * (g[j] - mg - xh[j] * mgx);
+        store_row<scalar_t>(grad_x, i, d, gs);
       }
     }
     if (grad_weight.present) reduce_partials(pw, parts, d, grad_weight);
