@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 import mmkern
@@ -172,6 +172,9 @@ def test_add_layer_norm_matches_reference(backend, dtype):
     @example(p={"rows": 7, "lead": 3, "d": 33, "has_residual": True, "has_weight": True, "has_bias": False,
                 "use_grad_sum": False, "eps": 1e-6, "layout": "strided", "shift": 5.0, "seed": 1})  # fmt: skip
     def run(p):
+        # For D <= 2 the LayerNorm output is constant and its x-gradient cancels to ~0; torch's own fp16 / bf16
+        # LayerNorm backward (the reference backend) leaves noise of several % of the terms there.
+        assume(not (backend == "reference" and dtype != torch.float32 and p["d"] <= 2))
         gen = torch.Generator().manual_seed(p["seed"])
         shape = (p["lead"], p["rows"], p["d"])
         x = _layout(_rand(gen, shape, dtype, shift=p["shift"]), p["layout"])
