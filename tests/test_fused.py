@@ -104,7 +104,7 @@ def test_bias_gelu_matches_reference(backend, dtype):
     run()
 
 
-def _check_ln(backend, dtype, x, residual, weight, bias, eps, grad_sum, grad_out, name):
+def _check_ln(backend, dtype, x, residual, weight, bias, eps, grad_sum, grad_out, name, slack=1.0):
     leaves = [None if t is None else t.detach().requires_grad_() for t in (x, residual, weight, bias)]
     s, out = add_layer_norm(*leaves, eps, backend=backend)
     ref_leaves = [None if t is None else t.detach().double().requires_grad_() for t in leaves]
@@ -141,7 +141,7 @@ def _check_ln(backend, dtype, x, residual, weight, bias, eps, grad_sum, grad_out
             factor = _sum_factor(terms[n], rg)
         else:
             factor = max(1.0, scale_x.item() / max(rg.double().abs().max().item(), 1e-30))
-        assert_close(g, rg, dtype, f"{name} grad {n}", factor=2.0 * factor)
+        assert_close(g, rg, dtype, f"{name} grad {n}", factor=2.0 * slack * factor)
 
 
 @st.composite
@@ -173,8 +173,10 @@ def test_add_layer_norm_matches_reference(backend, dtype):
                 "use_grad_sum": False, "eps": 1e-6, "layout": "strided", "shift": 5.0, "seed": 1})  # fmt: skip
     def run(p):
         # For D <= 2 the LayerNorm output is constant and its x-gradient cancels to ~0; torch's own fp16 / bf16
-        # LayerNorm backward (the reference backend) leaves noise of several % of the terms there.
-        assume(not (backend == "reference" and dtype != torch.float32 and p["d"] <= 2))
+        # LayerNorm backward (the reference backend) leaves noise of several % of the terms there, and a few
+        # times our kernels' error for small D (which compute in fp32 from the stored inputs).
+        half_reference = backend == "reference" and dtype != torch.float32
+        assume(not (half_reference and p["d"] <= 2))
         gen = torch.Generator().manual_seed(p["seed"])
         shape = (p["lead"], p["rows"], p["d"])
         x = _layout(_rand(gen, shape, dtype, shift=p["shift"]), p["layout"])
@@ -183,7 +185,9 @@ def test_add_layer_norm_matches_reference(backend, dtype):
         b = _rand(gen, (p["d"],), dtype) if p["has_bias"] else None
         grad_sum = _rand(gen, shape, dtype) if p["use_grad_sum"] else None
         grad_out = _layout(_rand(gen, shape, dtype), p["layout"])
-        _check_ln(backend, dtype, x, r, w, b, p["eps"], grad_sum, grad_out, str(p))
+        _check_ln(
+            backend, dtype, x, r, w, b, p["eps"], grad_sum, grad_out, str(p), slack=4.0 if half_reference else 1.0
+        )
 
     run()
 
