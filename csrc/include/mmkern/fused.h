@@ -44,6 +44,32 @@ MMK_HD float fused_exp(float x) {
 #endif
 }
 
+// exp(a) for a <= 0 (or NaN, which the callers' products carry through anyway): fused_exp without the overflow
+// branch, for the Gaussian factor exp(-x²/2) of the erf GELU.
+MMK_HD float fused_exp_nonpositive(float a) {
+#if defined(__CUDA_ARCH__)
+  return expf(a);
+#else
+  const float lo = -87.0f;
+  const float c = a > lo ? a : lo;
+  const float magic = 12582912.0f;
+  const float t = c * 1.44269504088896341f + magic;
+  const float n = t - magic;
+  float r = c - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t ni = static_cast<int32_t>(float_to_bits(t) - float_to_bits(magic));
+  const float e = p * bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
+  return a < lo ? 0.0f : e;
+#endif
+}
+
 constexpr float kSqrtHalf = 0.70710678118654752f;     // 1/√2
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;   // 1/√(2π)
 constexpr float kSqrt2OverPi = 0.79788456080286536f;  // √(2/π)
@@ -65,7 +91,7 @@ MMK_HD void normal_cdf_pdf(float x, float& cdf, float& pdf) {
   q = q * t + 0.20783883f;
   q = q * t + 0.22566976f;
   q = q * t + 0.22567587f;
-  const float e = fused_exp(-z * z);  // exp(-x²/2)
+  const float e = fused_exp_nonpositive(-z * z);  // exp(-x²/2)
   const float half_erfc = 0.5f * t * e * q;
   cdf = x < 0.0f ? half_erfc : 1.0f - half_erfc;
   pdf = kInvSqrt2Pi * e;
