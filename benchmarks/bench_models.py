@@ -1,9 +1,10 @@
-"""End-to-end model benchmark: CLIP ViT-B/16 image-encoder inference and a small CLIP training step, mmkern ops
-against the same model on plain PyTorch ops in the same run.
+"""End-to-end model benchmark: CLIP ViT-B/16 image-encoder inference and a small CLIP training step, mmkern against
+the same model on plain PyTorch ops in the same run.
 
-The baseline is the very same module tree and weights with mmkern's op entry points swapped for what a user would
-otherwise write: Conv2d patch embedding (+ flatten, prefix concat, position add), F.scaled_dot_product_attention
-and the naive B x B CLIP loss. Ratio = baseline time / mmkern time (> 1: mmkern is faster).
+The baseline is mmkern.train.baseline.PlainCLIP (the one the demo measures too) loaded with the same weights: Conv2d
+patch embedding (+ flatten, class-token concat, position add), F.scaled_dot_product_attention, nn.Linear + GELU,
+nn.LayerNorm + residual adds and the naive B x B CLIP loss. Ratio = baseline time / mmkern time (> 1: mmkern is
+faster).
 
     python -m benchmarks.bench_models [--quick] [--profile] [--threads N]
 """
@@ -11,79 +12,24 @@ and the naive B x B CLIP loss. Ratio = baseline time / mmkern time (> 1: mmkern 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
-from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks import harness
 from mmkern.models import CLIP, CLIPConfig, TextConfig, clip_config, vit_config
-from mmkern.reference import attention_allowed
+from mmkern.train.baseline import PlainCLIP, naive_clip_loss
 
 CPU = torch.device("cpu")
 
 
-def _plain_patch_embed(images, weight, bias=None, *, pos_embed=None, prefix_tokens=None, backend=None):
-    x = F.conv2d(images, weight, bias, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
-    if prefix_tokens is not None:
-        x = torch.cat([prefix_tokens.unsqueeze(0).expand(x.shape[0], -1, -1), x], dim=1)
-    return x if pos_embed is None else x + pos_embed.reshape(x.shape[1], x.shape[2])
-
-
-def _plain_sdpa(
-    q,
-    k,
-    v,
-    attn_mask=None,
-    dropout_p=0.0,
-    is_causal=False,
-    scale=None,
-    enable_gqa=False,
-    *,
-    window=None,
-    num_global=0,
-    backend=None,
-):
-    if window is not None:  # a local layer: torch has no window argument, so give it the dense band mask
-        band = attention_allowed(
-            q.shape[-2], k.shape[-2], is_causal=is_causal, window=window, num_global=num_global, device=q.device
-        )
-        if attn_mask is None or attn_mask.dtype == torch.bool:
-            attn_mask = band if attn_mask is None else band & attn_mask
-        else:
-            attn_mask = attn_mask.masked_fill(~band, float("-inf"))
-        is_causal = False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-
-
-def _plain_clip_loss(image_features, text_features, logit_scale, *, backend=None):
-    logits = logit_scale * image_features @ text_features.T
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-
-PLAIN_OPS = SimpleNamespace(
-    patch_embed=_plain_patch_embed, scaled_dot_product_attention=_plain_sdpa, clip_loss=_plain_clip_loss
-)
-
-
-@contextlib.contextmanager
-def plain_ops():
-    """Routes the model layer's op calls to plain PyTorch (the modules look ops up through their `ops` global)."""
-    import mmkern.models.clip as clip_mod
-    import mmkern.nn.attention as attn_mod
-    import mmkern.nn.patch_embed as pe_mod
-
-    saved = [(m, m.ops) for m in (clip_mod, attn_mod, pe_mod)]
-    try:
-        for m, _ in saved:
-            m.ops = PLAIN_OPS
-        yield
-    finally:
-        for m, ops in saved:
-            m.ops = ops
+def _pair(config: CLIPConfig) -> tuple[CLIP, PlainCLIP]:
+    """An mmkern CLIP and its plain-PyTorch twin holding the same weights."""
+    torch.manual_seed(0)
+    model = CLIP(config)
+    plain = PlainCLIP(model.config)
+    plain.load_state_dict(model.state_dict())
+    return model, plain
 
 
 def small_clip_config() -> CLIPConfig:
@@ -103,59 +49,66 @@ def _record(name, impl, timing, memory, items):
     }
 
 
-def _compare(fn, repeats: int) -> dict:
-    """{impl: (timing, peak memory)} for fn on plain PyTorch ops and on mmkern ops. The two alternate sample by
-    sample, so a change in machine load during the run hits both alike."""
-    impls = {"torch": plain_ops, "mmkern": contextlib.nullcontext}
-    samples = {impl: [] for impl in impls}
-    for impl, ctx in impls.items():  # warm-up
-        with ctx():
-            fn()
+def _compare(fns: dict, repeats: int) -> dict:
+    """{impl: (timing, peak memory)} for each {impl: fn}. The implementations alternate sample by sample, so a change
+    in machine load during the run hits all alike."""
+    samples = {impl: [] for impl in fns}
+    for fn in fns.values():  # warm-up
+        fn()
     for _ in range(repeats):
-        for impl, ctx in impls.items():
-            with ctx():
-                samples[impl].append(harness.time_fn(fn, device=CPU, warmup=0, repeats=1)["median_ms"])
+        for impl, fn in fns.items():
+            samples[impl].append(harness.time_fn(fn, device=CPU, warmup=0, repeats=1)["median_ms"])
     out = {}
-    for impl, ctx in impls.items():
+    for impl, fn in fns.items():
         xs = sorted(samples[impl])
         q = statistics.quantiles(xs, n=5) if len(xs) > 1 else [xs[0]] * 4
         timing = {"median_ms": statistics.median(xs), "p20_ms": q[0], "p80_ms": q[3], "samples": len(xs)}
-        with ctx():
-            out[impl] = (timing, harness.peak_memory(fn, device=CPU))
+        out[impl] = (timing, harness.peak_memory(fn, device=CPU))
     return out
 
 
 def bench_inference(batch: int, repeats: int) -> list[dict]:
-    torch.manual_seed(0)
-    model = CLIP(clip_config("ViT-B/16", act="gelu")).eval()
+    model, plain = _pair(clip_config("ViT-B/16", act="gelu"))
+    model.eval(), plain.eval()
     images = torch.randn(batch, 3, 224, 224)
 
-    def run():
-        with torch.inference_mode():
-            model.encode_image(images)
+    def encoder(m):
+        def run():
+            with torch.inference_mode():
+                m.encode_image(images)
 
+        return run
+
+    fns = {"torch": encoder(plain), "mmkern": encoder(model)}
     return [
         _record(f"ViT-B/16 image encoder B={batch}", impl, t, m, batch)
-        for impl, (t, m) in _compare(run, repeats).items()
+        for impl, (t, m) in _compare(fns, repeats).items()
     ]
 
 
 def bench_train_step(batch: int, repeats: int) -> list[dict]:
-    torch.manual_seed(0)
-    model = CLIP(small_clip_config())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model, plain = _pair(small_clip_config())
     images = torch.randn(batch, 3, 224, 224)
     ids = torch.randint(1, 49000, (batch, 77))
     ids[:, -1] = 49407  # EOT
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        model.loss(images, ids).backward()
-        opt.step()
+    def stepper(m, loss):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
 
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss().backward()
+            opt.step()
+
+        return step
+
+    fns = {
+        "torch": stepper(plain, lambda: naive_clip_loss(*plain(images, ids)[:3])),
+        "mmkern": stepper(model, lambda: model.loss(images, ids)),
+    }
     return [
         _record(f"small CLIP train step B={batch}", impl, t, m, batch)
-        for impl, (t, m) in _compare(step, repeats).items()
+        for impl, (t, m) in _compare(fns, repeats).items()
     ]
 
 

@@ -29,6 +29,27 @@ int contrastive_bwd_cuda(const Tensor& x, const Tensor& y, const Tensor& scale_b
                          const Tensor& row_lse, const Tensor& col_lse, const Tensor& gr, const Tensor& gc,
                          const Tensor& dx, const Tensor& dy, uintptr_t stream);
 #endif
+// ---- fused ----
+void bias_gelu_fwd_cpu(const Tensor& x, const Tensor& bias, const Tensor& out, int kind, int num_threads);
+void bias_gelu_bwd_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& bias, const Tensor& grad_x,
+                       const Tensor& grad_bias, int kind, int num_threads);
+void add_layer_norm_fwd_cpu(const Tensor& x, const Tensor& residual, const Tensor& weight, const Tensor& bias,
+                            const Tensor& sum_out, const Tensor& out, const Tensor& mean, const Tensor& rstd, double eps,
+                            int num_threads);
+void add_layer_norm_bwd_cpu(const Tensor& grad_out, const Tensor& grad_sum, const Tensor& s, const Tensor& weight,
+                            const Tensor& mean, const Tensor& rstd, const Tensor& grad_x, const Tensor& grad_weight,
+                            const Tensor& grad_bias, int num_threads);
+#ifdef MMKERN_WITH_CUDA
+int bias_gelu_fwd_cuda(const Tensor& x, const Tensor& bias, const Tensor& out, int kind, uintptr_t stream);
+int bias_gelu_bwd_cuda(const Tensor& grad_out, const Tensor& x, const Tensor& bias, const Tensor& grad_x,
+                       const Tensor& grad_bias, int kind, uintptr_t stream);
+int add_layer_norm_fwd_cuda(const Tensor& x, const Tensor& residual, const Tensor& weight, const Tensor& bias,
+                            const Tensor& sum_out, const Tensor& out, const Tensor& mean, const Tensor& rstd, double eps,
+                            uintptr_t stream);
+int add_layer_norm_bwd_cuda(const Tensor& grad_out, const Tensor& grad_sum, const Tensor& s, const Tensor& weight,
+                            const Tensor& mean, const Tensor& rstd, const Tensor& grad_x, const Tensor& grad_weight,
+                            const Tensor& grad_bias, uintptr_t stream);
+#endif
 // ---- patch_embed ----
 void patch_embed_fwd_cpu(const Tensor& images, const Tensor& weight, const Tensor& bias, const Tensor& pos_embed,
                          const Tensor& prefix_tokens, const Tensor& out, int num_threads);
@@ -152,6 +173,84 @@ PYBIND11_MODULE(_C, m) {
     return 0;
 #endif
   });
+
+  // ---- fused ----
+  m.def("bias_gelu_fwd_cpu", [](py::object x, py::object bias, py::object out, int kind, int num_threads) {
+    Tensor tx = to_tensor(x), tb = to_tensor(bias), to = to_tensor(out);
+    py::gil_scoped_release release;
+    mmkern::bias_gelu_fwd_cpu(tx, tb, to, kind, num_threads);
+  });
+  m.def("bias_gelu_bwd_cpu", [](py::object grad_out, py::object x, py::object bias, py::object grad_x,
+                                py::object grad_bias, int kind, int num_threads) {
+    Tensor tg = to_tensor(grad_out), tx = to_tensor(x), tb = to_tensor(bias), tgx = to_tensor(grad_x),
+           tgb = to_tensor(grad_bias);
+    py::gil_scoped_release release;
+    mmkern::bias_gelu_bwd_cpu(tg, tx, tb, tgx, tgb, kind, num_threads);
+  });
+  m.def("add_layer_norm_fwd_cpu", [](py::object x, py::object residual, py::object weight, py::object bias,
+                                     py::object sum_out, py::object out, py::object mean, py::object rstd, double eps,
+                                     int num_threads) {
+    Tensor tx = to_tensor(x), tr = to_tensor(residual), tw = to_tensor(weight), tb = to_tensor(bias),
+           ts = to_tensor(sum_out), to = to_tensor(out), tm = to_tensor(mean), trs = to_tensor(rstd);
+    py::gil_scoped_release release;
+    mmkern::add_layer_norm_fwd_cpu(tx, tr, tw, tb, ts, to, tm, trs, eps, num_threads);
+  });
+  m.def("add_layer_norm_bwd_cpu", [](py::object grad_out, py::object grad_sum, py::object s, py::object weight,
+                                     py::object mean, py::object rstd, py::object grad_x, py::object grad_weight,
+                                     py::object grad_bias, int num_threads) {
+    Tensor tg = to_tensor(grad_out), tgs = to_tensor(grad_sum), ts = to_tensor(s), tw = to_tensor(weight),
+           tm = to_tensor(mean), trs = to_tensor(rstd), tgx = to_tensor(grad_x), tgw = to_tensor(grad_weight),
+           tgb = to_tensor(grad_bias);
+    py::gil_scoped_release release;
+    mmkern::add_layer_norm_bwd_cpu(tg, tgs, ts, tw, tm, trs, tgx, tgw, tgb, num_threads);
+  });
+#ifdef MMKERN_WITH_CUDA
+  m.def("bias_gelu_fwd_cuda", [](py::object x, py::object bias, py::object out, int kind, uintptr_t stream) {
+    Tensor tx = to_tensor(x), tb = to_tensor(bias), to = to_tensor(out);
+    int err;
+    {
+      py::gil_scoped_release release;
+      err = mmkern::bias_gelu_fwd_cuda(tx, tb, to, kind, stream);
+    }
+    check_cuda(err, "bias_gelu_fwd_cuda");
+  });
+  m.def("bias_gelu_bwd_cuda", [](py::object grad_out, py::object x, py::object bias, py::object grad_x,
+                                 py::object grad_bias, int kind, uintptr_t stream) {
+    Tensor tg = to_tensor(grad_out), tx = to_tensor(x), tb = to_tensor(bias), tgx = to_tensor(grad_x),
+           tgb = to_tensor(grad_bias);
+    int err;
+    {
+      py::gil_scoped_release release;
+      err = mmkern::bias_gelu_bwd_cuda(tg, tx, tb, tgx, tgb, kind, stream);
+    }
+    check_cuda(err, "bias_gelu_bwd_cuda");
+  });
+  m.def("add_layer_norm_fwd_cuda", [](py::object x, py::object residual, py::object weight, py::object bias,
+                                      py::object sum_out, py::object out, py::object mean, py::object rstd, double eps,
+                                      uintptr_t stream) {
+    Tensor tx = to_tensor(x), tr = to_tensor(residual), tw = to_tensor(weight), tb = to_tensor(bias),
+           ts = to_tensor(sum_out), to = to_tensor(out), tm = to_tensor(mean), trs = to_tensor(rstd);
+    int err;
+    {
+      py::gil_scoped_release release;
+      err = mmkern::add_layer_norm_fwd_cuda(tx, tr, tw, tb, ts, to, tm, trs, eps, stream);
+    }
+    check_cuda(err, "add_layer_norm_fwd_cuda");
+  });
+  m.def("add_layer_norm_bwd_cuda", [](py::object grad_out, py::object grad_sum, py::object s, py::object weight,
+                                      py::object mean, py::object rstd, py::object grad_x, py::object grad_weight,
+                                      py::object grad_bias, uintptr_t stream) {
+    Tensor tg = to_tensor(grad_out), tgs = to_tensor(grad_sum), ts = to_tensor(s), tw = to_tensor(weight),
+           tm = to_tensor(mean), trs = to_tensor(rstd), tgx = to_tensor(grad_x), tgw = to_tensor(grad_weight),
+           tgb = to_tensor(grad_bias);
+    int err;
+    {
+      py::gil_scoped_release release;
+      err = mmkern::add_layer_norm_bwd_cuda(tg, tgs, ts, tw, tm, trs, tgx, tgw, tgb, stream);
+    }
+    check_cuda(err, "add_layer_norm_bwd_cuda");
+  });
+#endif
 
   // ---- patch_embed ----
   m.def("patch_embed_fwd_cpu", [](py::object images, py::object weight, py::object bias, py::object pos_embed,

@@ -151,3 +151,14 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias):
     n = image_features.shape[0]
     signs = 2 * torch.eye(n, device=logits.device, dtype=logits.dtype) - 1
     return -F.logsigmoid(signs * logits).sum() / n
+
+
+def bias_gelu(x, bias=None, approximate="none"):
+    """GELU(x + bias) (..., N); see mmkern.ops.bias_gelu."""
+    return F.gelu(x if bias is None else x + bias, approximate=approximate)
+
+
+def add_layer_norm(x, residual=None, weight=None, bias=None, eps=1e-5):
+    """(s, LayerNorm(s)) with s = x + residual (x without one); see mmkern.ops.add_layer_norm."""
+    s = x if residual is None else x + residual
+    return s, F.layer_norm(s, (s.shape[-1],), weight, bias, eps)

@@ -134,7 +134,9 @@ class FusionEncoder(nn.Module):
         """Layers from fusion_layer on, conditioned on the image -> fused text tokens (B, L, width)."""
         blocks = self.text.blocks[self.config.fusion_layer :]
         if self.config.fusion == "cross":
-            return self.text.norm(self.text.run_blocks(text_tokens, attention_mask, blocks, context=image_embeds))
+            return self.text.run_blocks(
+                text_tokens, attention_mask, blocks, context=image_embeds, final_norm=self.text.norm
+            )
         img = self.image_proj(image_embeds)
         B, N, L = img.shape[0], img.shape[1], text_tokens.shape[1]
         if attention_mask is None:

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmkern.nn import Block
 from mmkern.nn.attention import layer_windows
+from mmkern.nn.blocks import run_pre_norm
 
 
 @dataclass
@@ -130,13 +131,24 @@ class TextTransformer(nn.Module):
         blocks=None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        final_norm: nn.Module | None = None,
     ) -> torch.Tensor:
-        """Runs `blocks` (all by default) over embedded tokens x (B, L, D)."""
+        """Runs `blocks` (all by default) over embedded tokens x (B, L, D), then `final_norm` if given (in a
+        pre-norm stack fused with the last residual add)."""
         mask, is_causal = padding_mask(attention_mask, x.shape[1], self.config.causal)
-        for blk in self.blocks if blocks is None else blocks:
+        ckpt = self.grad_checkpointing and self.training
+        blocks = self.blocks if blocks is None else blocks
+        if self.config.norm_first:
+
+            def call(blk, x, residual):
+                args, kw = (x, mask, is_causal, context, context_mask), {"residual": residual, "defer": True}
+                return checkpoint(blk, *args, use_reentrant=False, **kw) if ckpt else blk(*args, **kw)
+
+            return run_pre_norm(blocks, x, final_norm, call)
+        for blk in blocks:
             args = (x, mask, is_causal, context, context_mask)
-            x = checkpoint(blk, *args, use_reentrant=False) if self.grad_checkpointing and self.training else blk(*args)
-        return x
+            x = checkpoint(blk, *args, use_reentrant=False) if ckpt else blk(*args)
+        return x if final_norm is None else final_norm(x)
 
     def forward_features(
         self,
@@ -146,8 +158,8 @@ class TextTransformer(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.run_blocks(self.embed(input_ids, token_type_ids), attention_mask, None, context, context_mask)
-        return self.norm(x)
+        x = self.embed(input_ids, token_type_ids)
+        return self.run_blocks(x, attention_mask, None, context, context_mask, final_norm=self.norm)
 
     def pool(self, tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """(B, L, D) -> (B, D) by the configured pooling (`none` returns the tokens)."""

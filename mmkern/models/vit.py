@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmkern.nn import Block, CrossAttention, Mlp, PatchEmbed
 from mmkern.nn.attention import layer_windows
+from mmkern.nn.blocks import run_pre_norm
 
 
 @dataclass
@@ -125,9 +126,14 @@ class VisionTransformer(nn.Module):
         if self.training and self.config.patch_dropout > 0:
             x = self._patch_dropout(x)
         x = self.norm_pre(x)
-        for blk in self.blocks[:num_layers]:
-            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and self.training else blk(x)
-        return self.norm(x) if norm else x
+        ckpt = self.grad_checkpointing and self.training
+
+        def call(blk, x, residual):
+            if ckpt:
+                return checkpoint(blk, x, residual=residual, defer=True, use_reentrant=False)
+            return blk(x, residual=residual, defer=True)
+
+        return run_pre_norm(self.blocks[:num_layers], x, self.norm if norm else None, call)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T + N, D) -> (B, D) by the configured pooling (`none` returns the tokens)."""

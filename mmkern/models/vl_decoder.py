@@ -127,8 +127,7 @@ class VisionLanguageDecoder(nn.Module):
         if attention_mask is not None:  # left padding: positions count real tokens only
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         x = self.embed(input_ids, images, position_ids)
-        x = self.lm.run_blocks(x, attention_mask)
-        return self.lm_head(self.lm.norm(x))
+        return self.lm_head(self.lm.run_blocks(x, attention_mask, final_norm=self.lm.norm))
 
     def _forward_packed(self, input_ids, images, cu_seqlens, max_seqlen):
         ids = input_ids.reshape(-1)

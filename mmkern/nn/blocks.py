@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmkern import ops
 from mmkern.nn.attention import Attention, CrossAttention, KVCache
 
 
@@ -30,8 +31,29 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
+# Activations that run fused with fc1's bias (mmkern.ops.bias_gelu), as torch's nn.GELU(approximate=...).
+_FUSED_GELU = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
+def _fusable(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """The fused ops take one dtype for all tensors; under autocast the unfused modules keep autocast's casts."""
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    return all(p is None or p.dtype == x.dtype for p in params)
+
+
+def add_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, norm(s)) with s = x + residual (x when residual is None): one fused mmkern.ops.add_layer_norm for a
+    LayerNorm over the last dim, else the plain add and module."""
+    if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and _fusable(x, norm.weight, norm.bias):
+        return ops.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
+    s = x if residual is None else x + residual
+    return s, norm(s)
+
+
 class Mlp(nn.Module):
-    """fc1 -> activation -> fc2 (timm keys `fc1`, `fc2`)."""
+    """fc1 -> activation -> fc2 (timm keys `fc1`, `fc2`). GELU runs fused with fc1's bias: fc1's matmul without
+    its bias, then mmkern.ops.bias_gelu (one pass instead of a bias add and a GELU, forward and backward)."""
 
     def __init__(
         self,
@@ -49,7 +71,12 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        fc1 = self.fc1
+        if self.act_name in _FUSED_GELU and _fusable(x, fc1.weight, fc1.bias):
+            h = ops.bias_gelu(F.linear(x, fc1.weight), fc1.bias, _FUSED_GELU[self.act_name])
+        else:
+            h = self.act(fc1(x))
+        return self.drop(self.fc2(self.drop(h)))
 
 
 class Block(nn.Module):
@@ -62,6 +89,11 @@ class Block(nn.Module):
 
     forward(x (B, L, D) or packed (total, D), attn_mask=None, is_causal=False, context=None, context_mask=None,
     kv_cache=None, cu_seqlens=None, max_seqlen=None) -> same shape as x.
+
+    Each residual add runs fused with the LayerNorm that follows it (mmkern.ops.add_layer_norm). Pre-norm
+    stacks also fuse across blocks: `defer=True` returns (x, branch) instead of x + branch, and the next block
+    takes that branch as `residual` (its input is x + residual) and adds it inside its norm1; the stack's
+    final norm takes the last one (see `run_pre_norm`).
     """
 
     def __init__(
@@ -94,9 +126,6 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act, drop=drop)
 
-    def _residual(self, x, norm, fn):
-        return x + fn(norm(x)) if self.norm_first else norm(x + fn(x))
-
     def forward(
         self,
         x: torch.Tensor,
@@ -107,10 +136,38 @@ class Block(nn.Module):
         kv_cache: KVCache | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
-    ) -> torch.Tensor:
-        x = self._residual(
-            x, self.norm1, lambda h: self.attn(h, attn_mask, is_causal, kv_cache, cu_seqlens, max_seqlen)
-        )
-        if self.cross_attn is not None and context is not None:
-            x = self._residual(x, self.norm_cross, lambda h: self.cross_attn(h, context, context_mask))
-        return self._residual(x, self.norm2, self.mlp)
+        *,
+        residual: torch.Tensor | None = None,
+        defer: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        def attn(h):
+            return self.attn(h, attn_mask, is_causal, kv_cache, cu_seqlens, max_seqlen)
+
+        cross = self.cross_attn is not None and context is not None
+        if not self.norm_first:  # post-norm: x = norm(x + f(x)), each add fused with its norm
+            if residual is not None or defer:
+                raise ValueError("residual: deferred residuals are for pre-norm (norm_first) blocks only")
+            x = add_norm(x, attn(x), self.norm1)[1]
+            if cross:
+                x = add_norm(x, self.cross_attn(x, context, context_mask), self.norm_cross)[1]
+            return add_norm(x, self.mlp(x), self.norm2)[1]
+        x, h = add_norm(x, residual, self.norm1)
+        branch = attn(h)
+        if cross:
+            x, h = add_norm(x, branch, self.norm_cross)
+            branch = self.cross_attn(h, context, context_mask)
+        x, h = add_norm(x, branch, self.norm2)
+        branch = self.mlp(h)
+        return (x, branch) if defer else x + branch
+
+
+def run_pre_norm(blocks, x: torch.Tensor, final_norm: nn.Module | None, call=None) -> torch.Tensor:
+    """Runs pre-norm `blocks` over x with each block's last residual add fused into the next block's norm1 and
+    the last one into `final_norm` (None: the plain add). `call(blk, x, residual)` runs one block with
+    defer=True and returns (x, branch); by default `blk(x, residual=residual, defer=True)`."""
+    pending = None
+    for blk in blocks:
+        x, pending = call(blk, x, pending) if call else blk(x, residual=pending, defer=True)
+    if final_norm is None:
+        return x if pending is None else x + pending
+    return add_norm(x, pending, final_norm)[1]

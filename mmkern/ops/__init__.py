@@ -8,9 +8,12 @@ from mmkern.ops.attention import (
     varlen_attention,
 )
 from mmkern.ops.contrastive import clip_loss, infonce, siglip_loss
+from mmkern.ops.fused import add_layer_norm, bias_gelu
 from mmkern.ops.patch_embed import patch_embed
 
 __all__ = [
+    "add_layer_norm",
+    "bias_gelu",
     "clip_loss",
     "disable_sdpa_override",
     "enable_sdpa_override",

@@ -2,8 +2,9 @@
 F.scaled_dot_product_attention and the naive B x B cross-entropy CLIP loss. Same state-dict keys, so one set of
 weights loads into both; the demo measures training throughput of the two in the same run.
 
-Covers the configurations the trainer builds (class-token ViT without registers or MAP pooling; causal,
-pre-norm text tower pooled on the EOT id); anything else raises ValueError."""
+Covers the CLIP configurations the trainer and the benchmarks build (class-token ViT without registers or MAP
+pooling, with or without CLIP's pre-norm; causal, pre-norm text tower pooled on the EOT id or, without one, on the
+largest id); anything else raises ValueError."""
 
 from __future__ import annotations
 
@@ -16,19 +17,19 @@ from mmkern.nn.blocks import activation
 
 
 class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, act: str, eps: float):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, act: str, eps: float, qkv_bias: bool = True):
         super().__init__()
         self.heads, self.act = heads, activation(act)
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
         self.attn = nn.Module()
-        self.attn.qkv, self.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.attn.qkv, self.attn.proj = nn.Linear(dim, 3 * dim, bias=qkv_bias), nn.Linear(dim, dim)
         self.mlp = nn.Module()
         self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, int(dim * mlp_ratio)), nn.Linear(int(dim * mlp_ratio), dim)
 
     def forward(self, x, mask=None, causal=False):
         B, L, D = x.shape
         q, k, v = self.attn.qkv(self.norm1(x)).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
         x = x + self.attn.proj(o.transpose(1, 2).reshape(B, L, D))
         return x + self.mlp.fc2(self.act(self.mlp.fc1(self.norm2(x))))
 
@@ -42,11 +43,11 @@ class PlainCLIP(nn.Module):
         if (
             v.reg_tokens
             or v.pool != "token"
-            or v.pre_norm
             or v.fc_norm
+            or v.windows
+            or t.windows
             or not t.causal
             or not t.norm_first
-            or t.eot_token_id is None
             or t.type_vocab_size
             or config.init_logit_bias is not None
         ):
@@ -58,12 +59,17 @@ class PlainCLIP(nn.Module):
         n = (v.img_size // v.patch_size) ** 2
         vis.cls_token = nn.Parameter(torch.zeros(1, 1, v.width))
         vis.pos_embed = nn.Parameter(torch.zeros(1, n + 1, v.width))
-        vis.blocks = nn.ModuleList(_Block(v.width, v.heads, v.mlp_ratio, v.act, v.eps) for _ in range(v.depth))
+        vis.norm_pre = nn.LayerNorm(v.width, eps=v.eps) if v.pre_norm else nn.Identity()
+        vis.blocks = nn.ModuleList(
+            _Block(v.width, v.heads, v.mlp_ratio, v.act, v.eps, v.qkv_bias) for _ in range(v.depth)
+        )
         vis.norm = nn.LayerNorm(v.width, eps=v.eps)
         vis.head = nn.Linear(v.width, config.embed_dim, bias=False)
         txt.token_embedding = nn.Embedding(t.vocab_size, t.width)
         txt.pos_embed = nn.Parameter(torch.zeros(t.context_length, t.width))
-        txt.blocks = nn.ModuleList(_Block(t.width, t.heads, t.mlp_ratio, t.act, t.eps) for _ in range(t.depth))
+        txt.blocks = nn.ModuleList(
+            _Block(t.width, t.heads, t.mlp_ratio, t.act, t.eps, t.qkv_bias) for _ in range(t.depth)
+        )
         txt.norm = nn.LayerNorm(t.width, eps=t.eps)
         txt.proj = nn.Linear(t.width, config.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
@@ -72,21 +78,24 @@ class PlainCLIP(nn.Module):
     def encode_image(self, images):
         vis = self.visual
         x = vis.patch_embed.proj(images).flatten(2).transpose(1, 2)
-        x = torch.cat([vis.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + vis.pos_embed
+        x = vis.norm_pre(torch.cat([vis.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + vis.pos_embed)
         for blk in vis.blocks:
             x = blk(x)
         return vis.head(vis.norm(x)[:, 0])
 
-    def encode_text(self, ids, attention_mask):
+    def encode_text(self, ids, attention_mask=None):
         txt, L = self.text, ids.shape[1]
         x = txt.token_embedding(ids) + txt.pos_embed[:L]
-        mask = attention_mask.bool()[:, None, None, :] & torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
+        mask = None
+        if attention_mask is not None:
+            causal = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
+            mask = attention_mask.bool()[:, None, None, :] & causal
         for blk in txt.blocks:
-            x = blk(x, mask)
-        x = txt.norm(x)[torch.arange(ids.shape[0], device=ids.device), (ids == self.eot).int().argmax(-1)]
-        return txt.proj(x)
+            x = blk(x, mask, causal=True)
+        eot = ids.argmax(-1) if self.eot is None else (ids == self.eot).int().argmax(-1)
+        return txt.proj(txt.norm(x)[torch.arange(ids.shape[0], device=ids.device), eot])
 
-    def forward(self, images, input_ids, attention_mask):
+    def forward(self, images, input_ids, attention_mask=None):
         img = F.normalize(self.encode_image(images), dim=-1)
         txt = F.normalize(self.encode_text(input_ids, attention_mask), dim=-1)
         return img, txt, self.logit_scale.exp().clamp(max=100.0), None

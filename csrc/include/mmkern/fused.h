@@ -1,0 +1,133 @@
+// Torch-free math of the fused element-wise ops (bias + GELU, residual add + LayerNorm), shared by the CPU and
+// CUDA kernels. Everything is fp32 and branch-free (selects, not jumps), so that the CPU loops over a row
+// vectorise to AVX-512 without a vector math library.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "mmkern/common.h"
+
+namespace mmkern {
+
+// GELU variants, as in torch's nn.GELU(approximate=...). Must match mmkern/ops/fused.py.
+enum class GeluKind : int { erf = 0, tanh = 1 };
+
+// exp(x) in fp32 with ~1 ulp error: x = n·ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial (Cephes
+// expf coefficients), 2^n by writing the exponent bits. Inputs below -87 give 0 (no subnormals), above 88 give
+// inf; NaN stays NaN.
+MMK_HD float fused_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  const float lo = -87.0f, hi = 88.0f;
+  float c = x < lo ? lo : x;
+  c = c > hi ? hi : c;
+  // Adding 1.5·2^23 rounds to an integer (round-half-even) and leaves n in the low mantissa bits.
+  const float magic = 12582912.0f;
+  float t = c * 1.44269504088896341f + magic;
+  float n = t - magic;
+  float r = c - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t ni = static_cast<int32_t>(float_to_bits(t) - float_to_bits(magic));
+  float scale = bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
+  float e = p * scale;
+  e = x < lo ? 0.0f : e;
+  return x > hi ? INFINITY : e;
+#endif
+}
+
+// exp(a) for a <= 0 (or NaN, which the callers' products carry through anyway): fused_exp without the overflow
+// branch, for the Gaussian factor exp(-x²/2) of the erf GELU.
+MMK_HD float fused_exp_nonpositive(float a) {
+#if defined(__CUDA_ARCH__)
+  return expf(a);
+#else
+  const float lo = -87.0f;
+  const float c = a > lo ? a : lo;
+  const float magic = 12582912.0f;
+  const float t = c * 1.44269504088896341f + magic;
+  const float n = t - magic;
+  float r = c - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t ni = static_cast<int32_t>(float_to_bits(t) - float_to_bits(magic));
+  const float e = p * bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
+  return a < lo ? 0.0f : e;
+#endif
+}
+
+constexpr float kSqrtHalf = 0.70710678118654752f;     // 1/√2
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;   // 1/√(2π)
+constexpr float kSqrt2OverPi = 0.79788456080286536f;  // √(2/π)
+constexpr float kTanhCubic = 0.044715f;
+
+// Φ(x) and φ(x) of the standard normal distribution, sharing one exp. The tail is erfc(z), z = |x|/√2, written
+// as t·exp(-z²)·Q(t) with t = 1 / (1 + 0.4z) and Q a degree-8 polynomial fitted here (weighted least squares on
+// exp(z²)·erfc(z)/t over t in (0, 1]): relative error below 3e-7 for every z, so Φ keeps full relative
+// precision far into the negative tail, where 1 + erf(x/√2) would cancel. Q(0) = 0.4/√π gives the asymptote.
+MMK_HD void normal_cdf_pdf(float x, float& cdf, float& pdf) {
+  const float z = fabsf(x) * kSqrtHalf;
+  const float t = 1.0f / (1.0f + 0.4f * z);
+  float q = 0.050189096f;
+  q = q * t - 0.18262291f;
+  q = q * t + 0.1686568f;
+  q = q * t - 0.0052670646f;
+  q = q * t + 0.14128326f;
+  q = q * t + 0.16857648f;
+  q = q * t + 0.20783883f;
+  q = q * t + 0.22566976f;
+  q = q * t + 0.22567587f;
+  const float e = fused_exp_nonpositive(-z * z);  // exp(-x²/2)
+  const float half_erfc = 0.5f * t * e * q;
+  cdf = x < 0.0f ? half_erfc : 1.0f - half_erfc;
+  pdf = kInvSqrt2Pi * e;
+}
+
+// GELU(x): x·Φ(x) (erf), or 0.5·x·(1 + tanh(u)) = x·σ(2u) with u = √(2/π)(x + 0.044715x³) (tanh). The σ form is
+// the same function without tanh's cancellation near u = 0; σ(v) = 1 / (1 + exp(-v)), exp overflow giving 0.
+template <GeluKind kKind>
+MMK_HD float gelu_value(float x) {
+  if constexpr (kKind == GeluKind::erf) {
+    float cdf, pdf;
+    normal_cdf_pdf(x, cdf, pdf);
+    return x * cdf;
+  } else {
+    const float v = 2.0f * kSqrt2OverPi * (x + kTanhCubic * x * x * x);
+    return x / (1.0f + fused_exp(-v));
+  }
+}
+
+// dGELU/dx: Φ(x) + x·φ(x) (erf), or σ + x·σ(1 - σ)·2u' (tanh), with 1 - σ(v) = σ(v)·exp(-v) for v >= 0 so that
+// it keeps its precision where σ is close to 1.
+template <GeluKind kKind>
+MMK_HD float gelu_derivative(float x) {
+  if constexpr (kKind == GeluKind::erf) {
+    float cdf, pdf;
+    normal_cdf_pdf(x, cdf, pdf);
+    return cdf + x * pdf;
+  } else {
+    const float x2 = x * x;
+    const float v = 2.0f * kSqrt2OverPi * (x + kTanhCubic * x2 * x);
+    const float e = fused_exp(-v);
+    const float s = 1.0f / (1.0f + e);
+    const float one_minus_s = v < 0.0f ? 1.0f - s : s * e;
+    const float dv = 2.0f * kSqrt2OverPi * (1.0f + 3.0f * kTanhCubic * x2);
+    return s + x * s * one_minus_s * dv;
+  }
+}
+
+}  // namespace mmkern
