@@ -13,6 +13,7 @@
 // rounds. So dX, dY and the column statistics need no atomics and no per-thread copies.
 #include <omp.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "mmkern/common.h"
@@ -131,17 +132,38 @@ void tile_dot(const Shape& sh, const float* Xt, const float* Yb, int64_t im, int
     for (int64_t j = jn; j < jn16; ++j) S[i * kBN + j] = 0.f;
 }
 
-// C[rows of the tile] (row stride D, fp32) += A (packed tile, m x kt) . Bk (packed operand rows k0..k0+kt)
+// The gradients accumulate in a blocked layout while the tiles run: each group of kMR rows (the kMR x D floats
+// where those rows live) stores its kNR-column panels one after another, so a micro-kernel's C block is one
+// contiguous run (1 KiB) instead of kMR pieces 2 KiB apart, which the hardware prefetchers do not follow
+// (measured: the gradient GEMMs ran ~15% slower on row-major C). unblock() restores row-major order in place.
+// Row r0 (a multiple of kMR), column d0 (a multiple of kNR) of a blocked n_rows x D array; its row stride is
+// the panel's width.
+inline float* blocked_at(float* C, int64_t n_rows, int64_t D, int64_t r0, int64_t d0) {
+  return C + r0 * D + std::min<int64_t>(kMR, n_rows - r0) * d0;
+}
+
+// Restores row-major order in place for the group of rows r0.. (a multiple of kMR) of a blocked n_rows x D array.
+void unblock_group(float* C, int64_t n_rows, int64_t D, int64_t r0, float* tmp) {
+  const int64_t m = std::min<int64_t>(kMR, n_rows - r0);
+  float* group = C + r0 * D;
+  std::copy(group, group + m * D, tmp);
+  for (int64_t d0 = 0; d0 < D; d0 += kNR) {
+    const int64_t nr = std::min<int64_t>(kNR, D - d0);
+    for (int64_t r = 0; r < m; ++r) std::copy(tmp + m * d0 + r * nr, tmp + m * d0 + (r + 1) * nr, group + r * D + d0);
+  }
+}
+
+// C (blocked, c_rows x D; rows c0.. of the tile) += A (packed tile, m x kt) . Bk (packed operand rows k0..k0+kt)
 // where the packed operand is P (B-layout of an n_rows x D matrix) and k0 its first row.
 void tile_grad(const Shape& sh, const float* A, int64_t m, int64_t kt, const float* P, int64_t n_rows, int64_t k0,
-               float* C) {
+               float* C, int64_t c_rows, int64_t c0) {
   const int64_t kb = k0 / kKC * kKC, kcb = std::min(kKC, n_rows - kb);
   for (int64_t dp = 0; dp < sh.D; dp += kNR) {
     const float* Bp = P + kb * sh.D_pad + dp * kcb + (k0 - kb) * kNR;
     const int nr = static_cast<int>(std::min<int64_t>(kNR, sh.D - dp));
     for (int64_t ip = 0; ip < m; ip += kMR)
-      cpu::micro_kernel(kt, A + ip * kt, Bp, C + ip * sh.D + dp, sh.D, static_cast<int>(std::min<int64_t>(kMR, m - ip)),
-                        nr, true);
+      cpu::micro_kernel(kt, A + ip * kt, Bp, blocked_at(C, c_rows, sh.D, c0 + ip, dp), nr,
+                        static_cast<int>(std::min<int64_t>(kMR, m - ip)), nr, true);
   }
 }
 
@@ -312,7 +334,7 @@ void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
   }
 }
 
-// dX (B x D fp32) += G Y and dY (K x D fp32) += G^T X with G_ij = dL/dz_ij from grad_logit (the logit
+// dX (B x D fp32) = G Y and dY (K x D fp32) = G^T X (both overwritten) with G_ij = dL/dz_ij from grad_logit (the logit
 // scale is applied by the caller). row_lse / col_lse: plane 0 of the forward statistics; gr (B), gc (K).
 void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
                          const Tensor& row_lse, const Tensor& col_lse, const Tensor& gr, const Tensor& gc,
@@ -339,6 +361,10 @@ void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
     {
       pack_b_parallel([&](int64_t k, int64_t j) { return ye(j, k); }, sh.D, sh.K, Yb.data());
       pack_b_parallel(ye, sh.K, sh.D, Yr.data());
+#pragma omp for schedule(static) nowait
+      for (int64_t r = 0; r < sh.B; ++r) std::fill(dxp + r * sh.D, dxp + (r + 1) * sh.D, 0.f);
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < sh.K; ++r) std::fill(dyp + r * sh.D, dyp + (r + 1) * sh.D, 0.f);
       std::vector<float> Xt(kBM * sh.D), Xrt(kBM * sh.D_pad), S(kBM * kBN), GA(kBM * kBN), GT(kBM * kBN), neg(kBN),
           tl(kBN), tg(kBN);
       int64_t packed_i0 = -1;
@@ -380,9 +406,14 @@ void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
         for (int64_t jp = 0; jp < jn; jp += kMR)
           cpu::pack_a(cpu::Strided<float>{S.data(), 1, kBN}, jp, static_cast<int>(std::min<int64_t>(kMR, jn - jp)), 0,
                       im, GT.data() + jp * im);
-        tile_grad(sh, GA.data(), im, jn, Yr.data(), sh.K, j0, dxp + i0 * sh.D);
-        tile_grad(sh, GT.data(), jn, im, Xrt.data(), im, 0, dyp + j0 * sh.D);
+        tile_grad(sh, GA.data(), im, jn, Yr.data(), sh.K, j0, dxp, sh.B, i0);
+        tile_grad(sh, GT.data(), jn, im, Xrt.data(), im, 0, dyp, sh.K, j0);
       });
+      std::vector<float> tmp(kMR * sh.D);
+#pragma omp for schedule(static) nowait
+      for (int64_t r0 = 0; r0 < sh.B; r0 += kMR) unblock_group(dxp, sh.B, sh.D, r0, tmp.data());
+#pragma omp for schedule(static)
+      for (int64_t r0 = 0; r0 < sh.K; r0 += kMR) unblock_group(dyp, sh.K, sh.D, r0, tmp.data());
     }
   });
 }
