@@ -14,6 +14,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "mmkern/common.h"
@@ -183,6 +184,51 @@ void for_each_tile(int64_t rows, int64_t cols, const F& body) {
   }
 }
 
+// One tile's exp terms can share a single shift M (the tile's max z) for rows and columns alike when every
+// row's and every column's max lies within kSharedRange of M: a row's sum is then at least exp(-kSharedRange),
+// and the terms that exp(z - M) flushes to 0 weigh less than exp(kSharedRange - 87) relative to their row's or
+// column's largest term, far below fp32 resolution. Otherwise (a wide spread of logits, e.g. s = 100 with
+// rows of very different best matches, or non-finite values) the caller runs separate row and column passes.
+constexpr float kSharedRange = 40.f;
+
+// Forward statistics of one CLIP tile with one exp per logit: rows and columns merge the same exp(z - M).
+// z_at(i, c): 16 logits of row i from column 16c (-inf past jn). cmax / cl / ce: kBN floats of scratch.
+// Returns false, touching nothing, when the tile's spread needs separate shifts.
+template <class Z>
+bool rows_cols_shared_shift(const float* S, int64_t im, int64_t jn, const Z& z_at, SoftmaxState* rows,
+                            SoftmaxState* cols, float* cmax, float* cl, float* ce) {
+  const int64_t chunks = (jn + 15) / 16;
+  for (int64_t c = 0; c < chunks; ++c) *reinterpret_cast<v16*>(cmax + c * 16) = splat(-INFINITY);
+  float M = -INFINITY, lo = INFINITY;
+  for (int64_t i = 0; i < im; ++i) {
+    v16 vm = splat(-INFINITY);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const v16 z = z_at(i, c);
+      vm = vmax(z, vm);
+      *reinterpret_cast<v16*>(cmax + c * 16) = vmax(z, load(cmax + c * 16));
+    }
+    const float m = hmax(vm);
+    M = m > M ? m : M;
+    lo = m < lo ? m : lo;
+  }
+  for (int64_t j = 0; j < jn; ++j) lo = cmax[j] < lo ? cmax[j] : lo;
+  if (!(M - lo <= kSharedRange)) return false;  // also false for NaN and infinities
+  for (int64_t c = 0; c < chunks; ++c) *reinterpret_cast<v16*>(cl + c * 16) = *reinterpret_cast<v16*>(ce + c * 16) = v16{};
+  for (int64_t i = 0; i < im; ++i) {
+    v16 vl = {}, ve = {};
+    for (int64_t c = 0; c < chunks; ++c) {
+      const v16 d = load(S + i * kBN + c * 16), p = vexp(z_at(i, c) - M);
+      vl += p;
+      ve += p * d;
+      *reinterpret_cast<v16*>(cl + c * 16) = load(cl + c * 16) + p;
+      *reinterpret_cast<v16*>(ce + c * 16) = load(ce + c * 16) + p * d;
+    }
+    softmax_merge(rows[i], M, hsum(vl), hsum(ve));
+  }
+  for (int64_t j = 0; j < jn; ++j) softmax_merge(cols[j], M, cl[j], ce[j]);
+  return true;
+}
+
 Shape check_shapes(const Tensor& x, const Tensor& y) {
   check_dims(x, 2, "x");
   check_dims(y, 2, "y");
@@ -235,6 +281,9 @@ void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
         column_mask(jn, neg.data());
         const int64_t chunks = (jn + 15) / 16;
         auto z_at = [&](int64_t i, int64_t c) { return load(&S[i * kBN + c * 16]) * s + b + load(&neg[c * 16]); };
+        if (mode == kRowsCols && rows_cols_shared_shift(S.data(), im, jn, z_at, rows.data() + i0, cols.data() + j0,
+                                                        cm.data(), cl.data(), ce.data()))
+          return;
         for (int64_t i = 0; i < im; ++i) {
           const float* d = &S[i * kBN];
           if (mode == kSigmoid) {
@@ -366,7 +415,7 @@ void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < sh.K; ++r) std::fill(dyp + r * sh.D, dyp + (r + 1) * sh.D, 0.f);
       std::vector<float> Xt(kBM * sh.D), Xrt(kBM * sh.D_pad), S(kBM * kBN), GA(kBM * kBN), GT(kBM * kBN), neg(kBN),
-          tl(kBN), tg(kBN);
+          tl(kBN), tg(kBN), tw(kBN);
       int64_t packed_i0 = -1;
       for_each_tile(sh.B, sh.K, [&](int64_t i0, int64_t im, int64_t j0, int64_t jn) {
         if (i0 != packed_i0) pack_rows(xe, sh.D, i0, im, Xt.data(), Xrt.data());
@@ -383,29 +432,42 @@ void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
         if (mode == kSigmoid && diagonal)
           for (int64_t i = std::max(i0, j0); i < std::min(i0 + im, j0 + jn); ++i)
             positives.emplace_back(i, grp[i] * sigmoid_grad(s * S[(i - i0) * kBN + i - j0] + b, true));
+        // CLIP with one exp per logit when the tile's lse values lie within kSharedRange of their largest, M:
+        // G = exp(z - M) (g_i exp(M - r_i) + gc_j exp(M - c_j)), and z <= every lse, so exp(z - M) <= 1.
+        float M = -INFINITY, lo = INFINITY;
+        if (mode == kRowsCols) {
+          for (int64_t i = 0; i < im; ++i) M = std::max(M, rl[i0 + i]), lo = std::min(lo, rl[i0 + i]);
+          for (int64_t j = 0; j < jn; ++j) M = std::max(M, tl[j]), lo = std::min(lo, tl[j]);
+        }
+        const bool shared = mode == kRowsCols && M - lo <= kSharedRange;  // false for NaN and infinities
+        if (shared)
+          for (int64_t j = 0; j < kBN; ++j) tw[j] = j < jn ? tg[j] * expf(M - tl[j]) : 0.f;
+        // G goes to S (row-major, read by pack_a as the A operand of G Y) and, as the A operand of G^T X, to GT:
+        // panels of kMR columns, k = row. Columns past jn get G = 0 (z = -inf), which is GT's zero padding.
+        auto gt_at = [&](int64_t i, int64_t j) { return &GT[j / kMR * kMR * im + i * kMR + j % kMR]; };
         for (int64_t i = 0; i < im; ++i) {
-          const float r = rl[i0 + i], g = grp[i0 + i];
+          const float r = rl[i0 + i], g = grp[i0 + i], u = shared ? g * expf(M - r) : 0.f;
           for (int64_t c = 0; c < chunks; ++c) {
             float* d = &S[i * kBN + c * 16];
             const v16 z = load(d) * s + b + load(&neg[c * 16]);
             v16 G;
             if (mode == kSigmoid) {
               G = g / (1.f + vexp(-z));
+            } else if (shared) {
+              G = vexp(z - M) * (u + load(&tw[c * 16]));
             } else {
               G = g * vexp(z - r);
               if (mode == kRowsCols) G += load(&tg[c * 16]) * vexp(z - load(&tl[c * 16]));
             }
             *reinterpret_cast<v16*>(d) = G;
+            std::memcpy(gt_at(i, c * 16), &G, 8 * sizeof(float));
+            std::memcpy(gt_at(i, c * 16 + 8), reinterpret_cast<const float*>(&G) + 8, 8 * sizeof(float));
           }
         }
-        for (const auto& [i, g] : positives) S[(i - i0) * kBN + i - j0] = g;
-        // G (im x jn) as the A operand of G Y, and G^T (jn x im) as the A operand of G^T X.
+        for (const auto& [i, g] : positives) S[(i - i0) * kBN + i - j0] = *gt_at(i - i0, i - j0) = g;
         for (int64_t ip = 0; ip < im; ip += kMR)
           cpu::pack_a(cpu::Strided<float>{S.data(), kBN, 1}, ip, static_cast<int>(std::min<int64_t>(kMR, im - ip)), 0,
                       jn, GA.data() + ip * jn);
-        for (int64_t jp = 0; jp < jn; jp += kMR)
-          cpu::pack_a(cpu::Strided<float>{S.data(), 1, kBN}, jp, static_cast<int>(std::min<int64_t>(kMR, jn - jp)), 0,
-                      im, GT.data() + jp * im);
         tile_grad(sh, GA.data(), im, jn, Yr.data(), sh.K, j0, dxp, sh.B, i0);
         tile_grad(sh, GT.data(), jn, im, Xrt.data(), im, 0, dyp, sh.K, j0);
       });
