@@ -12,9 +12,12 @@
 // dynamically so that a thread slowed by other load does not hold the rest back, with a barrier between
 // rounds. So dX, dY and the column statistics need no atomics and no per-thread copies.
 #include <omp.h>
+#include <sys/mman.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <vector>
 
 #include "mmkern/common.h"
@@ -81,6 +84,28 @@ inline v16 vlog1p(v16 u) {
 
 // Column c0 of a tile row as 16 lanes; lanes past the valid width read 0 (the tile pads with 0).
 inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
+
+// A packed operand (tens of MiB, read panel by panel all over) on transparent huge pages where the system
+// grants them on request: fewer TLB misses (measured: 1-2% of the whole loss, near the noise here).
+class PackedBuffer {
+ public:
+  explicit PackedBuffer(int64_t floats) {
+    constexpr size_t kHuge = size_t{2} << 20;
+    const size_t bytes = (static_cast<size_t>(floats) * sizeof(float) + kHuge - 1) / kHuge * kHuge;
+    p_ = static_cast<float*>(std::aligned_alloc(kHuge, bytes ? bytes : kHuge));
+    if (!p_) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+    madvise(p_, bytes, MADV_HUGEPAGE);  // a hint: without it the buffer is simply on 4 KiB pages
+#endif
+  }
+  ~PackedBuffer() { std::free(p_); }
+  PackedBuffer(const PackedBuffer&) = delete;
+  PackedBuffer& operator=(const PackedBuffer&) = delete;
+  float* data() const { return p_; }
+
+ private:
+  float* p_;
+};
 
 struct Shape {
   int64_t B, K, D, K_pad, D_pad;
@@ -277,7 +302,7 @@ void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
   check(mode != kRowsCols || (col_stats.present && col_stats.numel() == kColPlanes * sh.K),
         "col_stats: expected (2, K) fp32");
   const float s = static_cast<float>(scale), b = static_cast<float>(bias);
-  std::vector<float> Yb(sh.D * sh.K_pad);
+  PackedBuffer Yb(sh.D * sh.K_pad);
   std::vector<SoftmaxState> rows(sh.B, softmax_init()), cols(mode == kRowsCols ? sh.K : 0, softmax_init());
   std::vector<float> sig(mode == kSigmoid ? 3 * sh.B : 0, 0.f);  // sums of softplus, sigmoid*d, sigmoid
 
@@ -416,7 +441,7 @@ void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
   const float* cl = mode == kRowsCols ? col_lse.ptr<float>() : nullptr;
   const float* gcp = mode == kRowsCols ? gc.ptr<float>() : nullptr;
   float *dxp = dx.ptr<float>(), *dyp = dy.ptr<float>();
-  std::vector<float> Yb(sh.D * sh.K_pad), Yr(sh.K * sh.D_pad);
+  PackedBuffer Yb(sh.D * sh.K_pad), Yr(sh.K * sh.D_pad);
 
   dispatch_float(x.dtype, "contrastive", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
