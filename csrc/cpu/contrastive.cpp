@@ -84,6 +84,7 @@ inline v16 vlog1p(v16 u) {
 
 // Column c0 of a tile row as 16 lanes; lanes past the valid width read 0 (the tile pads with 0).
 inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
+inline void store(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
 
 // A packed operand (tens of MiB, read panel by panel all over) on transparent huge pages where the system
 // grants them on request: fewer TLB misses (measured: 1-2% of the whole loss, near the noise here).
@@ -146,6 +147,15 @@ inline void prefetch_share(const float* next, int64_t floats, int64_t call, int6
   for (int64_t l = call * per; l < std::min(lines, (call + 1) * per); ++l) __builtin_prefetch(next + l * 16);
 }
 
+// Prefetches (with write intent) the kMR x kNR block of C at C (row stride ldc) that a micro-kernel call will
+// add to after its k loop, so the loads overlap the loop.
+inline void prefetch_c(float* C, int64_t ldc) {
+  for (int i = 0; i < kMR; ++i) {
+    __builtin_prefetch(C + i * ldc, 1);
+    __builtin_prefetch(C + i * ldc + 16, 1);
+  }
+}
+
 // S[0:im, 0:jn] (row stride kBN) = X[i0:i0+im] . Y[j0:j0+jn]^T from the packed Xt and Yb. Columns jn..
 // round_up(jn, 16) are set to 0 so that 16-lane epilogues read defined values.
 void tile_dot(const Shape& sh, const float* Xt, const float* Yb, int64_t im, int64_t j0, int64_t jn, float* S) {
@@ -162,6 +172,7 @@ void tile_dot(const Shape& sh, const float* Xt, const float* Yb, int64_t im, int
       for (int64_t ip = 0; ip < im; ip += kMR) {
         if (next) prefetch_share(next, kc * kNR, ip / kMR, calls);
         const float* Ap = Xt + k0 * kBM + ip * kc;
+        prefetch_c(S + ip * kBN + jp, kBN);
         cpu::micro_kernel(kc, Ap, Bp, S + ip * kBN + jp, kBN, static_cast<int>(std::min<int64_t>(kMR, im - ip)),
                           nr, k0 > 0);
       }
@@ -175,7 +186,7 @@ void tile_dot(const Shape& sh, const float* Xt, const float* Yb, int64_t im, int
 // The gradients accumulate in a blocked layout while the tiles run: each group of kMR rows (the kMR x D floats
 // where those rows live) stores its kNR-column panels one after another, so a micro-kernel's C block is one
 // contiguous run (1 KiB) instead of kMR pieces 2 KiB apart, which the hardware prefetchers do not follow
-// (measured: the gradient GEMMs ran ~15% slower on row-major C). unblock() restores row-major order in place.
+// (measured: the gradient GEMMs ran ~15% slower on row-major C). unblock_group() restores row-major order in place.
 // Row r0 (a multiple of kMR), column d0 (a multiple of kNR) of a blocked n_rows x D array; its row stride is
 // the panel's width.
 inline float* blocked_at(float* C, int64_t n_rows, int64_t D, int64_t r0, int64_t d0) {
@@ -203,7 +214,9 @@ void tile_grad(const Shape& sh, const float* A, int64_t m, int64_t kt, const flo
     const int nr = static_cast<int>(std::min<int64_t>(kNR, sh.D - dp));
     for (int64_t ip = 0; ip < m; ip += kMR) {
       if (dp + kNR < sh.D) prefetch_share(Bp + kNR * kcb, kt * kNR, ip / kMR, (m + kMR - 1) / kMR);
-      cpu::micro_kernel(kt, A + ip * kt, Bp, blocked_at(C, c_rows, sh.D, c0 + ip, dp), nr,
+      float* Cb = blocked_at(C, c_rows, sh.D, c0 + ip, dp);
+      prefetch_c(Cb, nr);
+      cpu::micro_kernel(kt, A + ip * kt, Bp, Cb, nr,
                         static_cast<int>(std::min<int64_t>(kMR, m - ip)), nr, true);
     }
   }
@@ -239,14 +252,14 @@ template <class Z>
 bool rows_cols_shared_shift(const float* S, int64_t im, int64_t jn, const Z& z_at, SoftmaxState* rows,
                             SoftmaxState* cols, float* cmax, float* cl, float* ce) {
   const int64_t chunks = (jn + 15) / 16;
-  for (int64_t c = 0; c < chunks; ++c) *reinterpret_cast<v16*>(cmax + c * 16) = splat(-INFINITY);
+  for (int64_t c = 0; c < chunks; ++c) store(cmax + c * 16, splat(-INFINITY));
   float M = -INFINITY, lo = INFINITY;
   for (int64_t i = 0; i < im; ++i) {
     v16 vm = splat(-INFINITY);
     for (int64_t c = 0; c < chunks; ++c) {
       const v16 z = z_at(i, c);
       vm = vmax(z, vm);
-      *reinterpret_cast<v16*>(cmax + c * 16) = vmax(z, load(cmax + c * 16));
+      store(cmax + c * 16, vmax(z, load(cmax + c * 16)));
     }
     const float m = hmax(vm);
     M = m > M ? m : M;
@@ -254,15 +267,18 @@ bool rows_cols_shared_shift(const float* S, int64_t im, int64_t jn, const Z& z_a
   }
   for (int64_t j = 0; j < jn; ++j) lo = cmax[j] < lo ? cmax[j] : lo;
   if (!(M - lo <= kSharedRange)) return false;  // also false for NaN and infinities
-  for (int64_t c = 0; c < chunks; ++c) *reinterpret_cast<v16*>(cl + c * 16) = *reinterpret_cast<v16*>(ce + c * 16) = v16{};
+  for (int64_t c = 0; c < chunks; ++c) {
+    store(cl + c * 16, v16{});
+    store(ce + c * 16, v16{});
+  }
   for (int64_t i = 0; i < im; ++i) {
     v16 vl = {}, ve = {};
     for (int64_t c = 0; c < chunks; ++c) {
       const v16 d = load(S + i * kBN + c * 16), p = vexp(z_at(i, c) - M);
       vl += p;
       ve += p * d;
-      *reinterpret_cast<v16*>(cl + c * 16) = load(cl + c * 16) + p;
-      *reinterpret_cast<v16*>(ce + c * 16) = load(ce + c * 16) + p * d;
+      store(cl + c * 16, load(cl + c * 16) + p);
+      store(ce + c * 16, load(ce + c * 16) + p * d);
     }
     softmax_merge(rows[i], M, hsum(vl), hsum(ve));
   }
@@ -500,7 +516,7 @@ void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
               G = g * vexp(z - r);
               if (mode == kRowsCols) G += load(&tg[c * 16]) * vexp(z - load(&tl[c * 16]));
             }
-            *reinterpret_cast<v16*>(d) = G;
+            store(d, G);
             std::memcpy(gt_at(i, c * 16), &G, 8 * sizeof(float));
             std::memcpy(gt_at(i, c * 16 + 8), reinterpret_cast<const float*>(&G) + 8, 8 * sizeof(float));
           }

@@ -40,10 +40,6 @@ inline void micro_kernel(int64_t K, const float* __restrict__ Ap, const float* _
                          int64_t ldc, int mr, int nr, bool accumulate) {
   v16 c[kMR][2];
   for (int i = 0; i < kMR; ++i) c[i][0] = c[i][1] = v16{};
-  for (int i = 0; i < kMR; ++i) {  // C is needed only after the k loop: fetch it meanwhile (with write intent)
-    __builtin_prefetch(C + i * ldc, 1);
-    __builtin_prefetch(C + i * ldc + 16, 1);
-  }
   for (int64_t k = 0; k < K; ++k) {
     const v16 b0 = *reinterpret_cast<const v16*>(Bp + k * kNR);
     const v16 b1 = *reinterpret_cast<const v16*>(Bp + k * kNR + 16);
