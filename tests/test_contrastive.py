@@ -231,6 +231,25 @@ def test_strided_features_cpu():
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the native module is not built")
+def test_cpu_shared_and_separate_exp_shifts():
+    """CLIP tiles whose logits (forward) and log-sum-exps (backward) lie close together take one exp per logit
+    with a shared shift; row 5, shrunk 100x, and column 5 lie far below the rest at s = 100, so the tiles
+    holding them take separate row and column shifts. Both paths in one call, against float64."""
+    gen = torch.Generator().manual_seed(5)
+    x = _features(300, 64, gen, False, 0)
+    y = F.normalize(x + 0.1 * torch.randn(300, 64, generator=gen, dtype=torch.float64), dim=1)
+    x[5] *= 0.01
+    s = torch.tensor(100.0, dtype=torch.float64)
+    expected, expected_grads = _run(reference.clip_loss, [x, y, s])
+    plain, plain_grads = _run(reference.clip_loss, [x.float(), y.float(), s.float()])
+    loss, grads = _run(ops.clip_loss, [x.float(), y.float(), s.float()], backend="cpu")
+    terms = {"loss": 100.0, "grad_x": 100.0 / 300, "grad_y": 100.0 / 300, "grad_scale": 1.0}  # as in the test above
+    for name, g, e, p in zip(terms, (loss, *grads), (expected, *expected_grads), (plain, *plain_grads)):
+        factor = max(_factor(p, e, torch.float32), terms[name] / e.abs().max().item())
+        assert_close(g, e, torch.float32, name, factor=factor)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the native module is not built")
 @pytest.mark.parametrize("threads", [1, 3])
 def test_cpu_thread_counts(threads):
     """The Latin-square schedule with uneven chunks (3 threads over 3 x 4 tiles) and with one thread."""

@@ -215,8 +215,9 @@ def _stats_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(G·Y (B, D), Gᵀ·X (K, D)) in fp32 for G_ij = grad_rows_i·∂rows_i/∂z_ij + grad_cols_j·∂cols_j/∂z_ij."""
-    dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    dy = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
+    alloc = torch.empty if backend == "cpu" else torch.zeros  # the CPU kernel overwrites; the others accumulate
+    dx = alloc(x.shape, dtype=torch.float32, device=x.device)
+    dy = alloc(y.shape, dtype=torch.float32, device=y.device)
     gr = grad_rows.float().contiguous()
     gc = grad_cols.float().contiguous() if mode == ROWS_COLS else None
     row_lse = rows[0].contiguous()
