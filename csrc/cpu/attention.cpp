@@ -114,7 +114,11 @@ inline void mask_row(const Call& c, int64_t b, int64_t h, int64_t qi, int64_t k0
       }
     } else {
       const uint8_t* m = static_cast<const uint8_t*>(c.mask) + base;
-      for (int64_t j = 0; j < n; ++j) row[j] = m[j * sd] ? row[j] : -INFINITY;
+      if (sd == 1) {
+        attn_cpu::apply_bool_mask(row, m, n);
+      } else {
+        for (int64_t j = 0; j < n; ++j) row[j] = m[j * sd] ? row[j] : -INFINITY;
+      }
     }
   }
   if (!all_visible) mask_structure(c.pb.vis, qi, k0, n, row);
@@ -195,7 +199,13 @@ void load_q(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t bm, float* 
   const int64_t st = c.lq.st, sd = c.lq.sd, D = c.pb.dim;
   const float scale = c.pb.scale;
   for (int64_t i = 0; i < bm; ++i) {
-    if (sd == 1) {  // the common layout: a unit-stride loop the compiler vectorises
+    if constexpr (std::is_same_v<T, float>) {
+      if (sd == 1) {
+        attn_cpu::scale_row(qs + i * D, Q + i * st, D, scale);
+        continue;
+      }
+    }
+    if (sd == 1) {
       for (int64_t d = 0; d < D; ++d) qs[i * D + d] = to_float(Q[i * st + d]) * scale;
     } else {
       for (int64_t d = 0; d < D; ++d) qs[i * D + d] = to_float(Q[i * st + d * sd]) * scale;
@@ -212,6 +222,12 @@ void write_rows(T* dst, const Layout& lay, int64_t b, int64_t h, int64_t t0, int
     const float f = row_factor ? row_factor[i] * factor : factor;
     T* out = base + i * lay.st;
     const float* in = src + i * cols;
+    if constexpr (std::is_same_v<T, float>) {
+      if (lay.sd == 1) {
+        attn_cpu::scale_row(out, in, cols, f);
+        continue;
+      }
+    }
     if (lay.sd == 1) {
       for (int64_t d = 0; d < cols; ++d) out[d] = from_float<T>(in[d] * f);
     } else {
@@ -265,7 +281,7 @@ void forward(const Call& c, T* out, int num_threads) {
           const int64_t bn = std::min(c.bn, hi - j0);
           if (!attn::block_any_visible(pb.vis, i0, i0 + bm, j0, j0 + bn)) continue;
           const bool all_visible = attn::block_all_visible(pb.vis, i0, i0 + bm, j0, j0 + bn);
-          attn_cpu::gemm(bm, bn, D, qs, D, kv.kt + j0, kv.ldt, st, ld, false);
+          attn_cpu::gemm(bm, bn, D, qs, D, kv.kt + j0, kv.ldt, st, ld, false, true);
           for (int64_t i = 0; i < bm; ++i) {
             float* row = st + i * ld;
             if (c.mask || !all_visible) mask_row(c, b, h, i0 + i, j0, bn, all_visible, row);
@@ -308,8 +324,8 @@ struct BwdScratch {
   float *qs, *dout, *st, *dpt, *dq_acc, *lse, *delta;
   explicit BwdScratch(const Call& c) {
     const int64_t D = c.pb.dim, Dv = c.pb.dim_v;
-    qs = scratch(0, kBM * D);
-    dout = scratch(1, kBM * Dv);
+    qs = scratch(0, kBM * D + kLanes);  // slack: rows are read as whole vectors (pad_b)
+    dout = scratch(1, kBM * Dv + kLanes);
     st = scratch(2, 2 * kBM * c.ld_tile);
     dpt = st + kBM * c.ld_tile;
     dq_acc = scratch(3, kBM * D + 2 * kBM);
@@ -332,6 +348,13 @@ void load_query_block(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t b
     const T* gi = gbase + i * c.lgo.st;
     const T* oi = obase + i * c.lo.st;
     float delta = 0.f;
+    if constexpr (std::is_same_v<T, float>) {
+      if (c.lgo.sd == 1 && c.lo.sd == 1) {
+        w.delta[i] = attn_cpu::copy_dot(g, gi, oi, Dv);
+        w.lse[i] = c.lse[c.lrow_offset(b, h, i0 + i)];
+        continue;
+      }
+    }
     if (c.lgo.sd == 1 && c.lo.sd == 1) {
       for (int64_t d = 0; d < Dv; ++d) {
         g[d] = to_float(gi[d]);
@@ -358,8 +381,8 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
   const float keep_scale = pb.dropout_p > 0.f ? 1.f / (1.f - pb.dropout_p) : 1.f;
   float* st = w.st;
   float* dpt = w.dpt;
-  attn_cpu::gemm(bm, bn, D, w.qs, D, kv.kt + j0, kv.ldt, st, ld, false);
-  attn_cpu::gemm(bm, bn, Dv, w.dout, Dv, kv.vt + j0, kv.ldt, dpt, ld, false);
+  attn_cpu::gemm(bm, bn, D, w.qs, D, kv.kt + j0, kv.ldt, st, ld, false, true);
+  attn_cpu::gemm(bm, bn, Dv, w.dout, Dv, kv.vt + j0, kv.ldt, dpt, ld, false, true);
   for (int64_t i = 0; i < bm; ++i) {
     float* srow = st + i * ld;
     float* drow = dpt + i * ld;
@@ -388,8 +411,8 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
     }
   }
   if (dk) {
-    attn_cpu::gemm<true>(bn, Dv, bm, st, ld, w.dout, Dv, dv, Dv, true);
-    attn_cpu::gemm<true>(bn, D, bm, dpt, ld, w.qs, D, dk, D, true);
+    attn_cpu::gemm<true>(bn, Dv, bm, st, ld, w.dout, Dv, dv, Dv, true, true);
+    attn_cpu::gemm<true>(bn, D, bm, dpt, ld, w.qs, D, dk, D, true, true);
   }
   if (want_dq) attn_cpu::gemm(bm, D, bn, dpt, ld, kv.kn + j0 * kv.ldkn, kv.ldkn, w.dq_acc, D, !first);
 }

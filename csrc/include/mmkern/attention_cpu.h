@@ -51,6 +51,11 @@ inline void store_tail(float* p, vf16 v, int n) {
   std::memcpy(p, buf, sizeof(float) * n);
 #endif
 }
+// Lanes j < n set.
+inline vi16 lanes_below(int n) {
+  const vi16 iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return iota < n;
+}
 inline vf16 load_n(const float* p, int n, float fill = 0.f) { return n >= kLanes ? load16(p) : load_tail(p, n, fill); }
 inline void store_n(float* p, vf16 v, int n) {
   if (n >= kLanes)
@@ -92,19 +97,32 @@ inline vf16 exp2v(vf16 t) {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Horizontal max / sum of 16 lanes.
-inline float hmax(vf16 x) {
-  float m = x[0];
-  for (int j = 1; j < kLanes; ++j) m = x[j] > m ? x[j] : m;
-  return m;
-}
-inline float hsum(vf16 x) {
+// Horizontal max / sum of 16 lanes as a halving tree.
+template <bool kMax>
+inline float reduce16(vf16 x) {
   typedef float vf8 __attribute__((vector_size(32)));
   typedef float vf4 __attribute__((vector_size(16)));
-  const vf8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-  const vf4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (c[0] + c[2]) + (c[1] + c[3]);
+  auto op = [](auto u, auto v) { return kMax ? (u > v ? u : v) : u + v; };
+  const vf8 a = op(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7),
+                   __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15));
+  const vf4 c = op(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
+  const vf4 d = op(c, __builtin_shufflevector(c, c, 2, 3, 0, 1));
+  return op(d[0], d[1]);
+}
+inline float hmax(vf16 x) { return reduce16<true>(x); }
+inline float hsum(vf16 x) { return reduce16<false>(x); }
+
+// row[j] = keep[j] ? row[j] : -inf for j < n (bool mask bytes).
+inline void apply_bool_mask(float* row, const uint8_t* keep, int64_t n) {
+  typedef uint8_t vu8 __attribute__((vector_size(16)));
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    vu8 k;
+    std::memcpy(&k, keep + j, sizeof(k));
+    const vi16 kept = __builtin_convertvector(k, vi16);
+    store16(row + j, kept != 0 ? load16(row + j) : splat(-INFINITY));
+  }
+  for (; j < n; ++j) row[j] = keep[j] ? row[j] : -INFINITY;
 }
 
 inline float row_max(const float* row, int64_t n) {
@@ -122,18 +140,40 @@ inline float exp_row(float* row, int64_t n, float shift) {
   vf16 s = vf16{};
   for (int64_t j = 0; j < n; j += kLanes) {
     const int w = static_cast<int>(std::min<int64_t>(kLanes, n - j));
-    const vf16 p = exp2v(load_n(row + j, w) * kLog2e + c);
+    vf16 p = exp2v(load_n(row + j, w) * kLog2e + c);
+    if (w < kLanes) p = lanes_below(w) ? p : vf16{};  // in registers: reloading a masked store stalls
     store_n(row + j, p, w);
-    s += w == kLanes ? p : load_tail(row + j, w);
+    s += p;
   }
   return hsum(s);
 }
 
+// dst[j] = src[j] * f for j < n.
+inline void scale_row(float* dst, const float* src, int64_t n, float f) {
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const int w = static_cast<int>(std::min<int64_t>(kLanes, n - j));
+    store_n(dst + j, load_n(src + j, w) * f, w);
+  }
+}
+
+// dst[j] = g[j] for j < n; returns sum_j g[j] o[j].
+inline float copy_dot(float* dst, const float* g, const float* o, int64_t n) {
+  vf16 acc = vf16{};
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const int w = static_cast<int>(std::min<int64_t>(kLanes, n - j));
+    const vf16 x = load_n(g + j, w);
+    store_n(dst + j, x, w);
+    acc += x * load_n(o + j, w);
+  }
+  return hsum(acc);
+}
+
 // Micro-kernel: C[0:MR, 0:n] (+)= A[0:MR, 0:K] B[0:K, 0:n] with n <= 16 NV (n = 16 NV unless kTail). a(i, k) =
 // A[i * lda + k], or A[k * lda + i] when kTrans (A given as its transpose: P^T, dS^T from the row-major
-// tiles). B row k is B + k * ldb; with kTail the lanes >= n of the last vector are masked, so B and C may be
+// tiles). B row k is B + k * ldb. With kTail the lanes >= n of the last vector are not stored, and not loaded
+// from B unless kPadB (B rows readable to a whole vector: the kernels' own padded buffers), so B and C may be
 // exactly n wide. The accumulators are two named arrays with constant indices so that they stay in registers.
-template <int MR, int NV, bool kTrans, bool kTail>
+template <int MR, int NV, bool kTrans, bool kTail, bool kPadB>
 inline void micro(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int n,
                   bool accumulate) {
   static_assert(NV == 1 || NV == 2, "one or two vectors per row");
@@ -142,99 +182,132 @@ inline void micro(int64_t K, const float* A, int64_t lda, const float* B, int64_
   const int last = n - kLanes * (NV - 1);  // lanes of the last vector
   for (int64_t k = 0; k < K; ++k) {
     const float* bk = B + k * ldb;
-    vf16 b0, b1 = vf16{};
-    if (NV == 1) {
-      b0 = kTail ? load_tail(bk, last) : load16(bk);
-    } else {
-      b0 = load16(bk);
-      b1 = kTail ? load_tail(bk + kLanes, last) : load16(bk + kLanes);
-    }
+    const float* bl = bk + kLanes * (NV - 1);
+    const vf16 b_last = kTail && !kPadB ? load_tail(bl, last) : load16(bl);
+    const vf16 b0 = NV == 1 ? b_last : load16(bk);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const float x = kTrans ? A[k * lda + i] : A[i * lda + k];
       c0[i] += x * b0;
-      if (NV == 2) c1[i] += x * b1;
+      if (NV == 2) c1[i] += x * b_last;
     }
   }
   for (int i = 0; i < MR; ++i) {
     float* row = C + i * ldc;
-    if (NV == 1) {
-      if (kTail)
-        store_tail(row, accumulate ? load_tail(row, last) + c0[i] : c0[i], last);
-      else
-        store16(row, accumulate ? load16(row) + c0[i] : c0[i]);
-    } else {
-      store16(row, accumulate ? load16(row) + c0[i] : c0[i]);
-      if (kTail)
-        store_tail(row + kLanes, accumulate ? load_tail(row + kLanes, last) + c1[i] : c1[i], last);
-      else
-        store16(row + kLanes, accumulate ? load16(row + kLanes) + c1[i] : c1[i]);
-    }
+    if (NV == 2) store16(row, accumulate ? load16(row) + c0[i] : c0[i]);
+    float* rl = row + kLanes * (NV - 1);
+    const vf16 cl = NV == 1 ? c0[i] : c1[i];
+    if (kTail)
+      store_tail(rl, accumulate ? load_tail(rl, last) + cl : cl, last);
+    else
+      store16(rl, accumulate ? load16(rl) + cl : cl);
   }
 }
 
 template <int MR, bool kTrans>
 inline void micro_rows(int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                       int64_t ldc, bool accumulate) {
+                       int64_t ldc, bool accumulate, bool pad_b) {
   for (int64_t j0 = 0; j0 < N; j0 += 2 * kLanes) {
     const int n = static_cast<int>(std::min<int64_t>(2 * kLanes, N - j0));
     const float* b = B + j0;
     float* c = C + j0;
     if (n == 2 * kLanes)
-      micro<MR, 2, kTrans, false>(K, A, lda, b, ldb, c, ldc, n, accumulate);
-    else if (n > kLanes)
-      micro<MR, 2, kTrans, true>(K, A, lda, b, ldb, c, ldc, n, accumulate);
+      micro<MR, 2, kTrans, false, false>(K, A, lda, b, ldb, c, ldc, n, accumulate);
     else if (n == kLanes)
-      micro<MR, 1, kTrans, false>(K, A, lda, b, ldb, c, ldc, n, accumulate);
+      micro<MR, 1, kTrans, false, false>(K, A, lda, b, ldb, c, ldc, n, accumulate);
+    else if (n > kLanes && pad_b)
+      micro<MR, 2, kTrans, true, true>(K, A, lda, b, ldb, c, ldc, n, accumulate);
+    else if (n > kLanes)
+      micro<MR, 2, kTrans, true, false>(K, A, lda, b, ldb, c, ldc, n, accumulate);
+    else if (pad_b)
+      micro<MR, 1, kTrans, true, true>(K, A, lda, b, ldb, c, ldc, n, accumulate);
     else
-      micro<MR, 1, kTrans, true>(K, A, lda, b, ldb, c, ldc, n, accumulate);
+      micro<MR, 1, kTrans, true, false>(K, A, lda, b, ldb, c, ldc, n, accumulate);
   }
 }
 
 // C (M x N, row stride ldc) (+)= A B: A (M x K, row stride lda; kTrans: A^T given, K x M) and B (K x N, row
-// stride ldb) read in place. Rows go 8 at a time, the remainder 4 / 2 / 1 at a time (no wasted rows).
+// stride ldb; pad_b: rows readable to a multiple of 16 floats) read in place. Rows go in equal groups of at
+// most 8 (17 rows as 6 + 6 + 5, not 8 + 8 + 1: a one-row tile is latency-bound and costs half an 8-row one).
 template <bool kTrans = false>
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                 int64_t ldc, bool accumulate) {
+                 int64_t ldc, bool accumulate, bool pad_b = false) {
   if (K == 0) {
     if (!accumulate)
       for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
     return;
   }
+  const int64_t tiles = (M + 7) / 8, base = M / tiles, extra = M % tiles;
   int64_t i0 = 0;
-  auto a_at = [&](int64_t i) { return kTrans ? A + i : A + i * lda; };
-  for (; i0 + 8 <= M; i0 += 8) micro_rows<8, kTrans>(N, K, a_at(i0), lda, B, ldb, C + i0 * ldc, ldc, accumulate);
-  if (M - i0 >= 4) {
-    micro_rows<4, kTrans>(N, K, a_at(i0), lda, B, ldb, C + i0 * ldc, ldc, accumulate);
-    i0 += 4;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int mr = static_cast<int>(base + (t < extra ? 1 : 0));
+    const float* a = kTrans ? A + i0 : A + i0 * lda;
+    float* c = C + i0 * ldc;
+    switch (mr) {
+#define MMKERN_ATTN_TILE(R) \
+  case R:                  \
+    micro_rows<R, kTrans>(N, K, a, lda, B, ldb, c, ldc, accumulate, pad_b); \
+    break;
+      MMKERN_ATTN_TILE(1)
+      MMKERN_ATTN_TILE(2)
+      MMKERN_ATTN_TILE(3)
+      MMKERN_ATTN_TILE(4)
+      MMKERN_ATTN_TILE(5)
+      MMKERN_ATTN_TILE(6)
+      MMKERN_ATTN_TILE(7)
+      MMKERN_ATTN_TILE(8)
+#undef MMKERN_ATTN_TILE
+    }
+    i0 += mr;
   }
-  if (M - i0 >= 2) {
-    micro_rows<2, kTrans>(N, K, a_at(i0), lda, B, ldb, C + i0 * ldc, ldc, accumulate);
-    i0 += 2;
-  }
-  if (M - i0 == 1) micro_rows<1, kTrans>(N, K, a_at(i0), lda, B, ldb, C + i0 * ldc, ldc, accumulate);
 }
 
-// dst (cols x rows, row stride ld) = src^T for src (rows x cols, row stride st, unit column stride):
-// 16 x 16 blocks through registers, so that neither side is accessed with a large stride element by element.
-inline void transpose(const float* src, int64_t st, int64_t rows, int64_t cols, float* dst, int64_t ld) {
-  int64_t r0 = 0;
-  for (; r0 + kLanes <= rows; r0 += kLanes) {
-    int64_t c0 = 0;
-    for (; c0 + kLanes <= cols; c0 += kLanes) {
-      vf16 x[kLanes];
-      for (int r = 0; r < kLanes; ++r) x[r] = load16(src + (r0 + r) * st + c0);
-      for (int c = 0; c < kLanes; ++c) {
-        vf16 y;
-        for (int r = 0; r < kLanes; ++r) y[r] = x[r][c];
-        store16(dst + (c0 + c) * ld + r0, y);
-      }
-    }
-    for (int64_t c = c0; c < cols; ++c)
-      for (int64_t r = r0; r < r0 + kLanes; ++r) dst[c * ld + r] = src[r * st + c];
+// dst[c * ld + r] = src[r * st + c] for r < rows <= 16, c < cols <= 16: one block through registers
+// (AVX-512: four rounds of shuffles), lanes outside the block neither read nor written.
+inline void transpose_block(const float* src, int64_t st, int rows, int cols, float* dst, int64_t ld) {
+#if defined(__AVX512F__)
+  if (rows * cols < 64) {  // a row or two (17 keys = 16 + 1): element copies beat the shuffle network
+    for (int c = 0; c < cols; ++c)
+      for (int r = 0; r < rows; ++r) dst[c * ld + r] = src[r * st + c];
+    return;
   }
-  for (int64_t c = 0; c < cols; ++c)
-    for (int64_t r = r0; r < rows; ++r) dst[c * ld + r] = src[r * st + c];
+  __m512 r[kLanes], t[kLanes];
+  const __mmask16 cmask = static_cast<__mmask16>((1u << cols) - 1u);
+  for (int i = 0; i < kLanes; ++i) r[i] = i < rows ? _mm512_maskz_loadu_ps(cmask, src + i * st) : _mm512_setzero_ps();
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xDD);
+    t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+  }
+  const __mmask16 rmask = static_cast<__mmask16>((1u << rows) - 1u);  // r[c] is now column c of the block
+  for (int c = 0; c < cols; ++c) _mm512_mask_storeu_ps(dst + c * ld, rmask, r[c]);
+#else
+  for (int c = 0; c < cols; ++c)
+    for (int r = 0; r < rows; ++r) dst[c * ld + r] = src[r * st + c];
+#endif
+}
+
+// dst (cols x rows, row stride ld) = src^T for src (rows x cols, row stride st, unit column stride).
+inline void transpose(const float* src, int64_t st, int64_t rows, int64_t cols, float* dst, int64_t ld) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kLanes)
+    for (int64_t c0 = 0; c0 < cols; c0 += kLanes)
+      transpose_block(src + r0 * st + c0, st, static_cast<int>(std::min<int64_t>(kLanes, rows - r0)),
+                      static_cast<int>(std::min<int64_t>(kLanes, cols - c0)), dst + c0 * ld + r0, ld);
 }
 
 // A float buffer that keeps its memory between calls (held thread_local by the kernels): fresh pages on
