@@ -41,6 +41,12 @@ constexpr int64_t kBN = 256;  // most keys per block: at ViT sizes (197) one blo
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Row stride (floats) of the kernels' row-major buffers: whole vectors, and an odd number of cache lines, so
+// that the column panels the tile products stream (32 floats of every row) spread over all L1 sets. A
+// stride of 128 or 4096 floats maps every row of a panel to a few sets and thrashed L1 (PV at D = 128 ran at
+// 60% of the rate it reaches with this padding).
+inline int64_t padded_ld(int64_t n) { return round_up(std::max<int64_t>(n, 1), kLanes) | kLanes; }
+
 // Equal blocks of at most `most` (a multiple of `align`) covering n: 197 keys are one block of 197 rather
 // than 128 + 69, 197 queries four blocks of 56 / 29 rather than three of 64 and one of 5.
 inline int64_t block_size(int64_t n, int64_t most, int64_t align) {
@@ -60,8 +66,10 @@ struct Call {
   int64_t bn = 0, ld_tile = 0;  // key block size; row stride of the score tiles
 
   void init_blocks() {
-    bn = block_size(std::max<int64_t>(pb.max_len_k, 1), kBN, kLanes);
-    ld_tile = round_up(bn, kLanes);
+    // Key blocks are a grid of bn keys (windows start on it too); a window visits ~2 w / bn + 1 blocks per
+    // query block, so it gets smaller blocks.
+    bn = block_size(std::max<int64_t>(pb.max_len_k, 1), pb.vis.windowed ? kBN / 2 : kBN, kLanes);
+    ld_tile = padded_ld(bn);
   }
   int64_t lrow_offset(int64_t b, int64_t h, int64_t i) const { return lrow.offset(b, h, pb.q_start(b) + i, 0); }
 };
@@ -131,12 +139,16 @@ inline float* scratch(int slot, int64_t n) {
   return ws[slot].get(n);
 }
 
-// K and V of one (batch, kv head) as the tile products read them: K^T and V^T transposed into scratch
-// (rows of round_up(S, 16) floats), K and V row-major (in place when fp32 with unit-stride rows).
+// K and V of one (batch, kv head) as the tile products read them, copied into fp32 scratch with padded_ld
+// rows: K and V (S x D, S x Dv), and K^T and V^T per key block of the grid of c.bn keys (D x c.bn, Dv x c.bn:
+// one (S)-long row per dim put the rows of a column panel 16 KiB apart at S = 4096, a page and a TLB entry
+// each, and the products ran at 60% of their rate).
 struct HeadKV {
   int64_t b = -1, hk = -1;
   const float *kt = nullptr, *vt = nullptr, *kn = nullptr, *vn = nullptr;
-  int64_t ldt = 0, ldkn = 0, ldvn = 0;
+  int64_t ldt = 0, ldkn = 0, ldvn = 0, kt_block = 0, vt_block = 0;
+  const float* kt_at(int64_t j0, int64_t bn) const { return kt + j0 / bn * kt_block; }  // j0 on the grid
+  const float* vt_at(int64_t j0, int64_t bn) const { return vt + j0 / bn * vt_block; }
 };
 
 struct KVWant {
@@ -153,19 +165,18 @@ void transpose_to(const T* src, int64_t st, int64_t sd, int64_t rows, int64_t co
     for (int64_t d = 0; d < cols; ++d) dst[d * ld + r] = to_float(src[r * st + d * sd]);
 }
 
-// Rows x cols of src (strides st, sd) as fp32 rows: in place when possible, else converted into dst.
+// dst (rows x cols, row stride ld) = rows x cols of src (strides st, sd), in fp32.
 template <typename T>
-const float* rows_fp32(const T* src, int64_t st, int64_t sd, int64_t rows, int64_t cols, float* dst, int64_t& ld) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (sd == 1) {
-      ld = st;
-      return src;
+void copy_rows(const T* src, int64_t st, int64_t sd, int64_t rows, int64_t cols, float* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (sd == 1) {
+        attn_cpu::scale_row(dst + r * ld, src + r * st, cols, 1.f);
+        continue;
+      }
     }
+    for (int64_t d = 0; d < cols; ++d) dst[r * ld + d] = to_float(src[r * st + d * sd]);
   }
-  ld = cols;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = 0; d < cols; ++d) dst[r * cols + d] = to_float(src[r * st + d * sd]);
-  return dst;
 }
 
 template <typename T>
@@ -175,40 +186,57 @@ void load_head(const Call& c, int64_t b, int64_t hk, KVWant want, HeadKV& kv) {
   const int64_t S = pb.len_k(b), s0 = pb.k_start(b), D = pb.dim, Dv = pb.dim_v;
   const T* K = static_cast<const T*>(c.k) + c.lk.offset(b, hk, s0, 0);
   const T* V = static_cast<const T*>(c.v) + c.lv.offset(b, hk, s0, 0);
-  kv.ldt = round_up(std::max<int64_t>(S, 1), kLanes);
+  const int64_t blocks = (S + c.bn - 1) / c.bn;
+  kv.ldt = c.ld_tile;
+  kv.kt_block = D * kv.ldt;
+  kv.vt_block = Dv * kv.ldt;
   if (want.kt) {
-    float* kt = scratch(4, D * kv.ldt);
-    transpose_to(K, c.lk.st, c.lk.sd, S, D, kt, kv.ldt);
+    float* kt = scratch(4, blocks * kv.kt_block);
+    for (int64_t kb = 0; kb < blocks; ++kb)
+      transpose_to(K + kb * c.bn * c.lk.st, c.lk.st, c.lk.sd, std::min(c.bn, S - kb * c.bn), D, kt + kb * kv.kt_block,
+                   kv.ldt);
     kv.kt = kt;
   }
   if (want.vt) {
-    float* vt = scratch(5, Dv * kv.ldt);
-    transpose_to(V, c.lv.st, c.lv.sd, S, Dv, vt, kv.ldt);
+    float* vt = scratch(5, blocks * kv.vt_block);
+    for (int64_t kb = 0; kb < blocks; ++kb)
+      transpose_to(V + kb * c.bn * c.lv.st, c.lv.st, c.lv.sd, std::min(c.bn, S - kb * c.bn), Dv,
+                   vt + kb * kv.vt_block, kv.ldt);
     kv.vt = vt;
   }
-  if (want.kn) kv.kn = rows_fp32(K, c.lk.st, c.lk.sd, S, D, scratch(6, S * D), kv.ldkn);
-  if (want.vn) kv.vn = rows_fp32(V, c.lv.st, c.lv.sd, S, Dv, scratch(7, S * Dv), kv.ldvn);
+  if (want.kn) {
+    kv.ldkn = padded_ld(D);
+    float* kn = scratch(6, S * kv.ldkn);
+    copy_rows(K, c.lk.st, c.lk.sd, S, D, kn, kv.ldkn);
+    kv.kn = kn;
+  }
+  if (want.vn) {
+    kv.ldvn = padded_ld(Dv);
+    float* vn = scratch(7, S * kv.ldvn);
+    copy_rows(V, c.lv.st, c.lv.sd, S, Dv, vn, kv.ldvn);
+    kv.vn = vn;
+  }
   kv.b = b;
   kv.hk = hk;
 }
 
 // Loads rows [i0, i0 + bm) of the query (times scale) into a contiguous fp32 buffer.
 template <typename T>
-void load_q(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t bm, float* qs) {
+void load_q(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t bm, float* qs, int64_t ldq) {
   const T* Q = static_cast<const T*>(c.q) + c.lq.offset(b, h, c.pb.q_start(b) + i0, 0);
   const int64_t st = c.lq.st, sd = c.lq.sd, D = c.pb.dim;
   const float scale = c.pb.scale;
   for (int64_t i = 0; i < bm; ++i) {
     if constexpr (std::is_same_v<T, float>) {
       if (sd == 1) {
-        attn_cpu::scale_row(qs + i * D, Q + i * st, D, scale);
+        attn_cpu::scale_row(qs + i * ldq, Q + i * st, D, scale);
         continue;
       }
     }
     if (sd == 1) {
-      for (int64_t d = 0; d < D; ++d) qs[i * D + d] = to_float(Q[i * st + d]) * scale;
+      for (int64_t d = 0; d < D; ++d) qs[i * ldq + d] = to_float(Q[i * st + d]) * scale;
     } else {
-      for (int64_t d = 0; d < D; ++d) qs[i * D + d] = to_float(Q[i * st + d * sd]) * scale;
+      for (int64_t d = 0; d < D; ++d) qs[i * ldq + d] = to_float(Q[i * st + d * sd]) * scale;
     }
   }
 }
@@ -258,7 +286,8 @@ void forward(const Call& c, T* out, int num_threads) {
     HeadKV kv;
     KVWant want;
     want.kt = want.vn = true;
-    float* qs = scratch(0, kBM * D);
+    const int64_t ldq = padded_ld(D);
+    float* qs = scratch(0, kBM * ldq);
     float* st = scratch(1, kBM * ld);
     float* acc = scratch(2, kBM * Dv);
     float* stats = scratch(3, 2 * kBM);
@@ -273,15 +302,15 @@ void forward(const Call& c, T* out, int num_threads) {
       const int64_t bm_blk = block_size(r1 - r0, kBM, 8);
       for (int64_t i0 = r0; i0 < r1; i0 += bm_blk) {
         const int64_t bm = std::min(bm_blk, r1 - i0);
-        load_q<T>(c, b, h, i0, bm, qs);
+        load_q<T>(c, b, h, i0, bm, qs, ldq);
         int64_t lo, hi;
         key_range(pb.vis, i0, i0 + bm, S, lo, hi);
         bool first = true;
-        for (int64_t j0 = lo; j0 < hi; j0 += c.bn) {
+        for (int64_t j0 = lo / c.bn * c.bn; j0 < hi; j0 += c.bn) {
           const int64_t bn = std::min(c.bn, hi - j0);
           if (!attn::block_any_visible(pb.vis, i0, i0 + bm, j0, j0 + bn)) continue;
           const bool all_visible = attn::block_all_visible(pb.vis, i0, i0 + bm, j0, j0 + bn);
-          attn_cpu::gemm(bm, bn, D, qs, D, kv.kt + j0, kv.ldt, st, ld, false, true);
+          attn_cpu::gemm(bm, bn, D, qs, ldq, kv.kt_at(j0, c.bn), kv.ldt, st, ld, false, true);
           for (int64_t i = 0; i < bm; ++i) {
             float* row = st + i * ld;
             if (c.mask || !all_visible) mask_row(c, b, h, i0 + i, j0, bn, all_visible, row);
@@ -301,7 +330,7 @@ void forward(const Call& c, T* out, int num_threads) {
               for (int64_t j = 0; j < bn; ++j)
                 row[j] *= attn::dropout_keep(pb.seed, bh_drop, i0 + i, j0 + j, pb.dropout_p) ? keep_scale : 0.f;
           }
-          attn_cpu::gemm(bm, Dv, bn, st, ld, kv.vn + j0 * kv.ldvn, kv.ldvn, acc, Dv, !first);
+          attn_cpu::gemm(bm, Dv, bn, st, ld, kv.vn + j0 * kv.ldvn, kv.ldvn, acc, Dv, !first, true);
           first = false;
         }
         if (first) {  // no visible key: output 0, lse +inf
@@ -322,10 +351,13 @@ void forward(const Call& c, T* out, int num_threads) {
 // Per-thread buffers of the backward pass and the work on one (query block, key block) tile.
 struct BwdScratch {
   float *qs, *dout, *st, *dpt, *dq_acc, *lse, *delta;
+  int64_t ldq, ldo;  // row strides of qs and dout
   explicit BwdScratch(const Call& c) {
     const int64_t D = c.pb.dim, Dv = c.pb.dim_v;
-    qs = scratch(0, kBM * D + kLanes);  // slack: rows are read as whole vectors (pad_b)
-    dout = scratch(1, kBM * Dv + kLanes);
+    ldq = padded_ld(D);
+    ldo = padded_ld(Dv);
+    qs = scratch(0, kBM * ldq);
+    dout = scratch(1, kBM * ldo);
     st = scratch(2, 2 * kBM * c.ld_tile);
     dpt = st + kBM * c.ld_tile;
     dq_acc = scratch(3, kBM * D + 2 * kBM);
@@ -339,12 +371,12 @@ template <typename T>
 void load_query_block(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t bm, BwdScratch& w) {
   const Problem& pb = c.pb;
   const int64_t Dv = pb.dim_v;
-  load_q<T>(c, b, h, i0, bm, w.qs);
+  load_q<T>(c, b, h, i0, bm, w.qs, w.ldq);
   const int64_t t0 = pb.q_start(b) + i0;
   const T* gbase = static_cast<const T*>(c.go) + c.lgo.offset(b, h, t0, 0);
   const T* obase = static_cast<const T*>(c.o) + c.lo.offset(b, h, t0, 0);
   for (int64_t i = 0; i < bm; ++i) {
-    float* g = w.dout + i * Dv;
+    float* g = w.dout + i * w.ldo;
     const T* gi = gbase + i * c.lgo.st;
     const T* oi = obase + i * c.lo.st;
     float delta = 0.f;
@@ -381,8 +413,8 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
   const float keep_scale = pb.dropout_p > 0.f ? 1.f / (1.f - pb.dropout_p) : 1.f;
   float* st = w.st;
   float* dpt = w.dpt;
-  attn_cpu::gemm(bm, bn, D, w.qs, D, kv.kt + j0, kv.ldt, st, ld, false, true);
-  attn_cpu::gemm(bm, bn, Dv, w.dout, Dv, kv.vt + j0, kv.ldt, dpt, ld, false, true);
+  attn_cpu::gemm(bm, bn, D, w.qs, w.ldq, kv.kt_at(j0, c.bn), kv.ldt, st, ld, false, true);
+  attn_cpu::gemm(bm, bn, Dv, w.dout, w.ldo, kv.vt_at(j0, c.bn), kv.ldt, dpt, ld, false, true);
   for (int64_t i = 0; i < bm; ++i) {
     float* srow = st + i * ld;
     float* drow = dpt + i * ld;
@@ -411,10 +443,10 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
     }
   }
   if (dk) {
-    attn_cpu::gemm<true>(bn, Dv, bm, st, ld, w.dout, Dv, dv, Dv, true, true);
-    attn_cpu::gemm<true>(bn, D, bm, dpt, ld, w.qs, D, dk, D, true, true);
+    attn_cpu::gemm<true>(bn, Dv, bm, st, ld, w.dout, w.ldo, dv, Dv, true, true);
+    attn_cpu::gemm<true>(bn, D, bm, dpt, ld, w.qs, w.ldq, dk, D, true, true);
   }
-  if (want_dq) attn_cpu::gemm(bm, D, bn, dpt, ld, kv.kn + j0 * kv.ldkn, kv.ldkn, w.dq_acc, D, !first);
+  if (want_dq) attn_cpu::gemm(bm, D, bn, dpt, ld, kv.kn + j0 * kv.ldkn, kv.ldkn, w.dq_acc, D, !first, true);
 }
 
 template <typename T>
@@ -434,7 +466,7 @@ void backward(const Call& c, T* dq, const Layout& ldq, T* dk, const Layout& ldk,
     int64_t lo, hi;
     key_range(pb.vis, i0, i0 + bm, pb.len_k(b), lo, hi);
     bool first = true;
-    for (int64_t j0 = lo; j0 < hi; j0 += c.bn) {
+    for (int64_t j0 = lo / c.bn * c.bn; j0 < hi; j0 += c.bn) {
       const int64_t bn = std::min(c.bn, hi - j0);
       if (!attn::block_any_visible(pb.vis, i0, i0 + bm, j0, j0 + bn)) continue;
       backward_tile(c, kv, b, h, i0, bm, j0, bn, dk_acc ? dk_acc + j0 * D : nullptr,

@@ -185,7 +185,7 @@ inline void micro(int64_t K, const float* A, int64_t lda, const float* B, int64_
     const float* bl = bk + kLanes * (NV - 1);
     const vf16 b_last = kTail && !kPadB ? load_tail(bl, last) : load16(bl);
     const vf16 b0 = NV == 1 ? b_last : load16(bk);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const float x = kTrans ? A[k * lda + i] : A[i * lda + k];
       c0[i] += x * b0;
@@ -229,6 +229,8 @@ inline void micro_rows(int64_t N, int64_t K, const float* A, int64_t lda, const 
 // C (M x N, row stride ldc) (+)= A B: A (M x K, row stride lda; kTrans: A^T given, K x M) and B (K x N, row
 // stride ldb; pad_b: rows readable to a multiple of 16 floats) read in place. Rows go in equal groups of at
 // most 8 (17 rows as 6 + 6 + 5, not 8 + 8 + 1: a one-row tile is latency-bound and costs half an 8-row one).
+constexpr int kMaxMR = 12;
+
 template <bool kTrans = false>
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                  int64_t ldc, bool accumulate, bool pad_b = false) {
@@ -237,7 +239,7 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
       for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
     return;
   }
-  const int64_t tiles = (M + 7) / 8, base = M / tiles, extra = M % tiles;
+  const int64_t tiles = (M + kMaxMR - 1) / kMaxMR, base = M / tiles, extra = M % tiles;
   int64_t i0 = 0;
   for (int64_t t = 0; t < tiles; ++t) {
     const int mr = static_cast<int>(base + (t < extra ? 1 : 0));
@@ -256,6 +258,10 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
       MMKERN_ATTN_TILE(6)
       MMKERN_ATTN_TILE(7)
       MMKERN_ATTN_TILE(8)
+      MMKERN_ATTN_TILE(9)
+      MMKERN_ATTN_TILE(10)
+      MMKERN_ATTN_TILE(11)
+      MMKERN_ATTN_TILE(12)
 #undef MMKERN_ATTN_TILE
     }
     i0 += mr;
