@@ -139,14 +139,15 @@ inline float* scratch(int slot, int64_t n) {
   return ws[slot].get(n);
 }
 
-// K and V of one (batch, kv head) as the tile products read them, copied into fp32 scratch with padded_ld
-// rows: K and V (S x D, S x Dv), and K^T and V^T per key block of the grid of c.bn keys (D x c.bn, Dv x c.bn:
+// K and V of one (batch, kv head) as the tile products read them, in fp32: K and V (S x D, S x Dv) by
+// rows_fp32, and K^T and V^T per key block of the grid of c.bn keys (D x c.bn, Dv x c.bn:
 // one (S)-long row per dim put the rows of a column panel 16 KiB apart at S = 4096, a page and a TLB entry
 // each, and the products ran at 60% of their rate).
 struct HeadKV {
   int64_t b = -1, hk = -1;
   const float *kt = nullptr, *vt = nullptr, *kn = nullptr, *vn = nullptr;
   int64_t ldt = 0, ldkn = 0, ldvn = 0, kt_block = 0, vt_block = 0;
+  bool kn_padded = false, vn_padded = false;
   const float* kt_at(int64_t j0, int64_t bn) const { return kt + j0 / bn * kt_block; }  // j0 on the grid
   const float* vt_at(int64_t j0, int64_t bn) const { return vt + j0 / bn * vt_block; }
 };
@@ -179,6 +180,21 @@ void copy_rows(const T* src, int64_t st, int64_t sd, int64_t rows, int64_t cols,
   }
 }
 
+// rows x cols of src as fp32 rows with stride ld: read in place when they are fp32 rows and few enough (<= 64)
+// that their column panels sit in L1 whatever the stride; else copied to dst with padded_ld rows.
+template <typename T>
+const float* rows_fp32(const T* src, int64_t st, int64_t sd, int64_t rows, int64_t cols, float* dst, int64_t& ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (sd == 1 && rows <= 64) {
+      ld = st;
+      return src;
+    }
+  }
+  ld = padded_ld(cols);
+  copy_rows(src, st, sd, rows, cols, dst, ld);
+  return dst;
+}
+
 template <typename T>
 void load_head(const Call& c, int64_t b, int64_t hk, KVWant want, HeadKV& kv) {
   if (kv.b == b && kv.hk == hk) return;
@@ -204,18 +220,12 @@ void load_head(const Call& c, int64_t b, int64_t hk, KVWant want, HeadKV& kv) {
                    vt + kb * kv.vt_block, kv.ldt);
     kv.vt = vt;
   }
-  if (want.kn) {
-    kv.ldkn = padded_ld(D);
-    float* kn = scratch(6, S * kv.ldkn);
-    copy_rows(K, c.lk.st, c.lk.sd, S, D, kn, kv.ldkn);
-    kv.kn = kn;
-  }
-  if (want.vn) {
-    kv.ldvn = padded_ld(Dv);
-    float* vn = scratch(7, S * kv.ldvn);
-    copy_rows(V, c.lv.st, c.lv.sd, S, Dv, vn, kv.ldvn);
-    kv.vn = vn;
-  }
+  float* kn = scratch(6, S * padded_ld(D));
+  float* vn = scratch(7, S * padded_ld(Dv));
+  if (want.kn) kv.kn = rows_fp32(K, c.lk.st, c.lk.sd, S, D, kn, kv.ldkn);
+  if (want.vn) kv.vn = rows_fp32(V, c.lv.st, c.lv.sd, S, Dv, vn, kv.ldvn);
+  kv.kn_padded = kv.kn == kn;  // a copy has whole-vector rows; user memory may end mid-vector
+  kv.vn_padded = kv.vn == vn;
   kv.b = b;
   kv.hk = hk;
 }
@@ -290,8 +300,8 @@ void forward(const Call& c, T* out, int num_threads) {
     float* qs = scratch(0, kBM * ldq);
     float* st = scratch(1, kBM * ld);
     float* acc = scratch(2, kBM * Dv);
-    float* stats = scratch(3, 2 * kBM);
-    float *m = stats, *l = stats + kBM;
+    float* stats = scratch(3, 3 * kBM);
+    float *m = stats, *l = stats + kBM, *lse = stats + 2 * kBM;
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t chunk = task % chunks, bh = task / chunks, b = bh / pb.heads_q, h = bh % pb.heads_q;
@@ -314,23 +324,13 @@ void forward(const Call& c, T* out, int num_threads) {
           for (int64_t i = 0; i < bm; ++i) {
             float* row = st + i * ld;
             if (c.mask || !all_visible) mask_row(c, b, h, i0 + i, j0, bn, all_visible, row);
-            const float m_old = first ? -INFINITY : m[i];
-            const float m_new = std::max(m_old, attn_cpu::row_max(row, bn)), shift = attn::softmax_shift(m_new);
-            const float sum = attn_cpu::exp_row(row, bn, shift);
-            if (first) {
-              l[i] = sum;
-            } else {
-              const float alpha = std::exp(m_old - shift);
-              l[i] = l[i] * alpha + sum;
-              if (alpha != 1.f)
-                for (int64_t d = 0; d < Dv; ++d) acc[i * Dv + d] *= alpha;
-            }
-            m[i] = m_new;
+            const float alpha = attn_cpu::softmax_step(row, bn, m[i], l[i], first);
+            if (alpha != 1.f) attn_cpu::scale_row(acc + i * Dv, acc + i * Dv, Dv, alpha);
             if (pb.dropout_p > 0.f)
               for (int64_t j = 0; j < bn; ++j)
                 row[j] *= attn::dropout_keep(pb.seed, bh_drop, i0 + i, j0 + j, pb.dropout_p) ? keep_scale : 0.f;
           }
-          attn_cpu::gemm(bm, Dv, bn, st, ld, kv.vn + j0 * kv.ldvn, kv.ldvn, acc, Dv, !first, true);
+          attn_cpu::gemm(bm, Dv, bn, st, ld, kv.vn + j0 * kv.ldvn, kv.ldvn, acc, Dv, !first, kv.vn_padded);
           first = false;
         }
         if (first) {  // no visible key: output 0, lse +inf
@@ -338,10 +338,8 @@ void forward(const Call& c, T* out, int num_threads) {
           std::fill(l, l + bm, 0.f);
           std::fill(m, m + bm, -INFINITY);
         }
-        for (int64_t i = 0; i < bm; ++i) {
-          c.lse[c.lrow_offset(b, h, i0 + i)] = attn::row_lse(m[i], l[i]);
-          l[i] = attn::row_inv_sum(l[i]);
-        }
+        attn_cpu::softmax_finish(m, l, bm, lse);
+        for (int64_t i = 0; i < bm; ++i) c.lse[c.lrow_offset(b, h, i0 + i)] = lse[i];
         write_rows(out, c.lo, b, h, pb.q_start(b) + i0, bm, Dv, acc, l, 1.f);
       }
     }
@@ -446,7 +444,7 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
     attn_cpu::gemm<true>(bn, Dv, bm, st, ld, w.dout, w.ldo, dv, Dv, true, true);
     attn_cpu::gemm<true>(bn, D, bm, dpt, ld, w.qs, w.ldq, dk, D, true, true);
   }
-  if (want_dq) attn_cpu::gemm(bm, D, bn, dpt, ld, kv.kn + j0 * kv.ldkn, kv.ldkn, w.dq_acc, D, !first, true);
+  if (want_dq) attn_cpu::gemm(bm, D, bn, dpt, ld, kv.kn + j0 * kv.ldkn, kv.ldkn, w.dq_acc, D, !first, kv.kn_padded);
 }
 
 template <typename T>

@@ -148,6 +148,70 @@ inline float exp_row(float* row, int64_t n, float shift) {
   return hsum(s);
 }
 
+// One online-softmax step on a score row of n: row = exp(row - m_new) in place with m_new = max(m, row),
+// l = l alpha + sum(row), m = m_new; returns alpha = exp(m_old - m_new), the factor for what was accumulated
+// with the old max (first: m, l start empty and alpha is 1). A row that has seen only -inf shifts by 0.
+// Rows up to 32 stay in registers between the max and the exp.
+inline float softmax_step(float* row, int64_t n, float& m, float& l, bool first) {
+  const float m_old = first ? -INFINITY : m;
+  float sum, m_new;
+  if (n <= 2 * kLanes) {
+    const int w0 = static_cast<int>(std::min<int64_t>(n, kLanes)), w1 = static_cast<int>(n) - w0;
+    const vf16 x0 = load_n(row, w0, -INFINITY), x1 = w1 > 0 ? load_n(row + kLanes, w1, -INFINITY) : splat(-INFINITY);
+    m_new = std::max(m_old, hmax(x0 > x1 ? x0 : x1));
+    const float c = -(m_new == -INFINITY ? 0.f : m_new) * kLog2e;
+    const vf16 p0 = exp2v(x0 * kLog2e + c);  // lanes past n hold -inf scores: exp gives 0
+    store_n(row, p0, w0);
+    vf16 acc = p0;
+    if (w1 > 0) {
+      const vf16 p1 = exp2v(x1 * kLog2e + c);
+      store_n(row + kLanes, p1, w1);
+      acc += p1;
+    }
+    sum = hsum(acc);
+  } else {
+    m_new = std::max(m_old, row_max(row, n));
+    sum = exp_row(row, n, m_new == -INFINITY ? 0.f : m_new);
+  }
+  const float alpha = first ? 1.f : std::exp(m_old - (m_new == -INFINITY ? 0.f : m_new));
+  l = first ? sum : l * alpha + sum;
+  m = m_new;
+  return alpha;
+}
+
+// Natural log of x > 0 (normal): x = m 2^e with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s) with
+// s = (m - 1) / (m + 1), |s| < 0.172, as an odd series to s^9 (error < 1e-9).
+inline vf16 logv(vf16 x) {
+  vi16 bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  vi16 e = (bits >> 23) - 127;
+  const vi16 mbits = (bits & 0x7fffff) | 0x3f800000;
+  vf16 m;
+  std::memcpy(&m, &mbits, sizeof(m));
+  const vi16 big = m > 1.41421356f;  // lanes -1 where true
+  m = big ? m * 0.5f : m;
+  e -= big;
+  const vf16 s = (m - 1.f) / (m + 1.f), s2 = s * s;
+  vf16 p = splat(1.f / 9.f);
+  p = p * s2 + 1.f / 7.f;
+  p = p * s2 + 1.f / 5.f;
+  p = p * s2 + 1.f / 3.f;
+  p = p * s2 + 1.f;
+  return __builtin_convertvector(e, vf16) * 0.6931471805599453f + 2.f * s * p;
+}
+
+// End of the online softmax for n rows: lse = m + log(l) (+inf for a row that saw no key, so that the
+// backward's exp(s - lse) is 0) and l = 1 / l (0 for such a row).
+inline void softmax_finish(const float* m, float* l, int64_t n, float* lse) {
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const int w = static_cast<int>(std::min<int64_t>(kLanes, n - i));
+    const vf16 lv = load_n(l + i, w, 1.f), mv = load_n(m + i, w);
+    const vi16 empty = lv == 0.f;
+    store_n(lse + i, empty ? splat(INFINITY) : mv + logv(empty ? splat(1.f) : lv), w);
+    store_n(l + i, empty ? vf16{} : 1.f / lv, w);
+  }
+}
+
 // dst[j] = src[j] * f for j < n.
 inline void scale_row(float* dst, const float* src, int64_t n, float f) {
   for (int64_t j = 0; j < n; j += kLanes) {
