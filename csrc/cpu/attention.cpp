@@ -156,14 +156,14 @@ struct KVWant {
   bool kt = false, vt = false, kn = false, vn = false;
 };
 
-// dst (cols x rows, row stride ld) = the transpose of rows x cols of src (strides st, sd), in fp32.
+// dst (cols x rows, row stride ld) = f times the transpose of rows x cols of src (strides st, sd), in fp32.
 template <typename T>
-void transpose_to(const T* src, int64_t st, int64_t sd, int64_t rows, int64_t cols, float* dst, int64_t ld) {
+void transpose_to(const T* src, int64_t st, int64_t sd, int64_t rows, int64_t cols, float* dst, int64_t ld, float f) {
   if constexpr (std::is_same_v<T, float>) {
-    if (sd == 1) return attn_cpu::transpose(src, st, rows, cols, dst, ld);
+    if (sd == 1) return attn_cpu::transpose(src, st, rows, cols, dst, ld, f);
   }
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = 0; d < cols; ++d) dst[d * ld + r] = to_float(src[r * st + d * sd]);
+    for (int64_t d = 0; d < cols; ++d) dst[d * ld + r] = f * to_float(src[r * st + d * sd]);
 }
 
 // dst (rows x cols, row stride ld) = rows x cols of src (strides st, sd), in fp32.
@@ -180,12 +180,24 @@ void copy_rows(const T* src, int64_t st, int64_t sd, int64_t rows, int64_t cols,
   }
 }
 
-// rows x cols of src as fp32 rows with stride ld: read in place when they are fp32 rows and few enough (<= 64)
-// that their column panels sit in L1 whatever the stride; else copied to dst with padded_ld rows.
+// Whether a column panel of a tile product (two cache lines of each of `rows` rows, `st` floats apart) stays
+// in L1: rows map to 64 / gcd(stride in lines, 64) of its 64 sets (8 ways assumed).
+inline bool panel_fits_l1(int64_t rows, int64_t st) {
+  if (st % kLanes) return true;  // rows not line-aligned: they spread over the sets
+  int64_t lines = st / kLanes, sets = 64;
+  while (sets > 1 && lines % 2 == 0) {
+    lines /= 2;
+    sets /= 2;
+  }
+  return 2 * rows <= 8 * sets;
+}
+
+// rows x cols of src as fp32 rows with stride ld: read in place when they are fp32 rows whose column panels
+// stay in L1 (panel_fits_l1); else copied to dst with padded_ld rows.
 template <typename T>
 const float* rows_fp32(const T* src, int64_t st, int64_t sd, int64_t rows, int64_t cols, float* dst, int64_t& ld) {
   if constexpr (std::is_same_v<T, float>) {
-    if (sd == 1 && rows <= 64) {
+    if (sd == 1 && panel_fits_l1(rows, st)) {
       ld = st;
       return src;
     }
@@ -210,14 +222,14 @@ void load_head(const Call& c, int64_t b, int64_t hk, KVWant want, HeadKV& kv) {
     float* kt = scratch(4, blocks * kv.kt_block);
     for (int64_t kb = 0; kb < blocks; ++kb)
       transpose_to(K + kb * c.bn * c.lk.st, c.lk.st, c.lk.sd, std::min(c.bn, S - kb * c.bn), D, kt + kb * kv.kt_block,
-                   kv.ldt);
+                   kv.ldt, pb.scale);
     kv.kt = kt;
   }
   if (want.vt) {
     float* vt = scratch(5, blocks * kv.vt_block);
     for (int64_t kb = 0; kb < blocks; ++kb)
       transpose_to(V + kb * c.bn * c.lv.st, c.lv.st, c.lv.sd, std::min(c.bn, S - kb * c.bn), Dv,
-                   vt + kb * kv.vt_block, kv.ldt);
+                   vt + kb * kv.vt_block, kv.ldt, 1.f);
     kv.vt = vt;
   }
   float* kn = scratch(6, S * padded_ld(D));
@@ -230,25 +242,15 @@ void load_head(const Call& c, int64_t b, int64_t hk, KVWant want, HeadKV& kv) {
   kv.hk = hk;
 }
 
-// Loads rows [i0, i0 + bm) of the query (times scale) into a contiguous fp32 buffer.
+// Rows [i0, i0 + bm) of the query of (b, h) as fp32 rows (rows_fp32 into buf), their row stride in ld, and
+// whether whole vectors may be read past each row. The score scale lives in the K^T copy, so Q is used as is.
 template <typename T>
-void load_q(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t bm, float* qs, int64_t ldq) {
+const float* query_rows(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t bm, float* buf, int64_t& ld,
+                        bool& padded) {
   const T* Q = static_cast<const T*>(c.q) + c.lq.offset(b, h, c.pb.q_start(b) + i0, 0);
-  const int64_t st = c.lq.st, sd = c.lq.sd, D = c.pb.dim;
-  const float scale = c.pb.scale;
-  for (int64_t i = 0; i < bm; ++i) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (sd == 1) {
-        attn_cpu::scale_row(qs + i * ldq, Q + i * st, D, scale);
-        continue;
-      }
-    }
-    if (sd == 1) {
-      for (int64_t d = 0; d < D; ++d) qs[i * ldq + d] = to_float(Q[i * st + d]) * scale;
-    } else {
-      for (int64_t d = 0; d < D; ++d) qs[i * ldq + d] = to_float(Q[i * st + d * sd]) * scale;
-    }
-  }
+  const float* rows = rows_fp32(Q, c.lq.st, c.lq.sd, bm, c.pb.dim, buf, ld);
+  padded = rows == buf;
+  return rows;
 }
 
 // dst rows (strides lay.st / lay.sd from (b, h, t0)) = src (rows x cols, row-major fp32) * factor[row].
@@ -274,6 +276,12 @@ void write_rows(T* dst, const Layout& lay, int64_t b, int64_t h, int64_t t0, int
   }
 }
 
+// Tasks handed out per grab of the dynamic schedule: several when there are many (512 demo heads of ~1 us
+// each would otherwise pay a contended atomic per head), one when few must balance.
+inline int grab(int64_t tasks, int num_threads) {
+  return static_cast<int>(std::max<int64_t>(1, tasks / (16 * static_cast<int64_t>(num_threads))));
+}
+
 // Tasks of `units` independent pieces of work (heads) split into chunks of rows so that every thread gets
 // several tasks to balance (causal rows cost more the later they are): rows per chunk, a multiple of kBM.
 inline int64_t chunk_rows(int64_t units, int64_t rows, int num_threads) {
@@ -296,13 +304,12 @@ void forward(const Call& c, T* out, int num_threads) {
     HeadKV kv;
     KVWant want;
     want.kt = want.vn = true;
-    const int64_t ldq = padded_ld(D);
-    float* qs = scratch(0, kBM * ldq);
+    float* qbuf = scratch(0, kBM * padded_ld(D));
     float* st = scratch(1, kBM * ld);
     float* acc = scratch(2, kBM * Dv);
     float* stats = scratch(3, 3 * kBM);
     float *m = stats, *l = stats + kBM, *lse = stats + 2 * kBM;
-#pragma omp for schedule(dynamic)
+#pragma omp for schedule(dynamic, grab(tasks, num_threads))
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t chunk = task % chunks, bh = task / chunks, b = bh / pb.heads_q, h = bh % pb.heads_q;
       const int64_t hk = h / group, L = pb.len_q(b), S = pb.len_k(b), bh_drop = b * pb.heads_q + h;
@@ -312,7 +319,9 @@ void forward(const Call& c, T* out, int num_threads) {
       const int64_t bm_blk = block_size(r1 - r0, kBM, 8);
       for (int64_t i0 = r0; i0 < r1; i0 += bm_blk) {
         const int64_t bm = std::min(bm_blk, r1 - i0);
-        load_q<T>(c, b, h, i0, bm, qs, ldq);
+        int64_t ldq;
+        bool q_padded;
+        const float* qs = query_rows<T>(c, b, h, i0, bm, qbuf, ldq, q_padded);
         int64_t lo, hi;
         key_range(pb.vis, i0, i0 + bm, S, lo, hi);
         bool first = true;
@@ -346,16 +355,17 @@ void forward(const Call& c, T* out, int num_threads) {
   }
 }
 
-// Per-thread buffers of the backward pass and the work on one (query block, key block) tile.
+// Per-thread buffers of the backward pass and the work on one (query block, key block) tile. q and go are
+// the query block's Q and dO rows (in place, or copies in qbuf / gobuf), with their row strides.
 struct BwdScratch {
-  float *qs, *dout, *st, *dpt, *dq_acc, *lse, *delta;
-  int64_t ldq, ldo;  // row strides of qs and dout
+  float *qbuf, *gobuf, *st, *dpt, *dq_acc, *lse, *delta;
+  const float *q = nullptr, *go = nullptr;
+  int64_t ldq = 0, ldgo = 0;
+  bool q_padded = false, go_padded = false;
   explicit BwdScratch(const Call& c) {
     const int64_t D = c.pb.dim, Dv = c.pb.dim_v;
-    ldq = padded_ld(D);
-    ldo = padded_ld(Dv);
-    qs = scratch(0, kBM * ldq);
-    dout = scratch(1, kBM * ldo);
+    qbuf = scratch(0, kBM * padded_ld(D));
+    gobuf = scratch(1, kBM * padded_ld(Dv));
     st = scratch(2, 2 * kBM * c.ld_tile);
     dpt = st + kBM * c.ld_tile;
     dq_acc = scratch(3, kBM * D + 2 * kBM);
@@ -364,38 +374,25 @@ struct BwdScratch {
   }
 };
 
-// Loads query block (b, h, i0): scale Q, dO, lse and delta = rowsum(dO o O).
+// Loads query block (b, h, i0): Q and dO rows, lse and delta = rowsum(dO o O).
 template <typename T>
 void load_query_block(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t bm, BwdScratch& w) {
   const Problem& pb = c.pb;
-  const int64_t Dv = pb.dim_v;
-  load_q<T>(c, b, h, i0, bm, w.qs, w.ldq);
-  const int64_t t0 = pb.q_start(b) + i0;
+  const int64_t Dv = pb.dim_v, t0 = pb.q_start(b) + i0;
+  w.q = query_rows<T>(c, b, h, i0, bm, w.qbuf, w.ldq, w.q_padded);
   const T* gbase = static_cast<const T*>(c.go) + c.lgo.offset(b, h, t0, 0);
   const T* obase = static_cast<const T*>(c.o) + c.lo.offset(b, h, t0, 0);
+  w.go = rows_fp32(gbase, c.lgo.st, c.lgo.sd, bm, Dv, w.gobuf, w.ldgo);
+  w.go_padded = w.go == w.gobuf;
   for (int64_t i = 0; i < bm; ++i) {
-    float* g = w.dout + i * w.ldo;
-    const T* gi = gbase + i * c.lgo.st;
+    const float* g = w.go + i * w.ldgo;
     const T* oi = obase + i * c.lo.st;
     float delta = 0.f;
     if constexpr (std::is_same_v<T, float>) {
-      if (c.lgo.sd == 1 && c.lo.sd == 1) {
-        w.delta[i] = attn_cpu::copy_dot(g, gi, oi, Dv);
-        w.lse[i] = c.lse[c.lrow_offset(b, h, i0 + i)];
-        continue;
-      }
+      if (c.lo.sd == 1) delta = attn_cpu::dot(g, oi, Dv);
     }
-    if (c.lgo.sd == 1 && c.lo.sd == 1) {
-      for (int64_t d = 0; d < Dv; ++d) {
-        g[d] = to_float(gi[d]);
-        delta += g[d] * to_float(oi[d]);
-      }
-    } else {
-      for (int64_t d = 0; d < Dv; ++d) {
-        g[d] = to_float(gi[d * c.lgo.sd]);
-        delta += g[d] * to_float(oi[d * c.lo.sd]);
-      }
-    }
+    if (!std::is_same_v<T, float> || c.lo.sd != 1)
+      for (int64_t d = 0; d < Dv; ++d) delta += g[d] * to_float(oi[d * c.lo.sd]);
     w.delta[i] = delta;
     w.lse[i] = c.lse[c.lrow_offset(b, h, i0 + i)];
   }
@@ -411,8 +408,8 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
   const float keep_scale = pb.dropout_p > 0.f ? 1.f / (1.f - pb.dropout_p) : 1.f;
   float* st = w.st;
   float* dpt = w.dpt;
-  attn_cpu::gemm(bm, bn, D, w.qs, w.ldq, kv.kt_at(j0, c.bn), kv.ldt, st, ld, false, true);
-  attn_cpu::gemm(bm, bn, Dv, w.dout, w.ldo, kv.vt_at(j0, c.bn), kv.ldt, dpt, ld, false, true);
+  attn_cpu::gemm(bm, bn, D, w.q, w.ldq, kv.kt_at(j0, c.bn), kv.ldt, st, ld, false, true);
+  attn_cpu::gemm(bm, bn, Dv, w.go, w.ldgo, kv.vt_at(j0, c.bn), kv.ldt, dpt, ld, false, true);
   for (int64_t i = 0; i < bm; ++i) {
     float* srow = st + i * ld;
     float* drow = dpt + i * ld;
@@ -441,8 +438,8 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
     }
   }
   if (dk) {
-    attn_cpu::gemm<true>(bn, Dv, bm, st, ld, w.dout, w.ldo, dv, Dv, true, true);
-    attn_cpu::gemm<true>(bn, D, bm, dpt, ld, w.qs, w.ldq, dk, D, true, true);
+    attn_cpu::gemm<true>(bn, Dv, bm, st, ld, w.go, w.ldgo, dv, Dv, true, w.go_padded);
+    attn_cpu::gemm<true>(bn, D, bm, dpt, ld, w.q, w.ldq, dk, D, true, w.q_padded);
   }
   if (want_dq) attn_cpu::gemm(bm, D, bn, dpt, ld, kv.kn + j0 * kv.ldkn, kv.ldkn, w.dq_acc, D, !first, kv.kn_padded);
 }
@@ -483,7 +480,7 @@ void backward(const Call& c, T* dq, const Layout& ldq, T* dk, const Layout& ldk,
       HeadKV kv;
       thread_local attn_cpu::Workspace acc_ws;
       float* dkv = acc_ws.get(pb.max_len_k * (D + Dv));
-#pragma omp for schedule(dynamic)
+#pragma omp for schedule(dynamic, grab(kv_tasks, num_threads))
       for (int64_t task = 0; task < kv_tasks; ++task) {
         const int64_t b = task / pb.heads_k, hk = task % pb.heads_k, L = pb.len_q(b), S = pb.len_k(b);
         load_head<T>(c, b, hk, want, kv);
@@ -493,7 +490,7 @@ void backward(const Call& c, T* dq, const Layout& ldq, T* dk, const Layout& ldk,
         const int64_t bm_blk = block_size(std::max<int64_t>(L, 1), kBM, 8);
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
           for (int64_t i0 = 0; i0 < L; i0 += bm_blk) query_block(kv, b, h, i0, std::min(bm_blk, L - i0), dka, dva, w);
-        write_rows(dk, ldk, b, hk, pb.k_start(b), S, D, dka, nullptr, 1.f);
+        write_rows(dk, ldk, b, hk, pb.k_start(b), S, D, dka, nullptr, pb.scale);  // dK = dS^T (scale Q)
         write_rows(dv, ldv, b, hk, pb.k_start(b), S, Dv, dva, nullptr, 1.f);
       }
     }
@@ -528,7 +525,7 @@ void backward(const Call& c, T* dq, const Layout& ldq, T* dk, const Layout& ldk,
           backward_tile(c, kv, b, h, i0, bm, j0, bn, dka, dva, false, false, w);
         }
       }
-      write_rows(dk, ldk, b, hk, pb.k_start(b) + j0, bn, D, dka, nullptr, 1.f);
+      write_rows(dk, ldk, b, hk, pb.k_start(b) + j0, bn, D, dka, nullptr, pb.scale);
       write_rows(dv, ldv, b, hk, pb.k_start(b) + j0, bn, Dv, dva, nullptr, 1.f);
     }
   }

@@ -72,7 +72,8 @@ inline void store_n(float* p, vf16 v, int n) {
 inline vf16 exp2v(vf16 t) {
   const vf16 tc = t < -125.f ? splat(-125.f) : (t > 128.f ? splat(128.f) : t);  // NaN compares false: kept
 #if defined(__AVX512F__)
-  const vf16 n = (vf16)_mm512_roundscale_ps((__m512)tc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const vf16 n = (vf16)_mm512_mask_roundscale_ps((__m512)tc, 0xffff, (__m512)tc, kNearest);
 #else
   const vf16 n = (tc + 12582912.f) - 12582912.f;  // round to nearest via 1.5 * 2^23
 #endif
@@ -85,7 +86,8 @@ inline vf16 exp2v(vf16 t) {
   p = p * f + 0.6931471824645996f;
   p = p * f + 1.f;
 #if defined(__AVX512F__)
-  const vf16 r = (vf16)_mm512_scalef_ps((__m512)p, (__m512)n);  // p * 2^n: normal, or inf for n = 128
+  // p * 2^n: normal, or inf for n = 128.
+  const vf16 r = (vf16)_mm512_mask_scalef_ps((__m512)p, 0xffff, (__m512)p, (__m512)n);
 #else
   const vi16 e = (__builtin_convertvector(n, vi16) + 127) << 23;
   vf16 scale;
@@ -220,14 +222,12 @@ inline void scale_row(float* dst, const float* src, int64_t n, float f) {
   }
 }
 
-// dst[j] = g[j] for j < n; returns sum_j g[j] o[j].
-inline float copy_dot(float* dst, const float* g, const float* o, int64_t n) {
+// sum_j a[j] b[j] for j < n.
+inline float dot(const float* a, const float* b, int64_t n) {
   vf16 acc = vf16{};
   for (int64_t j = 0; j < n; j += kLanes) {
     const int w = static_cast<int>(std::min<int64_t>(kLanes, n - j));
-    const vf16 x = load_n(g + j, w);
-    store_n(dst + j, x, w);
-    acc += x * load_n(o + j, w);
+    acc += load_n(a + j, w) * load_n(b + j, w);
   }
   return hsum(acc);
 }
@@ -332,21 +332,24 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
   }
 }
 
-// dst[c * ld + r] = src[r * st + c] for r < rows <= 16, c < cols <= 16: one block through registers
+// dst[c * ld + r] = f src[r * st + c] for r < rows <= 16, c < cols <= 16: one block through registers
 // (AVX-512: four rounds of shuffles), lanes outside the block neither read nor written.
-inline void transpose_block(const float* src, int64_t st, int rows, int cols, float* dst, int64_t ld) {
+inline void transpose_block(const float* src, int64_t st, int rows, int cols, float* dst, int64_t ld, float f) {
 #if defined(__AVX512F__)
+  // (The mask_ forms with a full mask: GCC 12 warns that the plain forms' undefined source is uninitialised.)
   if (rows * cols < 64) {  // a row or two (17 keys = 16 + 1): element copies beat the shuffle network
     for (int c = 0; c < cols; ++c)
-      for (int r = 0; r < rows; ++r) dst[c * ld + r] = src[r * st + c];
+      for (int r = 0; r < rows; ++r) dst[c * ld + r] = f * src[r * st + c];
     return;
   }
   __m512 r[kLanes], t[kLanes];
   const __mmask16 cmask = static_cast<__mmask16>((1u << cols) - 1u);
-  for (int i = 0; i < kLanes; ++i) r[i] = i < rows ? _mm512_maskz_loadu_ps(cmask, src + i * st) : _mm512_setzero_ps();
+  const __m512 fv = _mm512_set1_ps(f);
+  for (int i = 0; i < kLanes; ++i)
+    r[i] = i < rows ? _mm512_mul_ps(fv, _mm512_maskz_loadu_ps(cmask, src + i * st)) : _mm512_setzero_ps();
   for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i] = _mm512_mask_unpacklo_ps(r[2 * i], 0xffff, r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_mask_unpackhi_ps(r[2 * i], 0xffff, r[2 * i], r[2 * i + 1]);
   }
   for (int i = 0; i < 4; ++i) {
     r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
@@ -355,29 +358,29 @@ inline void transpose_block(const float* src, int64_t st, int rows, int cols, fl
     r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
   }
   for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
-    t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xDD);
-    t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
-    t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xDD);
+    t[i] = _mm512_mask_shuffle_f32x4(r[i], 0xffff, r[i], r[4 + i], 0x88);
+    t[4 + i] = _mm512_mask_shuffle_f32x4(r[i], 0xffff, r[i], r[4 + i], 0xDD);
+    t[8 + i] = _mm512_mask_shuffle_f32x4(r[8 + i], 0xffff, r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_mask_shuffle_f32x4(r[8 + i], 0xffff, r[8 + i], r[12 + i], 0xDD);
   }
   for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
-    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+    r[i] = _mm512_mask_shuffle_f32x4(t[i], 0xffff, t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_mask_shuffle_f32x4(t[i], 0xffff, t[i], t[8 + i], 0xDD);
   }
   const __mmask16 rmask = static_cast<__mmask16>((1u << rows) - 1u);  // r[c] is now column c of the block
   for (int c = 0; c < cols; ++c) _mm512_mask_storeu_ps(dst + c * ld, rmask, r[c]);
 #else
   for (int c = 0; c < cols; ++c)
-    for (int r = 0; r < rows; ++r) dst[c * ld + r] = src[r * st + c];
+    for (int r = 0; r < rows; ++r) dst[c * ld + r] = f * src[r * st + c];
 #endif
 }
 
-// dst (cols x rows, row stride ld) = src^T for src (rows x cols, row stride st, unit column stride).
-inline void transpose(const float* src, int64_t st, int64_t rows, int64_t cols, float* dst, int64_t ld) {
+// dst (cols x rows, row stride ld) = f src^T for src (rows x cols, row stride st, unit column stride).
+inline void transpose(const float* src, int64_t st, int64_t rows, int64_t cols, float* dst, int64_t ld, float f) {
   for (int64_t r0 = 0; r0 < rows; r0 += kLanes)
     for (int64_t c0 = 0; c0 < cols; c0 += kLanes)
       transpose_block(src + r0 * st + c0, st, static_cast<int>(std::min<int64_t>(kLanes, rows - r0)),
-                      static_cast<int>(std::min<int64_t>(kLanes, cols - c0)), dst + c0 * ld + r0, ld);
+                      static_cast<int>(std::min<int64_t>(kLanes, cols - c0)), dst + c0 * ld + r0, ld, f);
 }
 
 // A float buffer that keeps its memory between calls (held thread_local by the kernels): fresh pages on
