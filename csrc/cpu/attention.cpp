@@ -1,19 +1,19 @@
 // Fused attention on the CPU: blocked online softmax (forward) and tile recomputation (backward).
 //
-// Forward, per query block (<= c.bm queries) of a (batch, head): S = (scale Q) K^T over blocks of <= kBN keys,
+// Forward, per query block (<= c.bm queries) of a (batch, head): S = Q (scale K)^T over blocks of <= c.bn keys,
 // the running max m and sum l per row, acc = sum P V rescaled when m grows; out = acc / l, lse = m + log l.
 // Backward recomputes P = exp(S - lse) per tile:  dV += (P o Z)^T dO,  dS = P o (Z o dO V^T - delta) with
-// delta = rowsum(dO o O) and Z the dropout scale,  dK += dS^T (scale Q),  dQ += scale dS K.
+// delta = rowsum(dO o O) and Z the dropout scale,  dK += scale dS^T Q,  dQ += scale dS K.
 //
-// Each thread transposes K (and V for the backward) of the (batch, kv head) it works on once into a private
-// buffer and keeps it while its next tasks use the same head; every other operand (Q, dO, K, V, P, dS) is read
-// in place by the tile products of attention_cpu.h, with ragged edges masked instead of padded. Only the key
-// range that some query of the block can see (causal, window) is visited. Parallelism: the forward runs over
-// batch x heads x query chunks. The backward runs over batch x kv-heads with private dK/dV when that gives
-// every thread several tasks; otherwise it runs in two passes, over key blocks (dK, dV) and over query blocks
-// (dQ), recomputing the tile products once more but keeping all threads busy (ATen parallelises its backward
-// over batch x heads only). Each output element is written by one task in a fixed order, so the backward is
-// deterministic.
+// Each thread copies K^T (times scale) and V^T per key block, and K and V rows when they must be converted or
+// their stride would thrash L1, of the (batch, kv head) it works on, once, and keeps them while its next
+// tasks use the same head. Q, dO, P and dS are read in place by the tile products of attention_cpu.h, with
+// ragged edges masked instead of padded. Only the key range that some query of the block can see (causal,
+// window) is visited. Parallelism: the forward runs over batch x heads x query chunks. The backward runs over
+// batch x kv-heads with private dK/dV when that gives every thread several tasks; otherwise it runs in two
+// passes, over key blocks (dK, dV) and over query blocks (dQ), recomputing the tile products once more but
+// keeping all threads busy (ATen parallelises its backward over batch x heads only). Each output element is
+// written by one task in a fixed order, so the backward is deterministic.
 #include <omp.h>
 
 #include <algorithm>
@@ -555,44 +555,17 @@ Call make_call(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
                double scale, bool causal, bool windowed, int64_t left, int64_t right, int64_t num_global,
                double dropout_p, int64_t seed) {
   const bool packed = cu_q.present;
-  check(q.ndim == (packed ? 3 : 4), "query: expected (B, H, L, D) or packed (total, H, D)");
-  check(k.ndim == q.ndim && v.ndim == q.ndim, "key/value: rank differs from query");
-  check(q.dtype == k.dtype && q.dtype == v.dtype && q.dtype == out.dtype, "key/value: dtype differs from query");
+  check(q.dtype == out.dtype, "out: dtype differs from query");
   check_float_dtype(q, "query");
   Call c;
   Problem& pb = c.pb;
-  pb.heads_q = q.size(1);
-  pb.heads_k = k.size(1);
-  check(pb.heads_k > 0 && pb.heads_q % pb.heads_k == 0, "key: query heads must be a multiple of key heads");
-  pb.dim = q.size(-1);
-  pb.dim_v = v.size(-1);
-  check(k.size(-1) == pb.dim, "key: head dim differs from query");
-  check(pb.dim <= 256 && pb.dim_v <= 256, "query: head dims above 256 are not supported");
-  if (packed) {
-    check(cu_q.dtype == DType::i32 && cu_k.present && cu_k.dtype == DType::i32, "cu_seqlens: expected int32");
-    check(cu_q.size(0) == cu_k.size(0) && cu_q.size(0) >= 1, "cu_seqlens_k: length differs from cu_seqlens_q");
-    pb.batch = cu_q.size(0) - 1;
-    pb.cu_q = cu_q.ptr<int32_t>();
-    pb.cu_k = cu_k.ptr<int32_t>();
-    for (int64_t b = 0; b < pb.batch; ++b) {
-      check(pb.len_q(b) >= 0 && pb.len_q(b) <= max_len_q && pb.q_start(b) + pb.len_q(b) <= q.size(0),
-            "cu_seqlens_q: offsets must be non-decreasing, within max_seqlen_q and the query length");
-      check(pb.len_k(b) >= 0 && pb.len_k(b) <= max_len_k && pb.k_start(b) + pb.len_k(b) <= k.size(0),
-            "cu_seqlens_k: offsets must be non-decreasing, within max_seqlen_k and the key length");
-    }
-  } else {
-    pb.batch = q.size(0);
-    check(k.size(0) == pb.batch && v.size(0) == pb.batch, "key: batch differs from query");
-    check(v.size(2) == k.size(2), "value: length differs from key");
+  pb = attn::make_problem(q, k, v, cu_q, cu_k, max_len_q, max_len_k, scale, causal, windowed, left, right, num_global);
+  for (int64_t b = 0; packed && b < pb.batch; ++b) {
+    check(pb.len_q(b) >= 0 && pb.len_q(b) <= max_len_q && pb.q_start(b) + pb.len_q(b) <= q.size(0),
+          "cu_seqlens_q: offsets must be non-decreasing, within max_seqlen_q and the query length");
+    check(pb.len_k(b) >= 0 && pb.len_k(b) <= max_len_k && pb.k_start(b) + pb.len_k(b) <= k.size(0),
+          "cu_seqlens_k: offsets must be non-decreasing, within max_seqlen_k and the key length");
   }
-  pb.max_len_q = max_len_q;
-  pb.max_len_k = max_len_k;
-  pb.scale = static_cast<float>(scale);
-  pb.vis.causal = causal;
-  pb.vis.windowed = windowed;
-  pb.vis.left = left;
-  pb.vis.right = right;
-  pb.vis.num_global = num_global;
   pb.dropout_p = static_cast<float>(dropout_p);
   pb.seed = static_cast<uint64_t>(seed);
   c.q = q.data;
