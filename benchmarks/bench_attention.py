@@ -1,12 +1,15 @@
 """Fused attention against torch SDPA (every backend torch has on the device) and flash-attn / xformers when
-installed: ViT-B/16, CLIP text (causal), long sequences, and local (sliding-window) attention.
+installed: ViT-B/16, CLIP text (causal), long sequences, local (sliding-window) attention, and the tiny heads
+of the demo model (`mmkern demo`).
 
-    python -m benchmarks.bench_attention [--quick] [--device cpu|cuda]
+    python -m benchmarks.bench_attention [--quick] [--device cpu|cuda] [--cases demo,vit_b16]
 
 TFLOP/s counts 4·B·H·L·S·D per forward (halved for causal; for a window, the visible pairs only) and 2.5×
 that for the backward. The local-attention cases compare mmkern's window (cost ∝ L·window) with torch SDPA
-given the equivalent dense bool mask (cost ∝ L²). On CUDA the bf16 matmul rate is measured in the same run
-so that the forward can be stated as a fraction of it.
+given the equivalent dense bool mask (cost ∝ L²). The demo cases call attention as the demo's layers do:
+q, k, v are strided views of one qkv projection (B, L, 3, H, D), and the text case passes a (B, 1, L, L)
+bool mask (causal and key padding), so per-call overhead and strided loads count. On CUDA the bf16 matmul
+rate is measured in the same run so that the forward can be stated as a fraction of it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ def _cases(quick: bool):
     """(name, B, H, L, D, causal, window)."""
     scale = 4 if quick else 1
     cases = [
+        ("demo_vision", 128, 4, 17, 16, False, None),
+        ("demo_text", 128, 4, 16, 16, False, "padding"),
         ("vit_b16", 32 // scale, 12, 197, 64, False, None),
         ("clip_text", 32 // scale, 8, 77, 64, True, None),
         ("long", 1, 12 // scale, 4096, 128, False, None),
@@ -36,8 +41,22 @@ def _cases(quick: bool):
     return cases
 
 
+def _demo_inputs(B, H, L, D, padding, device, dtype, gen):
+    """A leaf qkv (B, L, 3, H, D) and its strided q, k, v views (B, H, L, D), as the demo's Attention makes
+    them; with padding a (B, 1, L, L) bool mask of causal attention over the unpadded tokens."""
+    qkv = torch.randn(B, L, 3, H, D, generator=gen).to(device, dtype).requires_grad_()
+    mask = None
+    if padding:
+        lengths = torch.randint(L // 2, L + 1, (B,), generator=gen)
+        keys = torch.arange(L)[None, :] < lengths[:, None]
+        mask = (keys[:, None, None, :] & torch.ones(L, L, dtype=torch.bool).tril()).to(device)
+    return qkv, mask
+
+
 def _flops(B, H, L, D, causal, window) -> float:
     """4·B·H·D per visible (query, key) pair: L², L(L+1)/2 causal, or the pairs inside the window."""
+    if window == "padding":  # the demo text mask: causal over the tokens (padding ignored in the count)
+        causal, window = True, None
     if window is not None:
         i = torch.arange(L)
         pairs = ((i + window[1]).clamp(max=L - 1) - (i - window[0]).clamp(min=0) + 1).sum().item()
@@ -101,15 +120,15 @@ def _mmkern_backends(device: torch.device) -> list[str]:
     return [b for b in wanted if backends.unavailable_reason(b, device.type) is None]
 
 
-def _measure(fn, grad, inputs, device, repeats) -> dict:
+def _measure(fn, grad, make_inputs, leaves, device, repeats) -> dict:
     def fwd():
         with torch.no_grad():
-            fn(*inputs)
+            fn(*make_inputs())
 
     def fwd_bwd():
-        out = fn(*inputs)
+        out = fn(*make_inputs())
         out.backward(grad)
-        for t in inputs[:3]:
+        for t in leaves:
             t.grad = None
 
     rec = {}
@@ -143,21 +162,35 @@ def main(argv=None) -> list[dict]:
         if (args.quick and L > 8192) or (args.cases and not name.startswith(tuple(args.cases.split(",")))):
             continue
         gen = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v = (torch.randn(B, H, L, D, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
+        demo_mask = None
+        if name.startswith("demo"):
+            qkv, demo_mask = _demo_inputs(B, H, L, D, window == "padding", device, dtype, gen)
+            leaves = [qkv]
+
+            def make_inputs(qkv=qkv):
+                return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+            window = None
+        else:
+            leaves = [torch.randn(B, H, L, D, generator=gen).to(device, dtype).requires_grad_() for _ in range(3)]
+
+            def make_inputs(leaves=leaves):
+                return leaves
+
         grad = torch.randn(B, H, L, D, generator=gen).to(device, dtype)
-        flops = _flops(B, H, L, D, causal, window)
+        flops = _flops(B, H, L, D, causal or demo_mask is not None, window)
         contenders = []
         for backend in _mmkern_backends(device):
             contenders.append(
                 (
                     f"mmkern_{backend}",
-                    lambda q, k, v, b=backend, c=causal, w=window: scaled_dot_product_attention(
-                        q, k, v, is_causal=c, window=w, backend=b
+                    lambda q, k, v, b=backend, c=causal, w=window, m=demo_mask: scaled_dot_product_attention(
+                        q, k, v, m, is_causal=c, window=w, backend=b
                     ),
                     contextlib.nullcontext,
                 )
             )
-        dense_mask = None
+        dense_mask = demo_mask
         if window is not None:
             dense_mask = reference.attention_allowed(L, L, window=window, device=device)
         if window is None or L <= 4096 or device.type == "cuda":
@@ -171,13 +204,15 @@ def main(argv=None) -> list[dict]:
                         ctx,
                     )
                 )
-        if window is None:
+        if window is None and demo_mask is None:
             for label, fn in _external(device):
                 contenders.append((label, lambda q, k, v, fn=fn, c=causal: fn(q, k, v, c), contextlib.nullcontext))
         for label, fn, ctx in contenders:
             try:
                 with ctx():
-                    rec = _measure(fn, grad, (q, k, v), device, repeats)
+                    rec = _measure(
+                        fn, grad, make_inputs, leaves, device, 10 * repeats if name.startswith("demo") else repeats
+                    )
             except (RuntimeError, ValueError, torch.OutOfMemoryError) as exc:  # backend refuses this shape
                 print(f"{name:>18} {label:>16}: skipped ({str(exc).splitlines()[0][:80]})")
                 continue
@@ -192,6 +227,7 @@ def main(argv=None) -> list[dict]:
                     "D": D,
                     "causal": causal,
                     "window": None if window is None else list(window),
+                    "mask": "causal+padding" if demo_mask is not None else None,
                     "dtype": str(dtype).removeprefix("torch."),
                     "fwd_ms": fwd_ms,
                     "fwd_p20_ms": rec["fwd"]["p20_ms"],

@@ -339,27 +339,11 @@ Params make_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
                    const Tensor& cu_k, const Tensor& out, const Tensor& lse, int64_t max_len_q, int64_t max_len_k,
                    double scale, bool causal, bool windowed, int64_t left, int64_t right, int64_t num_global) {
   const bool packed = cu_q.present;
-  check(q.ndim == (packed ? 3 : 4) && k.ndim == q.ndim && v.ndim == q.ndim, "query: bad rank");
-  check(q.dtype == k.dtype && q.dtype == v.dtype && q.dtype == out.dtype, "key/value: dtype differs from query");
-  check(q.size(-1) <= 256 && v.size(-1) <= 256, "query: head dims above 256 are not supported");
+  check(q.dtype == out.dtype, "out: dtype differs from query");
   Params p{};
-  Problem& pb = p.pb;
-  pb.heads_q = q.size(1);
-  pb.heads_k = k.size(1);
-  check(pb.heads_k > 0 && pb.heads_q % pb.heads_k == 0, "key: query heads must be a multiple of key heads");
-  pb.dim = q.size(-1);
-  pb.dim_v = v.size(-1);
-  pb.batch = packed ? cu_q.size(0) - 1 : q.size(0);
-  pb.cu_q = packed ? cu_q.ptr<int32_t>() : nullptr;  // device pointers: read only inside kernels
-  pb.cu_k = packed ? cu_k.ptr<int32_t>() : nullptr;
-  pb.max_len_q = max_len_q;
-  pb.max_len_k = max_len_k;
-  pb.scale = static_cast<float>(scale);
-  pb.vis.causal = causal;
-  pb.vis.windowed = windowed;
-  pb.vis.left = left;
-  pb.vis.right = right;
-  pb.vis.num_global = num_global;
+  p.pb = attn::make_problem(q, k, v, cu_q, cu_k, max_len_q, max_len_k, scale, causal, windowed, left, right,
+                            num_global);  // cu_seqlens are device pointers here: read only inside kernels
+  const Problem& pb = p.pb;
   p.q = q.data;
   p.k = k.data;
   p.v = v.data;

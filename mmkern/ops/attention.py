@@ -45,6 +45,12 @@ def _window_args(window, num_global: int, L: int, S: int) -> tuple[int, int, int
     return min(left, bound), min(right, bound), num_global
 
 
+def _broadcasts_to(shape, full) -> bool:
+    """Whether `shape` broadcasts to `full` (torch.broadcast_shapes costs ~40 us a call, as much as the
+    kernel of a small layer)."""
+    return len(shape) <= len(full) and all(n in (1, m) for n, m in zip(reversed(shape), reversed(full)))
+
+
 def draw_seed() -> int:
     """A 62-bit dropout seed from torch's default CPU generator (two 31-bit halves, see the Triton kernel)."""
     lo, hi = torch.randint(0, 2**31, (2,)).tolist()
@@ -121,11 +127,8 @@ def scaled_dot_product_attention(
             raise ValueError(f"attn_mask: on {attn_mask.device}, but query is on {query.device}")
         if not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
             raise ValueError(f"attn_mask: expected a bool or float mask, got {attn_mask.dtype}")
-        try:
-            if torch.broadcast_shapes(attn_mask.shape, full) != torch.Size(full):
-                raise RuntimeError
-        except RuntimeError:
-            raise ValueError(f"attn_mask: shape {tuple(attn_mask.shape)} does not broadcast to {full}") from None
+        if not _broadcasts_to(attn_mask.shape, full):
+            raise ValueError(f"attn_mask: shape {tuple(attn_mask.shape)} does not broadcast to {full}")
     chosen = backends.resolve(backend, query.device, cuda_default="triton")
     native_dtype(chosen, "query", query)
     if chosen == "reference":
@@ -162,7 +165,7 @@ def scaled_dot_product_attention(
         mask4 = mask4.expand(full).reshape(B, Hq, L, S)
     seed = draw_seed() if dropout_p > 0.0 else 0
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
-    out, _ = torch.ops.mmkern.attention(
+    out, _ = _attention(
         q4, k4, v4, mask4, None, None, L, S, scale, is_causal, left, right, num_global, float(dropout_p), seed, chosen
     )
     return out.reshape(*batch, Hq, L, value.shape[-1]) if query.dim() >= 3 else out.reshape(L, value.shape[-1])
@@ -222,7 +225,7 @@ def varlen_attention(
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         raise ValueError(f"q: head dims up to {MAX_HEAD_DIM} are supported, got {q.shape[-1]} / {v.shape[-1]}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = torch.ops.mmkern.attention(
+    out, _ = _attention(
         q,
         k,
         v,
@@ -260,26 +263,10 @@ def _scalars(max_q, max_k, scale, causal, left, right, num_global):
     return (max_q, max_k, scale, causal, left >= 0, max(left, 0), max(right, 0), num_global)
 
 
-@torch.library.custom_op("mmkern::attention", mutates_args=())
-def _attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    cu_q: torch.Tensor | None,
-    cu_k: torch.Tensor | None,
-    max_q: int,
-    max_k: int,
-    scale: float,
-    causal: bool,
-    left: int,
-    right: int,
-    num_global: int,
-    dropout_p: float,
-    seed: int,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out like q with v's head dim, lse fp32: (B, H, L) dense or (H, total_q) packed)."""
+def _forward_impl(q, k, v, mask, cu_q, cu_k, *params):
+    """The body of mmkern::attention (params: max_q, max_k, scale, causal, left, right, num_global, dropout_p,
+    seed, backend)."""
+    max_q, max_k, scale, causal, left, right, num_global, dropout_p, seed, backend = params
     if backend == "cpu" and cu_q is None:  # the CPU kernel writes every row; filling first costs ~15% at ViT sizes
         out = q.new_empty(_out_shape(q, v))
         lse = q.new_empty(_lse_shape(q, cu_q, max_q), dtype=torch.float32)
@@ -302,9 +289,63 @@ def _attention_op(
     return out, lse
 
 
+@torch.library.custom_op("mmkern::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    cu_q: torch.Tensor | None,
+    cu_k: torch.Tensor | None,
+    max_q: int,
+    max_k: int,
+    scale: float,
+    causal: bool,
+    left: int,
+    right: int,
+    num_global: int,
+    dropout_p: float,
+    seed: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out like q with v's head dim, lse fp32: (B, H, L) dense or (H, total_q) packed)."""
+    params = (max_q, max_k, scale, causal, left, right, num_global, dropout_p, seed, backend)
+    return _forward_impl(q, k, v, mask, cu_q, cu_k, *params)
+
+
 @_attention_op.register_fake
 def _(q, k, v, mask, cu_q, cu_k, max_q, max_k, scale, causal, left, right, num_global, dropout_p, seed, backend):
     return q.new_empty(_out_shape(q, v)), q.new_empty(_lse_shape(q, cu_q, max_q), dtype=torch.float32)
+
+
+def _backward_impl(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, *params):
+    """The body of mmkern::attention_backward (params: those of the forward before backend, need_mask_grad,
+    backend): (dq, dk, dv, dmask), dmask (B, H, L, S) fp32 when need_mask_grad, else empty."""
+    max_q, max_k, scale, causal, left, right, num_global, dropout_p, seed, need_mask_grad, backend = params
+    if backend != "cpu":  # the CPU kernel reads any strides
+        grad_out = grad_out.contiguous()
+    if backend == "triton":  # its kernels write each gradient with the strides of its input
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    # The CPU kernel writes every row of dense gradients; elsewhere rows outside all sequences stay zero.
+    alloc = torch.empty_like if backend == "cpu" and cu_q is None else torch.zeros_like
+    dq, dk, dv = alloc(q), alloc(k), alloc(v)
+    dmask = q.new_zeros(mask.shape if need_mask_grad else (0,), dtype=torch.float32)
+    if out.numel() == 0 or k.shape[-3 if cu_q is None else 0] == 0:
+        return dq, dk, dv, dmask
+    scalars = _scalars(max_q, max_k, scale, causal, left, right, num_global)
+    dm = dmask if need_mask_grad else None
+    if backend == "triton":
+        from mmkern.kernels.triton.attention import attention_bwd
+
+        attention_bwd(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, dq, dk, dv, dm, *scalars, dropout_p, seed)
+    elif backend == "cpu":
+        args = [_native.tensor_arg(t) for t in (q, k, v, mask, cu_q, cu_k, out, grad_out, lse, dq, dk, dv, dm)]
+        _native.native().attention_bwd_cpu(*args, *scalars, dropout_p, seed, _native.num_threads())
+    else:
+        delta = torch.empty_like(lse)
+        args = [_native.tensor_arg(t) for t in (q, k, v, mask, cu_q, cu_k, out, grad_out, lse, dq, dk, dv, dm, delta)]
+        _native.native().attention_bwd_cuda(*args, *scalars, _native.cuda_stream(q.device))
+    return dq, dk, dv, dmask
 
 
 @torch.library.custom_op("mmkern::attention_backward", mutates_args=())
@@ -331,29 +372,8 @@ def _attention_backward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dmask): dmask is (B, H, L, S) fp32 when need_mask_grad, else empty."""
-    grad_out = grad_out.contiguous()
-    if backend == "triton":  # its kernels write each gradient with the strides of its input
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    # The CPU kernel writes every row of dense gradients; elsewhere rows outside all sequences stay zero.
-    alloc = torch.empty_like if backend == "cpu" and cu_q is None else torch.zeros_like
-    dq, dk, dv = alloc(q), alloc(k), alloc(v)
-    dmask = q.new_zeros(mask.shape if need_mask_grad else (0,), dtype=torch.float32)
-    if out.numel() == 0 or k.shape[-3 if cu_q is None else 0] == 0:
-        return dq, dk, dv, dmask
-    scalars = _scalars(max_q, max_k, scale, causal, left, right, num_global)
-    dm = dmask if need_mask_grad else None
-    if backend == "triton":
-        from mmkern.kernels.triton.attention import attention_bwd
-
-        attention_bwd(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, dq, dk, dv, dm, *scalars, dropout_p, seed)
-    elif backend == "cpu":
-        args = [_native.tensor_arg(t) for t in (q, k, v, mask, cu_q, cu_k, out, grad_out, lse, dq, dk, dv, dm)]
-        _native.native().attention_bwd_cpu(*args, *scalars, dropout_p, seed, _native.num_threads())
-    else:
-        delta = torch.empty_like(lse)
-        args = [_native.tensor_arg(t) for t in (q, k, v, mask, cu_q, cu_k, out, grad_out, lse, dq, dk, dv, dm, delta)]
-        _native.native().attention_bwd_cuda(*args, *scalars, _native.cuda_stream(q.device))
-    return dq, dk, dv, dmask
+    params = (max_q, max_k, scale, causal, left, right, num_global, dropout_p, seed, need_mask_grad, backend)
+    return _backward_impl(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, *params)
 
 
 @_attention_backward_op.register_fake
@@ -383,11 +403,12 @@ def _(
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, eager=False):
     q, k, v, mask, cu_q, cu_k = inputs[:6]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, mask, cu_q, cu_k)
     ctx.params = inputs[6:]
+    ctx.eager = eager
     ctx.mark_non_differentiable(lse)
 
 
@@ -395,13 +416,41 @@ def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, mask, cu_q, cu_k = ctx.saved_tensors
     need_mask_grad = mask is not None and ctx.needs_input_grad[3]
     *params, backend = ctx.params
-    dq, dk, dv, dmask = torch.ops.mmkern.attention_backward(
-        grad_out, q, k, v, out, lse, mask, cu_q, cu_k, *params, need_mask_grad, backend
-    )
+    run = _backward_impl if ctx.eager else torch.ops.mmkern.attention_backward
+    dq, dk, dv, dmask = run(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, *params, need_mask_grad, backend)
     return (dq, dk, dv, dmask if need_mask_grad else None) + (None,) * 12
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The same kernels and autograd formula as the mmkern::attention op, without the custom-op dispatch."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, output, eager=True)
+        return output
+
+    backward = staticmethod(_backward)
+
+
+def _plain_eager(*tensors) -> bool:
+    """True when plain tensors run eagerly: nothing traces, compiles, fakes or transforms the call."""
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace the checks below
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(t is None or type(t) is torch.Tensor for t in tensors)
+
+
+def _attention(q, k, v, mask, cu_q, cu_k, *params):
+    """mmkern::attention. In plain eager mode it runs through _EagerAttention: the custom-op dispatch costs
+    ~0.25 ms per forward + backward (measured, 1 thread), more than the kernels of a small model's layer."""
+    if _plain_eager(q, k, v, mask, cu_q, cu_k):
+        return _EagerAttention.apply(q, k, v, mask, cu_q, cu_k, *params)
+    return torch.ops.mmkern.attention(q, k, v, mask, cu_q, cu_k, *params)
 
 
 # ---- routing torch's F.scaled_dot_product_attention through mmkern ---------------------------------------

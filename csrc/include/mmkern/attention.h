@@ -95,6 +95,46 @@ struct Problem {
   MMK_HD int64_t len_k(int64_t b) const { return cu_k ? cu_k[b + 1] - cu_k[b] : max_len_k; }
 };
 
+// The problem both launchers (cpu, cuda) describe from the call's tensors and scalars (host only; dropout is
+// set by the CPU launcher). Checks shapes and dtypes; the contents of cu_seqlens, device memory on CUDA, are
+// left to the caller.
+inline Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q, const Tensor& cu_k,
+                            int64_t max_len_q, int64_t max_len_k, double scale, bool causal, bool windowed,
+                            int64_t left, int64_t right, int64_t num_global) {
+  const bool packed = cu_q.present;
+  check(q.ndim == (packed ? 3 : 4), "query: expected (B, H, L, D) or packed (total, H, D)");
+  check(k.ndim == q.ndim && v.ndim == q.ndim, "key/value: rank differs from query");
+  check(q.dtype == k.dtype && q.dtype == v.dtype, "key/value: dtype differs from query");
+  Problem pb;
+  pb.heads_q = q.size(1);
+  pb.heads_k = k.size(1);
+  check(pb.heads_k > 0 && pb.heads_q % pb.heads_k == 0, "key: query heads must be a multiple of key heads");
+  pb.dim = q.size(-1);
+  pb.dim_v = v.size(-1);
+  check(k.size(-1) == pb.dim, "key: head dim differs from query");
+  check(pb.dim <= 256 && pb.dim_v <= 256, "query: head dims above 256 are not supported");
+  if (packed) {
+    check(cu_q.dtype == DType::i32 && cu_k.present && cu_k.dtype == DType::i32, "cu_seqlens: expected int32");
+    check(cu_q.size(0) == cu_k.size(0) && cu_q.size(0) >= 1, "cu_seqlens_k: length differs from cu_seqlens_q");
+    pb.batch = cu_q.size(0) - 1;
+    pb.cu_q = cu_q.ptr<int32_t>();
+    pb.cu_k = cu_k.ptr<int32_t>();
+  } else {
+    pb.batch = q.size(0);
+    check(k.size(0) == pb.batch && v.size(0) == pb.batch, "key: batch differs from query");
+    check(v.size(2) == k.size(2), "value: length differs from key");
+  }
+  pb.max_len_q = max_len_q;
+  pb.max_len_k = max_len_k;
+  pb.scale = static_cast<float>(scale);
+  pb.vis.causal = causal;
+  pb.vis.windowed = windowed;
+  pb.vis.left = left;
+  pb.vis.right = right;
+  pb.vis.num_global = num_global;
+  return pb;
+}
+
 // Element (b, h, t, d) of a dense (B, H, T, D) or packed (total, H, D) tensor, t relative to the sequence.
 struct Layout {
   int64_t sb = 0, sh = 0, st = 0, sd = 0;
