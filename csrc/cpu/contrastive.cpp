@@ -90,17 +90,20 @@ inline v16 vlog1p(v16 u) {
 inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
 inline void store(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
 
-// A packed operand (tens of MiB, read panel by panel all over) on transparent huge pages where the system
-// grants them on request: fewer TLB misses (measured: 1-2% of the whole loss, near the noise here).
+// A packed operand (tens of MiB at large B, read panel by panel all over) on transparent huge pages where the
+// system grants them on request: fewer TLB misses (measured: 1-2% of the whole loss, near the noise here). Small
+// buffers stay on ordinary pages: a fresh 2 MiB page per call costs more than the loss itself at B ~ 100s.
 class PackedBuffer {
  public:
   explicit PackedBuffer(int64_t floats) {
-    constexpr size_t kHuge = size_t{2} << 20;
-    const size_t bytes = (static_cast<size_t>(floats) * sizeof(float) + kHuge - 1) / kHuge * kHuge;
-    p_ = static_cast<float*>(std::aligned_alloc(kHuge, bytes ? bytes : kHuge));
+    constexpr size_t kHuge = size_t{2} << 20, kLine = 64;
+    const size_t bytes = static_cast<size_t>(std::max<int64_t>(floats, 1)) * sizeof(float);
+    const size_t align = bytes >= 4 * kHuge ? kHuge : kLine;
+    const size_t rounded = (bytes + align - 1) / align * align;
+    p_ = static_cast<float*>(std::aligned_alloc(align, rounded));
     if (!p_) throw std::bad_alloc();
 #ifdef MADV_HUGEPAGE
-    madvise(p_, bytes, MADV_HUGEPAGE);  // a hint: without it the buffer is simply on 4 KiB pages
+    if (align == kHuge) madvise(p_, rounded, MADV_HUGEPAGE);  // a hint: without it, simply 4 KiB pages
 #endif
   }
   ~PackedBuffer() { std::free(p_); }
