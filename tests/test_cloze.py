@@ -17,7 +17,6 @@ from mmkern.train.cloze import (
     cloze_inputs,
     cloze_logits,
     image_tokens,
-    split_shots,
     train_cloze,
     tune_cloze,
     verbalizer_ids,
@@ -109,7 +108,7 @@ def test_soft_tuning_moves_only_the_prompt_vectors(data):
     d, tok = data
     enc = tiny_encoder(tok)
     before = copy.deepcopy(enc.state_dict())
-    fit, val = split_shots(d, 4, 0.25, seed=0)
+    fit, val = d.split_shots(4, 0.25, seed=0)
     assert len(fit) == 30 and len(val) == 10
     r = tune_cloze(enc, tok, fit, tiny_config(steps=6, batch_size=10, lr=0.1, eval_every=2), val)
     prompt = r["model"]

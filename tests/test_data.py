@@ -48,6 +48,11 @@ def test_digits_split_is_deterministic_stratified_and_disjoint():
     assert counts.min() >= 30  # every digit is held out in proportion
     few = train.few_shot(3)
     assert torch.equal(torch.bincount(few.labels), torch.full((10,), 3))
+    shots, rest = d.take_few_shot(5, seed=1)
+    assert torch.equal(shots.images, d.few_shot(5, seed=1).images) and len(shots) + len(rest) == len(d)
+    assert not any((rest.images == im).flatten(1).all(1).any() for im in shots.images)  # disjoint
+    fit, val = d.split_shots(4, 0.25)
+    assert torch.equal(torch.bincount(val.labels), torch.ones(10, dtype=torch.long)) and len(fit) == 30
 
 
 def test_shapes_captions_follow_attributes():

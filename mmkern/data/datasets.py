@@ -86,12 +86,31 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
     def few_shot(self, shots: int, seed: int = 0) -> ImageTextDataset:
         """`shots` images per class, drawn deterministically."""
+        return self.take_few_shot(shots, seed)[0]
+
+    def take_few_shot(self, shots: int, seed: int = 0) -> tuple[ImageTextDataset, ImageTextDataset]:
+        """(`shots` images per class drawn deterministically, the rest): so that few-shot examples can be kept
+        out of pretraining."""
         if self.labels is None:
             raise ValueError("few_shot: the dataset has no labels")
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(len(self), generator=g)
-        idx = [perm[self.labels[perm] == c][:shots] for c in self.labels.unique().tolist()]
-        return self.subset(torch.cat(idx).sort().values)
+        idx = torch.cat([perm[self.labels[perm] == c][:shots] for c in self.labels.unique().tolist()]).sort().values
+        keep = torch.ones(len(self), dtype=torch.bool)
+        keep[idx] = False
+        return self.subset(idx), self.subset(keep.nonzero().squeeze(1))
+
+    def split_shots(self, shots: int, val_fraction: float, seed: int = 0):
+        """`shots` labelled images per class -> (fit set, validation set or None): val_fraction of each class's
+        shots is held out, for picking the best step of few-shot tuning."""
+        picked = self.few_shot(shots, seed=seed)
+        n_val = round(shots * val_fraction) if shots > 1 else 0
+        if not n_val:
+            return picked, None
+        is_val = torch.zeros(len(picked), dtype=torch.bool)
+        for c in picked.labels.unique().tolist():
+            is_val[(picked.labels == c).nonzero().flatten()[:n_val]] = True  # few_shot drew them at random
+        return picked.subset((~is_val).nonzero().flatten()), picked.subset(is_val.nonzero().flatten())
 
 
 def _normalise(images: torch.Tensor, image_size: int) -> torch.Tensor:

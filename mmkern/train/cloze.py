@@ -308,19 +308,6 @@ def cloze_accuracy(
     return float((torch.cat(preds) == data.labels).float().mean())
 
 
-def split_shots(train: ImageTextDataset, shots: int, val_fraction: float, seed: int = 0):
-    """`shots` labelled images per class from train -> (fit set, validation set or None): val_fraction of each
-    class's shots is held out for picking the best step."""
-    picked = train.few_shot(shots, seed=seed)
-    n_val = round(shots * val_fraction) if shots > 1 else 0
-    if not n_val:
-        return picked, None
-    is_val = torch.zeros(len(picked), dtype=torch.bool)
-    for c in picked.labels.unique().tolist():
-        is_val[(picked.labels == c).nonzero().flatten()[:n_val]] = True  # few_shot drew them at random
-    return picked.subset((~is_val).nonzero().flatten()), picked.subset(is_val.nonzero().flatten())
-
-
 def tune_cloze(
     encoder: FusionEncoder,
     tokenizer: WordTokenizer,
@@ -413,10 +400,16 @@ def tune_cloze(
 
 
 def train_cloze(
-    clip: CLIP, tokenizer: WordTokenizer, train: ImageTextDataset, test: ImageTextDataset, config: ClozeConfig
+    clip: CLIP,
+    tokenizer: WordTokenizer,
+    train: ImageTextDataset,
+    test: ImageTextDataset,
+    config: ClozeConfig,
+    shots: ImageTextDataset | None = None,
 ) -> dict:
     """Pretrains the fusion encoder (MLM on train's captions), scores `test` zero-shot with config.template,
-    tunes few-shot on config.shots per class from `train` (config.tune: soft, whole or both; whole tunes a copy)
+    tunes few-shot on config.shots per class from `shots` (default: `train`; pass images kept out of pretraining
+    to see what tuning adds) (config.tune: soft, whole or both; whole tunes a copy)
     and scores `test` again. -> {"cloze_zero_shot_top1", "cloze_soft_top1" and / or "cloze_whole_top1",
     "cloze_top1" (soft when run), "mlm_acc", "encoder" (the pretrained one), "tuned": {mode: tune_cloze result}}."""
     if config.tune not in ("soft", "whole", "both"):
@@ -426,7 +419,7 @@ def train_cloze(
         "cloze_zero_shot_top1": cloze_accuracy(encoder, tokenizer, test, config.template, config.context_length),
         "mlm_acc": pre_history[-1]["mlm_acc"] if pre_history else float("nan"),
     }
-    fit_set, val = split_shots(train, config.shots, config.val_fraction, config.seed)
+    fit_set, val = (shots or train).split_shots(config.shots, config.val_fraction, config.seed)
     tuned = {}
     for mode in ("soft", "whole") if config.tune == "both" else (config.tune,):
         cfg = copy.copy(config)

@@ -138,7 +138,9 @@ def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 
     out.mkdir(parents=True, exist_ok=True)
     size = size or ("gpu" if torch.cuda.is_available() else "full")
     c_clip, c_prompt, c_inst, bench_steps = demo_configs(size, out, seed, progress)
-    data = digits(c_clip.image_size)
+    # The few-shot images of prompt learning are kept out of pretraining: shots the CLIP was trained on are
+    # already fitted, and tuning on them shows nothing.
+    shots, data = digits(c_clip.image_size).take_few_shot(c_prompt.shots, seed)
     metrics: dict = {
         "size": size,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -161,7 +163,7 @@ def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 
 
     say("2/4 prompt learning: hand-written templates vs learned context (16 shots per class, towers frozen)")
     t = time.perf_counter()
-    pr = train_prompts(clip, tok, train, test, HANDWRITTEN_TEMPLATES, c_prompt)
+    pr = train_prompts(clip, tok, shots, test, HANDWRITTEN_TEMPLATES, c_prompt)
     metrics["prompt_handwritten_top1"] = pr["prompt_handwritten_top1"]
     metrics["prompt_learned_top1"] = pr["prompt_learned_top1"]
     metrics["prompt_best_step"] = pr["best_step"]  # 0: validation kept the hand-written prompts
@@ -170,7 +172,7 @@ def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 
 
     say("2b/4 cloze prompts: fusion encoder MLM-pretrained on the captions fills 'a photo of the digit [MASK].'")
     t = time.perf_counter()
-    cz = train_cloze(clip, tok, train, test, cloze_config(size, out, seed, progress))
+    cz = train_cloze(clip, tok, train, test, cloze_config(size, out, seed, progress), shots=shots)
     metrics["prompt_cloze_zero_shot_top1"] = cz["cloze_zero_shot_top1"]
     metrics["prompt_cloze_top1"] = cz["cloze_soft_top1"]  # few-shot soft prompt vectors, encoder frozen
     metrics["prompt_cloze_whole_top1"] = cz["cloze_whole_top1"]  # few-shot tuning of the whole encoder

@@ -122,13 +122,7 @@ def train_prompts(
     was_training, grad_flags = clip.training, [p.requires_grad for p in clip.parameters()]
     clip.eval()
     handwritten = zero_shot_accuracy(clip, tokenizer, test, templates, config.context_length)
-    shots = train.few_shot(config.shots, seed=config.seed)
-    n_val = round(config.shots * config.val_fraction) if config.shots > 1 else 0
-    is_val = torch.zeros(len(shots), dtype=torch.bool)
-    for c in shots.labels.unique().tolist():
-        is_val[(shots.labels == c).nonzero().flatten()[:n_val]] = True  # few_shot drew them at random
-    val = shots.subset(is_val.nonzero().flatten()) if n_val else None
-    fit_set = shots.subset((~is_val).nonzero().flatten())
+    fit_set, val = train.split_shots(config.shots, config.val_fraction, config.seed)
     learner = PromptLearner(
         clip,
         tokenizer,
