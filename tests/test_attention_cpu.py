@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from mmkern import reference
 from mmkern.ops import attention as attn_ops
 from mmkern.ops import scaled_dot_product_attention
+from mmkern.ops._eager import plain_eager
 
 # Lengths on both sides of every threshold: 32 (register rows), 64 (in-place K/V rows), 256 (one key block).
 LENGTHS = [1, 5, 16, 17, 32, 33, 64, 65, 197, 256, 257]
@@ -106,7 +107,7 @@ def test_eager_path_equals_the_custom_op():
     mask = torch.randn(2, 2, 17, 17, generator=gen).requires_grad_()
     grad = torch.randn(2, 2, 17, 16, generator=gen)
     params = (17, 17, 0.25, True, -1, -1, 0, 0.0, 0, "cpu")
-    assert attn_ops._plain_eager(q, k, v, mask, None, None)
+    assert plain_eager(q, k, v, mask, None, None)
     eager_out, _ = attn_ops._attention(q, k, v, mask, None, None, *params)
     op_out, _ = torch.ops.mmkern.attention(q, k, v, mask, None, None, *params)
     assert torch.equal(eager_out, op_out)
@@ -118,6 +119,6 @@ def test_eager_path_equals_the_custom_op():
 
     with FakeTensorMode():
         fq = torch.empty(2, 2, 17, 16)
-        assert not attn_ops._plain_eager(fq, fq, fq, None, None, None)
+        assert not plain_eager(fq, fq, fq, None, None, None)
         out, _ = attn_ops._attention(fq, fq, fq, None, None, None, *params)  # the op's fake kernel
         assert out.shape == (2, 2, 17, 16)

@@ -23,6 +23,7 @@ import torch
 
 from mmkern import _native, backends, reference
 from mmkern.ops._checks import check_tensor, native_dtype
+from mmkern.ops._eager import plain_eager
 
 MAX_HEAD_DIM = 256
 
@@ -436,19 +437,10 @@ class _EagerAttention(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
-def _plain_eager(*tensors) -> bool:
-    """True when plain tensors run eagerly: nothing traces, compiles, fakes or transforms the call."""
-    if torch.compiler.is_compiling():  # first: dynamo cannot trace the checks below
-        return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
-        return False
-    return all(t is None or type(t) is torch.Tensor for t in tensors)
-
-
 def _attention(q, k, v, mask, cu_q, cu_k, *params):
-    """mmkern::attention. In plain eager mode it runs through _EagerAttention: the custom-op dispatch costs
-    ~0.25 ms per forward + backward (measured, 1 thread), more than the kernels of a small model's layer."""
-    if _plain_eager(q, k, v, mask, cu_q, cu_k):
+    """mmkern::attention, or in plain eager mode _EagerAttention (the custom-op dispatch costs ~0.25 ms per
+    forward + backward, measured on 1 thread)."""
+    if plain_eager(q, k, v, mask, cu_q, cu_k):
         return _EagerAttention.apply(q, k, v, mask, cu_q, cu_k, *params)
     return torch.ops.mmkern.attention(q, k, v, mask, cu_q, cu_k, *params)
 

@@ -16,6 +16,7 @@ import torch
 
 from mmkern import _native, backends, reference
 from mmkern.ops._checks import check_like, check_tensor, native_dtype
+from mmkern.ops._eager import plain_eager
 
 GELU_KINDS = {"none": 0, "tanh": 1}  # must match csrc/include/mmkern/fused.h GeluKind
 
@@ -47,9 +48,9 @@ def bias_gelu(
     native_dtype(chosen, "x", x)
     if chosen == "reference":
         return reference.bias_gelu(x, bias, approximate)
-    if torch.compiler.is_compiling():
-        return torch.ops.mmkern.bias_gelu(x, bias, approximate, chosen)
-    return _BiasGelu.apply(x, bias, approximate, chosen)
+    if plain_eager(x, bias):
+        return _BiasGelu.apply(x, bias, approximate, chosen)
+    return torch.ops.mmkern.bias_gelu(x, bias, approximate, chosen)
 
 
 def add_layer_norm(
@@ -92,7 +93,7 @@ def add_layer_norm(
     native_dtype(chosen, "x", x)
     if chosen == "reference":
         return reference.add_layer_norm(x, residual, weight, bias, eps)
-    op = torch.ops.mmkern.add_layer_norm if torch.compiler.is_compiling() else _AddLayerNorm.apply
+    op = _AddLayerNorm.apply if plain_eager(x, residual, weight, bias) else torch.ops.mmkern.add_layer_norm
     s, out, _, _ = op(x, residual, weight, bias, float(eps), chosen)
     return (x if residual is None else s), out
 
@@ -176,9 +177,8 @@ def _add_layer_norm_bwd(grad_out, grad_sum, s, weight, mean, rstd, need_params, 
     return grad_x, grad_w, grad_b
 
 
-# Eager mode goes through autograd.Functions over the same kernels: the custom-op dispatcher costs ~50-150 µs per
-# call and its backward here (measured at the demo's shapes, 2176 x 64), as much as the kernel itself. Under
-# torch.compile the custom ops below are what the graph records.
+# Plain eager mode goes through autograd.Functions over the same kernels (see mmkern/ops/_eager.py); torch.compile
+# records the custom ops below.
 
 
 def _bias_gelu_grads(ctx, grad_out, x, bias, backward):
