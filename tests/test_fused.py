@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import mmkern
 from mmkern import reference
-from mmkern.nn import Block, Mlp
+from mmkern.nn import Block, Mlp, fused_elementwise
 from mmkern.ops.fused import add_layer_norm, bias_gelu
 from tests.checks import assert_close, backends_for, dtypes_for, kernel_backends
 
@@ -367,7 +367,7 @@ def test_blocks_match_unfused(norm_first, act):
     # float64 runs the reference backend; the fp32 model the default (cpu kernels where built).
     for dtype, backend in ((torch.float64, "reference"), (torch.float32, None)):
         got = x.to(dtype)
-        with mmkern.use_backend(backend):
+        with mmkern.use_backend(backend), fused_elementwise():
             for blk in blocks.to(dtype):
                 got = blk(got)
         assert_close(got, expected, dtype, f"blocks {dtype}", factor=5.0)
@@ -380,8 +380,9 @@ def test_mlp_state_dict_and_unfused_act():
     assert torch.allclose(mlp(x), mlp.fc2(mlp.act(mlp.fc1(x))))
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("pre_norm", [True, False])
-def test_clip_on_fused_ops_matches_plain_twin(pre_norm):
+def test_clip_on_fused_ops_matches_plain_twin(pre_norm, fused, monkeypatch):
     """The whole CLIP (fused blocks) against mmkern.train.baseline.PlainCLIP, the benchmarks' plain-PyTorch twin,
     with CLIP's pre-norm ViT and an argmax-pooled causal text tower without a padding mask: forward and gradients."""
     from mmkern.models import CLIP, CLIPConfig, TextConfig, ViTConfig
@@ -394,7 +395,13 @@ def test_clip_on_fused_ops_matches_plain_twin(pre_norm):
     plain = PlainCLIP(model.config)
     plain.load_state_dict(model.state_dict())
     images, ids = torch.randn(4, 3, 16, 16), torch.randint(0, 50, (4, 9))
-    loss = model.loss(images, ids)
+    calls = []
+    for name in ("add_layer_norm", "bias_gelu"):
+        op = getattr(mmkern.ops, name)
+        monkeypatch.setattr(mmkern.ops, name, lambda *a, op=op, name=name, **k: calls.append(name) or op(*a, **k))
+    with fused_elementwise(fused):
+        loss = model.loss(images, ids)
+    assert bool(calls) == fused and (not fused or {"add_layer_norm", "bias_gelu"} <= set(calls))
     plain_loss = naive_clip_loss(*plain(images, ids)[:3])
     torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
     loss.backward()

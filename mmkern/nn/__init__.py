@@ -1,7 +1,7 @@
 """nn.Modules built on mmkern.ops."""
 
 from mmkern.nn.attention import Attention, CrossAttention, KVCache
-from mmkern.nn.blocks import Block, Mlp
+from mmkern.nn.blocks import Block, Mlp, fused_elementwise
 from mmkern.nn.loss import ClipLoss, SigLipLoss
 from mmkern.nn.patch_embed import PatchEmbed, resample_pos_embed
 
@@ -14,5 +14,6 @@ __all__ = [
     "Mlp",
     "PatchEmbed",
     "SigLipLoss",
+    "fused_elementwise",
     "resample_pos_embed",
 ]

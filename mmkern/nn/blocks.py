@@ -3,6 +3,8 @@ the cross-attention block (ALBEF/BLIP fusion layers) and the decoder block with 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,9 +37,28 @@ def activation(name: str):
 _FUSED_GELU = {"gelu": "none", "gelu_tanh": "tanh"}
 
 
+# Whether Block / Mlp run the fused element-wise ops. Off by default because, measured inside the models on the
+# 2-core CPU, they were slower than torch's own LayerNorm / add / GELU (the demo's training step 34.6 vs 32.2 ms,
+# ViT-B/16 inference B=8 1080 vs 1065 ms: at small widths the per-call cost outweighs the saved passes); no GPU
+# measurement exists yet. fused_elementwise() turns them on.
+_fuse_elementwise = False
+
+
+@contextlib.contextmanager
+def fused_elementwise(enabled: bool = True):
+    """Within the block, Block and Mlp run residual add + LayerNorm and fc1's bias + GELU as the fused
+    mmkern.ops.add_layer_norm / bias_gelu (same results to rounding, same state dicts)."""
+    global _fuse_elementwise
+    previous, _fuse_elementwise = _fuse_elementwise, enabled
+    try:
+        yield
+    finally:
+        _fuse_elementwise = previous
+
+
 def _fusable(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     """The fused ops take one dtype for all tensors; under autocast the unfused modules keep autocast's casts."""
-    if torch.is_autocast_enabled(x.device.type):
+    if not _fuse_elementwise or torch.is_autocast_enabled(x.device.type):
         return False
     return all(p is None or p.dtype == x.dtype for p in params)
 
@@ -52,8 +73,8 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module) ->
 
 
 class Mlp(nn.Module):
-    """fc1 -> activation -> fc2 (timm keys `fc1`, `fc2`). GELU runs fused with fc1's bias: fc1's matmul without
-    its bias, then mmkern.ops.bias_gelu (one pass instead of a bias add and a GELU, forward and backward)."""
+    """fc1 -> activation -> fc2 (timm keys `fc1`, `fc2`). Under fused_elementwise() GELU runs fused with fc1's
+    bias: fc1's matmul without its bias, then mmkern.ops.bias_gelu (one pass instead of a bias add and a GELU)."""
 
     def __init__(
         self,
@@ -90,7 +111,7 @@ class Block(nn.Module):
     forward(x (B, L, D) or packed (total, D), attn_mask=None, is_causal=False, context=None, context_mask=None,
     kv_cache=None, cu_seqlens=None, max_seqlen=None) -> same shape as x.
 
-    Each residual add runs fused with the LayerNorm that follows it (mmkern.ops.add_layer_norm). Pre-norm
+    Under fused_elementwise() each residual add runs fused with the LayerNorm that follows it. Pre-norm
     stacks also fuse across blocks: `defer=True` returns (x, branch) instead of x + branch, and the next block
     takes that branch as `residual` (its input is x + residual) and adds it inside its norm1; the stack's
     final norm takes the last one (see `run_pre_norm`).
