@@ -113,6 +113,11 @@ def test_kv_cache_decoding_matches_full_causal():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="kv_cache"):
         m(x[:, :1], kv_cache=cache)
+    # is_causal on cached steps counts the new queries from the cache's end, not top-left like torch.
+    cache = KVCache(6)
+    steps = [m(x[:, :2], is_causal=True, kv_cache=cache), m(x[:, 2:5], is_causal=True, kv_cache=cache)]
+    steps.append(m(x[:, 5:], is_causal=True, kv_cache=cache))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_packed_attention_matches_per_sequence():
