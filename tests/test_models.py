@@ -24,6 +24,7 @@ from mmkern.models import (
     vit_config,
 )
 from mmkern.models.checkpoint import load_checkpoint, load_state_dict, read_checkpoint, save_checkpoint
+from mmkern.nn import KVCache
 
 VIT = {"img_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 4}
 TEXT = {"vocab_size": 64, "context_length": 16, "width": 32, "depth": 2, "heads": 4}
@@ -456,3 +457,52 @@ def test_presets_match_published_shapes():
     assert b16.visual.pos_embed.shape == (1, 197, 768) and b16.text.pos_embed.shape == (77, 512)
     l14 = clip_config("ViT-L/14")
     assert (l14.embed_dim, l14.vision.width, l14.vision.depth, l14.text.width) == (768, 1024, 24, 768)
+
+
+@pytest.mark.parametrize("num_global", [0, 2])
+def test_vl_decoder_windowed_layers_decode_with_cache(num_global):
+    """Per-layer windows smaller than the sequence: cached step-by-step logits equal one uncached forward pass, and
+    greedy generate() equals a no-cache recompute loop (also with left padding)."""
+    torch.manual_seed(0)
+    windows = [(3, 0), None, (2, 1)]
+    lm = TextConfig(**dict(TEXT, context_length=64, depth=3), pool="none", windows=windows, num_global=num_global)
+    m = VisionLanguageDecoder(VLDecoderConfig(vision=ViTConfig(**VIT), lm=lm, image_token_id=63)).eval()
+    ids = torch.randint(1, 63, (2, 12))
+    full = m(ids)
+    caches = [KVCache(12) for _ in m.lm.blocks]
+    steps, start = [], 0
+    for n in (4, 1, 1, 3, 1, 2):  # prefill, then single tokens and short chunks
+        x = m.lm.embed(ids[:, start : start + n], position_ids=torch.arange(start, start + n))
+        for blk, cache in zip(m.lm.blocks, caches):
+            x = blk(x, None, True, kv_cache=cache)
+        steps.append(m.lm_head(m.lm.norm(x)))
+        start += n
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    prompt = ids[:, :5]
+    out = m.generate(prompt, max_new_tokens=7)
+    ref = prompt
+    for _ in range(7):
+        ref = torch.cat([ref, m(ref)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ref)
+    padded = torch.cat([torch.zeros(2, 2, dtype=torch.long), prompt], dim=1)
+    mask = torch.cat([torch.zeros(2, 2, dtype=torch.long), torch.ones_like(prompt)], dim=1)
+    ref = padded
+    for _ in range(7):  # windows count sequence indices, padding included, with and without the cache
+        ref = torch.cat([ref, m(ref, attention_mask=mask)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    assert torch.equal(m.generate(padded, attention_mask=mask[:, :7], max_new_tokens=7), ref)
+
+
+def test_text_tower_windowed_layers_decode_with_cache():
+    torch.manual_seed(0)
+    m = TextTransformer(**dict(TEXT, depth=2), pool="none", windows=[(2, 0), (4, 0)], num_global=1).eval()
+    ids = torch.randint(1, 63, (2, 10))
+    full = m.forward_features(ids)
+    caches = [KVCache(10) for _ in m.blocks]
+    steps = []
+    for i in range(10):
+        x = m.embed(ids[:, i : i + 1], position_ids=torch.tensor([i]))
+        for blk, cache in zip(m.blocks, caches):
+            x = blk(x, None, True, kv_cache=cache)
+        steps.append(m.norm(x))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)

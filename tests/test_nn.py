@@ -113,6 +113,11 @@ def test_kv_cache_decoding_matches_full_causal():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="kv_cache"):
         m(x[:, :1], kv_cache=cache)
+    # is_causal on cached steps counts the new queries from the cache's end, not top-left like torch.
+    cache = KVCache(6)
+    steps = [m(x[:, :2], is_causal=True, kv_cache=cache), m(x[:, 2:5], is_causal=True, kv_cache=cache)]
+    steps.append(m(x[:, 5:], is_causal=True, kv_cache=cache))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_packed_attention_matches_per_sequence():
@@ -139,8 +144,37 @@ def test_window_attention_packed_matches_per_sequence():
     i, j = torch.arange(6)[:, None], torch.arange(6)[None, :]
     band = ((j >= i - 1) & (j <= i + 2)) | (i < 1) | (j < 1)
     torch.testing.assert_close(m(seqs[2]), dense(seqs[2], band), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="kv_cache"):  # cached decoding would misplace the window
-        m(seqs[0], kv_cache=KVCache(8))
+
+
+@pytest.mark.parametrize("window,num_global", [((2, 0), 0), ((1, 3), 0), ((2, 1), 2), ((0, 0), 1)])
+@pytest.mark.parametrize("is_causal", [True, False])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_window_attention_kv_cache_matches_full(window, num_global, is_causal, mask_kind):
+    """A prefill then chunks of 1-3 tokens through the cache give the rows of an uncached pass over the keys cached
+    so far (window smaller than the sequence); causal, they also equal one uncached pass over all 9 tokens."""
+    torch.manual_seed(0)
+    m = Attention(32, 4, window=window, num_global=num_global).eval()
+    x = torch.randn(2, 9, 32)
+    pad = torch.ones(2, 9, dtype=torch.bool)
+    pad[1, :2] = False  # left padding in row 1
+    if mask_kind == "bool":
+        mask = pad[:, None, None, :]
+    elif mask_kind == "float":
+        mask = torch.zeros(2, 1, 1, 9).masked_fill(~pad[:, None, None, :], float("-inf"))
+        mask[0, 0, 0, 4] = -0.5  # a soft bias must survive the merge too
+    else:
+        mask = None
+    cache, outs, start = KVCache(9), [], 0
+    for n in (3, 1, 2, 3):
+        end = start + n
+        part = None if mask is None else mask[..., :end]
+        out = m(x[:, start:end], part, is_causal, kv_cache=cache)
+        full = m(x[:, :end], part, is_causal)  # what the model computes without a cache on the same keys
+        torch.testing.assert_close(out, full[:, start:end], atol=1e-5, rtol=1e-5)
+        outs.append(out)
+        start = end
+    if is_causal:  # causal rows never see later keys: the chunks equal one pass over the whole sequence
+        torch.testing.assert_close(torch.cat(outs, 1), m(x, mask, True), atol=1e-5, rtol=1e-5)
 
 
 def test_block_pre_and_post_norm():

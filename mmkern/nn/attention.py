@@ -34,6 +34,27 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def cached_mask(attn_mask, past: int, L: int, S: int, is_causal: bool, window, num_global: int, device):
+    """attn_mask combined with the causal / window / global structure for L queries at positions past..past+L-1
+    over S keys at positions 0..S-1: query p sees key j when p - left <= j <= p + right (or either is one of
+    the first num_global tokens) and, when causal, j <= p. Bool masks are and-ed, float masks get -inf."""
+    i = torch.arange(past, past + L, device=device).unsqueeze(1)
+    j = torch.arange(S, device=device).unsqueeze(0)
+    allowed = torch.ones(L, S, dtype=torch.bool, device=device)
+    if window is not None:
+        left, right = window
+        allowed = (j >= i - left) & (j <= i + right)
+        if num_global:
+            allowed = allowed | (i < num_global) | (j < num_global)
+    if is_causal:
+        allowed = allowed & (j <= i)
+    if attn_mask is None:
+        return allowed
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & allowed
+    return torch.where(allowed, attn_mask, float("-inf"))
+
+
 def layer_windows(windows, depth: int) -> tuple[tuple[int, int] | None, ...] | None:
     """Checks a per-layer window list (one (left, right) or None = global entry per layer) and returns it as
     tuples, so that a config read back from JSON (lists) equals the one saved."""
@@ -55,6 +76,8 @@ class Attention(nn.Module):
     (total, D) with `cu_seqlens` (num_seqs + 1,) int32 and `max_seqlen` go through varlen_attention.
     `window` (left, right) makes the layer local: query i sees keys [i - left, i + right] only, except the
     first `num_global` tokens, which see and are seen by every position (see ops.scaled_dot_product_attention).
+    With a `kv_cache` holding P positions, the new queries are positions P..P+L-1 for is_causal and the window,
+    so cached decoding gives the rows an uncached pass over the whole sequence gives.
     """
 
     def __init__(
@@ -97,13 +120,16 @@ class Attention(nn.Module):
             return self.proj_drop(self.proj(o.flatten(-2)))
         B, L, _ = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        window, num_global = self.window, self.num_global
         if kv_cache is not None:
-            if self.window is not None:  # the op counts query positions from 0, not from the cache's end
-                raise ValueError("kv_cache: decoding with a cache is not supported by windowed attention layers")
+            past = kv_cache.len
             k, v = kv_cache.update(k, v)
-        o = ops.scaled_dot_product_attention(
-            q, k, v, attn_mask, drop, is_causal, window=self.window, num_global=self.num_global
-        )
+            if past and (window is not None or is_causal):
+                # The op counts query positions from 0 (and aligns is_causal top-left), but the new queries sit
+                # at positions past..past+L-1: spell the structure out as an (L, S) mask for them instead.
+                attn_mask = cached_mask(attn_mask, past, L, k.shape[2], is_causal, window, num_global, x.device)
+                is_causal, window, num_global = False, None, 0
+        o = ops.scaled_dot_product_attention(q, k, v, attn_mask, drop, is_causal, window=window, num_global=num_global)
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, L, -1)))
 
 
