@@ -83,7 +83,7 @@ def _scores(
     Lb,
     Sb,
     scale,
-    mask_ptrs,
+    mptrs,
     left,
     right,
     num_global,
@@ -102,9 +102,9 @@ def _scores(
     if WINDOWED:
         ok = ok & (((j >= i - left) & (j <= i + right)) | (i < num_global) | (j < num_global))
     if MASK_KIND == 1:
-        ok = ok & (tl.load(mask_ptrs, mask=ok, other=0) != 0)
+        ok = ok & (tl.load(mptrs, mask=ok, other=0) != 0)
     if MASK_KIND == 2:
-        s = s + tl.load(mask_ptrs, mask=ok, other=0.0)
+        s = s + tl.load(mptrs, mask=ok, other=0.0)
     return tl.where(ok, s, float("-inf"))
 
 
@@ -114,6 +114,25 @@ def _seq(Cu, b, n, VARLEN: tl.constexpr):
         start = tl.load(Cu + b)
         return start, tl.load(Cu + b + 1) - start
     return 0, n
+
+
+@triton.jit
+def _tile(base, t0, offs_t, n_t, st, offs_c, n_c, sc):
+    """Pointers to rows t0 + offs_t, columns offs_c of a (token, dim) view, and the in-bounds mask."""
+    return base + (t0 + offs_t)[:, None] * st + offs_c[None, :] * sc, (offs_t < n_t)[:, None] & (offs_c < n_c)[None, :]
+
+
+@triton.jit
+def _load_tile(base, t0, offs_t, n_t, st, offs_c, n_c, sc):
+    """Tile of rows t0 + offs_t, zero past n_t rows and n_c columns."""
+    ptrs, ok = _tile(base, t0, offs_t, n_t, st, offs_c, n_c, sc)
+    return tl.load(ptrs, mask=ok, other=0.0)
+
+
+@triton.jit
+def _store_tile(base, x, t0, offs_t, n_t, st, offs_c, n_c, sc):
+    ptrs, ok = _tile(base, t0, offs_t, n_t, st, offs_c, n_c, sc)
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=ok)
 
 
 @triton.autotune(configs=_configs(False), key=_KEY)
@@ -186,11 +205,7 @@ def _attention_fwd_kernel(
     offs_m = i0 + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    q = tl.load(
-        Q + b * sqb + h * sqh + (q0 + offs_m)[:, None] * sqt + offs_d[None, :] * sqd,
-        mask=(offs_m < Lb)[:, None] & (offs_d < D)[None, :],
-        other=0.0,
-    )
+    q = _load_tile(Q + b * sqb + h * sqh, q0, offs_m, Lb, sqt, offs_d, D, sqd)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BDV], tl.float32)
@@ -200,28 +215,10 @@ def _attention_fwd_kernel(
     for j0 in range(0, hi, BN):
         if _block_any(i0, i0 + BM, j0, j0 + BN, left, right, num_global, CAUSAL, WINDOWED):
             offs_n = j0 + tl.arange(0, BN)
-            k = tl.load(
-                K + b * skb + hk * skh + (k0 + offs_n)[:, None] * skt + offs_d[None, :] * skd,
-                mask=(offs_n < Sb)[:, None] & (offs_d < D)[None, :],
-                other=0.0,
-            )
-            mask_ptrs = Mask + b * smb + h * smh + offs_m[:, None] * sml + offs_n[None, :] * sms
+            k = _load_tile(K + b * skb + hk * skh, k0, offs_n, Sb, skt, offs_d, D, skd)
+            mptrs = Mask + b * smb + h * smh + offs_m[:, None] * sml + offs_n[None, :] * sms
             s = _scores(
-                q,
-                k,
-                offs_m,
-                offs_n,
-                Lb,
-                Sb,
-                scale,
-                mask_ptrs,
-                left,
-                right,
-                num_global,
-                CAUSAL,
-                WINDOWED,
-                MASK_KIND,
-                PREC,
+                q, k, offs_m, offs_n, Lb, Sb, scale, mptrs, left, right, num_global, CAUSAL, WINDOWED, MASK_KIND, PREC
             )
             m_new = tl.maximum(m_i, tl.max(s, 1))
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # attn::softmax_shift
@@ -233,56 +230,22 @@ def _attention_fwd_kernel(
             if DROPOUT:
                 keep = _dropout_keep(seed_lo, seed_hi, bh, offs_m, offs_n, dropout_p)
                 p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            v = tl.load(
-                V + b * svb + hk * svh + (k0 + offs_n)[:, None] * svt + offs_dv[None, :] * svd,
-                mask=(offs_n < Sb)[:, None] & (offs_dv < DV)[None, :],
-                other=0.0,
-            )
+            v = _load_tile(V + b * svb + hk * svh, k0, offs_n, Sb, svt, offs_dv, DV, svd)
             acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
     empty = l_i == 0.0  # rows that see no key give 0 and store lse = +inf
     safe_l = tl.where(empty, 1.0, l_i)
     inv = tl.where(empty, 0.0, 1.0 / safe_l)
     out = acc * inv[:, None]
-    tl.store(
-        Out + b * sob + h * soh + (q0 + offs_m)[:, None] * sot + offs_dv[None, :] * sod,
-        out.to(Out.dtype.element_ty),
-        mask=(offs_m < Lb)[:, None] & (offs_dv < DV)[None, :],
-    )
+    _store_tile(Out + b * sob + h * soh, out, q0, offs_m, Lb, sot, offs_dv, DV, sod)
     lse = tl.where(empty, float("inf"), m_i + tl.log(safe_l))
     tl.store(Lse + b * slb + h * slh + (q0 + offs_m) * slt, lse, mask=offs_m < Lb)
 
 
 @triton.jit
-def _bwd_tile(
-    q,
-    k,
-    v,
-    do,
-    lse,
-    delta,
-    offs_m,
-    offs_n,
-    Lb,
-    Sb,
-    bh,
-    scale,
-    mask_ptrs,
-    left,
-    right,
-    num_global,
-    dropout_p,
-    seed_lo,
-    seed_hi,
-    CAUSAL: tl.constexpr,
-    WINDOWED: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    PREC: tl.constexpr,
+def _bwd_probs(
+    s, lse, delta, do, v, offs_m, offs_n, bh, dropout_p, seed_lo, seed_hi, DROPOUT: tl.constexpr, PREC: tl.constexpr
 ):
-    """(P ∘ Z, dS) of one tile, Z the dropout scale."""
-    s = _scores(
-        q, k, offs_m, offs_n, Lb, Sb, scale, mask_ptrs, left, right, num_global, CAUSAL, WINDOWED, MASK_KIND, PREC
-    )
+    """(P ∘ Z, dS) of one tile from its masked scores s, Z the dropout scale."""
     p = tl.exp(s - lse[:, None])  # lse = +inf for rows that see nothing: p = 0
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     if DROPOUT:
@@ -366,17 +329,8 @@ def _attention_bwd_dkdv_kernel(
     offs_n = j0 + tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    kv_rows = (offs_n < Sb)[:, None]
-    k = tl.load(
-        K + b * skb + hk * skh + (k0 + offs_n)[:, None] * skt + offs_d[None, :] * skd,
-        mask=kv_rows & (offs_d < D)[None, :],
-        other=0.0,
-    )
-    v = tl.load(
-        V + b * svb + hk * svh + (k0 + offs_n)[:, None] * svt + offs_dv[None, :] * svd,
-        mask=kv_rows & (offs_dv < DV)[None, :],
-        other=0.0,
-    )
+    k = _load_tile(K + b * skb + hk * skh, k0, offs_n, Sb, skt, offs_d, D, skd)
+    v = _load_tile(V + b * svb + hk * svh, k0, offs_n, Sb, svt, offs_dv, DV, svd)
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BDV], tl.float32)
     lo = 0
@@ -387,58 +341,36 @@ def _attention_bwd_dkdv_kernel(
             if _block_any(i0, i0 + BM, j0, j0 + BN, left, right, num_global, CAUSAL, WINDOWED):
                 offs_m = i0 + tl.arange(0, BM)
                 rows = offs_m < Lb
-                q = tl.load(
-                    Q + b * sqb + h * sqh + (q0 + offs_m)[:, None] * sqt + offs_d[None, :] * sqd,
-                    mask=rows[:, None] & (offs_d < D)[None, :],
-                    other=0.0,
-                )
-                do = tl.load(
-                    DO + b * sob + h * soh + (q0 + offs_m)[:, None] * sot + offs_dv[None, :] * sod,
-                    mask=rows[:, None] & (offs_dv < DV)[None, :],
-                    other=0.0,
-                )
+                q = _load_tile(Q + b * sqb + h * sqh, q0, offs_m, Lb, sqt, offs_d, D, sqd)
+                do = _load_tile(DO + b * sob + h * soh, q0, offs_m, Lb, sot, offs_dv, DV, sod)
                 row_off = b * slb + h * slh + (q0 + offs_m) * slt
                 lse = tl.load(Lse + row_off, mask=rows, other=float("inf"))
                 delta = tl.load(Delta + row_off, mask=rows, other=0.0)
-                mask_ptrs = Mask + b * smb + h * smh + offs_m[:, None] * sml + offs_n[None, :] * sms
-                pz, ds = _bwd_tile(
+                mptrs = Mask + b * smb + h * smh + offs_m[:, None] * sml + offs_n[None, :] * sms
+                s = _scores(
                     q,
                     k,
-                    v,
-                    do,
-                    lse,
-                    delta,
                     offs_m,
                     offs_n,
                     Lb,
                     Sb,
-                    b * H + h,
                     scale,
-                    mask_ptrs,
+                    mptrs,
                     left,
                     right,
                     num_global,
-                    dropout_p,
-                    seed_lo,
-                    seed_hi,
                     CAUSAL,
                     WINDOWED,
                     MASK_KIND,
-                    DROPOUT,
                     PREC,
+                )
+                pz, ds = _bwd_probs(
+                    s, lse, delta, do, v, offs_m, offs_n, b * H + h, dropout_p, seed_lo, seed_hi, DROPOUT, PREC
                 )
                 dv += tl.dot(tl.trans(pz).to(do.dtype), do, input_precision=PREC)
                 dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
-    tl.store(
-        DK + b * skb + hk * skh + (k0 + offs_n)[:, None] * skt + offs_d[None, :] * skd,
-        (dk * scale).to(DK.dtype.element_ty),
-        mask=kv_rows & (offs_d < D)[None, :],
-    )
-    tl.store(
-        DV_ + b * svb + hk * svh + (k0 + offs_n)[:, None] * svt + offs_dv[None, :] * svd,
-        dv.to(DV_.dtype.element_ty),
-        mask=kv_rows & (offs_dv < DV)[None, :],
-    )
+    _store_tile(DK + b * skb + hk * skh, dk * scale, k0, offs_n, Sb, skt, offs_d, D, skd)
+    _store_tile(DV_ + b * svb + hk * svh, dv, k0, offs_n, Sb, svt, offs_dv, DV, svd)
 
 
 @triton.autotune(configs=_configs(True), key=_KEY)
@@ -517,16 +449,8 @@ def _attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     rows = offs_m < Lb
-    q = tl.load(
-        Q + b * sqb + h * sqh + (q0 + offs_m)[:, None] * sqt + offs_d[None, :] * sqd,
-        mask=rows[:, None] & (offs_d < D)[None, :],
-        other=0.0,
-    )
-    do = tl.load(
-        DO + b * sob + h * soh + (q0 + offs_m)[:, None] * sot + offs_dv[None, :] * sod,
-        mask=rows[:, None] & (offs_dv < DV)[None, :],
-        other=0.0,
-    )
+    q = _load_tile(Q + b * sqb + h * sqh, q0, offs_m, Lb, sqt, offs_d, D, sqd)
+    do = _load_tile(DO + b * sob + h * soh, q0, offs_m, Lb, sot, offs_dv, DV, sod)
     row_off = b * slb + h * slh + (q0 + offs_m) * slt
     lse = tl.load(Lse + row_off, mask=rows, other=float("inf"))
     delta = tl.load(Delta + row_off, mask=rows, other=0.0)
@@ -537,44 +461,13 @@ def _attention_bwd_dq_kernel(
     for j0 in range(0, hi, BN):
         if _block_any(i0, i0 + BM, j0, j0 + BN, left, right, num_global, CAUSAL, WINDOWED):
             offs_n = j0 + tl.arange(0, BN)
-            kv_rows = (offs_n < Sb)[:, None]
-            k = tl.load(
-                K + b * skb + hk * skh + (k0 + offs_n)[:, None] * skt + offs_d[None, :] * skd,
-                mask=kv_rows & (offs_d < D)[None, :],
-                other=0.0,
+            k = _load_tile(K + b * skb + hk * skh, k0, offs_n, Sb, skt, offs_d, D, skd)
+            v = _load_tile(V + b * svb + hk * svh, k0, offs_n, Sb, svt, offs_dv, DV, svd)
+            mptrs = Mask + b * smb + h * smh + offs_m[:, None] * sml + offs_n[None, :] * sms
+            s = _scores(
+                q, k, offs_m, offs_n, Lb, Sb, scale, mptrs, left, right, num_global, CAUSAL, WINDOWED, MASK_KIND, PREC
             )
-            v = tl.load(
-                V + b * svb + hk * svh + (k0 + offs_n)[:, None] * svt + offs_dv[None, :] * svd,
-                mask=kv_rows & (offs_dv < DV)[None, :],
-                other=0.0,
-            )
-            mask_ptrs = Mask + b * smb + h * smh + offs_m[:, None] * sml + offs_n[None, :] * sms
-            _, ds = _bwd_tile(
-                q,
-                k,
-                v,
-                do,
-                lse,
-                delta,
-                offs_m,
-                offs_n,
-                Lb,
-                Sb,
-                bh,
-                scale,
-                mask_ptrs,
-                left,
-                right,
-                num_global,
-                dropout_p,
-                seed_lo,
-                seed_hi,
-                CAUSAL,
-                WINDOWED,
-                MASK_KIND,
-                DROPOUT,
-                PREC,
-            )
+            _, ds = _bwd_probs(s, lse, delta, do, v, offs_m, offs_n, bh, dropout_p, seed_lo, seed_hi, DROPOUT, PREC)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
             if WRITE_DMASK:
                 tl.store(
@@ -582,11 +475,7 @@ def _attention_bwd_dq_kernel(
                     ds,
                     mask=rows[:, None] & (offs_n < Sb)[None, :],
                 )
-    tl.store(
-        DQ + b * sqb + h * sqh + (q0 + offs_m)[:, None] * sqt + offs_d[None, :] * sqd,
-        (dq * scale).to(DQ.dtype.element_ty),
-        mask=rows[:, None] & (offs_d < D)[None, :],
-    )
+    _store_tile(DQ + b * sqb + h * sqh, dq * scale, q0, offs_m, Lb, sqt, offs_d, D, sqd)
 
 
 def _strides4(t: torch.Tensor | None, varlen: bool) -> tuple[int, int, int, int]:
@@ -639,6 +528,11 @@ def _common(
     return batch, H, Hk, args, meta
 
 
+def _optional(dummy: torch.Tensor, *ts: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """ts with dummy standing in for the absent ones (pointers the kernel never dereferences)."""
+    return tuple(dummy if t is None else t for t in ts)
+
+
 def attention_fwd(
     q, k, v, mask, cu_q, cu_k, out, lse, max_q, max_k, scale, causal, windowed, left, right, num_global, dropout_p, seed
 ):
@@ -646,20 +540,8 @@ def attention_fwd(
     batch, H, _, args, meta = _common(
         q, k, v, mask, cu_q, out, lse, max_q, max_k, scale, causal, windowed, left, right, num_global, dropout_p, seed
     )
-    dummy = lse  # stands in for absent pointers; never dereferenced
     grid = lambda m: (triton.cdiv(max_q, m["BM"]), batch * H)
-    _attention_fwd_kernel[grid](
-        q,
-        k,
-        v,
-        mask if mask is not None else dummy,
-        cu_q if cu_q is not None else dummy,
-        cu_k if cu_k is not None else dummy,
-        out,
-        lse,
-        *args,
-        **meta,
-    )
+    _attention_fwd_kernel[grid](q, k, v, *_optional(lse, mask, cu_q, cu_k), out, lse, *args, **meta)
 
 
 def attention_bwd(
@@ -709,27 +591,11 @@ def attention_bwd(
         dropout_p,
         seed,
     )
-    dummy = lse
-    ptrs = (
-        mask if mask is not None else dummy,
-        cu_q if cu_q is not None else dummy,
-        cu_k if cu_k is not None else dummy,
-    )
+    ptrs = _optional(lse, mask, cu_q, cu_k)
     # dK/dV share q/k/v strides with their inputs only if those are contiguous too: pass contiguous inputs.
     grid_kv = lambda m: (triton.cdiv(max_k, m["BN"]), batch * Hk)
     _attention_bwd_dkdv_kernel[grid_kv](q, k, v, *ptrs, grad_out, lse, delta, dk, dv, *args, **meta)
     grid_q = lambda m: (triton.cdiv(max_q, m["BM"]), batch * H)
     _attention_bwd_dq_kernel[grid_q](
-        q,
-        k,
-        v,
-        *ptrs,
-        grad_out,
-        lse,
-        delta,
-        dq,
-        dmask if dmask is not None else dummy,
-        *args,
-        **meta,
-        WRITE_DMASK=dmask is not None,
+        q, k, v, *ptrs, grad_out, lse, delta, dq, *_optional(lse, dmask), *args, **meta, WRITE_DMASK=dmask is not None
     )
