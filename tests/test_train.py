@@ -348,3 +348,25 @@ def test_prompt_context_starts_as_the_handwritten_classifier(data):
     assert r["best_step"] in (0, 2, 4) and 0 <= r["val_top1"] <= 1
     with pytest.raises(ValueError, match="templates"):
         PromptLearner(model, tok, names, ["no slot"])
+
+
+def test_prompt_kg_regulariser_pulls_towards_the_handwritten_classifier(data):
+    """KgCoOp term: from random contexts, a large kg_weight moves the class features towards the hand-written
+    classifier."""
+    from mmkern.train.prompt import PromptConfig, train_prompts
+
+    _, model, _ = tiny_setup(data)
+    tok, templates, names = data[1], ["a photo of the digit {}."], data[0].classnames
+    train, test = data[0].split(0.2)
+    clf = model.zero_shot_classifier(lambda t: tok(t, 12), names, templates).T.detach()
+
+    def distance(kg, steps):
+        cfg = PromptConfig(steps=steps, shots=4, val_fraction=0, init="random", kg_weight=kg, lr=0.05)
+        r = train_prompts(model, tok, train, test, templates, replace(cfg, progress=False, context_length=12))
+        with torch.no_grad():
+            return float((r["learner"]() - clf).pow(2).sum(-1).mean())
+
+    torch.manual_seed(0)
+    start = distance(1e3, 0)
+    torch.manual_seed(0)
+    assert distance(1e3, 30) < 0.5 * start
