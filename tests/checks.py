@@ -30,17 +30,27 @@ def dtypes_for(backend: str) -> list[torch.dtype]:
     return [torch.float32, torch.float16, torch.bfloat16]
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+def relative_error(actual: torch.Tensor, expected: torch.Tensor, magnitude: torch.Tensor | None = None) -> float:
     expected = expected.double()
-    scale = expected.abs().max().item() if expected.numel() else 0.0
+    magnitude = expected if magnitude is None else magnitude.double()
+    scale = magnitude.abs().max().item() if magnitude.numel() else 0.0
     err = (actual.double() - expected).abs().max().item() if expected.numel() else 0.0
     return err / max(scale, 1e-30) if scale > 0 else err
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str, factor: float = 1.0):
-    """max|actual - expected| ≤ factor · RTOL[dtype] · max|expected| (expected computed in float64)."""
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    dtype: torch.dtype,
+    name: str,
+    factor: float = 1.0,
+    magnitude: torch.Tensor | None = None,
+):
+    """max|actual - expected| ≤ factor · RTOL[dtype] · max|magnitude| (expected computed in float64). magnitude
+    defaults to expected; a sum that can cancel passes the same sum of absolute values (its error model)."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     both_nan = torch.isnan(actual.double()) & torch.isnan(expected.double())
     assert torch.equal(torch.isnan(actual.double()), torch.isnan(expected.double())), f"{name}: NaN pattern differs"
-    err = relative_error(actual.masked_fill(both_nan, 0), expected.masked_fill(both_nan, 0))
+    mag = None if magnitude is None else magnitude.double().nan_to_num(0.0, 0.0, 0.0)
+    err = relative_error(actual.masked_fill(both_nan, 0), expected.masked_fill(both_nan, 0), mag)
     assert err <= factor * RTOL[dtype], f"{name}: relative error {err:.3g} > {factor * RTOL[dtype]:.3g} ({dtype})"
