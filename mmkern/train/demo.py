@@ -1,12 +1,13 @@
 """`mmkern demo`: the whole story on the embedded digits in a few minutes of CPU.
 
 1. pretrain a small CLIP (mmkern kernels) -> held-out zero-shot top-1 and image->text R@1;
-2. prompt learning: hand-written templates vs CoOp context trained on 16 shots per class;
-   cloze prompts: a fusion encoder on the CLIP image tower, MLM-pretrained on the captions, fills
+2. prompt learning: hand-written templates vs CoOp context (KgCoOp-regularised) trained on 16 shots per class
+   that pretraining never saw;
+3. cloze prompts: a fusion encoder on the CLIP image tower, MLM-pretrained on the captions, fills
    "a photo of the digit [MASK]." zero-shot and after few-shot tuning of soft prompt vectors (or the whole model),
    DIR/cloze_encoder.safetensors;
-3. instruction-tune a small vision-language decoder on the CLIP image tower -> held-out exact match;
-4. training throughput of the mmkern CLIP vs the same model on plain PyTorch ops, measured in this run.
+4. instruction-tune a small vision-language decoder on the CLIP image tower -> held-out exact match;
+5. training throughput of the mmkern CLIP vs the same model on plain PyTorch ops, measured in this run.
 Writes DIR/metrics.json, DIR/clip.safetensors, DIR/decoder.safetensors, DIR/*/metrics.jsonl and DIR/*.png.
 """
 
@@ -151,7 +152,7 @@ def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 
     def say(msg):
         print(f"[demo {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
 
-    say("1/4 contrastive pretraining of a small CLIP on the digits")
+    say("1/5 contrastive pretraining of a small CLIP on the digits")
     t = time.perf_counter()
     pre = train_contrastive(c_clip, data)
     clip, tok, train, test = pre["model"], pre["tokenizer"], pre["train"], pre["test"]
@@ -161,7 +162,7 @@ def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 
     timings["pretrain"] = time.perf_counter() - t
     say(f"zero-shot top-1 {metrics['zero_shot_top1']:.3f}, image->text R@1 {metrics['retrieval_r1']:.3f}")
 
-    say("2/4 prompt learning: hand-written templates vs learned context (16 shots per class, towers frozen)")
+    say("2/5 prompt learning: hand-written templates vs learned context (16 unseen shots per class, towers frozen)")
     t = time.perf_counter()
     pr = train_prompts(clip, tok, shots, test, HANDWRITTEN_TEMPLATES, c_prompt)
     metrics["prompt_handwritten_top1"] = pr["prompt_handwritten_top1"]
@@ -170,7 +171,7 @@ def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 
     timings["prompt"] = time.perf_counter() - t
     say(f"hand-written {metrics['prompt_handwritten_top1']:.3f}, learned {metrics['prompt_learned_top1']:.3f}")
 
-    say("2b/4 cloze prompts: fusion encoder MLM-pretrained on the captions fills 'a photo of the digit [MASK].'")
+    say("3/5 cloze prompts: fusion encoder MLM-pretrained on the captions fills 'a photo of the digit [MASK].'")
     t = time.perf_counter()
     cz = train_cloze(clip, tok, train, test, cloze_config(size, out, seed, progress), shots=shots)
     metrics["prompt_cloze_zero_shot_top1"] = cz["cloze_zero_shot_top1"]
@@ -183,7 +184,7 @@ def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 
         f"{metrics['prompt_cloze_top1']:.3f}, whole model {metrics['prompt_cloze_whole_top1']:.3f}"
     )
 
-    say("3/4 instruction tuning of a vision-language decoder (stage 1 projector, stage 2 + LM)")
+    say("4/5 instruction tuning of a vision-language decoder (stage 1 projector, stage 2 + LM)")
     t = time.perf_counter()
     vis_state = {k[len("visual.") :]: v for k, v in clip.state_dict().items() if k.startswith("visual.")}
     inst = train_instruct(train, test, c_inst, vis_state, clip.visual.config)
@@ -192,7 +193,7 @@ def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 
     timings["instruct"] = time.perf_counter() - t
     say(f"held-out exact match {metrics['instruction_exact_match']:.3f}")
 
-    say("4/4 training throughput: mmkern CLIP vs the same model on plain PyTorch ops")
+    say("5/5 training throughput: mmkern CLIP vs the same model on plain PyTorch ops")
     t = time.perf_counter()
     metrics.update(throughput_comparison(clip, tok, train, c_clip, bench_steps))
     timings["throughput"] = time.perf_counter() - t
