@@ -29,15 +29,17 @@ def attention_allowed(
     is_causal: bool = False,
     window: tuple[int, int] | None = None,
     num_global: int = 0,
+    query_offset: int = 0,
     device=None,
 ) -> torch.Tensor:
     """Boolean (L, S) matrix of the (query, key) pairs that structural masking leaves visible.
 
     Causal masking is aligned top-left, as torch's SDPA does: query i sees keys j <= i. A window
     (left, right) keeps keys in [i - left, i + right]; the first `num_global` queries and keys ignore
-    the window (they see and are seen by every position), but never the causal mask.
+    the window (they see and are seen by every position), but never the causal mask. `query_offset` P
+    places the queries at positions P..P+L-1 (new tokens after a KV cache of P positions).
     """
-    i = torch.arange(query_len, device=device).unsqueeze(1)
+    i = torch.arange(query_offset, query_offset + query_len, device=device).unsqueeze(1)
     j = torch.arange(key_len, device=device).unsqueeze(0)
     allowed = torch.ones(query_len, key_len, dtype=torch.bool, device=device)
     if window is not None:

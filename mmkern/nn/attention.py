@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmkern import ops
+from mmkern import ops, reference
 
 
 class KVCache:
@@ -36,18 +36,10 @@ class KVCache:
 
 def cached_mask(attn_mask, past: int, L: int, S: int, is_causal: bool, window, num_global: int, device):
     """attn_mask combined with the causal / window / global structure for L queries at positions past..past+L-1
-    over S keys at positions 0..S-1: query p sees key j when p - left <= j <= p + right (or either is one of
-    the first num_global tokens) and, when causal, j <= p. Bool masks are and-ed, float masks get -inf."""
-    i = torch.arange(past, past + L, device=device).unsqueeze(1)
-    j = torch.arange(S, device=device).unsqueeze(0)
-    allowed = torch.ones(L, S, dtype=torch.bool, device=device)
-    if window is not None:
-        left, right = window
-        allowed = (j >= i - left) & (j <= i + right)
-        if num_global:
-            allowed = allowed | (i < num_global) | (j < num_global)
-    if is_causal:
-        allowed = allowed & (j <= i)
+    over S keys (reference.attention_allowed). Bool masks are and-ed, float masks get -inf."""
+    allowed = reference.attention_allowed(
+        L, S, is_causal=is_causal, window=window, num_global=num_global, query_offset=past, device=device
+    )
     if attn_mask is None:
         return allowed
     if attn_mask.dtype == torch.bool:
