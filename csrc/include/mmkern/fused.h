@@ -13,45 +13,10 @@ namespace mmkern {
 // GELU variants, as in torch's nn.GELU(approximate=...). Must match mmkern/ops/fused.py.
 enum class GeluKind : int { erf = 0, tanh = 1 };
 
-// exp(x) in fp32 with ~1 ulp error: x = n·ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial (Cephes
-// expf coefficients), 2^n by writing the exponent bits. Inputs below -87 give 0 (no subnormals), above 88 give
-// inf; NaN stays NaN.
-MMK_HD float fused_exp(float x) {
-#if defined(__CUDA_ARCH__)
-  return expf(x);
-#else
-  const float lo = -87.0f, hi = 88.0f;
-  float c = x < lo ? lo : x;
-  c = c > hi ? hi : c;
+// exp(c) in fp32 with ~1 ulp error for c in [-87, 88]: c = n·ln2 + r, |r| <= ln2/2, exp(r) by a degree-6
+// polynomial (Cephes expf coefficients), 2^n by writing the exponent bits. Host only (CUDA uses expf).
+inline float fused_exp_in_range(float c) {
   // Adding 1.5·2^23 rounds to an integer (round-half-even) and leaves n in the low mantissa bits.
-  const float magic = 12582912.0f;
-  float t = c * 1.44269504088896341f + magic;
-  float n = t - magic;
-  float r = c - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t ni = static_cast<int32_t>(float_to_bits(t) - float_to_bits(magic));
-  float scale = bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
-  float e = p * scale;
-  e = x < lo ? 0.0f : e;
-  return x > hi ? INFINITY : e;
-#endif
-}
-
-// exp(a) for a <= 0 (or NaN, which the callers' products carry through anyway): fused_exp without the overflow
-// branch, for the Gaussian factor exp(-x²/2) of the erf GELU.
-MMK_HD float fused_exp_nonpositive(float a) {
-#if defined(__CUDA_ARCH__)
-  return expf(a);
-#else
-  const float lo = -87.0f;
-  const float c = a > lo ? a : lo;
   const float magic = 12582912.0f;
   const float t = c * 1.44269504088896341f + magic;
   const float n = t - magic;
@@ -65,7 +30,30 @@ MMK_HD float fused_exp_nonpositive(float a) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const int32_t ni = static_cast<int32_t>(float_to_bits(t) - float_to_bits(magic));
-  const float e = p * bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
+  return p * bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
+}
+
+// exp(x): inputs below -87 give 0 (no subnormals), above 88 give inf; NaN stays NaN.
+MMK_HD float fused_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  const float lo = -87.0f, hi = 88.0f;
+  float c = x < lo ? lo : x;
+  c = c > hi ? hi : c;
+  const float e = fused_exp_in_range(c);
+  return x > hi ? INFINITY : (x < lo ? 0.0f : e);
+#endif
+}
+
+// exp(a) for a <= 0 (or NaN, which the callers' products carry through anyway): fused_exp without the overflow
+// branch, for the Gaussian factor exp(-x²/2) of the erf GELU.
+MMK_HD float fused_exp_nonpositive(float a) {
+#if defined(__CUDA_ARCH__)
+  return expf(a);
+#else
+  const float lo = -87.0f;
+  const float e = fused_exp_in_range(a > lo ? a : lo);
   return a < lo ? 0.0f : e;
 #endif
 }
