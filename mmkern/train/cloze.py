@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmkern.data import ImageTextCollator, ImageTextDataset, WordTokenizer
-from mmkern.models import CLIP, FusionConfig, FusionEncoder, TextConfig
+from mmkern.models import CLIP, FusionConfig, FusionEncoder
 from mmkern.train.loop import TrainConfig, Trainer
-from mmkern.train.vlp import VLPConfig, VLPModel, vlp_loss_fn
+from mmkern.train.vlp import VLPConfig, VLPModel, bert_text_config, vlp_loss_fn
 
 
 @dataclass
@@ -227,19 +227,8 @@ def image_tokens(encoder: FusionEncoder, images: torch.Tensor, chunk: int = 512)
 def build_cloze_encoder(clip: CLIP, tokenizer: WordTokenizer, config: ClozeConfig) -> FusionEncoder:
     """A BERT-style fusion encoder over the tokenizer's vocabulary whose image tower is a copy of clip.visual."""
     v = clip.visual.config
-    text = TextConfig(
-        vocab_size=tokenizer.vocab_size,
-        context_length=config.context_length,
-        width=clip.config.text.width,
-        depth=config.text_depth,
-        heads=clip.config.text.heads,
-        causal=False,
-        norm_first=False,
-        embed_norm=True,
-        final_norm=False,
-        pool="cls",
-        eps=1e-12,
-    )
+    t = clip.config.text
+    text = bert_text_config(tokenizer, config.context_length, t.width, config.text_depth, t.heads)
     enc = FusionEncoder(FusionConfig(vision=v, text=text, fusion="cross", fusion_layer=config.fusion_layer, itc_dim=0))
     enc.visual.load_state_dict({k: v for k, v in clip.visual.state_dict().items() if not k.startswith("head.")})
     return enc

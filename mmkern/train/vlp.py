@@ -48,14 +48,14 @@ class VLPModel(nn.Module):
         self.pixel_head = nn.Linear(v.width, v.patch_size * v.patch_size * v.in_chans)
 
 
-def build_vlp_model(tokenizer: WordTokenizer, c: VLPConfig) -> VLPModel:
-    vision = ViTConfig(img_size=c.image_size, patch_size=c.patch_size, width=c.width, depth=c.depth, heads=c.heads)
-    text = TextConfig(
+def bert_text_config(tokenizer: WordTokenizer, context_length: int, width: int, depth: int, heads: int):
+    """The fusion encoder's text side: a BERT-style (post-norm, bidirectional, CLS-pooled) TextConfig."""
+    return TextConfig(
         vocab_size=tokenizer.vocab_size,
-        context_length=c.context_length,
-        width=c.width,
-        depth=c.text_depth,
-        heads=c.heads,
+        context_length=context_length,
+        width=width,
+        depth=depth,
+        heads=heads,
         causal=False,
         norm_first=False,
         embed_norm=True,
@@ -63,6 +63,11 @@ def build_vlp_model(tokenizer: WordTokenizer, c: VLPConfig) -> VLPModel:
         pool="cls",
         eps=1e-12,
     )
+
+
+def build_vlp_model(tokenizer: WordTokenizer, c: VLPConfig) -> VLPModel:
+    vision = ViTConfig(img_size=c.image_size, patch_size=c.patch_size, width=c.width, depth=c.depth, heads=c.heads)
+    text = bert_text_config(tokenizer, c.context_length, c.width, c.text_depth, c.heads)
     return VLPModel(
         FusionEncoder(
             FusionConfig(vision=vision, text=text, fusion="cross", fusion_layer=c.fusion_layer, itc_dim=c.width)
