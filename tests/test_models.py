@@ -146,6 +146,49 @@ def test_bidirectional_text_padding_invariance(pool):
     assert_all_grads(m)
 
 
+@pytest.mark.parametrize(
+    "tower,config",
+    [
+        ("vit", dict(VIT, reg_tokens=2, pre_norm=True, num_classes=8)),
+        ("vit", dict(VIT, depth=3, windows=[(1, 1), None, (2, 0)])),
+        ("text", dict(TEXT, output_dim=8)),
+        ("text", dict(TEXT, windows=[(2, 0), (3, 0)])),
+        ("text", BERT),
+        ("text", dict(BERT, pool="last")),
+        ("text", dict(TEXT, depth=0)),
+    ],
+    ids=["vit", "vit-window", "clip-text", "clip-text-window", "bert-cls", "bert-last", "depth0"],
+)
+def test_pooled_rows_only_matches_full_last_block(tower, config):
+    """Token-pooled towers run their last block at the pooled row only; that equals pooling the full output,
+    values and every parameter's gradient, with padding and grad checkpointing."""
+    torch.manual_seed(0)
+    if tower == "vit":
+        m, args = VisionTransformer(ViTConfig(**config)), (torch.randn(3, 3, 32, 32),)
+    else:
+        m = TextTransformer(TextConfig(**config))
+        ids = torch.randint(1, 63, (3, 9))
+        ids[0, 4], ids[1, 8], ids[2, 0] = 63, 63, 63  # EOT (largest id) at the start, middle and end
+        mask = torch.ones(3, 9)
+        mask[0, 5:], mask[2, 1:] = 0, 0
+        args = (ids, mask)
+    for ckpt in (False, True):
+        m.set_grad_checkpointing(ckpt)
+        results = []
+        for rows_only in (True, False):
+            m.pooled_rows_only = rows_only
+            m.zero_grad()
+            out = m(*args)
+            # A fixed random direction: the sum of squares of a LayerNorm output is nearly constant, and its
+            # gradient would be rounding noise.
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            results.append((out, [p.grad for p in m.parameters()]))
+        (out, grads), (ref, ref_grads) = results
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
 def test_text_rejects_long_input():
     with pytest.raises(ValueError, match="context_length"):
         TextTransformer(TextConfig(**TEXT))(torch.zeros(1, 17, dtype=torch.long))

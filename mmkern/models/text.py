@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmkern.nn import Block
-from mmkern.nn.attention import layer_windows
+from mmkern.nn.attention import layer_windows, select_rows
 from mmkern.nn.blocks import run_pre_norm
 
 
@@ -99,6 +99,7 @@ class TextTransformer(nn.Module):
         self.proj = nn.Linear(D, c.output_dim, bias=False) if c.output_dim else nn.Identity()
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         self.grad_checkpointing = False
+        self.pooled_rows_only = True
 
     @property
     def output_dim(self) -> int:
@@ -132,22 +133,24 @@ class TextTransformer(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         final_norm: nn.Module | None = None,
+        rows: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         """Runs `blocks` (all by default) over embedded tokens x (B, L, D), then `final_norm` if given (in a
-        pre-norm stack fused with the last residual add)."""
+        pre-norm stack fused with the last residual add). With `rows` (see Block) -> (B, 1, D) at those rows."""
         mask, is_causal = padding_mask(attention_mask, x.shape[1], self.config.causal)
         ckpt = self.grad_checkpointing and self.training
         blocks = self.blocks if blocks is None else blocks
-        if self.config.norm_first:
 
-            def call(blk, x, residual):
-                args, kw = (x, mask, is_causal, context, context_mask), {"residual": residual, "defer": True}
-                return checkpoint(blk, *args, use_reentrant=False, **kw) if ckpt else blk(*args, **kw)
-
-            return run_pre_norm(blocks, x, final_norm, call)
-        for blk in blocks:
+        def call(blk, x, **kw):
             args = (x, mask, is_causal, context, context_mask)
-            x = checkpoint(blk, *args, use_reentrant=False) if ckpt else blk(*args)
+            return checkpoint(blk, *args, use_reentrant=False, **kw) if ckpt else blk(*args, **kw)
+
+        if self.config.norm_first:
+            return run_pre_norm(blocks, x, final_norm, call, rows)
+        for i, blk in enumerate(blocks):
+            x = call(blk, x, rows=rows if i == len(blocks) - 1 else None)
+        if rows is not None and not len(blocks):
+            x = select_rows(x, rows)
         return x if final_norm is None else final_norm(x)
 
     def forward_features(
@@ -157,29 +160,36 @@ class TextTransformer(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        rows: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
+        """Tokens (B, L, width); with `rows` (see Block) the last block computes those rows only -> (B, 1, width)."""
         x = self.embed(input_ids, token_type_ids)
-        return self.run_blocks(x, attention_mask, None, context, context_mask, final_norm=self.norm)
+        return self.run_blocks(x, attention_mask, None, context, context_mask, final_norm=self.norm, rows=rows)
+
+    def pool_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """The token each sequence is pooled from: an int (cls: 0), (B,) int64 (eot, last), or None (mean, none)."""
+        pool = self.config.pool
+        if pool == "cls":
+            return 0
+        if pool == "eot":
+            eot = self.config.eot_token_id
+            return input_ids.argmax(dim=-1) if eot is None else (input_ids == eot).int().argmax(dim=-1)
+        if pool == "last":
+            if attention_mask is None:
+                return input_ids.shape[1] - 1
+            return attention_mask.long().sum(dim=1).sub(1).clamp(min=0)
+        return None
 
     def pool(self, tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """(B, L, D) -> (B, D) by the configured pooling (`none` returns the tokens)."""
-        pool, B = self.config.pool, tokens.shape[0]
-        if pool == "cls":
-            return tokens[:, 0]
-        if pool == "mean":
+        rows = self.pool_rows(input_ids, attention_mask)
+        if rows is not None:
+            return select_rows(tokens, rows)[:, 0]
+        if self.config.pool == "mean":
             if attention_mask is None:
                 return tokens.mean(dim=1)
             m = attention_mask.to(tokens.dtype).unsqueeze(-1)
             return (tokens * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
-        if pool == "eot":
-            eot = self.config.eot_token_id
-            idx = input_ids.argmax(dim=-1) if eot is None else (input_ids == eot).int().argmax(dim=-1)
-            return tokens[torch.arange(B, device=tokens.device), idx]
-        if pool == "last":
-            if attention_mask is None:
-                return tokens[:, -1]
-            idx = attention_mask.long().sum(dim=1).sub(1).clamp(min=0)
-            return tokens[torch.arange(B, device=tokens.device), idx]
         return tokens
 
     def forward(
@@ -188,5 +198,10 @@ class TextTransformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        tokens = self.forward_features(input_ids, attention_mask, token_type_ids)
-        return self.proj(self.pool(tokens, input_ids, attention_mask))
+        # Token pooling reads one row per sequence, so the last block runs for that row alone (see Block `rows`);
+        # pooled_rows_only = False runs it over every token (same result to rounding, for A/B measurements).
+        rows = self.pool_rows(input_ids, attention_mask) if self.pooled_rows_only else None
+        if rows is None:
+            tokens = self.forward_features(input_ids, attention_mask, token_type_ids)
+            return self.proj(self.pool(tokens, input_ids, attention_mask))
+        return self.proj(self.forward_features(input_ids, attention_mask, token_type_ids, rows=rows)[:, 0])

@@ -99,6 +99,7 @@ class VisionTransformer(nn.Module):
         self.attn_pool = AttentionPool(D, c.heads, c.mlp_ratio, c.act, c.eps) if c.pool == "map" else None
         self.head = nn.Linear(D, c.num_classes, bias=c.head_bias) if c.num_classes else nn.Identity()
         self.grad_checkpointing = False
+        self.pooled_rows_only = True
 
     @property
     def output_dim(self) -> int:
@@ -119,8 +120,11 @@ class VisionTransformer(nn.Module):
         patches = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         return torch.cat([x[:, :T], patches], dim=1)
 
-    def forward_features(self, images: torch.Tensor, num_layers: int | None = None, norm: bool = True) -> torch.Tensor:
-        """Tokens after the first `num_layers` blocks (all by default), final norm applied when `norm`."""
+    def forward_features(
+        self, images: torch.Tensor, num_layers: int | None = None, norm: bool = True, rows: int | None = None
+    ) -> torch.Tensor:
+        """Tokens after the first `num_layers` blocks (all by default), final norm applied when `norm`. With
+        `rows` (a token index) the last block computes that token only and the result is (B, 1, width)."""
         prefix = self._prefix_tokens()
         x = self.patch_embed(images, self.pos_embed, prefix)
         if self.training and self.config.patch_dropout > 0:
@@ -128,12 +132,12 @@ class VisionTransformer(nn.Module):
         x = self.norm_pre(x)
         ckpt = self.grad_checkpointing and self.training
 
-        def call(blk, x, residual):
+        def call(blk, x, **kw):
             if ckpt:
-                return checkpoint(blk, x, residual=residual, defer=True, use_reentrant=False)
-            return blk(x, residual=residual, defer=True)
+                return checkpoint(blk, x, use_reentrant=False, **kw)
+            return blk(x, **kw)
 
-        return run_pre_norm(self.blocks[:num_layers], x, self.norm if norm else None, call)
+        return run_pre_norm(self.blocks[:num_layers], x, self.norm if norm else None, call, rows)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T + N, D) -> (B, D) by the configured pooling (`none` returns the tokens)."""
@@ -149,4 +153,7 @@ class VisionTransformer(nn.Module):
         return self.fc_norm(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.forward_features(images)))
+        # Class-token pooling reads token 0 only, so the last block runs for that token alone (see Block `rows`);
+        # pooled_rows_only = False runs it over every token (same result to rounding, for A/B measurements).
+        rows = 0 if self.config.pool == "token" and self.pooled_rows_only else None
+        return self.head(self.pool(self.forward_features(images, rows=rows)))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmkern import ops, reference
@@ -45,6 +46,35 @@ def cached_mask(attn_mask, past: int, L: int, S: int, is_causal: bool, window, n
     if attn_mask.dtype == torch.bool:
         return attn_mask & allowed
     return torch.where(allowed, attn_mask, float("-inf"))
+
+
+def select_rows(x: torch.Tensor, rows: int | torch.Tensor) -> torch.Tensor:
+    """x (B, L, ...) -> (B, 1, ...): row `rows` of every sequence (an int), or row rows[b] of sequence b ((B,) int64)."""
+    if isinstance(rows, int):
+        return x[:, rows : rows + 1]
+    return x[torch.arange(x.shape[0], device=x.device), rows].unsqueeze(1)
+
+
+def rows_mask(attn_mask, rows: int | torch.Tensor, B: int, S: int, is_causal: bool, device):
+    """The mask for one query per sequence at position `rows` (see select_rows) over S keys: the matching row of
+    attn_mask (broadcastable to (B, H, L, S)) and, for is_causal (torch's top-left alignment), keys <= that
+    position. -> None or a mask broadcastable to (B, H, 1, S); bool masks are and-ed, float masks get -inf."""
+    mask = attn_mask
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        if mask.shape[2] > 1:  # a mask per query row: keep the selected ones
+            if isinstance(rows, int):
+                mask = mask[:, :, rows : rows + 1]
+            else:
+                mask = mask.expand(B, -1, -1, -1)
+                mask = mask.gather(2, rows.view(B, 1, 1, 1).expand(B, mask.shape[1], 1, S))
+    if not is_causal:
+        return mask
+    pos = torch.tensor(rows, device=device) if isinstance(rows, int) else rows
+    allowed = (torch.arange(S, device=device) <= pos.reshape(-1, 1)).view(-1, 1, 1, S)
+    if mask is None:
+        return allowed
+    return mask & allowed if mask.dtype == torch.bool else mask.masked_fill(~allowed, float("-inf"))
 
 
 def layer_windows(windows, depth: int) -> tuple[tuple[int, int] | None, ...] | None:
@@ -123,6 +153,23 @@ class Attention(nn.Module):
                 is_causal, window, num_global = False, None, 0
         o = ops.scaled_dot_product_attention(q, k, v, attn_mask, drop, is_causal, window=window, num_global=num_global)
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, L, -1)))
+
+    def forward_rows(
+        self, x: torch.Tensor, rows: int | torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        """forward(x, attn_mask, is_causal) at one query row per sequence (see select_rows) -> (B, 1, D). Keys and
+        values still come from every token, but the query projection, the attention and `proj` run for those rows
+        only: all a token-pooled encoder needs from its last layer. Local (windowed) layers run whole."""
+        if self.window is not None:
+            return select_rows(self.forward(x, attn_mask, is_causal), rows)
+        B, L, D = x.shape
+        w, b = self.qkv.weight, self.qkv.bias
+        q = F.linear(select_rows(x, rows), w[:D], None if b is None else b[:D])
+        k, v = F.linear(x, w[D:], None if b is None else b[D:]).view(B, L, 2, self.num_heads, self.head_dim).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q.view(B, 1, self.num_heads, self.head_dim), k, v))
+        mask = rows_mask(attn_mask, rows, B, L, is_causal, x.device)
+        o = ops.scaled_dot_product_attention(q, k, v, mask, self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, 1, D)))
 
 
 class CrossAttention(nn.Module):

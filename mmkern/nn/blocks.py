@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmkern import ops
-from mmkern.nn.attention import Attention, CrossAttention, KVCache
+from mmkern.nn.attention import Attention, CrossAttention, KVCache, select_rows
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +109,9 @@ class Block(nn.Module):
     Keys: norm1, attn.{qkv,proj}, [norm_cross, cross_attn.{q,kv,proj}], norm2, mlp.{fc1,fc2}.
 
     forward(x (B, L, D) or packed (total, D), attn_mask=None, is_causal=False, context=None, context_mask=None,
-    kv_cache=None, cu_seqlens=None, max_seqlen=None) -> same shape as x.
+    kv_cache=None, cu_seqlens=None, max_seqlen=None) -> same shape as x. With `rows` (an int, or (B,) int64 with
+    one position per sequence) it returns only those rows, (B, 1, D): the last layer of a token-pooled encoder
+    then attends from, and runs its MLP on, the pooled token alone (Attention.forward_rows).
 
     Under fused_elementwise() each residual add runs fused with the LayerNorm that follows it. Pre-norm
     stacks also fuse across blocks: `defer=True` returns (x, branch) instead of x + branch, and the next block
@@ -160,20 +162,29 @@ class Block(nn.Module):
         *,
         residual: torch.Tensor | None = None,
         defer: bool = False,
+        rows: int | torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if rows is not None and (kv_cache is not None or cu_seqlens is not None):
+            raise ValueError("rows: selecting output rows works on padded (B, L, D) batches without a kv_cache")
+
         def attn(h):
+            if rows is not None:
+                return self.attn.forward_rows(h, rows, attn_mask, is_causal)
             return self.attn(h, attn_mask, is_causal, kv_cache, cu_seqlens, max_seqlen)
+
+        def keep(x):  # the residual stream at the rows the attention output covers
+            return x if rows is None else select_rows(x, rows)
 
         cross = self.cross_attn is not None and context is not None
         if not self.norm_first:  # post-norm: x = norm(x + f(x)), each add fused with its norm
             if residual is not None or defer:
                 raise ValueError("residual: deferred residuals are for pre-norm (norm_first) blocks only")
-            x = add_norm(x, attn(x), self.norm1)[1]
+            x = add_norm(keep(x), attn(x), self.norm1)[1]
             if cross:
                 x = add_norm(x, self.cross_attn(x, context, context_mask), self.norm_cross)[1]
             return add_norm(x, self.mlp(x), self.norm2)[1]
         x, h = add_norm(x, residual, self.norm1)
-        branch = attn(h)
+        branch, x = attn(h), keep(x)
         if cross:
             x, h = add_norm(x, branch, self.norm_cross)
             branch = self.cross_attn(h, context, context_mask)
@@ -182,13 +193,16 @@ class Block(nn.Module):
         return (x, branch) if defer else x + branch
 
 
-def run_pre_norm(blocks, x: torch.Tensor, final_norm: nn.Module | None, call=None) -> torch.Tensor:
+def run_pre_norm(blocks, x: torch.Tensor, final_norm: nn.Module | None, call=None, rows=None) -> torch.Tensor:
     """Runs pre-norm `blocks` over x with each block's last residual add fused into the next block's norm1 and
-    the last one into `final_norm` (None: the plain add). `call(blk, x, residual)` runs one block with
-    defer=True and returns (x, branch); by default `blk(x, residual=residual, defer=True)`."""
-    pending = None
-    for blk in blocks:
-        x, pending = call(blk, x, pending) if call else blk(x, residual=pending, defer=True)
+    the last one into `final_norm` (None: the plain add). `call(blk, x, **kw)` runs one block with the keywords
+    (residual, defer=True, rows) and returns (x, branch); by default `blk(x, **kw)`. `rows` (see Block): the last
+    block computes those rows only and the result is (B, 1, D)."""
+    pending, call = None, call or (lambda blk, x, **kw: blk(x, **kw))
+    for i, blk in enumerate(blocks):
+        x, pending = call(blk, x, residual=pending, defer=True, rows=rows if i == len(blocks) - 1 else None)
+    if rows is not None and not len(blocks):
+        x = select_rows(x, rows)
     if final_norm is None:
         return x if pending is None else x + pending
     return add_norm(x, pending, final_norm)[1]

@@ -27,7 +27,7 @@ from mmkern.train.baseline import PlainCLIP, plain_loss_fn
 from mmkern.train.cloze import ClozeConfig, train_cloze
 from mmkern.train.contrastive import HANDWRITTEN_TEMPLATES, ContrastiveConfig, contrastive_loss_fn, train_contrastive
 from mmkern.train.instruct import InstructConfig, train_instruct
-from mmkern.train.loop import plot_metrics
+from mmkern.train.loop import adamw, plot_metrics
 from mmkern.train.prompt import PromptConfig, train_prompts
 
 TARGETS = {"zero_shot_top1": 0.90, "instruction_exact_match": 0.80, "throughput_ratio_vs_pytorch": 1.3}
@@ -86,7 +86,8 @@ class _Stepper:
 
     def __init__(self, model, loss_fn, batch):
         self.model, self.loss_fn, self.batch = model.train(), loss_fn, batch
-        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = adamw(params, 1e-4, params[0].device)  # the trainer's optimizer, for both models
 
     def __call__(self):
         self.opt.zero_grad(set_to_none=True)
