@@ -103,11 +103,11 @@ def resolve(backend: str | None, device: torch.device, cuda_default: str = "trit
     missing.
     """
     chosen = backend if backend is not None else selected_backend()
+    if chosen is None and device.type == "cpu" and _native.IMPORT_ERROR is None:
+        return "cpu"  # the common case, first: this runs on every op call
     if chosen is None:
         if device.type == "cuda":
             chosen = cuda_default if unavailable_reason(cuda_default, "cuda") is None else "reference"
-        elif device.type == "cpu":
-            chosen = "cpu" if unavailable_reason("cpu", "cpu") is None else "reference"
         else:
             chosen = "reference"
     reason = unavailable_reason(chosen, device.type)

@@ -48,6 +48,12 @@ def cached_mask(attn_mask, past: int, L: int, S: int, is_causal: bool, window, n
     return torch.where(allowed, attn_mask, float("-inf"))
 
 
+def dropout(p: float) -> nn.Module:
+    """nn.Dropout(p), or nn.Identity when p == 0: a no-op Dropout still costs a function call per use, and a
+    small model's layer makes several."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def select_rows(x: torch.Tensor, rows: int | torch.Tensor) -> torch.Tensor:
     """x (B, L, ...) -> (B, 1, ...): row `rows` of every sequence (an int), or row rows[b] of sequence b ((B,) int64)."""
     if isinstance(rows, int):
@@ -121,7 +127,7 @@ class Attention(nn.Module):
         self.window, self.num_global = window, num_global if window is not None else 0
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
-        self.attn_drop, self.proj_drop = attn_drop, nn.Dropout(proj_drop)
+        self.attn_drop, self.proj_drop = attn_drop, dropout(proj_drop)
 
     def forward(
         self,
@@ -195,7 +201,7 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(kv_dim or dim, 2 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
-        self.attn_drop, self.proj_drop = attn_drop, nn.Dropout(proj_drop)
+        self.attn_drop, self.proj_drop = attn_drop, dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, _ = x.shape

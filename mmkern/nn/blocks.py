@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmkern import ops
-from mmkern.nn.attention import Attention, CrossAttention, KVCache, select_rows
+from mmkern.nn.attention import Attention, CrossAttention, KVCache, dropout, select_rows
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,8 @@ def _fusable(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
 def add_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, norm(s)) with s = x + residual (x when residual is None): one fused mmkern.ops.add_layer_norm for a
     LayerNorm over the last dim, else the plain add and module."""
-    if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1 and _fusable(x, norm.weight, norm.bias):
+    fusable = _fuse_elementwise and isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
+    if fusable and _fusable(x, norm.weight, norm.bias):
         return ops.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
     s = x if residual is None else x + residual
     return s, norm(s)
@@ -89,7 +90,7 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
         self.act_name, self.act = act, activation(act)
         self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias)
-        self.drop = nn.Dropout(drop)
+        self.drop = dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1 = self.fc1

@@ -14,6 +14,7 @@ import torch
 
 from mmkern import _native, backends, reference
 from mmkern.ops._checks import check_like, check_tensor, native_dtype
+from mmkern.ops._eager import plain_eager
 
 
 def patch_embed(
@@ -73,6 +74,8 @@ def patch_embed(
     native_dtype(chosen, "images", images)
     if chosen == "reference":
         return reference.patch_embed(images, weight, bias, pos_embed, prefix_tokens)
+    if plain_eager(images, weight, bias, pos_embed, prefix_tokens):  # see mmkern/ops/_eager.py
+        return _EagerPatchEmbed.apply(images, weight, bias, pos_embed, prefix_tokens, chosen)
     return torch.ops.mmkern.patch_embed(images, weight, bias, pos_embed, prefix_tokens, chosen)
 
 
@@ -82,15 +85,8 @@ def _output_shape(images, weight, prefix_tokens):
     return (images.shape[0], T + (images.shape[2] // P) * (images.shape[3] // P), weight.shape[0])
 
 
-@torch.library.custom_op("mmkern::patch_embed", mutates_args=())
-def _patch_embed_op(
-    images: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    pos_embed: torch.Tensor | None,
-    prefix_tokens: torch.Tensor | None,
-    backend: str,
-) -> torch.Tensor:
+def _forward_impl(images, weight, bias, pos_embed, prefix_tokens, backend):
+    """The body of mmkern::patch_embed."""
     out = images.new_empty(_output_shape(images, weight, prefix_tokens))
     args = [_native.tensor_arg(t) for t in (images, weight, bias, pos_embed, prefix_tokens, out)]
     if backend == "cpu":
@@ -104,22 +100,26 @@ def _patch_embed_op(
     return out
 
 
+@torch.library.custom_op("mmkern::patch_embed", mutates_args=())
+def _patch_embed_op(
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    pos_embed: torch.Tensor | None,
+    prefix_tokens: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    return _forward_impl(images, weight, bias, pos_embed, prefix_tokens, backend)
+
+
 @_patch_embed_op.register_fake
 def _(images, weight, bias, pos_embed, prefix_tokens, backend):
     return images.new_empty(_output_shape(images, weight, prefix_tokens))
 
 
-@torch.library.custom_op("mmkern::patch_embed_backward", mutates_args=())
-def _patch_embed_backward_op(
-    grad_out: torch.Tensor,
-    images: torch.Tensor,
-    weight: torch.Tensor,
-    num_prefix: int,
-    need_images: bool,
-    need_weight: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_images or an empty tensor, grad_weight in fp32 or an empty tensor)."""
+def _backward_impl(grad_out, images, weight, num_prefix, need_images, need_weight, backend):
+    """The body of mmkern::patch_embed_backward: (grad_images or an empty tensor, grad_weight in fp32 or an empty
+    tensor)."""
     grad_images = torch.empty_like(images, memory_format=torch.contiguous_format) if need_images else None
     grad_weight = weight.new_empty(weight.shape, dtype=torch.float32) if need_weight else None
     args = [_native.tensor_arg(t) for t in (grad_out, images, weight, grad_images, grad_weight)]
@@ -138,6 +138,19 @@ def _patch_embed_backward_op(
     )
 
 
+@torch.library.custom_op("mmkern::patch_embed_backward", mutates_args=())
+def _patch_embed_backward_op(
+    grad_out: torch.Tensor,
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    num_prefix: int,
+    need_images: bool,
+    need_weight: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward_impl(grad_out, images, weight, num_prefix, need_images, need_weight, backend)
+
+
 @_patch_embed_backward_op.register_fake
 def _(grad_out, images, weight, num_prefix, need_images, need_weight, backend):
     grad_images = (
@@ -147,11 +160,11 @@ def _(grad_out, images, weight, num_prefix, need_images, need_weight, backend):
     return grad_images, grad_weight
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, eager=False):
     images, weight, bias, pos_embed, prefix_tokens, backend = inputs
     ctx.save_for_backward(images, weight)
     ctx.num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[0]
-    ctx.backend = backend
+    ctx.backend, ctx.eager = backend, eager
     ctx.has = (bias is not None, pos_embed is not None, prefix_tokens is not None)
 
 
@@ -161,9 +174,8 @@ def _backward(ctx, grad_out):
     T = ctx.num_prefix
     grad_images = grad_weight = grad_bias = grad_pos = grad_prefix = None
     if need_images or need_weight:
-        gi, gw = torch.ops.mmkern.patch_embed_backward(
-            grad_out, images, weight, T, need_images, need_weight, ctx.backend
-        )
+        run = _backward_impl if ctx.eager else torch.ops.mmkern.patch_embed_backward
+        gi, gw = run(grad_out, images, weight, T, need_images, need_weight, ctx.backend)
         grad_images = gi if need_images else None
         grad_weight = gw.to(weight.dtype) if need_weight else None
     # The remaining gradients are memory-bound reductions, left to torch. One pass over grad_out sums the
@@ -181,3 +193,15 @@ def _backward(ctx, grad_out):
 
 
 _patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerPatchEmbed(torch.autograd.Function):
+    """The same kernels and autograd formula as the mmkern::patch_embed op, without the custom-op dispatch."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, out, eager=True)
+        return out
+
+    backward = staticmethod(_backward)
