@@ -212,6 +212,21 @@ def test_task_contrastive_siglip_with_grad_cache():
     assert 0 <= r["metrics"]["zero_shot_top1"] <= 1 and 0 <= r["metrics"]["retrieval_r1"] <= 1
 
 
+def test_task_depends_on_its_seed_only():
+    """The model is built after seeding (its initialisation draws from torch's generator), so whatever ran before
+    in the process, the same seed gives the same run and another seed a different one."""
+    from mmkern.train.contrastive import train_contrastive
+
+    def weights(seed):
+        torch.rand(int(torch.randint(1, 100, ()).item()))  # disturb the global generator
+        model = train_contrastive(ContrastiveConfig(**{**TINY, "steps": 2, "batch_size": 16, "seed": seed}))["model"]
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    first = weights(0)
+    assert torch.equal(first, weights(0))
+    assert not torch.equal(first, weights(1))
+
+
 @pytest.mark.parametrize("weights", [(1, 1, 1, 1), (0, 1, 0, 0), (0, 0, 0, 1)])
 def test_task_vlp(weights):
     from mmkern.train.vlp import VLPConfig, train_vlp

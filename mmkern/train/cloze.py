@@ -21,7 +21,7 @@ from torch import nn
 
 from mmkern.data import ImageTextCollator, ImageTextDataset, WordTokenizer
 from mmkern.models import CLIP, FusionConfig, FusionEncoder
-from mmkern.train.loop import TrainConfig, Trainer
+from mmkern.train.loop import TrainConfig, Trainer, seed_everything
 from mmkern.train.vlp import VLPConfig, VLPModel, bert_text_config, vlp_loss_fn
 
 
@@ -238,6 +238,7 @@ def pretrain_cloze_encoder(
     clip: CLIP, tokenizer: WordTokenizer, train: ImageTextDataset, config: ClozeConfig
 ) -> tuple[FusionEncoder, list[dict]]:
     """MLM on train's captions through a new fusion encoder on the CLIP's image tower -> (encoder, history)."""
+    seed_everything(config.seed)
     enc = build_cloze_encoder(clip, tokenizer, config)
     base = {f.name: getattr(config, f.name) for f in fields(TrainConfig)}
     base.update(  # the tuning's steps / batch / lr / weight decay are not the pretraining's
@@ -312,6 +313,7 @@ def tune_cloze(
     config.whole_lr, with config.template. With `val`, the state with the best validation accuracy (then loss)
     over steps 0, eval_every, ... is kept, so tuning that does not help on validation falls back to the starting
     prompt / weights. -> {"model": the ClozePrompt or the encoder, "best_step", "val_top1", "history"}."""
+    seed_everything(config.seed)
     tune = tune or config.tune
     if tune not in ("soft", "whole"):
         raise ValueError(f"tune: expected 'soft' or 'whole', got {tune!r}")

@@ -10,7 +10,7 @@ import torch
 from mmkern.data import ImageTextCollator, ImageTextDataset, WordTokenizer, load_dataset
 from mmkern.models import CLIP, CLIPConfig, TextConfig, ViTConfig
 from mmkern.nn import ClipLoss, SigLipLoss
-from mmkern.train.loop import TrainConfig, Trainer
+from mmkern.train.loop import TrainConfig, Trainer, seed_everything
 
 HANDWRITTEN_TEMPLATES = ["a photo of the digit {}.", "a handwritten {}."]
 
@@ -147,6 +147,7 @@ def evaluate_clip(
 def train_contrastive(config: ContrastiveConfig, dataset: ImageTextDataset | None = None) -> dict:
     """Pretrains a small CLIP / SigLIP on the configured dataset -> {"model", "tokenizer", "train", "test",
     "history", "metrics"} (metrics: held-out zero_shot_top1 and retrieval_r1)."""
+    seed_everything(config.seed)
     data = dataset or load_dataset(config.dataset, config.image_size)
     train, test = data.split(config.held_out, seed=config.seed)
     tokenizer = WordTokenizer.from_texts(

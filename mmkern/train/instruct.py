@@ -22,7 +22,7 @@ from mmkern.data.instruct import TASKS
 from mmkern.models import VisionLanguageDecoder, VLDecoderConfig, causal_lm_loss
 from mmkern.models.text import TextConfig
 from mmkern.models.vit import ViTConfig
-from mmkern.train.loop import TrainConfig, Trainer
+from mmkern.train.loop import TrainConfig, Trainer, seed_everything
 
 
 @dataclass
@@ -116,6 +116,7 @@ def train_instruct(
 ) -> dict:
     """Two-stage instruction tuning; `vision_state` (a VisionTransformer state dict, e.g. a CLIP image tower's)
     initialises the frozen vision tower. -> {"model", "tokenizer", "metrics" (held-out exact match), "history"}."""
+    seed_everything(config.seed)
     train_rows = instruction_data(train, config.per_image, seed=config.seed)
     test_rows = instruction_data(test, 1, seed=config.seed + 1)
     texts = [r["instruction"] + " " + r["response"] for r in train_rows + test_rows]

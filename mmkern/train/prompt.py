@@ -12,7 +12,7 @@ from torch import nn
 
 from mmkern.data import ImageTextDataset, WordTokenizer
 from mmkern.models import CLIP
-from mmkern.train.loop import TrainConfig, Trainer
+from mmkern.train.loop import TrainConfig, Trainer, seed_everything
 
 
 @dataclass
@@ -122,6 +122,7 @@ def train_prompts(
     validation accuracy (then loss) over steps 0, eval_every, ... is kept, so a run that does not beat the
     hand-written prompts on validation falls back to them. `test` is used only for the two reported accuracies.
     Image features are computed once (the image tower is frozen), so a step costs one text forward per template."""
+    seed_everything(config.seed)
     was_training, grad_flags = clip.training, [p.requires_grad for p in clip.parameters()]
     clip.eval()
     handwritten = zero_shot_accuracy(clip, tokenizer, test, templates, config.context_length)

@@ -12,7 +12,7 @@ from torch import nn
 
 from mmkern.data import ImageTextDataset
 from mmkern.models import VisionTransformer, ViTConfig
-from mmkern.train.loop import TrainConfig, Trainer
+from mmkern.train.loop import TrainConfig, Trainer, seed_everything
 
 
 @dataclass
@@ -61,6 +61,7 @@ def train_transfer(
 ) -> dict:
     """tower_state: a VisionTransformer state dict (e.g. a CLIP's `visual.*`; its head is replaced).
     -> {"linear_probe_top1", "finetune_top1", "probe", "model", "history"}."""
+    seed_everything(config.seed)
     num_classes = len(train.classnames)
     cfg = ViTConfig(**{**tower_config.to_dict(), "num_classes": 0})
     tower = VisionTransformer(cfg)

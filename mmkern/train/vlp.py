@@ -13,7 +13,7 @@ from torch import nn
 from mmkern import ops
 from mmkern.data import ImageTextCollator, WordTokenizer, load_dataset, mask_tokens
 from mmkern.models import FusionConfig, FusionEncoder, TextConfig, ViTConfig
-from mmkern.train.loop import TrainConfig, Trainer
+from mmkern.train.loop import TrainConfig, Trainer, seed_everything
 
 
 @dataclass
@@ -143,6 +143,7 @@ def vlp_loss_fn(tokenizer: WordTokenizer, c: VLPConfig):
 
 def train_vlp(config: VLPConfig) -> dict:
     """-> {"model", "tokenizer", "history", "metrics"}; metrics: held-out ITM accuracy on positives vs shuffled."""
+    seed_everything(config.seed)
     if not any((config.itc_weight, config.itm_weight, config.mlm_weight, config.mvm_weight)):
         raise ValueError("itc_weight: at least one objective needs a non-zero weight")
     data = load_dataset(config.dataset, config.image_size)
