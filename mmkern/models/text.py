@@ -51,15 +51,13 @@ class TextConfig:
         return asdict(self)
 
 
-def padding_mask(attention_mask: torch.Tensor | None, L: int, causal: bool) -> tuple[torch.Tensor | None, bool]:
-    """(attn_mask, is_causal) for the attention op from a (B, L) 1/0 token mask. Causal + padding becomes one
-    explicit (B, 1, L, L) bool mask, since torch's SDPA semantics do not combine is_causal with a mask."""
+def padding_mask(attention_mask: torch.Tensor | None, causal: bool) -> tuple[torch.Tensor | None, bool]:
+    """(attn_mask, is_causal) for the attention op from a (B, L) 1/0 token mask: a (B, 1, 1, L) bool key mask,
+    with is_causal kept. mmkern's op combines the two (torch's SDPA does not), so no (B, 1, L, L) mask is built
+    and the kernels still skip the key blocks above the diagonal."""
     if attention_mask is None:
         return None, causal
-    keys = attention_mask.bool()[:, None, None, :]
-    if causal:
-        return keys & torch.ones(L, L, dtype=torch.bool, device=keys.device).tril(), False
-    return keys, False
+    return attention_mask.bool()[:, None, None, :], causal
 
 
 class TextTransformer(nn.Module):
@@ -137,7 +135,7 @@ class TextTransformer(nn.Module):
     ) -> torch.Tensor:
         """Runs `blocks` (all by default) over embedded tokens x (B, L, D), then `final_norm` if given (in a
         pre-norm stack fused with the last residual add). With `rows` (see Block) -> (B, 1, D) at those rows."""
-        mask, is_causal = padding_mask(attention_mask, x.shape[1], self.config.causal)
+        mask, is_causal = padding_mask(attention_mask, self.config.causal)
         ckpt = self.grad_checkpointing and self.training
         blocks = self.blocks if blocks is None else blocks
 

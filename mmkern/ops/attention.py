@@ -87,7 +87,8 @@ def scaled_dot_product_attention(
         attn_mask: None, bool (True = attend) or float (added to the scores, -inf allowed; gets a gradient
             when it requires one), broadcastable to (..., Hq, L, S), e.g. (L, S) or (B, 1, 1, S).
         dropout_p: probability of dropping an attention weight (applied whenever > 0, like torch).
-        is_causal: query i sees keys j <= i (top-left aligned, as torch does, also when L != S).
+        is_causal: query i sees keys j <= i (top-left aligned, as torch does, also when L != S). Unlike torch,
+            it combines with attn_mask (both apply), e.g. a causal text tower with a (B, 1, 1, S) padding mask.
         scale: score scale, default 1/sqrt(E).
         backend: "cpu", "cuda", "triton", "reference" or None (see mmkern.backends).
         window: (left, right): query i sees only keys in [i - left, i + right] (with causal and masks).
