@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <new>
 #include <vector>
 
@@ -90,12 +91,13 @@ inline v16 vlog1p(v16 u) {
 inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
 inline void store(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
 
-// A packed operand (tens of MiB at large B, read panel by panel all over) on transparent huge pages where the
-// system grants them on request: fewer TLB misses (measured: 1-2% of the whole loss, near the noise here). Small
-// buffers stay on ordinary pages: a fresh 2 MiB page per call costs more than the loss itself at B ~ 100s.
-class PackedBuffer {
+// Uninitialised fp32 storage (every user writes what it reads). A packed operand (tens of MiB at large B, read panel
+// by panel all over) goes on transparent huge pages where the system grants them on request: fewer TLB misses
+// (measured: 1-2% of the whole loss, near the noise here). Small buffers stay on ordinary pages: a fresh 2 MiB page
+// per call costs more than the loss itself at B ~ 100s.
+class Buffer {
  public:
-  explicit PackedBuffer(int64_t floats) {
+  explicit Buffer(int64_t floats) {
     constexpr size_t kHuge = size_t{2} << 20, kLine = 64;
     const size_t bytes = static_cast<size_t>(std::max<int64_t>(floats, 1)) * sizeof(float);
     const size_t align = bytes >= 4 * kHuge ? kHuge : kLine;
@@ -106,13 +108,44 @@ class PackedBuffer {
     if (align == kHuge) madvise(p_, rounded, MADV_HUGEPAGE);  // a hint: without it, simply 4 KiB pages
 #endif
   }
-  ~PackedBuffer() { std::free(p_); }
-  PackedBuffer(const PackedBuffer&) = delete;
-  PackedBuffer& operator=(const PackedBuffer&) = delete;
+  ~Buffer() { std::free(p_); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
   float* data() const { return p_; }
 
  private:
   float* p_;
+};
+
+// A thread's tile scratch (packed row tiles, logits, gradient tiles: ~1 MiB at D = 64, ~2.5 MiB at D = 768), kept
+// from call to call and grown when a call needs more. Allocating it per call cost a third of the whole loss at
+// B = 128 (zero-filling, and page faults wherever malloc hands such blocks back to the system on free).
+// take(n) hands out consecutive 64-byte aligned slices of one call's share.
+class Scratch {
+ public:
+  explicit Scratch(int64_t floats) {
+    thread_local std::unique_ptr<Buffer> buf;
+    thread_local int64_t capacity = 0;
+    if (floats > capacity) {
+      buf.reset();
+      buf = std::make_unique<Buffer>(floats);
+      capacity = floats;
+    }
+    next_ = buf->data();
+  }
+  float* take(int64_t floats) {
+    float* p = next_;
+    next_ += cpu::round_up(floats, 16);
+    return p;
+  }
+  // Room that take() calls for these sizes use.
+  template <class... N>
+  static int64_t floats(N... n) {
+    return (cpu::round_up(n, 16) + ...);
+  }
+
+ private:
+  float* next_;
 };
 
 struct Shape {
@@ -325,7 +358,7 @@ void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
   check(mode != kRowsCols || (col_stats.present && col_stats.numel() == kColPlanes * sh.K),
         "col_stats: expected (2, K) fp32");
   const float s = static_cast<float>(scale), b = static_cast<float>(bias);
-  PackedBuffer Yb(sh.D * sh.K_pad);
+  Buffer Yb(sh.D * sh.K_pad);
   std::vector<SoftmaxState> rows(sh.B, softmax_init()), cols(mode == kRowsCols ? sh.K : 0, softmax_init());
   std::vector<float> sig(mode == kSigmoid ? 3 * sh.B : 0, 0.f);  // sums of softplus, sigmoid*d, sigmoid
 
@@ -336,17 +369,19 @@ void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
 #pragma omp parallel num_threads(team_size(sh, num_threads))
     {
       pack_b_parallel([&](int64_t k, int64_t j) { return ye(j, k); }, sh.D, sh.K, Yb.data());
-      std::vector<float> Xt(kBM * sh.D), S(kBM * kBN), neg(kBN), cm(kBN), ca(kBN), cl(kBN), ce(kBN);
+      Scratch scratch(Scratch::floats(kBM * sh.D, kBM * kBN) + 5 * kBN);
+      float *Xt = scratch.take(kBM * sh.D), *S = scratch.take(kBM * kBN), *neg = scratch.take(kBN),
+            *cm = scratch.take(kBN), *ca = scratch.take(kBN), *cl = scratch.take(kBN), *ce = scratch.take(kBN);
       int64_t packed_i0 = -1;
       for_each_tile(sh.B, sh.K, [&](int64_t i0, int64_t im, int64_t j0, int64_t jn) {
-        if (i0 != packed_i0) pack_rows(xe, sh.D, i0, im, Xt.data(), nullptr);
+        if (i0 != packed_i0) pack_rows(xe, sh.D, i0, im, Xt, nullptr);
         packed_i0 = i0;
-        tile_dot(sh, Xt.data(), Yb.data(), im, j0, jn, S.data());
-        column_mask(jn, neg.data());
+        tile_dot(sh, Xt, Yb.data(), im, j0, jn, S);
+        column_mask(jn, neg);
         const int64_t chunks = (jn + 15) / 16;
         auto z_at = [&](int64_t i, int64_t c) { return load(&S[i * kBN + c * 16]) * s + b + load(&neg[c * 16]); };
-        if (mode == kRowsCols && rows_cols_shared_shift(S.data(), im, jn, z_at, rows.data() + i0, cols.data() + j0,
-                                                        cm.data(), cl.data(), ce.data()))
+        if (mode == kRowsCols && rows_cols_shared_shift(S, im, jn, z_at, rows.data() + i0, cols.data() + j0,
+                                                        cm, cl, ce))
           return;
         for (int64_t i = 0; i < im; ++i) {
           const float* d = &S[i * kBN];
@@ -464,7 +499,7 @@ void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
   const float* cl = mode == kRowsCols ? col_lse.ptr<float>() : nullptr;
   const float* gcp = mode == kRowsCols ? gc.ptr<float>() : nullptr;
   float *dxp = dx.ptr<float>(), *dyp = dy.ptr<float>();
-  PackedBuffer Yb(sh.D * sh.K_pad), Yr(sh.K * sh.D_pad);
+  Buffer Yb(sh.D * sh.K_pad), Yr(sh.K * sh.D_pad);
 
   dispatch_float(x.dtype, "contrastive", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
@@ -478,14 +513,16 @@ void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
       for (int64_t r = 0; r < sh.B; ++r) std::fill(dxp + r * sh.D, dxp + (r + 1) * sh.D, 0.f);
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < sh.K; ++r) std::fill(dyp + r * sh.D, dyp + (r + 1) * sh.D, 0.f);
-      std::vector<float> Xt(kBM * sh.D), Xrt(kBM * sh.D_pad), S(kBM * kBN), GA(kBM * kBN), GT(kBM * kBN), neg(kBN),
-          tl(kBN), tg(kBN), tw(kBN);
+      Scratch scratch(Scratch::floats(kBM * sh.D, kBM * sh.D_pad, kMR * sh.D) + 3 * kBM * kBN + 4 * kBN);
+      float *Xt = scratch.take(kBM * sh.D), *Xrt = scratch.take(kBM * sh.D_pad), *tmp = scratch.take(kMR * sh.D),
+            *S = scratch.take(kBM * kBN), *GA = scratch.take(kBM * kBN), *GT = scratch.take(kBM * kBN),
+            *neg = scratch.take(kBN), *tl = scratch.take(kBN), *tg = scratch.take(kBN), *tw = scratch.take(kBN);
       int64_t packed_i0 = -1;
       for_each_tile(sh.B, sh.K, [&](int64_t i0, int64_t im, int64_t j0, int64_t jn) {
-        if (i0 != packed_i0) pack_rows(xe, sh.D, i0, im, Xt.data(), Xrt.data());
+        if (i0 != packed_i0) pack_rows(xe, sh.D, i0, im, Xt, Xrt);
         packed_i0 = i0;
-        tile_dot(sh, Xt.data(), Yb.data(), im, j0, jn, S.data());
-        column_mask(jn, neg.data());
+        tile_dot(sh, Xt, Yb.data(), im, j0, jn, S);
+        column_mask(jn, neg);
         for (int64_t j = 0; j < kBN; ++j) {  // column lse and weight, 0 in the padding
           tl[j] = cl && j < jn ? cl[j0 + j] : 0.f;
           tg[j] = gcp && j < jn ? gcp[j0 + j] : 0.f;
@@ -530,16 +567,15 @@ void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
         }
         for (const auto& [i, g] : positives) S[(i - i0) * kBN + i - j0] = *gt_at(i - i0, i - j0) = g;
         for (int64_t ip = 0; ip < im; ip += kMR)
-          cpu::pack_a(cpu::Strided<float>{S.data(), kBN, 1}, ip, static_cast<int>(std::min<int64_t>(kMR, im - ip)), 0,
-                      jn, GA.data() + ip * jn);
-        tile_grad(sh, GA.data(), im, jn, Yr.data(), sh.K, j0, dxp, sh.B, i0);
-        tile_grad(sh, GT.data(), jn, im, Xrt.data(), im, 0, dyp, sh.K, j0);
+          cpu::pack_a(cpu::Strided<float>{S, kBN, 1}, ip, static_cast<int>(std::min<int64_t>(kMR, im - ip)), 0,
+                      jn, GA + ip * jn);
+        tile_grad(sh, GA, im, jn, Yr.data(), sh.K, j0, dxp, sh.B, i0);
+        tile_grad(sh, GT, jn, im, Xrt, im, 0, dyp, sh.K, j0);
       });
-      std::vector<float> tmp(kMR * sh.D);
 #pragma omp for schedule(static) nowait
-      for (int64_t r0 = 0; r0 < sh.B; r0 += kMR) unblock_group(dxp, sh.B, sh.D, r0, tmp.data());
+      for (int64_t r0 = 0; r0 < sh.B; r0 += kMR) unblock_group(dxp, sh.B, sh.D, r0, tmp);
 #pragma omp for schedule(static)
-      for (int64_t r0 = 0; r0 < sh.K; r0 += kMR) unblock_group(dyp, sh.K, sh.D, r0, tmp.data());
+      for (int64_t r0 = 0; r0 < sh.K; r0 += kMR) unblock_group(dyp, sh.K, sh.D, r0, tmp);
     }
   });
 }
