@@ -45,6 +45,9 @@ typedef int vi16 __attribute__((vector_size(64)));
 constexpr int64_t kBM = 256;
 constexpr int64_t kBN = 256;
 static_assert(kKC % kBM == 0 && kKC % kBN == 0, "tiles must not straddle packed k-blocks");
+// Largest B K for contrastive_fused_cpu (must match mmkern/ops/contrastive.py FUSED_MAX_LOGITS): its logit tiles,
+// at most ~4 MiB with the padding of partial tiles, stay in memory between the statistics and the gradients.
+constexpr int64_t kFusedMaxLogits = int64_t{1} << 18;
 
 inline v16 splat(float v) { return v16{} + v; }
 inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }  // a NaN in `a` is dropped; exp() re-propagates it
@@ -120,18 +123,19 @@ class Buffer {
 // A thread's tile scratch (packed row tiles, logits, gradient tiles: ~1 MiB at D = 64, ~2.5 MiB at D = 768), kept
 // from call to call and grown when a call needs more. Allocating it per call cost a third of the whole loss at
 // B = 128 (zero-filling, and page faults wherever malloc hands such blocks back to the system on free).
-// take(n) hands out consecutive 64-byte aligned slices of one call's share.
+// take(n) hands out consecutive 64-byte aligned slices of one call's share. Slot 1 is a second buffer of the same
+// kind, for the logit tiles the fused small-batch path shares between threads (taken by the calling thread).
 class Scratch {
  public:
-  explicit Scratch(int64_t floats) {
-    thread_local std::unique_ptr<Buffer> buf;
-    thread_local int64_t capacity = 0;
-    if (floats > capacity) {
-      buf.reset();
-      buf = std::make_unique<Buffer>(floats);
-      capacity = floats;
+  explicit Scratch(int64_t floats, int slot = 0) {
+    thread_local std::unique_ptr<Buffer> bufs[2];
+    thread_local int64_t capacity[2] = {0, 0};
+    if (floats > capacity[slot]) {
+      bufs[slot].reset();
+      bufs[slot] = std::make_unique<Buffer>(floats);
+      capacity[slot] = floats;
     }
-    next_ = buf->data();
+    next_ = bufs[slot] ? bufs[slot]->data() : nullptr;
   }
   float* take(int64_t floats) {
     float* p = next_;
@@ -348,159 +352,222 @@ void column_mask(int64_t jn, float* neg) {
   for (int64_t j = 0; j < kBN; ++j) neg[j] = j < jn ? 0.f : -INFINITY;
 }
 
-}  // namespace
+struct Problem {
+  Shape sh;
+  int mode;
+  bool diagonal;
+  float s, b;
+};
 
-void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
-                         const Tensor& row_stats, const Tensor& col_stats, int num_threads) {
-  const Shape sh = check_shapes(x, y);
-  check(mode == kRows || mode == kRowsCols || mode == kSigmoid, "mode: unknown contrastive mode");
-  check(row_stats.present && row_stats.numel() == kRowPlanes * sh.B, "row_stats: expected (3, B) fp32");
-  check(mode != kRowsCols || (col_stats.present && col_stats.numel() == kColPlanes * sh.K),
-        "col_stats: expected (2, K) fp32");
-  const float s = static_cast<float>(scale), b = static_cast<float>(bias);
-  Buffer Yb(sh.D * sh.K_pad);
-  std::vector<SoftmaxState> rows(sh.B, softmax_init()), cols(mode == kRowsCols ? sh.K : 0, softmax_init());
-  std::vector<float> sig(mode == kSigmoid ? 3 * sh.B : 0, 0.f);  // sums of softplus, sigmoid*d, sigmoid
+// Running statistics of a forward pass: softmax states (rows, and columns for CLIP) or the sigmoid sums.
+struct Stats {
+  std::vector<SoftmaxState> rows, cols;
+  std::vector<float> sig;  // sums of softplus, sigmoid*d, sigmoid (3 planes of B)
+  explicit Stats(const Problem& p)
+      : rows(p.sh.B, softmax_init()),
+        cols(p.mode == kRowsCols ? p.sh.K : 0, softmax_init()),
+        sig(p.mode == kSigmoid ? 3 * p.sh.B : 0, 0.f) {}
 
-  dispatch_float(x.dtype, "contrastive", [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    const cpu::Strided<scalar_t> xe{x.ptr<scalar_t>(), x.stride(0), x.stride(1)};
-    const cpu::Strided<scalar_t> ye{y.ptr<scalar_t>(), y.stride(0), y.stride(1)};
-#pragma omp parallel num_threads(team_size(sh, num_threads))
-    {
-      pack_b_parallel([&](int64_t k, int64_t j) { return ye(j, k); }, sh.D, sh.K, Yb.data());
-      Scratch scratch(Scratch::floats(kBM * sh.D, kBM * kBN) + 5 * kBN);
-      float *Xt = scratch.take(kBM * sh.D), *S = scratch.take(kBM * kBN), *neg = scratch.take(kBN),
-            *cm = scratch.take(kBN), *ca = scratch.take(kBN), *cl = scratch.take(kBN), *ce = scratch.take(kBN);
-      int64_t packed_i0 = -1;
-      for_each_tile(sh.B, sh.K, [&](int64_t i0, int64_t im, int64_t j0, int64_t jn) {
-        if (i0 != packed_i0) pack_rows(xe, sh.D, i0, im, Xt, nullptr);
-        packed_i0 = i0;
-        tile_dot(sh, Xt, Yb.data(), im, j0, jn, S);
-        column_mask(jn, neg);
-        const int64_t chunks = (jn + 15) / 16;
-        auto z_at = [&](int64_t i, int64_t c) { return load(&S[i * kBN + c * 16]) * s + b + load(&neg[c * 16]); };
-        if (mode == kRowsCols && rows_cols_shared_shift(S, im, jn, z_at, rows.data() + i0, cols.data() + j0,
-                                                        cm, cl, ce))
-          return;
-        for (int64_t i = 0; i < im; ++i) {
-          const float* d = &S[i * kBN];
-          if (mode == kSigmoid) {
-            // The row's positive (if in this tile) leaves the 16-lane sums (z = -inf adds 0) and is added
-            // exactly: softplus(-z), no cancellation.
-            const int64_t jd = diagonal ? i0 + i - j0 : -1;
-            const bool has_pos = jd >= 0 && jd < jn;
-            if (has_pos) neg[jd] = -INFINITY;
-            v16 vp = {}, vd = {}, vg = {};
-            for (int64_t c = 0; c < chunks; ++c) {
-              const v16 z = z_at(i, c);
-              const v16 g = 1.f / (1.f + vexp(-z));
-              vp += (z > 0.f ? z : splat(0.f)) + vlog1p(vexp(z < 0.f ? z : -z));
-              vd += g * load(d + c * 16);
-              vg += g;
-            }
-            float sp = hsum(vp), sd = hsum(vd), sg = hsum(vg);
-            if (has_pos) {
-              neg[jd] = 0.f;
-              const float z = s * d[jd] + b, g = sigmoid_grad(z, true);
-              sp += softplus(-z);
-              sd += g * d[jd];
-              sg += g;
-            }
-            sig[i0 + i] += sp;
-            sig[sh.B + i0 + i] += sd;
-            sig[2 * sh.B + i0 + i] += sg;
-            continue;
-          }
-          v16 vm = splat(-INFINITY);
-          for (int64_t c = 0; c < chunks; ++c) vm = vmax(z_at(i, c), vm);
-          SoftmaxState& st = rows[i0 + i];
-          const float mt = hmax(vm), m = st.m > mt ? st.m : mt;
-          const float a = st.m == -INFINITY ? 0.f : expf(st.m - m);
-          v16 vl = {}, ve = {};
-          for (int64_t c = 0; c < chunks; ++c) {
-            const v16 p = vexp(z_at(i, c) - m);
-            vl += p;
-            ve += p * load(d + c * 16);
-          }
-          st.l = st.l * a + hsum(vl);
-          st.e = st.e * a + hsum(ve);
-          st.m = m;
-        }
-        if (mode != kRowsCols) return;
-        // Columns: tile max, then one pass of exp against the merged max, 16 columns per vector.
-        for (int64_t c = 0; c < chunks; ++c) {
-          v16 vm = splat(-INFINITY);
-          for (int64_t i = 0; i < im; ++i) vm = vmax(z_at(i, c), vm);
-          for (int k = 0; k < 16; ++k) cm[c * 16 + k] = vm[k];
-        }
-        for (int64_t j = 0; j < chunks * 16; ++j) {
-          const SoftmaxState st = j < jn ? cols[j0 + j] : softmax_init();
-          const float m = st.m > cm[j] ? st.m : cm[j];
-          ca[j] = st.m == -INFINITY ? 0.f : expf(st.m - m);
-          cm[j] = j < jn ? m : 0.f;
-        }
-        for (int64_t c = 0; c < chunks; ++c) {
-          v16 vl = {}, ve = {};
-          const v16 m = load(&cm[c * 16]);
-          for (int64_t i = 0; i < im; ++i) {
-            const v16 p = vexp(z_at(i, c) - m);
-            vl += p;
-            ve += p * load(&S[i * kBN + c * 16]);
-          }
-          for (int k = 0; k < 16; ++k) {
-            cl[c * 16 + k] = vl[k];
-            ce[c * 16 + k] = ve[k];
-          }
-        }
-        for (int64_t j = 0; j < jn; ++j) {
-          SoftmaxState& st = cols[j0 + j];
-          st.l = st.l * ca[j] + cl[j];
-          st.e = st.e * ca[j] + ce[j];
-          st.m = cm[j];
-        }
-      });
+  // Writes the (3, B) row and (2, K) column statistics.
+  void finish(const Problem& p, float* rs, float* cs) const {
+    const int64_t B = p.sh.B, K = p.sh.K;
+    for (int64_t i = 0; i < B; ++i) {
+      if (p.mode == kSigmoid) {
+        for (int q = 0; q < 3; ++q) rs[q * B + i] = sig[q * B + i];
+      } else {
+        rs[i] = softmax_lse(rows[i]);
+        rs[B + i] = softmax_mean_d(rows[i]);
+        rs[2 * B + i] = 1.f;
+      }
     }
-  });
-
-  float* rs = row_stats.ptr<float>();
-  for (int64_t i = 0; i < sh.B; ++i) {
-    if (mode == kSigmoid) {
-      for (int p = 0; p < 3; ++p) rs[p * sh.B + i] = sig[p * sh.B + i];
-    } else {
-      rs[i] = softmax_lse(rows[i]);
-      rs[sh.B + i] = softmax_mean_d(rows[i]);
-      rs[2 * sh.B + i] = 1.f;
+    for (int64_t j = 0; p.mode == kRowsCols && j < K; ++j) {
+      cs[j] = softmax_lse(cols[j]);
+      cs[K + j] = softmax_mean_d(cols[j]);
     }
   }
-  if (mode == kRowsCols) {
-    float* cs = col_stats.ptr<float>();
-    for (int64_t j = 0; j < sh.K; ++j) {
-      cs[j] = softmax_lse(cols[j]);
-      cs[sh.K + j] = softmax_mean_d(cols[j]);
+};
+
+constexpr int64_t kForwardWork = 5 * kBN;  // floats of forward_tile's scratch
+
+// Merges the tile S (d, rows i0.., columns j0..) into the running statistics. `work`: kForwardWork floats.
+void forward_tile(const Problem& p, const float* S, int64_t i0, int64_t im, int64_t j0, int64_t jn, float* work,
+                  Stats& st) {
+  const int mode = p.mode;
+  const float s = p.s, b = p.b;
+  float *neg = work, *cm = work + kBN, *ca = work + 2 * kBN, *cl = work + 3 * kBN, *ce = work + 4 * kBN;
+  column_mask(jn, neg);
+  const int64_t chunks = (jn + 15) / 16;
+  auto z_at = [&](int64_t i, int64_t c) { return load(&S[i * kBN + c * 16]) * s + b + load(&neg[c * 16]); };
+  if (mode == kRowsCols && rows_cols_shared_shift(S, im, jn, z_at, &st.rows[i0], &st.cols[j0], cm, cl, ce)) return;
+  for (int64_t i = 0; i < im; ++i) {
+    const float* d = &S[i * kBN];
+    if (mode == kSigmoid) {
+      // The row's positive (if in this tile) leaves the 16-lane sums (z = -inf adds 0) and is added
+      // exactly: softplus(-z), no cancellation.
+      const int64_t jd = p.diagonal ? i0 + i - j0 : -1;
+      const bool has_pos = jd >= 0 && jd < jn;
+      if (has_pos) neg[jd] = -INFINITY;
+      v16 vp = {}, vd = {}, vg = {};
+      for (int64_t c = 0; c < chunks; ++c) {
+        const v16 z = z_at(i, c);
+        const v16 g = 1.f / (1.f + vexp(-z));
+        vp += (z > 0.f ? z : splat(0.f)) + vlog1p(vexp(z < 0.f ? z : -z));
+        vd += g * load(d + c * 16);
+        vg += g;
+      }
+      float sp = hsum(vp), sd = hsum(vd), sg = hsum(vg);
+      if (has_pos) {
+        neg[jd] = 0.f;
+        const float z = s * d[jd] + b, g = sigmoid_grad(z, true);
+        sp += softplus(-z);
+        sd += g * d[jd];
+        sg += g;
+      }
+      st.sig[i0 + i] += sp;
+      st.sig[p.sh.B + i0 + i] += sd;
+      st.sig[2 * p.sh.B + i0 + i] += sg;
+      continue;
     }
+    v16 vm = splat(-INFINITY);
+    for (int64_t c = 0; c < chunks; ++c) vm = vmax(z_at(i, c), vm);
+    SoftmaxState& row = st.rows[i0 + i];
+    const float mt = hmax(vm), m = row.m > mt ? row.m : mt;
+    const float a = row.m == -INFINITY ? 0.f : expf(row.m - m);
+    v16 vl = {}, ve = {};
+    for (int64_t c = 0; c < chunks; ++c) {
+      const v16 e = vexp(z_at(i, c) - m);
+      vl += e;
+      ve += e * load(d + c * 16);
+    }
+    row.l = row.l * a + hsum(vl);
+    row.e = row.e * a + hsum(ve);
+    row.m = m;
+  }
+  if (mode != kRowsCols) return;
+  // Columns: tile max, then one pass of exp against the merged max, 16 columns per vector.
+  for (int64_t c = 0; c < chunks; ++c) {
+    v16 vm = splat(-INFINITY);
+    for (int64_t i = 0; i < im; ++i) vm = vmax(z_at(i, c), vm);
+    for (int k = 0; k < 16; ++k) cm[c * 16 + k] = vm[k];
+  }
+  for (int64_t j = 0; j < chunks * 16; ++j) {
+    const SoftmaxState col = j < jn ? st.cols[j0 + j] : softmax_init();
+    const float m = col.m > cm[j] ? col.m : cm[j];
+    ca[j] = col.m == -INFINITY ? 0.f : expf(col.m - m);
+    cm[j] = j < jn ? m : 0.f;
+  }
+  for (int64_t c = 0; c < chunks; ++c) {
+    v16 vl = {}, ve = {};
+    const v16 m = load(&cm[c * 16]);
+    for (int64_t i = 0; i < im; ++i) {
+      const v16 e = vexp(z_at(i, c) - m);
+      vl += e;
+      ve += e * load(&S[i * kBN + c * 16]);
+    }
+    for (int k = 0; k < 16; ++k) {
+      cl[c * 16 + k] = vl[k];
+      ce[c * 16 + k] = ve[k];
+    }
+  }
+  for (int64_t j = 0; j < jn; ++j) {
+    SoftmaxState& col = st.cols[j0 + j];
+    col.l = col.l * ca[j] + cl[j];
+    col.e = col.e * ca[j] + ce[j];
+    col.m = cm[j];
   }
 }
 
-// dX (B x D fp32) = G Y and dY (K x D fp32) = G^T X (both overwritten) with G_ij = dL/dz_ij from grad_logit (the logit
-// scale is applied by the caller). row_lse / col_lse: plane 0 of the forward statistics; gr (B), gc (K).
-void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
-                         const Tensor& row_lse, const Tensor& col_lse, const Tensor& gr, const Tensor& gc,
-                         const Tensor& dx, const Tensor& dy, int num_threads) {
+// What backward_tile turns d into G with: row / column lse (plane 0 of the statistics) and weights.
+struct GradWeights {
+  const float *rl, *cl, *gr, *gc;  // cl, gc: null unless CLIP
+};
+
+constexpr int64_t kBackwardWork = 2 * kBM * kBN + 4 * kBN;  // floats of backward_tile's scratch
+
+// Turns the tile S (d, rows i0.., columns j0..) into G = dL/dz in place and adds G Y[j0:] to dX[i0:] and
+// G^T X[i0:] to dY[j0:] (blocked layout). Xrt: rows i0.. packed by pack_rows. `work`: kBackwardWork floats.
+void backward_tile(const Problem& p, float* S, int64_t i0, int64_t im, int64_t j0, int64_t jn, float* work,
+                   const GradWeights& w, const float* Yr, const float* Xrt, float* dxp, float* dyp) {
+  const int mode = p.mode;
+  const float s = p.s, b = p.b;
+  float *GA = work, *GT = work + kBM * kBN, *neg = GT + kBM * kBN, *tl = neg + kBN, *tg = tl + kBN, *tw = tg + kBN;
+  column_mask(jn, neg);
+  for (int64_t j = 0; j < kBN; ++j) {  // column lse and weight, 0 in the padding
+    tl[j] = w.cl && j < jn ? w.cl[j0 + j] : 0.f;
+    tg[j] = w.gc && j < jn ? w.gc[j0 + j] : 0.f;
+  }
+  const int64_t chunks = (jn + 15) / 16;
+  // SigLIP positives (i == j) use -sigmoid(-z) in place of sigmoid(z) - 1, which would cancel.
+  std::vector<std::pair<int64_t, float>> positives;
+  if (mode == kSigmoid && p.diagonal)
+    for (int64_t i = std::max(i0, j0); i < std::min(i0 + im, j0 + jn); ++i)
+      positives.emplace_back(i, w.gr[i] * sigmoid_grad(s * S[(i - i0) * kBN + i - j0] + b, true));
+  // CLIP with one exp per logit when the tile's lse values lie within kSharedRange of their largest, M:
+  // G = exp(z - M) (g_i exp(M - r_i) + gc_j exp(M - c_j)), and z <= every lse, so exp(z - M) <= 1.
+  float M = -INFINITY, lo = INFINITY;
+  if (mode == kRowsCols) {
+    for (int64_t i = 0; i < im; ++i) M = std::max(M, w.rl[i0 + i]), lo = std::min(lo, w.rl[i0 + i]);
+    for (int64_t j = 0; j < jn; ++j) M = std::max(M, tl[j]), lo = std::min(lo, tl[j]);
+  }
+  const bool shared = mode == kRowsCols && M - lo <= kSharedRange;  // false for NaN and infinities
+  if (shared)
+    for (int64_t j = 0; j < kBN; ++j) tw[j] = j < jn ? tg[j] * expf(M - tl[j]) : 0.f;
+  // G goes to S (row-major, read by pack_a as the A operand of G Y) and, as the A operand of G^T X, to GT:
+  // panels of kMR columns, k = row. Columns past jn get G = 0 (z = -inf), which is GT's zero padding.
+  auto gt_at = [&](int64_t i, int64_t j) { return &GT[j / kMR * kMR * im + i * kMR + j % kMR]; };
+  for (int64_t i = 0; i < im; ++i) {
+    const float r = w.rl[i0 + i], g = w.gr[i0 + i], u = shared ? g * expf(M - r) : 0.f;
+    for (int64_t c = 0; c < chunks; ++c) {
+      float* d = &S[i * kBN + c * 16];
+      const v16 z = load(d) * s + b + load(&neg[c * 16]);
+      v16 G;
+      if (mode == kSigmoid) {
+        G = g / (1.f + vexp(-z));
+      } else if (shared) {
+        G = vexp(z - M) * (u + load(&tw[c * 16]));
+      } else {
+        G = g * vexp(z - r);
+        if (mode == kRowsCols) G += load(&tg[c * 16]) * vexp(z - load(&tl[c * 16]));
+      }
+      store(d, G);
+      std::memcpy(gt_at(i, c * 16), &G, 8 * sizeof(float));
+      std::memcpy(gt_at(i, c * 16 + 8), reinterpret_cast<const float*>(&G) + 8, 8 * sizeof(float));
+    }
+  }
+  for (const auto& [i, g] : positives) S[(i - i0) * kBN + i - j0] = *gt_at(i - i0, i - j0) = g;
+  for (int64_t ip = 0; ip < im; ip += kMR)
+    cpu::pack_a(cpu::Strided<float>{S, kBN, 1}, ip, static_cast<int>(std::min<int64_t>(kMR, im - ip)), 0, jn,
+                GA + ip * jn);
+  tile_grad(p.sh, GA, im, jn, Yr, p.sh.K, j0, dxp, p.sh.B, i0);
+  tile_grad(p.sh, GT, jn, im, Xrt, im, 0, dyp, p.sh.K, j0);
+}
+
+Problem make_problem(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal) {
   const Shape sh = check_shapes(x, y);
   check(mode == kRows || mode == kRowsCols || mode == kSigmoid, "mode: unknown contrastive mode");
-  check(row_lse.present && gr.present && row_lse.numel() >= sh.B && gr.numel() == sh.B, "gr: expected (B,) fp32");
-  check(mode != kRowsCols || (col_lse.present && gc.present && col_lse.numel() >= sh.K && gc.numel() == sh.K),
-        "gc: expected (K,) fp32");
-  check(dx.present && dx.numel() == sh.B * sh.D && dy.present && dy.numel() == sh.K * sh.D,
-        "dx: expected contiguous fp32 gradients");
-  const float s = static_cast<float>(scale), b = static_cast<float>(bias);
-  const float *rl = row_lse.ptr<float>(), *grp = gr.ptr<float>();
-  const float* cl = mode == kRowsCols ? col_lse.ptr<float>() : nullptr;
-  const float* gcp = mode == kRowsCols ? gc.ptr<float>() : nullptr;
-  float *dxp = dx.ptr<float>(), *dyp = dy.ptr<float>();
-  Buffer Yb(sh.D * sh.K_pad), Yr(sh.K * sh.D_pad);
+  return Problem{sh, mode, diagonal, static_cast<float>(scale), static_cast<float>(bias)};
+}
 
+void check_stats(const Problem& p, const Tensor& row_stats, const Tensor& col_stats) {
+  check(row_stats.present && row_stats.numel() == kRowPlanes * p.sh.B, "row_stats: expected (3, B) fp32");
+  check(p.mode != kRowsCols || (col_stats.present && col_stats.numel() == kColPlanes * p.sh.K),
+        "col_stats: expected (2, K) fp32");
+}
+
+// dX = G Y and dY = G^T X (fp32, overwritten). With `fused` the statistics are computed first, into fused->stats,
+// from logit tiles that stay in memory for the gradients (no second product X Y^T); w then points into them.
+struct Fused {
+  Stats stats;
+  float *rs, *cs;
+};
+
+void gradients(const Problem& p, const Tensor& x, const Tensor& y, GradWeights w, float* dxp, float* dyp,
+               int num_threads, Fused* fused) {
+  const Shape& sh = p.sh;
+  Buffer Yb(sh.D * sh.K_pad), Yr(sh.K * sh.D_pad);
+  const int64_t rt = (sh.B + kBM - 1) / kBM, ct = (sh.K + kBN - 1) / kBN, slab = std::min(sh.B, kBM) * kBN;
+  Scratch tiles(fused ? rt * ct * slab : 0, 1);
+  float* slabs = tiles.take(fused ? rt * ct * slab : 0);
   dispatch_float(x.dtype, "contrastive", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const cpu::Strided<scalar_t> xe{x.ptr<scalar_t>(), x.stride(0), x.stride(1)};
@@ -513,64 +580,26 @@ void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
       for (int64_t r = 0; r < sh.B; ++r) std::fill(dxp + r * sh.D, dxp + (r + 1) * sh.D, 0.f);
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < sh.K; ++r) std::fill(dyp + r * sh.D, dyp + (r + 1) * sh.D, 0.f);
-      Scratch scratch(Scratch::floats(kBM * sh.D, kBM * sh.D_pad, kMR * sh.D) + 3 * kBM * kBN + 4 * kBN);
+      Scratch scratch(Scratch::floats(kBM * sh.D, kBM * sh.D_pad, kMR * sh.D, kBM * kBN, kBackwardWork));
       float *Xt = scratch.take(kBM * sh.D), *Xrt = scratch.take(kBM * sh.D_pad), *tmp = scratch.take(kMR * sh.D),
-            *S = scratch.take(kBM * kBN), *GA = scratch.take(kBM * kBN), *GT = scratch.take(kBM * kBN),
-            *neg = scratch.take(kBN), *tl = scratch.take(kBN), *tg = scratch.take(kBN), *tw = scratch.take(kBN);
+            *S = scratch.take(kBM * kBN), *work = scratch.take(kBackwardWork);
+      auto tile_of = [&](int64_t i0, int64_t j0) { return fused ? slabs + (i0 / kBM * ct + j0 / kBN) * slab : S; };
       int64_t packed_i0 = -1;
+      if (fused) {
+        for_each_tile(sh.B, sh.K, [&](int64_t i0, int64_t im, int64_t j0, int64_t jn) {
+          if (i0 != packed_i0) pack_rows(xe, sh.D, i0, im, Xt, Xrt);
+          packed_i0 = i0;
+          tile_dot(sh, Xt, Yb.data(), im, j0, jn, tile_of(i0, j0));
+          forward_tile(p, tile_of(i0, j0), i0, im, j0, jn, work, fused->stats);
+        });
+#pragma omp single
+        fused->stats.finish(p, fused->rs, fused->cs);  // implicit barrier: every thread sees the statistics
+      }
       for_each_tile(sh.B, sh.K, [&](int64_t i0, int64_t im, int64_t j0, int64_t jn) {
         if (i0 != packed_i0) pack_rows(xe, sh.D, i0, im, Xt, Xrt);
         packed_i0 = i0;
-        tile_dot(sh, Xt, Yb.data(), im, j0, jn, S);
-        column_mask(jn, neg);
-        for (int64_t j = 0; j < kBN; ++j) {  // column lse and weight, 0 in the padding
-          tl[j] = cl && j < jn ? cl[j0 + j] : 0.f;
-          tg[j] = gcp && j < jn ? gcp[j0 + j] : 0.f;
-        }
-        const int64_t chunks = (jn + 15) / 16;
-        // SigLIP positives (i == j) use -sigmoid(-z) in place of sigmoid(z) - 1, which would cancel.
-        std::vector<std::pair<int64_t, float>> positives;
-        if (mode == kSigmoid && diagonal)
-          for (int64_t i = std::max(i0, j0); i < std::min(i0 + im, j0 + jn); ++i)
-            positives.emplace_back(i, grp[i] * sigmoid_grad(s * S[(i - i0) * kBN + i - j0] + b, true));
-        // CLIP with one exp per logit when the tile's lse values lie within kSharedRange of their largest, M:
-        // G = exp(z - M) (g_i exp(M - r_i) + gc_j exp(M - c_j)), and z <= every lse, so exp(z - M) <= 1.
-        float M = -INFINITY, lo = INFINITY;
-        if (mode == kRowsCols) {
-          for (int64_t i = 0; i < im; ++i) M = std::max(M, rl[i0 + i]), lo = std::min(lo, rl[i0 + i]);
-          for (int64_t j = 0; j < jn; ++j) M = std::max(M, tl[j]), lo = std::min(lo, tl[j]);
-        }
-        const bool shared = mode == kRowsCols && M - lo <= kSharedRange;  // false for NaN and infinities
-        if (shared)
-          for (int64_t j = 0; j < kBN; ++j) tw[j] = j < jn ? tg[j] * expf(M - tl[j]) : 0.f;
-        // G goes to S (row-major, read by pack_a as the A operand of G Y) and, as the A operand of G^T X, to GT:
-        // panels of kMR columns, k = row. Columns past jn get G = 0 (z = -inf), which is GT's zero padding.
-        auto gt_at = [&](int64_t i, int64_t j) { return &GT[j / kMR * kMR * im + i * kMR + j % kMR]; };
-        for (int64_t i = 0; i < im; ++i) {
-          const float r = rl[i0 + i], g = grp[i0 + i], u = shared ? g * expf(M - r) : 0.f;
-          for (int64_t c = 0; c < chunks; ++c) {
-            float* d = &S[i * kBN + c * 16];
-            const v16 z = load(d) * s + b + load(&neg[c * 16]);
-            v16 G;
-            if (mode == kSigmoid) {
-              G = g / (1.f + vexp(-z));
-            } else if (shared) {
-              G = vexp(z - M) * (u + load(&tw[c * 16]));
-            } else {
-              G = g * vexp(z - r);
-              if (mode == kRowsCols) G += load(&tg[c * 16]) * vexp(z - load(&tl[c * 16]));
-            }
-            store(d, G);
-            std::memcpy(gt_at(i, c * 16), &G, 8 * sizeof(float));
-            std::memcpy(gt_at(i, c * 16 + 8), reinterpret_cast<const float*>(&G) + 8, 8 * sizeof(float));
-          }
-        }
-        for (const auto& [i, g] : positives) S[(i - i0) * kBN + i - j0] = *gt_at(i - i0, i - j0) = g;
-        for (int64_t ip = 0; ip < im; ip += kMR)
-          cpu::pack_a(cpu::Strided<float>{S, kBN, 1}, ip, static_cast<int>(std::min<int64_t>(kMR, im - ip)), 0,
-                      jn, GA + ip * jn);
-        tile_grad(sh, GA, im, jn, Yr.data(), sh.K, j0, dxp, sh.B, i0);
-        tile_grad(sh, GT, jn, im, Xrt, im, 0, dyp, sh.K, j0);
+        if (!fused) tile_dot(sh, Xt, Yb.data(), im, j0, jn, S);
+        backward_tile(p, tile_of(i0, j0), i0, im, j0, jn, work, w, Yr.data(), Xrt, dxp, dyp);
       });
 #pragma omp for schedule(static) nowait
       for (int64_t r0 = 0; r0 < sh.B; r0 += kMR) unblock_group(dxp, sh.B, sh.D, r0, tmp);
@@ -578,6 +607,74 @@ void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
       for (int64_t r0 = 0; r0 < sh.K; r0 += kMR) unblock_group(dyp, sh.K, sh.D, r0, tmp);
     }
   });
+}
+
+void check_grads(const Problem& p, const Tensor& dx, const Tensor& dy) {
+  check(dx.present && dx.numel() == p.sh.B * p.sh.D && dy.present && dy.numel() == p.sh.K * p.sh.D,
+        "dx: expected contiguous fp32 gradients");
+}
+
+}  // namespace
+
+void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
+                         const Tensor& row_stats, const Tensor& col_stats, int num_threads) {
+  const Problem p = make_problem(x, y, scale, bias, mode, diagonal);
+  check_stats(p, row_stats, col_stats);
+  const Shape& sh = p.sh;
+  Buffer Yb(sh.D * sh.K_pad);
+  Stats st(p);
+  dispatch_float(x.dtype, "contrastive", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    const cpu::Strided<scalar_t> xe{x.ptr<scalar_t>(), x.stride(0), x.stride(1)};
+    const cpu::Strided<scalar_t> ye{y.ptr<scalar_t>(), y.stride(0), y.stride(1)};
+#pragma omp parallel num_threads(team_size(sh, num_threads))
+    {
+      pack_b_parallel([&](int64_t k, int64_t j) { return ye(j, k); }, sh.D, sh.K, Yb.data());
+      Scratch scratch(Scratch::floats(kBM * sh.D, kBM * kBN, kForwardWork));
+      float *Xt = scratch.take(kBM * sh.D), *S = scratch.take(kBM * kBN), *work = scratch.take(kForwardWork);
+      int64_t packed_i0 = -1;
+      for_each_tile(sh.B, sh.K, [&](int64_t i0, int64_t im, int64_t j0, int64_t jn) {
+        if (i0 != packed_i0) pack_rows(xe, sh.D, i0, im, Xt, nullptr);
+        packed_i0 = i0;
+        tile_dot(sh, Xt, Yb.data(), im, j0, jn, S);
+        forward_tile(p, S, i0, im, j0, jn, work, st);
+      });
+    }
+  });
+  st.finish(p, row_stats.ptr<float>(), mode == kRowsCols ? col_stats.ptr<float>() : nullptr);
+}
+
+// dX (B x D fp32) = G Y and dY (K x D fp32) = G^T X (both overwritten) with G_ij = dL/dz_ij from grad_logit (the logit
+// scale is applied by the caller). row_lse / col_lse: plane 0 of the forward statistics; gr (B), gc (K).
+void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
+                         const Tensor& row_lse, const Tensor& col_lse, const Tensor& gr, const Tensor& gc,
+                         const Tensor& dx, const Tensor& dy, int num_threads) {
+  const Problem p = make_problem(x, y, scale, bias, mode, diagonal);
+  const int64_t B = p.sh.B, K = p.sh.K;
+  check(row_lse.present && gr.present && row_lse.numel() >= B && gr.numel() == B, "gr: expected (B,) fp32");
+  check(mode != kRowsCols || (col_lse.present && gc.present && col_lse.numel() >= K && gc.numel() == K),
+        "gc: expected (K,) fp32");
+  check_grads(p, dx, dy);
+  const bool cols = mode == kRowsCols;
+  const GradWeights w{row_lse.ptr<float>(), cols ? col_lse.ptr<float>() : nullptr, gr.ptr<float>(),
+                      cols ? gc.ptr<float>() : nullptr};
+  gradients(p, x, y, w, dx.ptr<float>(), dy.ptr<float>(), num_threads, nullptr);
+}
+
+// Forward statistics and the unit-weight gradients (gr = gc = 1) in one call, for batches whose logits
+// (B K <= kFusedMaxLogits) can stay in memory between the two: one product X Y^T instead of two.
+void contrastive_fused_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
+                           const Tensor& row_stats, const Tensor& col_stats, const Tensor& dx, const Tensor& dy,
+                           int num_threads) {
+  const Problem p = make_problem(x, y, scale, bias, mode, diagonal);
+  check_stats(p, row_stats, col_stats);
+  check_grads(p, dx, dy);
+  check(p.sh.B * p.sh.K <= kFusedMaxLogits, "x: too many logits for the fused path");
+  const bool cols = mode == kRowsCols;
+  Fused fused{Stats(p), row_stats.ptr<float>(), cols ? col_stats.ptr<float>() : nullptr};
+  const std::vector<float> ones(std::max(p.sh.B, p.sh.K), 1.f);
+  const GradWeights w{fused.rs, fused.cs, ones.data(), cols ? ones.data() : nullptr};
+  gradients(p, x, y, w, dx.ptr<float>(), dy.ptr<float>(), num_threads, &fused);
 }
 
 }  // namespace mmkern

@@ -132,6 +132,12 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backe
     return _loss(image_features, text_features, logit_scale, logit_bias, None, SIGMOID, chosen)
 
 
+# Batches with B·K up to this many logits run the CPU kernel's fused path when gradients are needed: statistics
+# and unit-weight gradients in one call, the logits kept in between (one product X·Yᵀ, not two); backward then
+# only scales them. Must match csrc/cpu/contrastive.cpp kFusedMaxLogits.
+FUSED_MAX_LOGITS = 1 << 18
+
+
 def _loss(x, y, scale, bias, labels, mode: int, backend: str) -> torch.Tensor:
     """The loss of `mode` (ROWS: infonce, ROWS_COLS: clip, SIGMOID: siglip) as one autograd node.
 
@@ -143,7 +149,14 @@ def _loss(x, y, scale, bias, labels, mode: int, backend: str) -> torch.Tensor:
     if bias is None:
         bias = torch.zeros((), dtype=torch.float32, device=x.device)
     eager = plain_eager(x, y, scale, bias, labels)
-    return _Loss.apply(x, y, scale, bias, labels, mode, backend, eager)
+    fused = (
+        eager
+        and backend == "cpu"
+        and x.shape[0] * y.shape[0] <= FUSED_MAX_LOGITS
+        and torch.is_grad_enabled()
+        and (x.requires_grad or y.requires_grad)
+    )
+    return _Loss.apply(x, y, scale, bias, labels, mode, backend, eager, fused)
 
 
 class _Loss(torch.autograd.Function):
@@ -158,50 +171,67 @@ class _Loss(torch.autograd.Function):
     dx = f·(G·Y − k·y_label), dy = f·(Gᵀ·X − k·Σ_(i: label_i = j) x_i) with f = dL·s / (k·B); dL/ds and dL/db are
     sums of the kernel's ∂/∂s and ∂/∂b planes (minus k·p) over k·B. Few torch ops on purpose: at B = 128 each one
     costs about as much as 1% of the kernels. The loss comes back in x's dtype; gradients are summed in fp32.
+    `fused` (see FUSED_MAX_LOGITS) computes G·Y and Gᵀ·X in forward.
     """
 
     @staticmethod
-    def forward(ctx, x, y, scale, bias, labels, mode, backend, eager):
-        rows, cols = (_forward_impl if eager else torch.ops.mmkern.contrastive_stats)(
-            x, y, scale, bias, mode, mode == SIGMOID, backend
-        )
+    def forward(ctx, x, y, scale, bias, labels, mode, backend, eager, fused):
         ctx.mode, ctx.backend, ctx.eager = mode, backend, eager
+        if fused:
+            rows, cols, gx, gy = _fused_impl(x, y, scale, bias, mode, mode == SIGMOID)
+            _sub_positives(gx, gy, x, y, labels, mode)
+        else:
+            rows, cols = (_forward_impl if eager else torch.ops.mmkern.contrastive_stats)(
+                x, y, scale, bias, mode, mode == SIGMOID, backend
+            )
+            gx = gy = None
         B, k = x.shape[0], 2 if mode == ROWS_COLS else 1
         if mode == SIGMOID:
-            ctx.save_for_backward(x, y, scale, bias, labels, rows, cols, None)
+            ctx.save_for_backward(x, y, scale, bias, labels, rows, cols, None, gx, gy)
             return (rows[0].sum() / B).to(x.dtype)
         pos = (x.float() * (y[:B] if labels is None else y[labels]).float()).sum()
-        ctx.save_for_backward(x, y, scale, bias, labels, rows, cols, pos)
+        ctx.save_for_backward(x, y, scale, bias, labels, rows, cols, pos, gx, gy)
         lse = rows[0].sum() + cols[0].sum() if mode == ROWS_COLS else rows[0].sum()
         return torch.addcmul(lse, scale.float(), pos, value=-k).div_(k * B).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, y, scale, bias, labels, rows, cols, pos = ctx.saved_tensors
+        x, y, scale, bias, labels, rows, cols, pos, gx, gy = ctx.saved_tensors
         mode, B = ctx.mode, x.shape[0]
         k, g = 2 if mode == ROWS_COLS else 1, grad.float()
         grad_x = grad_y = grad_scale = grad_bias = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            ones = rows.new_ones(B)
-            gx, gy = (_backward_impl if ctx.eager else torch.ops.mmkern.contrastive_stats_backward)(
-                ones, ones if mode == ROWS_COLS else ones[:0], x, y, scale, bias, rows, cols, mode, mode == SIGMOID,
-                ctx.backend,
-            )
-            if mode != SIGMOID:  # the positive logits s·x_i·y_(label_i)
-                gx.sub_(y[:B] if labels is None else y[labels], alpha=k)
-                if labels is None:
-                    gy[:B].sub_(x, alpha=k)
-                else:
-                    gy.index_add_(0, labels, x.float(), alpha=-k)
             f = g * scale.float() / (k * B)
-            grad_x, grad_y = gx.mul_(f).to(x.dtype), gy.mul_(f).to(y.dtype)  # in place: no more (B, D) buffers
+            if gx is None:  # in place: no more (B, D) buffers at the peak of a large batch
+                ones = rows.new_ones(B)
+                gx, gy = (_backward_impl if ctx.eager else torch.ops.mmkern.contrastive_stats_backward)(
+                    ones, ones if mode == ROWS_COLS else ones[:0], x, y, scale, bias, rows, cols, mode,
+                    mode == SIGMOID, ctx.backend,
+                )
+                gx, gy = _sub_positives(gx, gy, x, y, labels, mode)
+                gx, gy = gx.mul_(f), gy.mul_(f)
+            else:  # saved by the fused forward: a second backward (retain_graph) must find them unchanged
+                gx, gy = gx * f, gy * f
+            grad_x, grad_y = gx.to(x.dtype), gy.to(y.dtype)
         if ctx.needs_input_grad[2]:
             ds = rows[1].sum() + cols[1].sum() if mode == ROWS_COLS else rows[1].sum()
             ds = ds if mode == SIGMOID else ds.sub_(pos, alpha=k)
             grad_scale = ds.mul_(g).div_(k * B).to(scale.dtype)
         if ctx.needs_input_grad[3]:
             grad_bias = rows[2].sum().mul_(g).div_(B).to(bias.dtype)
-        return grad_x, grad_y, grad_scale, grad_bias, None, None, None, None
+        return grad_x, grad_y, grad_scale, grad_bias, None, None, None, None, None
+
+
+def _sub_positives(gx, gy, x, y, labels, mode):
+    """Subtracts the positive logits' part of G (k at (i, label_i); SIGMOID has it inside the kernel) in place."""
+    if mode != SIGMOID:
+        k, B = 2 if mode == ROWS_COLS else 1, x.shape[0]
+        gx.sub_(y[:B] if labels is None else y[labels], alpha=k)
+        if labels is None:
+            gy[:B].sub_(x, alpha=k)
+        else:
+            gy.index_add_(0, labels, x.float(), alpha=-k)
+    return gx, gy
 
 
 def contrastive_stats(x, y, scale, bias, mode: int, backend: str, *, diagonal: bool = False):
@@ -313,6 +343,18 @@ def _stats_backward_op(
 @_stats_backward_op.register_fake
 def _(grad_rows, grad_cols, x, y, scale, bias, rows, cols, mode, diagonal, backend):
     return x.new_empty(x.shape, dtype=torch.float32), y.new_empty(y.shape, dtype=torch.float32)
+
+
+def _fused_impl(x, y, scale, bias, mode, diagonal):
+    """Statistics and unit-weight G·Y, Gᵀ·X (gr = gc = 1) in one CPU kernel call: (rows, cols, dx, dy)."""
+    rows = x.new_empty((3, x.shape[0]), dtype=torch.float32)
+    cols = x.new_empty((2, y.shape[0] if mode == ROWS_COLS else 0), dtype=torch.float32)
+    dx = x.new_empty(x.shape, dtype=torch.float32)
+    dy = y.new_empty(y.shape, dtype=torch.float32)
+    args = [_native.tensor_arg(t) for t in (x, y, rows, cols if mode == ROWS_COLS else None, dx, dy)]
+    s, b = _scale_bias(scale, bias)
+    _native.native().contrastive_fused_cpu(*args[:2], s, b, mode, diagonal, *args[2:], _native.num_threads())
+    return rows, cols, dx, dy
 
 
 def _setup_context(ctx, inputs, output):
