@@ -204,10 +204,9 @@ class _Loss(torch.autograd.Function):
             f = g * scale.float() / (k * B)
             if gx is None:  # in place: no more (B, D) buffers at the peak of a large batch
                 ones = rows.new_ones(B)
-                gx, gy = (_backward_impl if ctx.eager else torch.ops.mmkern.contrastive_stats_backward)(
-                    ones, ones if mode == ROWS_COLS else ones[:0], x, y, scale, bias, rows, cols, mode,
-                    mode == SIGMOID, ctx.backend,
-                )
+                run = _backward_impl if ctx.eager else torch.ops.mmkern.contrastive_stats_backward
+                gc = ones if mode == ROWS_COLS else ones[:0]
+                gx, gy = run(ones, gc, x, y, scale, bias, rows, cols, mode, mode == SIGMOID, ctx.backend)
                 gx, gy = _sub_positives(gx, gy, x, y, labels, mode)
                 gx, gy = gx.mul_(f), gy.mul_(f)
             else:  # saved by the fused forward: a second backward (retain_graph) must find them unchanged
@@ -384,4 +383,3 @@ def _backward(ctx, grad_rows, grad_cols):
 
 
 _stats_op.register_autograd(_backward, setup_context=_setup_context)
-
