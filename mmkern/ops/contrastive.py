@@ -13,6 +13,10 @@ recomputes each tile once and produces G·Y and Gᵀ·X for G = ∂L/∂z; the g
 epilogues over the saved statistics. The softmax losses' positive (diagonal / label) logits are O(B·D) torch
 code; the sigmoid loss treats its positives inside the kernel (softplus(−z), no cancellation).
 Memory: O(B·D) for packed operands and gradients plus O(B) statistics.
+
+Each loss is one autograd node (_Loss) around those kernels; in plain eager mode it calls them without the
+custom-op dispatcher. On the CPU, a batch of at most FUSED_MAX_LOGITS logits that needs gradients runs forward
+and gradient kernels in one call that keeps its logit tiles (≤ ~4 MiB) in between; backward then only scales.
 """
 
 from __future__ import annotations
