@@ -1,10 +1,11 @@
-"""CLIP loss forward+backward: mmkern against the naive B×B PyTorch loss (open_clip's formula) and, on a GPU
-when installed, open_clip's ClipLoss and Inf-CL. Reports median / p20 / p80 time, GFLOP/s by the explicit
-formula 6·B²·D (the matmul work of the naive loss: one forward and two backward GEMMs), peak extra memory
-and the speed ratio to naive in the same run. Naive is skipped where its B×B buffers would not fit.
+"""Contrastive loss forward+backward: mmkern against the naive B×B PyTorch loss (open_clip's formulas) and, for
+CLIP on a GPU when installed, open_clip's ClipLoss and Inf-CL. Reports median / p20 / p80 time, GFLOP/s by the
+explicit formula 6·B²·D (the matmul work of the naive loss: one forward and two backward GEMMs), peak extra
+memory and the speed ratio to naive in the same run. Naive is skipped where its B×B buffers would not fit.
 
     python -m benchmarks.bench_contrastive --quick
     python -m benchmarks.bench_contrastive --sizes 16384 65536 --dims 512 --repeats 1 --warmup 0
+    python -m benchmarks.bench_contrastive --losses clip siglip infonce --sizes 128 512 1024 --dims 64 --repeats 200
 """
 
 from __future__ import annotations
@@ -25,6 +26,27 @@ def naive_clip_loss(image_features, text_features, logit_scale):
     logits = logit_scale * image_features @ text_features.T
     labels = torch.arange(image_features.shape[0], device=image_features.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def naive_siglip_loss(image_features, text_features, logit_scale, logit_bias):
+    """open_clip SigLipLoss on one device: −Σ log σ(±(s·I·Tᵀ + b)) / B over the full B×B logits."""
+    logits = logit_scale * image_features @ text_features.T + logit_bias
+    labels = 2 * torch.eye(image_features.shape[0], device=logits.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / image_features.shape[0]
+
+
+def naive_infonce(query, keys, logit_scale):
+    """One-direction InfoNCE: cross-entropy of the B×K logits against arange(B)."""
+    labels = torch.arange(query.shape[0], device=query.device)
+    return F.cross_entropy(logit_scale * query @ keys.T, labels)
+
+
+# loss name -> (naive baseline, mmkern op); siglip takes a logit bias as a fourth argument.
+LOSSES = {
+    "clip": (naive_clip_loss, ops.clip_loss),
+    "siglip": (naive_siglip_loss, ops.siglip_loss),
+    "infonce": (naive_infonce, ops.infonce),
+}
 
 
 def _open_clip():
@@ -49,11 +71,12 @@ def _inf_cl():
     return loss
 
 
-def implementations(device: torch.device, backends: list[str]) -> dict:
-    impls = {"naive": naive_clip_loss}
+def implementations(device: torch.device, backends: list[str], loss: str = "clip") -> dict:
+    naive, op = LOSSES[loss]
+    impls = {"naive": naive}
     for b in backends:
-        impls[f"mmkern-{b}"] = lambda x, y, s, b=b: ops.clip_loss(x, y, s, backend=b)
-    if device.type == "cuda":
+        impls[f"mmkern-{b}"] = lambda *args, b=b: op(*args, backend=b)
+    if device.type == "cuda" and loss == "clip":
         for name, make in (("open_clip", _open_clip), ("inf_cl", _inf_cl)):
             fn = make()
             if fn is not None:
@@ -74,20 +97,25 @@ def _memory_budget(device: torch.device) -> int:
     return int(0.6 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def run(B: int, D: int, dtype: torch.dtype, device: torch.device, impls: dict, warmup: int, repeats: int) -> list[dict]:
+def run(
+    B: int, D: int, dtype: torch.dtype, device: torch.device, impls: dict, warmup: int, repeats: int, loss: str = "clip"
+) -> list[dict]:
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = F.normalize(torch.randn(B, D, generator=gen), dim=1).to(device, dtype).requires_grad_()
     y = F.normalize(torch.randn(B, D, generator=gen), dim=1).to(device, dtype).requires_grad_()
-    s = torch.tensor(100.0, device=device, requires_grad=True)
+    args = (x, y, torch.tensor(100.0, device=device, requires_grad=True))
+    if loss == "siglip":
+        args += (torch.tensor(-10.0, device=device, requires_grad=True),)
     records = []
     for name, fn in impls.items():
         rec = {
+            "loss": loss,
             "impl": name,
             "B": B,
             "D": D,
             "dtype": str(dtype).removeprefix("torch."),
             "device": device.type,
-            "case": f"B={B} D={D}",
+            "case": f"B={B} D={D}" if loss == "clip" else f"{loss} B={B} D={D}",
         }
         if name == "naive" and _naive_bytes(B, dtype) > _memory_budget(device):
             rec["skipped"] = f"needs ~{_naive_bytes(B, dtype) / 2**30:.0f} GiB"
@@ -95,8 +123,7 @@ def run(B: int, D: int, dtype: torch.dtype, device: torch.device, impls: dict, w
             continue
 
         def step(fn=fn):
-            loss = fn(x, y, s)
-            torch.autograd.grad(loss, (x, y, s))
+            torch.autograd.grad(fn(*args), args)
 
         rec.update(harness.time_fn(step, device=device, warmup=warmup, repeats=repeats))
         rec["peak_mb"] = harness.peak_memory(step, device=device) / 2**20  # after timing: one-time setup excluded
@@ -124,17 +151,21 @@ def _exact_cpu_peaks() -> None:
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run")
+    p.add_argument("--losses", nargs="+", choices=sorted(LOSSES), default=["clip"], help="losses to time")
     p.add_argument("--sizes", type=int, nargs="+", help="batch sizes B (default: 4096 8192 on CPU, 4k..256k on GPU)")
     p.add_argument("--dims", type=int, nargs="+", default=[512, 768], help="feature widths D")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp32 on CPU, bf16 on GPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backends", nargs="+", default=None, help="mmkern backends (default: cpu, or triton cuda)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out-dir", default=None, help="results folder (default: bench_results/ or $MMKERN_BENCH_DIR)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     gpu = device.type == "cuda"
     if not gpu:
         _exact_cpu_peaks()
@@ -145,18 +176,30 @@ def main(argv=None) -> list[dict]:
     if args.quick:
         sizes, dims, warmup, repeats = [s // 4 for s in sizes[:2]], dims[:1], 1, 2
 
-    impls = implementations(device, backends)
     records = []
-    for D in dims:
-        for B in sizes:
-            records += run(B, D, dtype, device, impls, warmup, repeats)
-            print(
-                harness.format_table(
-                    records[-len(impls) :],
-                    ["impl", "B", "D", "median_ms", "p20_ms", "p80_ms", "gflops", "peak_mb", "speedup_vs_naive"],
-                ),
-                flush=True,
-            )
+    for loss in args.losses:
+        impls = implementations(device, backends, loss)
+        for D in dims:
+            for B in sizes:
+                records += run(B, D, dtype, device, impls, warmup, repeats, loss)
+                print(
+                    harness.format_table(
+                        records[-len(impls) :],
+                        [
+                            "loss",
+                            "impl",
+                            "B",
+                            "D",
+                            "median_ms",
+                            "p20_ms",
+                            "p80_ms",
+                            "gflops",
+                            "peak_mb",
+                            "speedup_vs_naive",
+                        ],
+                    ),
+                    flush=True,
+                )
     path = harness.save("contrastive", records, args.out_dir)
     timed = [r for r in records if "median_ms" in r]
     if timed:

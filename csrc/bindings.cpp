@@ -22,6 +22,9 @@ void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
 void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
                          const Tensor& row_lse, const Tensor& col_lse, const Tensor& gr, const Tensor& gc,
                          const Tensor& dx, const Tensor& dy, int num_threads);
+void contrastive_fused_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
+                           const Tensor& row_stats, const Tensor& col_stats, const Tensor& dx, const Tensor& dy,
+                           int num_threads);
 #ifdef MMKERN_WITH_CUDA
 int contrastive_fwd_cuda(const Tensor& x, const Tensor& y, const Tensor& scale_bias, int mode, bool diagonal,
                          const Tensor& row_stats, const Tensor& col_stats, uintptr_t stream);
@@ -369,6 +372,14 @@ PYBIND11_MODULE(_C, m) {
            g2 = to_tensor(gc), dxt = to_tensor(dx), dyt = to_tensor(dy);
     py::gil_scoped_release release;
     mmkern::contrastive_bwd_cpu(xt, yt, scale, bias, mode, diagonal, rl, cl, g1, g2, dxt, dyt, num_threads);
+  });
+  m.def("contrastive_fused_cpu", [](py::object x, py::object y, double scale, double bias, int mode, bool diagonal,
+                                    py::object row_stats, py::object col_stats, py::object dx, py::object dy,
+                                    int num_threads) {
+    Tensor xt = to_tensor(x), yt = to_tensor(y), rs = to_tensor(row_stats), cs = to_tensor(col_stats),
+           dxt = to_tensor(dx), dyt = to_tensor(dy);
+    py::gil_scoped_release release;
+    mmkern::contrastive_fused_cpu(xt, yt, scale, bias, mode, diagonal, rs, cs, dxt, dyt, num_threads);
   });
 #ifdef MMKERN_WITH_CUDA
   m.def("contrastive_fwd_cuda", [](py::object x, py::object y, py::object scale_bias, int mode, bool diagonal,

@@ -267,3 +267,40 @@ def test_cpu_thread_counts(threads):
                 assert_close(g, e, torch.float32, fn.__name__, factor=_factor(p, e, torch.float32))
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the native module is not built")
+@pytest.mark.parametrize("kind", LOSSES)
+@pytest.mark.parametrize("B,D,extra", [(1, 5, 0), (37, 24, 3), (300, 16, 40)])
+def test_cpu_fused_and_split_paths(kind, B, D, extra, monkeypatch):
+    """Small batches take the fused kernel (statistics and gradients in one call, backward only scales); larger
+    ones the forward and backward kernels. Both against float64, and against each other; no_grad (no fused call)
+    gives the same loss; a retained graph gives the same gradients twice (the fused path's saved ones unchanged)."""
+    gen = torch.Generator().manual_seed(B)
+    extra = extra if kind == "infonce" else 0
+    x, y = _features(B, D, gen, False, 0), _features(B + extra, D, gen, False, 1)
+    labels = torch.randint(0, B + extra, (B,), generator=gen) if kind == "infonce" else None
+    args = [x, y, torch.tensor(30.0, dtype=torch.float64)] + ([torch.tensor(-3.0)] if kind == "siglip" else [])
+    fn, ref_fn, kwargs = _loss_fns(kind, labels)
+    expected, expected_grads = _run(ref_fn, args)
+    plain, plain_grads = _run(ref_fn, [t.float() for t in args])
+    assert B * (B + extra) <= contrastive.FUSED_MAX_LOGITS
+    fused, fused_grads = _run(fn, [t.float() for t in args], backend="cpu", **kwargs)
+    monkeypatch.setattr(contrastive, "FUSED_MAX_LOGITS", 0)
+    split, split_grads = _run(fn, [t.float() for t in args], backend="cpu", **kwargs)
+    for g, s, e, p in zip(
+        (fused, *fused_grads), (split, *split_grads), (expected, *expected_grads), (plain, *plain_grads)
+    ):
+        factor = max(_factor(p, e, torch.float32), 30.0 / B / max(e.abs().max().item(), 1e-30))
+        assert_close(g, e, torch.float32, "fused", factor=factor)
+        assert_close(s, e, torch.float32, "split", factor=factor)
+        assert_close(g, s.double(), torch.float32, "fused vs split", factor=factor)
+    monkeypatch.undo()
+    leaves = [t.float().requires_grad_() for t in args]
+    loss = fn(*leaves, backend="cpu", **kwargs)
+    with torch.no_grad():
+        assert_close(fn(*leaves, backend="cpu", **kwargs), loss.detach().double(), torch.float32, "no_grad loss")
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    second = torch.autograd.grad(loss, leaves)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)

@@ -15,235 +15,27 @@
 // logit for rows and columns (rows_cols_shared_shift, and its backward twin); dX and dY accumulate in a
 // blocked layout with contiguous micro-tiles (blocked_at); the next B panel and the C block are prefetched
 // while the micro-kernel works (prefetch_share, prefetch_c). Each was measured on this CPU (see there).
-#include <omp.h>
-#include <sys/mman.h>
-
+// Small batches (B K <= kFusedMaxLogits) that need gradients take contrastive_fused_cpu: statistics, then the
+// gradients from the same logit tiles kept in memory, in one call. The tile machinery is in contrastive_cpu.h.
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
-#include <new>
 #include <vector>
 
 #include "mmkern/common.h"
 #include "mmkern/contrastive.h"
+#include "mmkern/contrastive_cpu.h"
 #include "mmkern/cpu_gemm.h"
 
 namespace mmkern {
 
 namespace {
 
-using cpu::kKC;
-using cpu::kMR;
-using cpu::kNR;
-using cpu::v16;
 using namespace contrastive;
-typedef int vi16 __attribute__((vector_size(64)));
+using namespace contrastive_cpu;
+using cpu::kMR;
 
-// Tile of logits a thread holds (256 KiB of fp32). Both divide kKC, so a tile's rows (columns) never
-// straddle a k-block of a packed operand, and the backward GEMMs can read a tile's slice in place.
-constexpr int64_t kBM = 256;
-constexpr int64_t kBN = 256;
-static_assert(kKC % kBM == 0 && kKC % kBN == 0, "tiles must not straddle packed k-blocks");
-
-inline v16 splat(float v) { return v16{} + v; }
-inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }  // a NaN in `a` is dropped; exp() re-propagates it
-inline float hmax(v16 v) {
-  float m = v[0];
-  for (int k = 1; k < 16; ++k) m = v[k] > m ? v[k] : m;
-  return m;
-}
-inline float hsum(v16 v) {
-  float s = 0.f;
-  for (int k = 0; k < 16; ++k) s += v[k];
-  return s;
-}
-
-// exp(x) on 16 lanes, ~2 ulp: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial times 2^n. Exact 0 below
-// the normal range, inf above it, NaN stays NaN (every comparison with NaN is false).
-inline v16 vexp(v16 x) {
-  const v16 xc = x < -87.f ? splat(-87.f) : x;  // clamps -inf, keeps NaN (the comparison is false)
-  const v16 xr = xc > 88.f ? splat(88.f) : xc;
-  const v16 n = (xr * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest integer
-  const v16 r = (xr - n * 0.693145752f) - n * 1.42860677e-6f;
-  v16 p = splat(1.f / 720) * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
-  v16 out = p * reinterpret_cast<const v16&>(bits);
-  out = x < -87.3f ? splat(0.f) : out;
-  out = x > 88.72f ? splat(INFINITY) : out;
-  return out;
-}
-
-// log(1 + u) for u in [0, 1] (NaN stays NaN): 2 atanh(t) with t = u / (2 + u) <= 1/3, series to t^13.
-inline v16 vlog1p(v16 u) {
-  const v16 t = u / (2.f + u), t2 = t * t;
-  v16 p = splat(1.f / 13);
-  for (float k : {11.f, 9.f, 7.f, 5.f, 3.f, 1.f}) p = p * t2 + 1.f / k;
-  return 2.f * t * p;
-}
-
-// Column c0 of a tile row as 16 lanes; lanes past the valid width read 0 (the tile pads with 0).
-inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
-inline void store(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
-
-// A packed operand (tens of MiB at large B, read panel by panel all over) on transparent huge pages where the
-// system grants them on request: fewer TLB misses (measured: 1-2% of the whole loss, near the noise here). Small
-// buffers stay on ordinary pages: a fresh 2 MiB page per call costs more than the loss itself at B ~ 100s.
-class PackedBuffer {
- public:
-  explicit PackedBuffer(int64_t floats) {
-    constexpr size_t kHuge = size_t{2} << 20, kLine = 64;
-    const size_t bytes = static_cast<size_t>(std::max<int64_t>(floats, 1)) * sizeof(float);
-    const size_t align = bytes >= 4 * kHuge ? kHuge : kLine;
-    const size_t rounded = (bytes + align - 1) / align * align;
-    p_ = static_cast<float*>(std::aligned_alloc(align, rounded));
-    if (!p_) throw std::bad_alloc();
-#ifdef MADV_HUGEPAGE
-    if (align == kHuge) madvise(p_, rounded, MADV_HUGEPAGE);  // a hint: without it, simply 4 KiB pages
-#endif
-  }
-  ~PackedBuffer() { std::free(p_); }
-  PackedBuffer(const PackedBuffer&) = delete;
-  PackedBuffer& operator=(const PackedBuffer&) = delete;
-  float* data() const { return p_; }
-
- private:
-  float* p_;
-};
-
-struct Shape {
-  int64_t B, K, D, K_pad, D_pad;
-};
-
-// Packs every panel of an operand in layout B (column panels of kNR, element b(k, j), K x N) inside an
-// enclosing parallel region.
-template <class F>
-void pack_b_parallel(const F& b, int64_t K, int64_t N, float* dst) {
-  const int64_t N_pad = cpu::round_up(N, kNR), kblocks = (K + kKC - 1) / kKC, panels = N_pad / kNR;
-#pragma omp for schedule(static) collapse(2)
-  for (int64_t kb = 0; kb < kblocks; ++kb)
-    for (int64_t p = 0; p < panels; ++p) {
-      const int64_t k0 = kb * kKC, kc = std::min(kKC, K - k0), j0 = p * kNR;
-      cpu::pack_b(b, k0, kc, j0, static_cast<int>(std::min<int64_t>(kNR, N - j0)), dst + k0 * N_pad + j0 * kc);
-    }
-}
-
-// Packs rows X[i0:i0+im] as Xt (A layout, k-blocks of kKC, kBM rows each) and, if Xrt is given, as Xrt
-// (B layout with the rows as k: one k-block of im rows).
-template <class F>
-void pack_rows(const F& xe, int64_t D, int64_t i0, int64_t im, float* Xt, float* Xrt) {
-  auto rows = [&](int64_t i, int64_t k) { return xe(i0 + i, k); };
-  for (int64_t k0 = 0; k0 < D; k0 += kKC)
-    for (int64_t ip = 0; ip < im; ip += kMR)
-      cpu::pack_a(rows, ip, static_cast<int>(std::min<int64_t>(kMR, im - ip)), k0, std::min(kKC, D - k0),
-                  Xt + k0 * kBM + ip * std::min(kKC, D - k0));
-  if (Xrt)
-    for (int64_t dp = 0; dp < D; dp += kNR)
-      cpu::pack_b(rows, 0, im, dp, static_cast<int>(std::min<int64_t>(kNR, D - dp)), Xrt + dp * im);
-}
-
-// Spreads prefetches of the next B panel (`floats` floats at `next`) over the `calls` micro-kernel calls that
-// sweep the current one (this is call number `call`): a panel that comes from L3 is then in L1 when its own
-// sweep starts, which the hardware prefetchers do not achieve (measured: +8% on such GEMMs).
-inline void prefetch_share(const float* next, int64_t floats, int64_t call, int64_t calls) {
-  const int64_t lines = (floats + 15) / 16, per = (lines + calls - 1) / calls;
-  for (int64_t l = call * per; l < std::min(lines, (call + 1) * per); ++l) __builtin_prefetch(next + l * 16);
-}
-
-// Prefetches (with write intent) the kMR x kNR block of C at C (row stride ldc) that a micro-kernel call will
-// add to after its k loop, so the loads overlap the loop.
-inline void prefetch_c(float* C, int64_t ldc) {
-  for (int i = 0; i < kMR; ++i) {
-    __builtin_prefetch(C + i * ldc, 1);
-    __builtin_prefetch(C + i * ldc + 16, 1);
-  }
-}
-
-// S[0:im, 0:jn] (row stride kBN) = X[i0:i0+im] . Y[j0:j0+jn]^T from the packed Xt and Yb. Columns jn..
-// round_up(jn, 16) are set to 0 so that 16-lane epilogues read defined values.
-void tile_dot(const Shape& sh, const float* Xt, const float* Yb, int64_t im, int64_t j0, int64_t jn, float* S) {
-  const int64_t calls = (im + kMR - 1) / kMR;
-  for (int64_t k0 = 0; k0 < sh.D; k0 += kKC) {
-    const int64_t kc = std::min(kKC, sh.D - k0);
-    for (int64_t jp = 0; jp < jn; jp += kNR) {
-      const float* Bp = Yb + k0 * sh.K_pad + (j0 + jp) * kc;
-      const int64_t k1 = k0 + kc;  // the panel after the last one of this k-block: the next k-block's first
-      const float* next = jp + kNR < jn ? Bp + kNR * kc
-                          : k1 < sh.D   ? Yb + k1 * sh.K_pad + j0 * std::min(kKC, sh.D - k1)
-                                        : nullptr;
-      const int nr = static_cast<int>(std::min<int64_t>(kNR, jn - jp));
-      for (int64_t ip = 0; ip < im; ip += kMR) {
-        if (next) prefetch_share(next, kc * kNR, ip / kMR, calls);
-        const float* Ap = Xt + k0 * kBM + ip * kc;
-        prefetch_c(S + ip * kBN + jp, kBN);
-        cpu::micro_kernel(kc, Ap, Bp, S + ip * kBN + jp, kBN, static_cast<int>(std::min<int64_t>(kMR, im - ip)),
-                          nr, k0 > 0);
-      }
-    }
-  }
-  const int64_t jn16 = cpu::round_up(jn, 16);
-  for (int64_t i = 0; i < im; ++i)
-    for (int64_t j = jn; j < jn16; ++j) S[i * kBN + j] = 0.f;
-}
-
-// The gradients accumulate in a blocked layout while the tiles run: each group of kMR rows (the kMR x D floats
-// where those rows live) stores its kNR-column panels one after another, so a micro-kernel's C block is one
-// contiguous run (1 KiB) instead of kMR pieces 2 KiB apart, which the hardware prefetchers do not follow
-// (measured: the gradient GEMMs ran ~15% slower on row-major C). unblock_group() restores row-major order in place.
-// Row r0 (a multiple of kMR), column d0 (a multiple of kNR) of a blocked n_rows x D array; its row stride is
-// the panel's width.
-inline float* blocked_at(float* C, int64_t n_rows, int64_t D, int64_t r0, int64_t d0) {
-  return C + r0 * D + std::min<int64_t>(kMR, n_rows - r0) * d0;
-}
-
-// Restores row-major order in place for the group of rows r0.. (a multiple of kMR) of a blocked n_rows x D array.
-void unblock_group(float* C, int64_t n_rows, int64_t D, int64_t r0, float* tmp) {
-  const int64_t m = std::min<int64_t>(kMR, n_rows - r0);
-  float* group = C + r0 * D;
-  std::copy(group, group + m * D, tmp);
-  for (int64_t d0 = 0; d0 < D; d0 += kNR) {
-    const int64_t nr = std::min<int64_t>(kNR, D - d0);
-    for (int64_t r = 0; r < m; ++r) std::copy(tmp + m * d0 + r * nr, tmp + m * d0 + (r + 1) * nr, group + r * D + d0);
-  }
-}
-
-// C (blocked, c_rows x D; rows c0.. of the tile) += A (packed tile, m x kt) . Bk (packed operand rows k0..k0+kt)
-// where the packed operand is P (B-layout of an n_rows x D matrix) and k0 its first row.
-void tile_grad(const Shape& sh, const float* A, int64_t m, int64_t kt, const float* P, int64_t n_rows, int64_t k0,
-               float* C, int64_t c_rows, int64_t c0) {
-  const int64_t kb = k0 / kKC * kKC, kcb = std::min(kKC, n_rows - kb);
-  for (int64_t dp = 0; dp < sh.D; dp += kNR) {
-    const float* Bp = P + kb * sh.D_pad + dp * kcb + (k0 - kb) * kNR;
-    const int nr = static_cast<int>(std::min<int64_t>(kNR, sh.D - dp));
-    for (int64_t ip = 0; ip < m; ip += kMR) {
-      if (dp + kNR < sh.D) prefetch_share(Bp + kNR * kcb, kt * kNR, ip / kMR, (m + kMR - 1) / kMR);
-      float* Cb = blocked_at(C, c_rows, sh.D, c0 + ip, dp);
-      prefetch_c(Cb, nr);
-      cpu::micro_kernel(kt, A + ip * kt, Bp, Cb, nr,
-                        static_cast<int>(std::min<int64_t>(kMR, m - ip)), nr, true);
-    }
-  }
-}
-
-// Runs body(i0, im, j0, jn) over every tile (see the file comment). Call inside a parallel region.
-template <class F>
-void for_each_tile(int64_t rows, int64_t cols, const F& body) {
-  const int64_t rt = (rows + kBM - 1) / kBM, ct = (cols + kBN - 1) / kBN;
-  const int64_t P = std::min<int64_t>(rt, 4 * omp_get_num_threads());
-  for (int64_t r = 0; r < P; ++r) {
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t p = 0; p < P; ++p) {
-      const int64_t c = (p + r) % P;
-      for (int64_t it = rt * p / P; it < rt * (p + 1) / P; ++it)
-        for (int64_t jt = ct * c / P; jt < ct * (c + 1) / P; ++jt)
-          body(it * kBM, std::min(kBM, rows - it * kBM), jt * kBN, std::min(kBN, cols - jt * kBN));
-    }  // implicit barrier: the next round reuses these rows and columns
-  }
-}
+// Largest B K for contrastive_fused_cpu (must match mmkern/ops/contrastive.py FUSED_MAX_LOGITS): its logit tiles,
+// at most ~4 MiB with the padding of partial tiles, stay in memory between the statistics and the gradients.
+constexpr int64_t kFusedMaxLogits = int64_t{1} << 18;
 
 // One tile's exp terms can share a single shift M (the tile's max z) for rows and columns alike when every
 // row's and every column's max lies within kSharedRange of M: a row's sum is then at least exp(-kSharedRange),
@@ -315,157 +107,222 @@ void column_mask(int64_t jn, float* neg) {
   for (int64_t j = 0; j < kBN; ++j) neg[j] = j < jn ? 0.f : -INFINITY;
 }
 
-}  // namespace
+struct Problem {
+  Shape sh;
+  int mode;
+  bool diagonal;
+  float s, b;
+};
 
-void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
-                         const Tensor& row_stats, const Tensor& col_stats, int num_threads) {
-  const Shape sh = check_shapes(x, y);
-  check(mode == kRows || mode == kRowsCols || mode == kSigmoid, "mode: unknown contrastive mode");
-  check(row_stats.present && row_stats.numel() == kRowPlanes * sh.B, "row_stats: expected (3, B) fp32");
-  check(mode != kRowsCols || (col_stats.present && col_stats.numel() == kColPlanes * sh.K),
-        "col_stats: expected (2, K) fp32");
-  const float s = static_cast<float>(scale), b = static_cast<float>(bias);
-  PackedBuffer Yb(sh.D * sh.K_pad);
-  std::vector<SoftmaxState> rows(sh.B, softmax_init()), cols(mode == kRowsCols ? sh.K : 0, softmax_init());
-  std::vector<float> sig(mode == kSigmoid ? 3 * sh.B : 0, 0.f);  // sums of softplus, sigmoid*d, sigmoid
+// Running statistics of a forward pass: softmax states (rows, and columns for CLIP) or the sigmoid sums.
+struct Stats {
+  std::vector<SoftmaxState> rows, cols;
+  std::vector<float> sig;  // sums of softplus, sigmoid*d, sigmoid (3 planes of B)
+  explicit Stats(const Problem& p)
+      : rows(p.sh.B, softmax_init()),
+        cols(p.mode == kRowsCols ? p.sh.K : 0, softmax_init()),
+        sig(p.mode == kSigmoid ? 3 * p.sh.B : 0, 0.f) {}
 
-  dispatch_float(x.dtype, "contrastive", [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    const cpu::Strided<scalar_t> xe{x.ptr<scalar_t>(), x.stride(0), x.stride(1)};
-    const cpu::Strided<scalar_t> ye{y.ptr<scalar_t>(), y.stride(0), y.stride(1)};
-#pragma omp parallel num_threads(team_size(sh, num_threads))
-    {
-      pack_b_parallel([&](int64_t k, int64_t j) { return ye(j, k); }, sh.D, sh.K, Yb.data());
-      std::vector<float> Xt(kBM * sh.D), S(kBM * kBN), neg(kBN), cm(kBN), ca(kBN), cl(kBN), ce(kBN);
-      int64_t packed_i0 = -1;
-      for_each_tile(sh.B, sh.K, [&](int64_t i0, int64_t im, int64_t j0, int64_t jn) {
-        if (i0 != packed_i0) pack_rows(xe, sh.D, i0, im, Xt.data(), nullptr);
-        packed_i0 = i0;
-        tile_dot(sh, Xt.data(), Yb.data(), im, j0, jn, S.data());
-        column_mask(jn, neg.data());
-        const int64_t chunks = (jn + 15) / 16;
-        auto z_at = [&](int64_t i, int64_t c) { return load(&S[i * kBN + c * 16]) * s + b + load(&neg[c * 16]); };
-        if (mode == kRowsCols && rows_cols_shared_shift(S.data(), im, jn, z_at, rows.data() + i0, cols.data() + j0,
-                                                        cm.data(), cl.data(), ce.data()))
-          return;
-        for (int64_t i = 0; i < im; ++i) {
-          const float* d = &S[i * kBN];
-          if (mode == kSigmoid) {
-            // The row's positive (if in this tile) leaves the 16-lane sums (z = -inf adds 0) and is added
-            // exactly: softplus(-z), no cancellation.
-            const int64_t jd = diagonal ? i0 + i - j0 : -1;
-            const bool has_pos = jd >= 0 && jd < jn;
-            if (has_pos) neg[jd] = -INFINITY;
-            v16 vp = {}, vd = {}, vg = {};
-            for (int64_t c = 0; c < chunks; ++c) {
-              const v16 z = z_at(i, c);
-              const v16 g = 1.f / (1.f + vexp(-z));
-              vp += (z > 0.f ? z : splat(0.f)) + vlog1p(vexp(z < 0.f ? z : -z));
-              vd += g * load(d + c * 16);
-              vg += g;
-            }
-            float sp = hsum(vp), sd = hsum(vd), sg = hsum(vg);
-            if (has_pos) {
-              neg[jd] = 0.f;
-              const float z = s * d[jd] + b, g = sigmoid_grad(z, true);
-              sp += softplus(-z);
-              sd += g * d[jd];
-              sg += g;
-            }
-            sig[i0 + i] += sp;
-            sig[sh.B + i0 + i] += sd;
-            sig[2 * sh.B + i0 + i] += sg;
-            continue;
-          }
-          v16 vm = splat(-INFINITY);
-          for (int64_t c = 0; c < chunks; ++c) vm = vmax(z_at(i, c), vm);
-          SoftmaxState& st = rows[i0 + i];
-          const float mt = hmax(vm), m = st.m > mt ? st.m : mt;
-          const float a = st.m == -INFINITY ? 0.f : expf(st.m - m);
-          v16 vl = {}, ve = {};
-          for (int64_t c = 0; c < chunks; ++c) {
-            const v16 p = vexp(z_at(i, c) - m);
-            vl += p;
-            ve += p * load(d + c * 16);
-          }
-          st.l = st.l * a + hsum(vl);
-          st.e = st.e * a + hsum(ve);
-          st.m = m;
-        }
-        if (mode != kRowsCols) return;
-        // Columns: tile max, then one pass of exp against the merged max, 16 columns per vector.
-        for (int64_t c = 0; c < chunks; ++c) {
-          v16 vm = splat(-INFINITY);
-          for (int64_t i = 0; i < im; ++i) vm = vmax(z_at(i, c), vm);
-          for (int k = 0; k < 16; ++k) cm[c * 16 + k] = vm[k];
-        }
-        for (int64_t j = 0; j < chunks * 16; ++j) {
-          const SoftmaxState st = j < jn ? cols[j0 + j] : softmax_init();
-          const float m = st.m > cm[j] ? st.m : cm[j];
-          ca[j] = st.m == -INFINITY ? 0.f : expf(st.m - m);
-          cm[j] = j < jn ? m : 0.f;
-        }
-        for (int64_t c = 0; c < chunks; ++c) {
-          v16 vl = {}, ve = {};
-          const v16 m = load(&cm[c * 16]);
-          for (int64_t i = 0; i < im; ++i) {
-            const v16 p = vexp(z_at(i, c) - m);
-            vl += p;
-            ve += p * load(&S[i * kBN + c * 16]);
-          }
-          for (int k = 0; k < 16; ++k) {
-            cl[c * 16 + k] = vl[k];
-            ce[c * 16 + k] = ve[k];
-          }
-        }
-        for (int64_t j = 0; j < jn; ++j) {
-          SoftmaxState& st = cols[j0 + j];
-          st.l = st.l * ca[j] + cl[j];
-          st.e = st.e * ca[j] + ce[j];
-          st.m = cm[j];
-        }
-      });
+  // Writes the (3, B) row and (2, K) column statistics.
+  void finish(const Problem& p, float* rs, float* cs) const {
+    const int64_t B = p.sh.B, K = p.sh.K;
+    for (int64_t i = 0; i < B; ++i) {
+      if (p.mode == kSigmoid) {
+        for (int q = 0; q < 3; ++q) rs[q * B + i] = sig[q * B + i];
+      } else {
+        rs[i] = softmax_lse(rows[i]);
+        rs[B + i] = softmax_mean_d(rows[i]);
+        rs[2 * B + i] = 1.f;
+      }
     }
-  });
-
-  float* rs = row_stats.ptr<float>();
-  for (int64_t i = 0; i < sh.B; ++i) {
-    if (mode == kSigmoid) {
-      for (int p = 0; p < 3; ++p) rs[p * sh.B + i] = sig[p * sh.B + i];
-    } else {
-      rs[i] = softmax_lse(rows[i]);
-      rs[sh.B + i] = softmax_mean_d(rows[i]);
-      rs[2 * sh.B + i] = 1.f;
+    for (int64_t j = 0; p.mode == kRowsCols && j < K; ++j) {
+      cs[j] = softmax_lse(cols[j]);
+      cs[K + j] = softmax_mean_d(cols[j]);
     }
   }
-  if (mode == kRowsCols) {
-    float* cs = col_stats.ptr<float>();
-    for (int64_t j = 0; j < sh.K; ++j) {
-      cs[j] = softmax_lse(cols[j]);
-      cs[sh.K + j] = softmax_mean_d(cols[j]);
+};
+
+constexpr int64_t kForwardWork = 5 * kBN;  // floats of forward_tile's scratch
+
+// Merges the tile S (d, rows i0.., columns j0..) into the running statistics. `work`: kForwardWork floats.
+void forward_tile(const Problem& p, const float* S, int64_t i0, int64_t im, int64_t j0, int64_t jn, float* work,
+                  Stats& st) {
+  const int mode = p.mode;
+  const float s = p.s, b = p.b;
+  float *neg = work, *cm = work + kBN, *ca = work + 2 * kBN, *cl = work + 3 * kBN, *ce = work + 4 * kBN;
+  column_mask(jn, neg);
+  const int64_t chunks = (jn + 15) / 16;
+  auto z_at = [&](int64_t i, int64_t c) { return load(&S[i * kBN + c * 16]) * s + b + load(&neg[c * 16]); };
+  if (mode == kRowsCols && rows_cols_shared_shift(S, im, jn, z_at, &st.rows[i0], &st.cols[j0], cm, cl, ce)) return;
+  for (int64_t i = 0; i < im; ++i) {
+    const float* d = &S[i * kBN];
+    if (mode == kSigmoid) {
+      // The row's positive (if in this tile) leaves the 16-lane sums (z = -inf adds 0) and is added
+      // exactly: softplus(-z), no cancellation.
+      const int64_t jd = p.diagonal ? i0 + i - j0 : -1;
+      const bool has_pos = jd >= 0 && jd < jn;
+      if (has_pos) neg[jd] = -INFINITY;
+      v16 vp = {}, vd = {}, vg = {};
+      for (int64_t c = 0; c < chunks; ++c) {
+        const v16 z = z_at(i, c);
+        const v16 g = 1.f / (1.f + vexp(-z));
+        vp += (z > 0.f ? z : splat(0.f)) + vlog1p(vexp(z < 0.f ? z : -z));
+        vd += g * load(d + c * 16);
+        vg += g;
+      }
+      float sp = hsum(vp), sd = hsum(vd), sg = hsum(vg);
+      if (has_pos) {
+        neg[jd] = 0.f;
+        const float z = s * d[jd] + b, g = sigmoid_grad(z, true);
+        sp += softplus(-z);
+        sd += g * d[jd];
+        sg += g;
+      }
+      st.sig[i0 + i] += sp;
+      st.sig[p.sh.B + i0 + i] += sd;
+      st.sig[2 * p.sh.B + i0 + i] += sg;
+      continue;
     }
+    v16 vm = splat(-INFINITY);
+    for (int64_t c = 0; c < chunks; ++c) vm = vmax(z_at(i, c), vm);
+    SoftmaxState& row = st.rows[i0 + i];
+    const float mt = hmax(vm), m = row.m > mt ? row.m : mt;
+    const float a = row.m == -INFINITY ? 0.f : expf(row.m - m);
+    v16 vl = {}, ve = {};
+    for (int64_t c = 0; c < chunks; ++c) {
+      const v16 e = vexp(z_at(i, c) - m);
+      vl += e;
+      ve += e * load(d + c * 16);
+    }
+    row.l = row.l * a + hsum(vl);
+    row.e = row.e * a + hsum(ve);
+    row.m = m;
+  }
+  if (mode != kRowsCols) return;
+  // Columns: tile max, then one pass of exp against the merged max, 16 columns per vector.
+  for (int64_t c = 0; c < chunks; ++c) {
+    v16 vm = splat(-INFINITY);
+    for (int64_t i = 0; i < im; ++i) vm = vmax(z_at(i, c), vm);
+    for (int k = 0; k < 16; ++k) cm[c * 16 + k] = vm[k];
+  }
+  for (int64_t j = 0; j < chunks * 16; ++j) {
+    const SoftmaxState col = j < jn ? st.cols[j0 + j] : softmax_init();
+    const float m = col.m > cm[j] ? col.m : cm[j];
+    ca[j] = col.m == -INFINITY ? 0.f : expf(col.m - m);
+    cm[j] = j < jn ? m : 0.f;
+  }
+  for (int64_t c = 0; c < chunks; ++c) {
+    v16 vl = {}, ve = {};
+    const v16 m = load(&cm[c * 16]);
+    for (int64_t i = 0; i < im; ++i) {
+      const v16 e = vexp(z_at(i, c) - m);
+      vl += e;
+      ve += e * load(&S[i * kBN + c * 16]);
+    }
+    for (int k = 0; k < 16; ++k) {
+      cl[c * 16 + k] = vl[k];
+      ce[c * 16 + k] = ve[k];
+    }
+  }
+  for (int64_t j = 0; j < jn; ++j) {
+    SoftmaxState& col = st.cols[j0 + j];
+    col.l = col.l * ca[j] + cl[j];
+    col.e = col.e * ca[j] + ce[j];
+    col.m = cm[j];
   }
 }
 
-// dX (B x D fp32) = G Y and dY (K x D fp32) = G^T X (both overwritten) with G_ij = dL/dz_ij from grad_logit (the logit
-// scale is applied by the caller). row_lse / col_lse: plane 0 of the forward statistics; gr (B), gc (K).
-void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
-                         const Tensor& row_lse, const Tensor& col_lse, const Tensor& gr, const Tensor& gc,
-                         const Tensor& dx, const Tensor& dy, int num_threads) {
+// What backward_tile turns d into G with: row / column lse (plane 0 of the statistics) and weights.
+struct GradWeights {
+  const float *rl, *cl, *gr, *gc;  // cl, gc: null unless CLIP
+};
+
+constexpr int64_t kBackwardWork = 2 * kBM * kBN + 4 * kBN;  // floats of backward_tile's scratch
+
+// Turns the tile S (d, rows i0.., columns j0..) into G = dL/dz in place and adds G Y[j0:] to dX[i0:] and
+// G^T X[i0:] to dY[j0:] (blocked layout). Xrt: rows i0.. packed by pack_rows. `work`: kBackwardWork floats.
+void backward_tile(const Problem& p, float* S, int64_t i0, int64_t im, int64_t j0, int64_t jn, float* work,
+                   const GradWeights& w, const float* Yr, const float* Xrt, float* dxp, float* dyp) {
+  const int mode = p.mode;
+  const float s = p.s, b = p.b;
+  float *GA = work, *GT = work + kBM * kBN, *neg = GT + kBM * kBN, *tl = neg + kBN, *tg = tl + kBN, *tw = tg + kBN;
+  column_mask(jn, neg);
+  for (int64_t j = 0; j < kBN; ++j) {  // column lse and weight, 0 in the padding
+    tl[j] = w.cl && j < jn ? w.cl[j0 + j] : 0.f;
+    tg[j] = w.gc && j < jn ? w.gc[j0 + j] : 0.f;
+  }
+  const int64_t chunks = (jn + 15) / 16;
+  // SigLIP positives (i == j) use -sigmoid(-z) in place of sigmoid(z) - 1, which would cancel.
+  std::vector<std::pair<int64_t, float>> positives;
+  if (mode == kSigmoid && p.diagonal)
+    for (int64_t i = std::max(i0, j0); i < std::min(i0 + im, j0 + jn); ++i)
+      positives.emplace_back(i, w.gr[i] * sigmoid_grad(s * S[(i - i0) * kBN + i - j0] + b, true));
+  // CLIP with one exp per logit when the tile's lse values lie within kSharedRange of their largest, M:
+  // G = exp(z - M) (g_i exp(M - r_i) + gc_j exp(M - c_j)), and z <= every lse, so exp(z - M) <= 1.
+  float M = -INFINITY, lo = INFINITY;
+  if (mode == kRowsCols) {
+    for (int64_t i = 0; i < im; ++i) M = std::max(M, w.rl[i0 + i]), lo = std::min(lo, w.rl[i0 + i]);
+    for (int64_t j = 0; j < jn; ++j) M = std::max(M, tl[j]), lo = std::min(lo, tl[j]);
+  }
+  const bool shared = mode == kRowsCols && M - lo <= kSharedRange;  // false for NaN and infinities
+  if (shared)
+    for (int64_t j = 0; j < kBN; ++j) tw[j] = j < jn ? tg[j] * expf(M - tl[j]) : 0.f;
+  // G goes to S (row-major, read by pack_a as the A operand of G Y) and, as the A operand of G^T X, to GT:
+  // panels of kMR columns, k = row. Columns past jn get G = 0 (z = -inf), which is GT's zero padding.
+  auto gt_at = [&](int64_t i, int64_t j) { return &GT[j / kMR * kMR * im + i * kMR + j % kMR]; };
+  for (int64_t i = 0; i < im; ++i) {
+    const float r = w.rl[i0 + i], g = w.gr[i0 + i], u = shared ? g * expf(M - r) : 0.f;
+    for (int64_t c = 0; c < chunks; ++c) {
+      float* d = &S[i * kBN + c * 16];
+      const v16 z = load(d) * s + b + load(&neg[c * 16]);
+      v16 G;
+      if (mode == kSigmoid) {
+        G = g / (1.f + vexp(-z));
+      } else if (shared) {
+        G = vexp(z - M) * (u + load(&tw[c * 16]));
+      } else {
+        G = g * vexp(z - r);
+        if (mode == kRowsCols) G += load(&tg[c * 16]) * vexp(z - load(&tl[c * 16]));
+      }
+      store(d, G);
+      std::memcpy(gt_at(i, c * 16), &G, 8 * sizeof(float));
+      std::memcpy(gt_at(i, c * 16 + 8), reinterpret_cast<const float*>(&G) + 8, 8 * sizeof(float));
+    }
+  }
+  for (const auto& [i, g] : positives) S[(i - i0) * kBN + i - j0] = *gt_at(i - i0, i - j0) = g;
+  for (int64_t ip = 0; ip < im; ip += kMR)
+    cpu::pack_a(cpu::Strided<float>{S, kBN, 1}, ip, static_cast<int>(std::min<int64_t>(kMR, im - ip)), 0, jn,
+                GA + ip * jn);
+  tile_grad(p.sh, GA, im, jn, Yr, p.sh.K, j0, dxp, p.sh.B, i0);
+  tile_grad(p.sh, GT, jn, im, Xrt, im, 0, dyp, p.sh.K, j0);
+}
+
+Problem make_problem(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal) {
   const Shape sh = check_shapes(x, y);
   check(mode == kRows || mode == kRowsCols || mode == kSigmoid, "mode: unknown contrastive mode");
-  check(row_lse.present && gr.present && row_lse.numel() >= sh.B && gr.numel() == sh.B, "gr: expected (B,) fp32");
-  check(mode != kRowsCols || (col_lse.present && gc.present && col_lse.numel() >= sh.K && gc.numel() == sh.K),
-        "gc: expected (K,) fp32");
-  check(dx.present && dx.numel() == sh.B * sh.D && dy.present && dy.numel() == sh.K * sh.D,
-        "dx: expected contiguous fp32 gradients");
-  const float s = static_cast<float>(scale), b = static_cast<float>(bias);
-  const float *rl = row_lse.ptr<float>(), *grp = gr.ptr<float>();
-  const float* cl = mode == kRowsCols ? col_lse.ptr<float>() : nullptr;
-  const float* gcp = mode == kRowsCols ? gc.ptr<float>() : nullptr;
-  float *dxp = dx.ptr<float>(), *dyp = dy.ptr<float>();
-  PackedBuffer Yb(sh.D * sh.K_pad), Yr(sh.K * sh.D_pad);
+  return Problem{sh, mode, diagonal, static_cast<float>(scale), static_cast<float>(bias)};
+}
 
+void check_stats(const Problem& p, const Tensor& row_stats, const Tensor& col_stats) {
+  check(row_stats.present && row_stats.numel() == kRowPlanes * p.sh.B, "row_stats: expected (3, B) fp32");
+  check(p.mode != kRowsCols || (col_stats.present && col_stats.numel() == kColPlanes * p.sh.K),
+        "col_stats: expected (2, K) fp32");
+}
+
+// dX = G Y and dY = G^T X (fp32, overwritten). With `fused` the statistics are computed first, into fused->stats,
+// from logit tiles that stay in memory for the gradients (no second product X Y^T); w then points into them.
+struct Fused {
+  Stats stats;
+  float *rs, *cs;
+};
+
+void gradients(const Problem& p, const Tensor& x, const Tensor& y, GradWeights w, float* dxp, float* dyp,
+               int num_threads, Fused* fused) {
+  const Shape& sh = p.sh;
+  Buffer Yb(sh.D * sh.K_pad), Yr(sh.K * sh.D_pad);
+  const int64_t rt = (sh.B + kBM - 1) / kBM, ct = (sh.K + kBN - 1) / kBN, slab = std::min(sh.B, kBM) * kBN;
+  Scratch tiles(fused ? rt * ct * slab : 0, 1);
+  float* slabs = tiles.take(fused ? rt * ct * slab : 0);
   dispatch_float(x.dtype, "contrastive", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const cpu::Strided<scalar_t> xe{x.ptr<scalar_t>(), x.stride(0), x.stride(1)};
@@ -478,70 +335,101 @@ void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
       for (int64_t r = 0; r < sh.B; ++r) std::fill(dxp + r * sh.D, dxp + (r + 1) * sh.D, 0.f);
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < sh.K; ++r) std::fill(dyp + r * sh.D, dyp + (r + 1) * sh.D, 0.f);
-      std::vector<float> Xt(kBM * sh.D), Xrt(kBM * sh.D_pad), S(kBM * kBN), GA(kBM * kBN), GT(kBM * kBN), neg(kBN),
-          tl(kBN), tg(kBN), tw(kBN);
+      Scratch scratch(Scratch::floats(kBM * sh.D, kBM * sh.D_pad, kMR * sh.D, kBM * kBN, kBackwardWork));
+      float *Xt = scratch.take(kBM * sh.D), *Xrt = scratch.take(kBM * sh.D_pad), *tmp = scratch.take(kMR * sh.D),
+            *S = scratch.take(kBM * kBN), *work = scratch.take(kBackwardWork);
+      auto tile_of = [&](int64_t i0, int64_t j0) { return fused ? slabs + (i0 / kBM * ct + j0 / kBN) * slab : S; };
       int64_t packed_i0 = -1;
+      if (fused) {
+        for_each_tile(sh.B, sh.K, [&](int64_t i0, int64_t im, int64_t j0, int64_t jn) {
+          if (i0 != packed_i0) pack_rows(xe, sh.D, i0, im, Xt, Xrt);
+          packed_i0 = i0;
+          tile_dot(sh, Xt, Yb.data(), im, j0, jn, tile_of(i0, j0));
+          forward_tile(p, tile_of(i0, j0), i0, im, j0, jn, work, fused->stats);
+        });
+#pragma omp single
+        fused->stats.finish(p, fused->rs, fused->cs);  // implicit barrier: every thread sees the statistics
+      }
       for_each_tile(sh.B, sh.K, [&](int64_t i0, int64_t im, int64_t j0, int64_t jn) {
-        if (i0 != packed_i0) pack_rows(xe, sh.D, i0, im, Xt.data(), Xrt.data());
+        if (i0 != packed_i0) pack_rows(xe, sh.D, i0, im, Xt, Xrt);
         packed_i0 = i0;
-        tile_dot(sh, Xt.data(), Yb.data(), im, j0, jn, S.data());
-        column_mask(jn, neg.data());
-        for (int64_t j = 0; j < kBN; ++j) {  // column lse and weight, 0 in the padding
-          tl[j] = cl && j < jn ? cl[j0 + j] : 0.f;
-          tg[j] = gcp && j < jn ? gcp[j0 + j] : 0.f;
-        }
-        const int64_t chunks = (jn + 15) / 16;
-        // SigLIP positives (i == j) use -sigmoid(-z) in place of sigmoid(z) - 1, which would cancel.
-        std::vector<std::pair<int64_t, float>> positives;
-        if (mode == kSigmoid && diagonal)
-          for (int64_t i = std::max(i0, j0); i < std::min(i0 + im, j0 + jn); ++i)
-            positives.emplace_back(i, grp[i] * sigmoid_grad(s * S[(i - i0) * kBN + i - j0] + b, true));
-        // CLIP with one exp per logit when the tile's lse values lie within kSharedRange of their largest, M:
-        // G = exp(z - M) (g_i exp(M - r_i) + gc_j exp(M - c_j)), and z <= every lse, so exp(z - M) <= 1.
-        float M = -INFINITY, lo = INFINITY;
-        if (mode == kRowsCols) {
-          for (int64_t i = 0; i < im; ++i) M = std::max(M, rl[i0 + i]), lo = std::min(lo, rl[i0 + i]);
-          for (int64_t j = 0; j < jn; ++j) M = std::max(M, tl[j]), lo = std::min(lo, tl[j]);
-        }
-        const bool shared = mode == kRowsCols && M - lo <= kSharedRange;  // false for NaN and infinities
-        if (shared)
-          for (int64_t j = 0; j < kBN; ++j) tw[j] = j < jn ? tg[j] * expf(M - tl[j]) : 0.f;
-        // G goes to S (row-major, read by pack_a as the A operand of G Y) and, as the A operand of G^T X, to GT:
-        // panels of kMR columns, k = row. Columns past jn get G = 0 (z = -inf), which is GT's zero padding.
-        auto gt_at = [&](int64_t i, int64_t j) { return &GT[j / kMR * kMR * im + i * kMR + j % kMR]; };
-        for (int64_t i = 0; i < im; ++i) {
-          const float r = rl[i0 + i], g = grp[i0 + i], u = shared ? g * expf(M - r) : 0.f;
-          for (int64_t c = 0; c < chunks; ++c) {
-            float* d = &S[i * kBN + c * 16];
-            const v16 z = load(d) * s + b + load(&neg[c * 16]);
-            v16 G;
-            if (mode == kSigmoid) {
-              G = g / (1.f + vexp(-z));
-            } else if (shared) {
-              G = vexp(z - M) * (u + load(&tw[c * 16]));
-            } else {
-              G = g * vexp(z - r);
-              if (mode == kRowsCols) G += load(&tg[c * 16]) * vexp(z - load(&tl[c * 16]));
-            }
-            store(d, G);
-            std::memcpy(gt_at(i, c * 16), &G, 8 * sizeof(float));
-            std::memcpy(gt_at(i, c * 16 + 8), reinterpret_cast<const float*>(&G) + 8, 8 * sizeof(float));
-          }
-        }
-        for (const auto& [i, g] : positives) S[(i - i0) * kBN + i - j0] = *gt_at(i - i0, i - j0) = g;
-        for (int64_t ip = 0; ip < im; ip += kMR)
-          cpu::pack_a(cpu::Strided<float>{S.data(), kBN, 1}, ip, static_cast<int>(std::min<int64_t>(kMR, im - ip)), 0,
-                      jn, GA.data() + ip * jn);
-        tile_grad(sh, GA.data(), im, jn, Yr.data(), sh.K, j0, dxp, sh.B, i0);
-        tile_grad(sh, GT.data(), jn, im, Xrt.data(), im, 0, dyp, sh.K, j0);
+        if (!fused) tile_dot(sh, Xt, Yb.data(), im, j0, jn, S);
+        backward_tile(p, tile_of(i0, j0), i0, im, j0, jn, work, w, Yr.data(), Xrt, dxp, dyp);
       });
-      std::vector<float> tmp(kMR * sh.D);
 #pragma omp for schedule(static) nowait
-      for (int64_t r0 = 0; r0 < sh.B; r0 += kMR) unblock_group(dxp, sh.B, sh.D, r0, tmp.data());
+      for (int64_t r0 = 0; r0 < sh.B; r0 += kMR) unblock_group(dxp, sh.B, sh.D, r0, tmp);
 #pragma omp for schedule(static)
-      for (int64_t r0 = 0; r0 < sh.K; r0 += kMR) unblock_group(dyp, sh.K, sh.D, r0, tmp.data());
+      for (int64_t r0 = 0; r0 < sh.K; r0 += kMR) unblock_group(dyp, sh.K, sh.D, r0, tmp);
     }
   });
+}
+
+void check_grads(const Problem& p, const Tensor& dx, const Tensor& dy) {
+  check(dx.present && dx.numel() == p.sh.B * p.sh.D && dy.present && dy.numel() == p.sh.K * p.sh.D,
+        "dx: expected contiguous fp32 gradients");
+}
+
+}  // namespace
+
+void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
+                         const Tensor& row_stats, const Tensor& col_stats, int num_threads) {
+  const Problem p = make_problem(x, y, scale, bias, mode, diagonal);
+  check_stats(p, row_stats, col_stats);
+  const Shape& sh = p.sh;
+  Buffer Yb(sh.D * sh.K_pad);
+  Stats st(p);
+  dispatch_float(x.dtype, "contrastive", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    const cpu::Strided<scalar_t> xe{x.ptr<scalar_t>(), x.stride(0), x.stride(1)};
+    const cpu::Strided<scalar_t> ye{y.ptr<scalar_t>(), y.stride(0), y.stride(1)};
+#pragma omp parallel num_threads(team_size(sh, num_threads))
+    {
+      pack_b_parallel([&](int64_t k, int64_t j) { return ye(j, k); }, sh.D, sh.K, Yb.data());
+      Scratch scratch(Scratch::floats(kBM * sh.D, kBM * kBN, kForwardWork));
+      float *Xt = scratch.take(kBM * sh.D), *S = scratch.take(kBM * kBN), *work = scratch.take(kForwardWork);
+      int64_t packed_i0 = -1;
+      for_each_tile(sh.B, sh.K, [&](int64_t i0, int64_t im, int64_t j0, int64_t jn) {
+        if (i0 != packed_i0) pack_rows(xe, sh.D, i0, im, Xt, nullptr);
+        packed_i0 = i0;
+        tile_dot(sh, Xt, Yb.data(), im, j0, jn, S);
+        forward_tile(p, S, i0, im, j0, jn, work, st);
+      });
+    }
+  });
+  st.finish(p, row_stats.ptr<float>(), mode == kRowsCols ? col_stats.ptr<float>() : nullptr);
+}
+
+// dX (B x D fp32) = G Y and dY (K x D fp32) = G^T X (both overwritten) with G_ij = dL/dz_ij from grad_logit (the logit
+// scale is applied by the caller). row_lse / col_lse: plane 0 of the forward statistics; gr (B), gc (K).
+void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
+                         const Tensor& row_lse, const Tensor& col_lse, const Tensor& gr, const Tensor& gc,
+                         const Tensor& dx, const Tensor& dy, int num_threads) {
+  const Problem p = make_problem(x, y, scale, bias, mode, diagonal);
+  const int64_t B = p.sh.B, K = p.sh.K;
+  check(row_lse.present && gr.present && row_lse.numel() >= B && gr.numel() == B, "gr: expected (B,) fp32");
+  check(mode != kRowsCols || (col_lse.present && gc.present && col_lse.numel() >= K && gc.numel() == K),
+        "gc: expected (K,) fp32");
+  check_grads(p, dx, dy);
+  const bool cols = mode == kRowsCols;
+  const GradWeights w{row_lse.ptr<float>(), cols ? col_lse.ptr<float>() : nullptr, gr.ptr<float>(),
+                      cols ? gc.ptr<float>() : nullptr};
+  gradients(p, x, y, w, dx.ptr<float>(), dy.ptr<float>(), num_threads, nullptr);
+}
+
+// Forward statistics and the unit-weight gradients (gr = gc = 1) in one call, for batches whose logits
+// (B K <= kFusedMaxLogits) can stay in memory between the two: one product X Y^T instead of two.
+void contrastive_fused_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
+                           const Tensor& row_stats, const Tensor& col_stats, const Tensor& dx, const Tensor& dy,
+                           int num_threads) {
+  const Problem p = make_problem(x, y, scale, bias, mode, diagonal);
+  check_stats(p, row_stats, col_stats);
+  check_grads(p, dx, dy);
+  check(p.sh.B * p.sh.K <= kFusedMaxLogits, "x: too many logits for the fused path");
+  const bool cols = mode == kRowsCols;
+  Fused fused{Stats(p), row_stats.ptr<float>(), cols ? col_stats.ptr<float>() : nullptr};
+  const std::vector<float> ones(std::max(p.sh.B, p.sh.K), 1.f);
+  const GradWeights w{fused.rs, fused.cs, ones.data(), cols ? ones.data() : nullptr};
+  gradients(p, x, y, w, dx.ptr<float>(), dy.ptr<float>(), num_threads, &fused);
 }
 
 }  // namespace mmkern
