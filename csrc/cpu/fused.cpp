@@ -122,7 +122,7 @@ void with_gelu_kind(int kind, F&& f) {
 
 // ---- row kernels on contiguous fp32 ----
 // gelu_fwd_row: out = GELU(x + b).  gelu_bwd_row: d = go·GELU'(x + b) into gx, and acc += d when acc is given.
-// add_row: s = x + r.  row_sum: Σ s.  row_sq_dev: Σ (s - mu)².  ln_out_row: out = (s - mu)·rs·w + b.
+// add_row_sum: s = x + r and Σ s.  row_sq_dev: Σ (s - mu)².  ln_out_row: out = (s - mu)·rs·w + b.
 // ln_bwd_row: the LayerNorm backward of one row (see add_layer_norm_bwd_cpu).
 
 #if defined(__AVX512F__)
@@ -206,53 +206,57 @@ inline Vec gelu_grad16(Vec x) {
   }
 }
 
+// Calls f(j, mask) for the 16-wide chunks of [0, n): the full ones with a constant all-ones mask (which GCC folds
+// into plain loads and stores, without per-chunk mask arithmetic), then the masked tail.
+template <class F>
+inline void for_chunks(int64_t n, F&& f) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) f(j, static_cast<__mmask16>(0xffff));
+  if (j < n) f(j, lanes(n - j));
+}
+
 template <GeluKind kKind>
 inline void gelu_fwd_row(const float* x, const float* b, float* out, int64_t n) {
-  for (int64_t j = 0; j < n; j += kLanes) {
-    const __mmask16 m = lanes(n - j);
-    store(out + j, gelu16<kKind>(load(x + j, m) + load(b + j, m)), m);
-  }
+  for_chunks(n, [&](int64_t j, __mmask16 m) { store(out + j, gelu16<kKind>(load(x + j, m) + load(b + j, m)), m); });
 }
 
 template <GeluKind kKind>
 inline void gelu_bwd_row(const float* go, const float* x, const float* b, float* gx, float* acc, int64_t n) {
-  for (int64_t j = 0; j < n; j += kLanes) {
-    const __mmask16 m = lanes(n - j);
+  for_chunks(n, [&](int64_t j, __mmask16 m) {
     const Vec d = load(go + j, m) * gelu_grad16<kKind>(load(x + j, m) + load(b + j, m));
     if (acc) store(acc + j, load(acc + j, m) + d, m);
     store(gx + j, d, m);
-  }
+  });
 }
 
-inline void add_row(const float* x, const float* r, float* s, int64_t d) {
-  for (int64_t j = 0; j < d; j += kLanes) {
-    const __mmask16 m = lanes(d - j);
-    store(s + j, load(x + j, m) + load(r + j, m), m);
-  }
-}
-
-inline float row_sum(const float* s, int64_t d) {
+// s = x + r (r may be null: s is x and is not written); returns Σ s.
+inline float add_row_sum(const float* x, const float* r, float* s, int64_t d) {
   Vec acc = _mm512_setzero_ps();
-  for (int64_t j = 0; j < d; j += kLanes) acc = acc + load(s + j, lanes(d - j));
+  for_chunks(d, [&](int64_t j, __mmask16 m) {
+    Vec v = load(x + j, m);
+    if (r) {
+      v = v + load(r + j, m);
+      store(s + j, v, m);
+    }
+    acc = acc + v;
+  });
   return _mm512_reduce_add_ps(acc);
 }
 
 inline float row_sq_dev(const float* s, float mu, int64_t d) {
   Vec acc = _mm512_setzero_ps();
-  for (int64_t j = 0; j < d; j += kLanes) {
-    const __mmask16 m = lanes(d - j);
+  for_chunks(d, [&](int64_t j, __mmask16 m) {
     const Vec c = _mm512_maskz_sub_ps(m, load(s + j, m), splat(mu));  // 0 in the tail lanes
     acc = _mm512_fmadd_ps(c, c, acc);
-  }
+  });
   return _mm512_reduce_add_ps(acc);
 }
 
 inline void ln_out_row(const float* s, float mu, float rs, const float* w, const float* b, float* out, int64_t d) {
-  for (int64_t j = 0; j < d; j += kLanes) {
-    const __mmask16 m = lanes(d - j);
+  for_chunks(d, [&](int64_t j, __mmask16 m) {
     const Vec xh = (load(s + j, m) - mu) * rs;
     store(out + j, _mm512_fmadd_ps(xh, load(w + j, m), load(b + j, m)), m);
-  }
+  });
 }
 
 // Pass 1: the two row means and the parameter-gradient terms; pass 2 recomputes x̂ and g (cheaper than storing
@@ -261,8 +265,7 @@ inline void ln_out_row(const float* s, float mu, float rs, const float* w, const
 inline void ln_bwd_row(const float* go, const float* gs, const float* s, const float* w, float mu, float rs,
                        float inv_d, float* gx, float* accw, float* accb, int64_t d) {
   Vec sum_g = _mm512_setzero_ps(), sum_gx = _mm512_setzero_ps();
-  for (int64_t j = 0; j < d; j += kLanes) {
-    const __mmask16 m = lanes(d - j);
+  for_chunks(d, [&](int64_t j, __mmask16 m) {
     const Vec xh = (load(s + j, m) - mu) * rs, o = load(go + j, m);
     const Vec g = o * load(w + j, m);
     sum_g = sum_g + g;
@@ -271,15 +274,14 @@ inline void ln_bwd_row(const float* go, const float* gs, const float* s, const f
       store(accw + j, _mm512_fmadd_ps(o, xh, load(accw + j, m)), m);
       store(accb + j, load(accb + j, m) + o, m);
     }
-  }
+  });
   if (!gx) return;
   const Vec mg = splat(_mm512_reduce_add_ps(sum_g) * inv_d), mgx = splat(_mm512_reduce_add_ps(sum_gx) * inv_d);
-  for (int64_t j = 0; j < d; j += kLanes) {
-    const __mmask16 m = lanes(d - j);
+  for_chunks(d, [&](int64_t j, __mmask16 m) {
     const Vec xh = (load(s + j, m) - mu) * rs, g = load(go + j, m) * load(w + j, m);
     const Vec base = gs ? load(gs + j, m) : _mm512_setzero_ps();
     store(gx + j, _mm512_fmadd_ps(splat(rs), _mm512_fnmadd_ps(xh, mgx, g) - mg, base), m);
-  }
+  });
 }
 
 #else  // portable loops over the scalar math of fused.h
@@ -297,13 +299,13 @@ inline void gelu_bwd_row(const float* go, const float* x, const float* b, float*
   }
 }
 
-inline void add_row(const float* x, const float* r, float* s, int64_t d) {
-  for (int64_t j = 0; j < d; ++j) s[j] = x[j] + r[j];
-}
-
-inline float row_sum(const float* s, int64_t d) {
+inline float add_row_sum(const float* x, const float* r, float* s, int64_t d) {
   float acc = 0.f;
-  for (int64_t j = 0; j < d; ++j) acc += s[j];
+  for (int64_t j = 0; j < d; ++j) {
+    const float v = r ? x[j] + r[j] : x[j];
+    if (r) s[j] = v;
+    acc += v;
+  }
   return acc;
 }
 
@@ -427,16 +429,20 @@ void add_layer_norm_fwd_cpu(const Tensor& x, const Tensor& residual, const Tenso
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < rows; ++i) {
         const float* s = input_row<scalar_t>(x, i, d, xbuf.data());
-        if (residual.present) {
+        float total;
+        if (!residual.present) {
+          total = add_row_sum(s, nullptr, nullptr, d);
+        } else {
           float* sum = output_row<scalar_t>(sum_out, i, sbuf.data());
-          add_row(s, input_row<scalar_t>(residual, i, d, rbuf.data()), sum, d);
+          total = add_row_sum(s, input_row<scalar_t>(residual, i, d, rbuf.data()), sum, d);
           if (!direct<scalar_t>(sum_out)) {  // normalise s as stored
             store_row<scalar_t>(sum_out, i, d, sum);
             load_row<scalar_t>(sum_out, i, d, sum);
+            total = add_row_sum(sum, nullptr, nullptr, d);
           }
           s = sum;
         }
-        const float mu = row_sum(s, d) * inv_d;
+        const float mu = total * inv_d;
         const float rs = 1.0f / std::sqrt(row_sq_dev(s, mu, d) * inv_d + static_cast<float>(eps));
         float* o = output_row<scalar_t>(out, i, obuf.data());
         ln_out_row(s, mu, rs, w.data(), b.data(), o, d);
