@@ -1,16 +1,26 @@
 // Fused element-wise ops on the CPU: bias + GELU and residual add + LayerNorm, forward and backward.
 //
-// Both are memory-bound: each reads its inputs once, computes in fp32 and writes its outputs once, where the
-// unfused PyTorch sequence makes a pass per op (add bias, GELU; add residual, LayerNorm). Work is split over
-// rows; a row is staged in an fp32 buffer, so the element loops run on contiguous fp32 data and vectorise to
-// AVX-512 whatever the storage dtype and strides. Parameter gradients are reduced into per-thread fp32
-// partials and summed at the end (deterministic for a given thread count).
+// Each op reads its inputs once, computes in fp32 and writes its outputs once, where the unfused PyTorch sequence
+// makes a pass per op (add residual, LayerNorm; GELU backward, bias-gradient sum). Work is split over rows. The
+// element loops run on contiguous fp32 rows: the tensor's own memory when it is fp32 with unit stride, else a row
+// converted into an fp32 buffer. With AVX-512 they are written with intrinsics, 16 lanes and a masked tail: GCC's
+// auto-vectorised loops spent more time in peeling and remainder code than in the math on 64-wide rows, and the
+// GELU wants rcp14 plus a Newton step where C++ has a division, and scalef for 2^n. Parameter gradients are
+// reduced into per-thread fp32 partials and summed at the end (deterministic for a given thread count).
+// GCC 12 reports the _mm512_undefined_ps() inside AVX-512 intrinsics (min, rcp14, scalef, ...) as maybe-uninitialised
+// (a compiler bug, fixed in GCC 13); the pragma must precede the first include of immintrin.h (via common.h).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "mmkern/common.h"
 #include "mmkern/fused.h"
@@ -25,6 +35,8 @@ constexpr int64_t kMinElemsPerThread = 1 << 14;
 int threads_for(int64_t elems, int num_threads) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, elems / kMinElemsPerThread)));
 }
+
+// ---- rows as contiguous fp32 ----
 
 // Row `i` of a 2-D view into fp32 dst[0:n].
 template <typename T>
@@ -47,6 +59,31 @@ inline void store_row(const Tensor& t, int64_t i, int64_t n, const float* __rest
   } else {
     for (int64_t j = 0; j < n; ++j) dst[j * s] = from_float<T>(src[j]);
   }
+}
+
+template <typename T>
+inline bool direct(const Tensor& t) {
+  return std::is_same_v<T, float> && t.stride(1) == 1;
+}
+
+// Row `i` of t as contiguous fp32: the tensor's memory when it is fp32 with unit stride, else `buf` filled from it.
+template <typename T>
+inline const float* input_row(const Tensor& t, int64_t i, int64_t n, float* buf) {
+  if (direct<T>(t)) return t.ptr<float>() + i * t.stride(0);
+  load_row<T>(t, i, n, buf);
+  return buf;
+}
+
+// Where row `i` of t is computed: the tensor's memory when it is fp32 with unit stride, else `buf`, which
+// finish_row then writes to t.
+template <typename T>
+inline float* output_row(const Tensor& t, int64_t i, float* buf) {
+  return direct<T>(t) ? t.ptr<float>() + i * t.stride(0) : buf;
+}
+
+template <typename T>
+inline void finish_row(const Tensor& t, int64_t i, int64_t n, const float* row) {
+  if (!direct<T>(t)) store_row<T>(t, i, n, row);
 }
 
 template <typename T>
@@ -83,6 +120,227 @@ void with_gelu_kind(int kind, F&& f) {
   }
 }
 
+// ---- row kernels on contiguous fp32 ----
+// gelu_fwd_row: out = GELU(x + b).  gelu_bwd_row: d = go·GELU'(x + b) into gx, and acc += d when acc is given.
+// add_row_sum: s = x + r and Σ s.  row_sq_dev: Σ (s - mu)².  ln_out_row: out = (s - mu)·rs·w + b.
+// ln_bwd_row: the LayerNorm backward of one row (see add_layer_norm_bwd_cpu).
+
+#if defined(__AVX512F__)
+
+using Vec = __m512;
+constexpr int64_t kLanes = 16;
+constexpr float kLn2 = 0.69314718056f;
+
+inline __mmask16 lanes(int64_t left) {
+  return left >= kLanes ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+}
+inline Vec splat(float f) { return _mm512_set1_ps(f); }
+inline Vec load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline void store(float* p, Vec v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+
+// 1/d to ~1 ulp for d in [1, 1e30]: rcp14 (relative error 2^-14) and one Newton step, instead of a division.
+inline Vec reciprocal(Vec d) {
+  const Vec t = _mm512_rcp14_ps(d);
+  return t * _mm512_fnmadd_ps(d, t, splat(2.0f));
+}
+
+// exp(c) for c in [-110, 88] (callers clamp): c = n·ln2 + r with exp_reduced(r) from fused.h, 2^n by scalef, which
+// underflows to 0 below c ~ -104 as the fp32 exp does. One FMA for r: the fp32 ln2 is 1.9e-9 off, so r is off by
+// at most 159 · 1.9e-9 = 3e-7, a relative error in exp(c) that the GELUs' tolerances absorb.
+inline Vec exp16(Vec c) {
+  const Vec n = _mm512_roundscale_ps(c * 1.44269504088896341f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_scalef_ps(exp_reduced(_mm512_fnmadd_ps(n, splat(kLn2), c)), n);
+}
+
+// normal_cdf_pdf of fused.h on 16 lanes. The ½ of ½·erfc is folded into the exp (exp(-z² - ln2)); the clamp of
+// 1 + 0.4z keeps the Newton step finite at |x| = inf (NaN reaches the callers' results through x).
+inline void normal_cdf_pdf16(Vec x, Vec& cdf, Vec& pdf) {
+  const Vec z = _mm512_abs_ps(x) * kSqrtHalf;
+  const Vec t = reciprocal(_mm512_min_ps(z * kErfcT + 1.0f, splat(1e30f)));
+  const Vec half_e = exp16(_mm512_max_ps(_mm512_fnmsub_ps(z, z, splat(kLn2)), splat(-110.0f)));
+  const Vec half_erfc = t * half_e * erfc_poly(t);
+  cdf = _mm512_mask_sub_ps(half_erfc, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ), splat(1.0f), half_erfc);
+  pdf = half_e * (2.0f * kInvSqrt2Pi);
+}
+
+// For the tanh GELU: w = -v = -2√(2/π)(x + 0.044715x³) and σ(v) = 1 / (1 + exp(w)), exp(w) clamped finite so that
+// the reciprocal's Newton step is, and σ = 0 where exp(w) overflows (as 1 / (1 + inf): GELU(-inf) = -inf·0 = NaN).
+inline void tanh_sigmoid16(Vec x, Vec x2, Vec& w, Vec& e, Vec& s) {
+  constexpr float k = 2.0f * kSqrt2OverPi;
+  const Vec hi = splat(88.0f);
+  w = x * _mm512_fmadd_ps(x2, splat(-k * kTanhCubic), splat(-k));
+  e = exp16(_mm512_max_ps(_mm512_min_ps(w, hi), splat(-110.0f)));
+  const Vec d = e + 1.0f, t = _mm512_rcp14_ps(d);
+  s = _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(w, hi, _CMP_LE_OQ), t, _mm512_fnmadd_ps(d, t, splat(2.0f)));
+}
+
+template <GeluKind kKind>
+inline Vec gelu16(Vec x) {
+  if constexpr (kKind == GeluKind::erf) {
+    Vec cdf, pdf;
+    normal_cdf_pdf16(x, cdf, pdf);
+    return x * cdf;
+  } else {
+    Vec w, e, s;
+    tanh_sigmoid16(x, x * x, w, e, s);
+    return x * s;
+  }
+}
+
+// gelu_derivative of fused.h on 16 lanes: 1 - σ(v) = σ(v)·exp(-v) for v >= 0 (w <= 0).
+template <GeluKind kKind>
+inline Vec gelu_grad16(Vec x) {
+  if constexpr (kKind == GeluKind::erf) {
+    Vec cdf, pdf;
+    normal_cdf_pdf16(x, cdf, pdf);
+    return _mm512_fmadd_ps(x, pdf, cdf);
+  } else {
+    constexpr float k = 2.0f * kSqrt2OverPi;
+    const Vec x2 = x * x;
+    Vec w, e, s;
+    tanh_sigmoid16(x, x2, w, e, s);
+    const Vec one_minus_s = _mm512_mask_sub_ps(s * e, _mm512_cmp_ps_mask(w, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                               splat(1.0f), s);
+    const Vec dv = _mm512_fmadd_ps(x2, splat(3.0f * k * kTanhCubic), splat(k));
+    return _mm512_fmadd_ps(x * s, one_minus_s * dv, s);
+  }
+}
+
+// Calls f(j, mask) for the 16-wide chunks of [0, n): the full ones with a constant all-ones mask (which GCC folds
+// into plain loads and stores, without per-chunk mask arithmetic), then the masked tail.
+template <class F>
+inline void for_chunks(int64_t n, F&& f) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) f(j, static_cast<__mmask16>(0xffff));
+  if (j < n) f(j, lanes(n - j));
+}
+
+template <GeluKind kKind>
+inline void gelu_fwd_row(const float* x, const float* b, float* out, int64_t n) {
+  for_chunks(n, [&](int64_t j, __mmask16 m) { store(out + j, gelu16<kKind>(load(x + j, m) + load(b + j, m)), m); });
+}
+
+template <GeluKind kKind>
+inline void gelu_bwd_row(const float* go, const float* x, const float* b, float* gx, float* acc, int64_t n) {
+  for_chunks(n, [&](int64_t j, __mmask16 m) {
+    const Vec d = load(go + j, m) * gelu_grad16<kKind>(load(x + j, m) + load(b + j, m));
+    if (acc) store(acc + j, load(acc + j, m) + d, m);
+    store(gx + j, d, m);
+  });
+}
+
+// s = x + r (r may be null: s is x and is not written); returns Σ s.
+inline float add_row_sum(const float* x, const float* r, float* s, int64_t d) {
+  Vec acc = _mm512_setzero_ps();
+  for_chunks(d, [&](int64_t j, __mmask16 m) {
+    Vec v = load(x + j, m);
+    if (r) {
+      v = v + load(r + j, m);
+      store(s + j, v, m);
+    }
+    acc = acc + v;
+  });
+  return _mm512_reduce_add_ps(acc);
+}
+
+inline float row_sq_dev(const float* s, float mu, int64_t d) {
+  Vec acc = _mm512_setzero_ps();
+  for_chunks(d, [&](int64_t j, __mmask16 m) {
+    const Vec c = _mm512_maskz_sub_ps(m, load(s + j, m), splat(mu));  // 0 in the tail lanes
+    acc = _mm512_fmadd_ps(c, c, acc);
+  });
+  return _mm512_reduce_add_ps(acc);
+}
+
+inline void ln_out_row(const float* s, float mu, float rs, const float* w, const float* b, float* out, int64_t d) {
+  for_chunks(d, [&](int64_t j, __mmask16 m) {
+    const Vec xh = (load(s + j, m) - mu) * rs;
+    store(out + j, _mm512_fmadd_ps(xh, load(w + j, m), load(b + j, m)), m);
+  });
+}
+
+// Pass 1: the two row means and the parameter-gradient terms; pass 2 recomputes x̂ and g (cheaper than storing
+// them) for grad_x. g = grad_out·weight is rounded before mean(g) is subtracted (it is only ever an FMA's addend,
+// never contracted into one), so that g - mean(g) cancels exactly where it should (D = 1).
+inline void ln_bwd_row(const float* go, const float* gs, const float* s, const float* w, float mu, float rs,
+                       float inv_d, float* gx, float* accw, float* accb, int64_t d) {
+  Vec sum_g = _mm512_setzero_ps(), sum_gx = _mm512_setzero_ps();
+  for_chunks(d, [&](int64_t j, __mmask16 m) {
+    const Vec xh = (load(s + j, m) - mu) * rs, o = load(go + j, m);
+    const Vec g = o * load(w + j, m);
+    sum_g = sum_g + g;
+    sum_gx = _mm512_fmadd_ps(g, xh, sum_gx);
+    if (accw) {
+      store(accw + j, _mm512_fmadd_ps(o, xh, load(accw + j, m)), m);
+      store(accb + j, load(accb + j, m) + o, m);
+    }
+  });
+  if (!gx) return;
+  const Vec mg = splat(_mm512_reduce_add_ps(sum_g) * inv_d), mgx = splat(_mm512_reduce_add_ps(sum_gx) * inv_d);
+  for_chunks(d, [&](int64_t j, __mmask16 m) {
+    const Vec xh = (load(s + j, m) - mu) * rs, g = load(go + j, m) * load(w + j, m);
+    const Vec base = gs ? load(gs + j, m) : _mm512_setzero_ps();
+    store(gx + j, _mm512_fmadd_ps(splat(rs), _mm512_fnmadd_ps(xh, mgx, g) - mg, base), m);
+  });
+}
+
+#else  // portable loops over the scalar math of fused.h
+
+template <GeluKind kKind>
+inline void gelu_fwd_row(const float* x, const float* b, float* out, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = gelu_value<kKind>(x[j] + b[j]);
+}
+
+template <GeluKind kKind>
+inline void gelu_bwd_row(const float* go, const float* x, const float* b, float* gx, float* acc, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    gx[j] = go[j] * gelu_derivative<kKind>(x[j] + b[j]);
+    if (acc) acc[j] += gx[j];
+  }
+}
+
+inline float add_row_sum(const float* x, const float* r, float* s, int64_t d) {
+  float acc = 0.f;
+  for (int64_t j = 0; j < d; ++j) {
+    const float v = r ? x[j] + r[j] : x[j];
+    if (r) s[j] = v;
+    acc += v;
+  }
+  return acc;
+}
+
+inline float row_sq_dev(const float* s, float mu, int64_t d) {
+  float acc = 0.f;
+  for (int64_t j = 0; j < d; ++j) acc += (s[j] - mu) * (s[j] - mu);
+  return acc;
+}
+
+inline void ln_out_row(const float* s, float mu, float rs, const float* w, const float* b, float* out, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) out[j] = (s[j] - mu) * rs * w[j] + b[j];
+}
+
+inline void ln_bwd_row(const float* go, const float* gs, const float* s, const float* w, float mu, float rs,
+                       float inv_d, float* gx, float* accw, float* accb, int64_t d) {
+  float sum_g = 0.f, sum_gx = 0.f;
+  for (int64_t j = 0; j < d; ++j) {
+    const float xh = (s[j] - mu) * rs, g = go[j] * w[j];
+    sum_g += g;
+    sum_gx += g * xh;
+    if (accw) {
+      accw[j] += go[j] * xh;
+      accb[j] += go[j];
+    }
+  }
+  if (!gx) return;
+  const float mg = sum_g * inv_d, mgx = sum_gx * inv_d;
+  for (int64_t j = 0; j < d; ++j) {
+    const float xh = (s[j] - mu) * rs, g = go[j] * w[j];
+    gx[j] = rs * ((g - xh * mgx) - mg) + (gs ? gs[j] : 0.f);
+  }
+}
+
+#endif
+
 }  // namespace
 
 // out[i, j] = GELU(x[i, j] + bias[j]); x (rows, N) any strides, out (rows, N).
@@ -99,15 +357,12 @@ void bias_gelu_fwd_cpu(const Tensor& x, const Tensor& bias, const Tensor& out, i
       const std::vector<float> b = vector_or<scalar_t>(bias, n, 0.f);
 #pragma omp parallel num_threads(threads_for(rows * n, num_threads))
       {
-        std::vector<float> buf(n);
-        float* __restrict v = buf.data();
-        const float* __restrict bp = b.data();
+        std::vector<float> xbuf(n), obuf(n);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < rows; ++i) {
-          load_row<scalar_t>(x, i, n, v);
-#pragma omp simd
-          for (int64_t j = 0; j < n; ++j) v[j] = gelu_value<kKind>(v[j] + bp[j]);
-          store_row<scalar_t>(out, i, n, v);
+          float* o = output_row<scalar_t>(out, i, obuf.data());
+          gelu_fwd_row<kKind>(input_row<scalar_t>(x, i, n, xbuf.data()), b.data(), o, n);
+          finish_row<scalar_t>(out, i, n, o);
         }
       }
     });
@@ -138,21 +393,13 @@ void bias_gelu_bwd_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& bi
         const int part = omp_get_thread_num(), team = omp_get_num_threads();
         int64_t begin, end;
         row_range(rows, part, team, begin, end);
-        std::vector<float> v(n), g(n);
-        float* __restrict vp = v.data();
-        float* __restrict gp = g.data();
-        const float* __restrict bp = b.data();
-        float* __restrict acc = grad_bias.present ? partials.data() + part * n : nullptr;
+        std::vector<float> xbuf(n), gbuf(n), dbuf(n);
+        float* acc = grad_bias.present ? partials.data() + part * n : nullptr;
         for (int64_t i = begin; i < end; ++i) {
-          load_row<scalar_t>(x, i, n, vp);
-          load_row<scalar_t>(grad_out, i, n, gp);
-#pragma omp simd
-          for (int64_t j = 0; j < n; ++j) vp[j] = gp[j] * gelu_derivative<kKind>(vp[j] + bp[j]);
-          if (acc) {
-#pragma omp simd
-            for (int64_t j = 0; j < n; ++j) acc[j] += vp[j];
-          }
-          if (grad_x.present) store_row<scalar_t>(grad_x, i, n, vp);
+          float* d = grad_x.present ? output_row<scalar_t>(grad_x, i, dbuf.data()) : dbuf.data();
+          gelu_bwd_row<kKind>(input_row<scalar_t>(grad_out, i, n, gbuf.data()),
+                              input_row<scalar_t>(x, i, n, xbuf.data()), b.data(), d, acc, n);
+          if (grad_x.present) finish_row<scalar_t>(grad_x, i, n, d);
         }
       }
       if (grad_bias.present) reduce_partials(partials, parts, n, grad_bias);
@@ -161,7 +408,8 @@ void bias_gelu_bwd_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& bi
 }
 
 // s = x + residual (rounded to the storage dtype, as the unfused add would be), out = LN(s)·weight + bias,
-// mean / rstd (rows,) fp32 saved for backward. Without a residual, s is x and sum_out is absent.
+// mean / rstd (rows,) fp32 saved for backward. Without a residual, s is x and sum_out is absent. Two passes over
+// the row for the variance (Σ(s - mean)², no cancellation when |mean| >> std); the row is in L1 by then.
 void add_layer_norm_fwd_cpu(const Tensor& x, const Tensor& residual, const Tensor& weight, const Tensor& bias,
                             const Tensor& sum_out, const Tensor& out, const Tensor& mean, const Tensor& rstd, double eps,
                             int num_threads) {
@@ -177,31 +425,28 @@ void add_layer_norm_fwd_cpu(const Tensor& x, const Tensor& residual, const Tenso
     const float inv_d = d ? 1.0f / static_cast<float>(d) : 0.f;
 #pragma omp parallel num_threads(threads_for(rows * d, num_threads))
     {
-      std::vector<float> s_buf(d), r_buf(d);
-      float* __restrict sv = s_buf.data();
-      float* __restrict rv = r_buf.data();
-      const float* __restrict wp = w.data();
-      const float* __restrict bp = b.data();
+      std::vector<float> xbuf(d), rbuf(d), sbuf(d), obuf(d);
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < rows; ++i) {
-        load_row<scalar_t>(x, i, d, sv);
-        if (residual.present) {
-          load_row<scalar_t>(residual, i, d, rv);
-#pragma omp simd
-          for (int64_t j = 0; j < d; ++j) sv[j] = to_float(from_float<scalar_t>(sv[j] + rv[j]));
-          store_row<scalar_t>(sum_out, i, d, sv);
+        const float* s = input_row<scalar_t>(x, i, d, xbuf.data());
+        float total;
+        if (!residual.present) {
+          total = add_row_sum(s, nullptr, nullptr, d);
+        } else {
+          float* sum = output_row<scalar_t>(sum_out, i, sbuf.data());
+          total = add_row_sum(s, input_row<scalar_t>(residual, i, d, rbuf.data()), sum, d);
+          if (!direct<scalar_t>(sum_out)) {  // normalise s as stored
+            store_row<scalar_t>(sum_out, i, d, sum);
+            load_row<scalar_t>(sum_out, i, d, sum);
+            total = add_row_sum(sum, nullptr, nullptr, d);
+          }
+          s = sum;
         }
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < d; ++j) sum += sv[j];
-        const float mu = sum * inv_d;
-        float sq = 0.f;
-#pragma omp simd reduction(+ : sq)
-        for (int64_t j = 0; j < d; ++j) sq += (sv[j] - mu) * (sv[j] - mu);
-        const float rs = 1.0f / std::sqrt(sq * inv_d + static_cast<float>(eps));
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) rv[j] = (sv[j] - mu) * rs * wp[j] + bp[j];
-        store_row<scalar_t>(out, i, d, rv);
+        const float mu = total * inv_d;
+        const float rs = 1.0f / std::sqrt(row_sq_dev(s, mu, d) * inv_d + static_cast<float>(eps));
+        float* o = output_row<scalar_t>(out, i, obuf.data());
+        ln_out_row(s, mu, rs, w.data(), b.data(), o, d);
+        finish_row<scalar_t>(out, i, d, o);
         mean.ptr<float>()[i * mean.stride(0)] = mu;
         rstd.ptr<float>()[i * rstd.stride(0)] = rs;
       }
@@ -235,47 +480,16 @@ void add_layer_norm_bwd_cpu(const Tensor& grad_out, const Tensor& grad_sum, cons
       const int part = omp_get_thread_num(), team = omp_get_num_threads();
       int64_t begin, end;
       row_range(rows, part, team, begin, end);
-      std::vector<float> xh_buf(d), go_buf(d), g_buf(d), gs_buf(d);
-      // Restrict-qualified views of the row buffers: without them GCC versions the loops on a run-time alias
-      // check and ends up in the scalar version.
-      float* __restrict xh = xh_buf.data();
-      float* __restrict go = go_buf.data();
-      float* __restrict g = g_buf.data();
-      float* __restrict gs = gs_buf.data();
-      const float* __restrict wp = w.data();
-      float* __restrict accw = params ? pw.data() + part * d : nullptr;
-      float* __restrict accb = params ? pb.data() + part * d : nullptr;
+      std::vector<float> sbuf(d), gobuf(d), gsbuf(d), gxbuf(d);
+      float* accw = params ? pw.data() + part * d : nullptr;
+      float* accb = params ? pb.data() + part * d : nullptr;
       for (int64_t i = begin; i < end; ++i) {
         const float mu = mean.ptr<float>()[i * mean.stride(0)], rs = rstd.ptr<float>()[i * rstd.stride(0)];
-        load_row<scalar_t>(s, i, d, xh);
-        load_row<scalar_t>(grad_out, i, d, go);
-        float sum_g = 0.f, sum_gx = 0.f;
-        // g = grad_out·weight is rounded once and reused below, so that the mean subtraction cancels exactly
-        // where it should (D = 1) instead of meeting an FMA-contracted, unrounded product.
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-        for (int64_t j = 0; j < d; ++j) {
-          xh[j] = (xh[j] - mu) * rs;
-          g[j] = go[j] * wp[j];
-          sum_g += g[j];
-          sum_gx += g[j] * xh[j];
-        }
-        if (params) {
-#pragma omp simd
-          for (int64_t j = 0; j < d; ++j) {
-            accw[j] += go[j] * xh[j];
-            accb[j] += go[j];
-          }
-        }
-        if (!grad_x.present) continue;
-        const float mg = sum_g * inv_d, mgx = sum_gx * inv_d;
-        if (grad_sum.present) {
-          load_row<scalar_t>(grad_sum, i, d, gs);
-        } else {
-          std::fill(gs, gs + d, 0.f);
-        }
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) gs[j] += rs * (g[j] - mg - xh[j] * mgx);
-        store_row<scalar_t>(grad_x, i, d, gs);
+        float* gx = grad_x.present ? output_row<scalar_t>(grad_x, i, gxbuf.data()) : nullptr;
+        const float* gs = grad_sum.present ? input_row<scalar_t>(grad_sum, i, d, gsbuf.data()) : nullptr;
+        ln_bwd_row(input_row<scalar_t>(grad_out, i, d, gobuf.data()), gs, input_row<scalar_t>(s, i, d, sbuf.data()),
+                   w.data(), mu, rs, inv_d, gx, accw, accb, d);
+        if (gx) finish_row<scalar_t>(grad_x, i, d, gx);
       }
     }
     if (grad_weight.present) reduce_partials(pw, parts, d, grad_weight);
