@@ -37,10 +37,11 @@ def activation(name: str):
 _FUSED_GELU = {"gelu": "none", "gelu_tanh": "tanh"}
 
 
-# Whether Block / Mlp run the fused element-wise ops. Off by default because, measured inside the models on the
-# 2-core CPU, they were slower than torch's own LayerNorm / add / GELU (the demo's training step 34.6 vs 32.2 ms,
-# ViT-B/16 inference B=8 1080 vs 1065 ms: at small widths the per-call cost outweighs the saved passes); no GPU
-# measurement exists yet. fused_elementwise() turns them on.
+# Whether Block / Mlp run the fused element-wise ops. Off by default: the kernels beat torch's (GELU 1.3-1.9x,
+# LayerNorm 1.3-1.8x alone), but each fused call costs ~40 us more in Python than a torch op, and inside the models
+# that cancels the gain (1 thread, CPU time: the demo's training step 26.4 ms unfused vs 27.0 fused, ViT-B/16
+# inference B=8 2031 vs 2040 ms; `python -m benchmarks.bench_fused --models`). No GPU measurement exists yet.
+# fused_elementwise() turns them on.
 _fuse_elementwise = False
 
 
