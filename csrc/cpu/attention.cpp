@@ -279,6 +279,14 @@ void write_rows(T* dst, const Layout& lay, int64_t b, int64_t h, int64_t t0, int
   }
 }
 
+// Adds rows [t0, t0 + rows) of head (b, h) of a tensor to a prefetch (rows of unit column stride only).
+template <typename T>
+void prefetch_rows(attn_cpu::Prefetcher& pf, const void* base, const Layout& lay, int64_t b, int64_t h, int64_t t0,
+                   int64_t rows, int64_t cols, bool write = false) {
+  if (lay.sd == 1)
+    pf.add(static_cast<const T*>(base) + lay.offset(b, h, t0, 0), rows, cols * sizeof(T), lay.st * sizeof(T), write);
+}
+
 // Tasks handed out per grab of the dynamic schedule: several when there are many (512 demo heads of ~1 us
 // each would otherwise pay a contended atomic per head), one when few must balance.
 inline int grab(int64_t tasks, int num_threads) {
@@ -318,6 +326,18 @@ void forward(const Call& c, T* out, int num_threads) {
       const int64_t hk = h / group, L = pb.len_q(b), S = pb.len_k(b), bh_drop = b * pb.heads_q + h;
       const int64_t r0 = chunk * rows, r1 = std::min(L, r0 + rows);
       if (r0 >= r1) continue;
+      attn_cpu::Prefetcher pf;
+      if (task + 1 < tasks) {  // the next task: its query rows, and K and V when it moves to another head
+        const int64_t nbh = (task + 1) / chunks, nb = nbh / pb.heads_q, nh = nbh % pb.heads_q;
+        const int64_t n0 = (task + 1) % chunks * rows, n1 = std::min(pb.len_q(nb), n0 + rows);
+        prefetch_rows<T>(pf, c.q, c.lq, nb, nh, pb.q_start(nb) + n0, n1 - n0, D);
+        if (nb != b || nh / group != hk) {
+          prefetch_rows<T>(pf, c.k, c.lk, nb, nh / group, pb.k_start(nb), pb.len_k(nb), D);
+          prefetch_rows<T>(pf, c.v, c.lv, nb, nh / group, pb.k_start(nb), pb.len_k(nb), Dv);
+        }
+        prefetch_rows<T>(pf, out, c.lo, nb, nh, pb.q_start(nb) + n0, n1 - n0, Dv, true);
+      }
+      pf.plan(attn_cpu::micro_tiles(r1 - r0, S) + (S + c.bn - 1) / c.bn * attn_cpu::micro_tiles(r1 - r0, Dv));
       load_head<T>(c, b, hk, want, kv);
       const int64_t bm_blk = block_size(r1 - r0, c.bm, 8);
       for (int64_t i0 = r0; i0 < r1; i0 += bm_blk) {
@@ -332,7 +352,7 @@ void forward(const Call& c, T* out, int num_threads) {
           const int64_t bn = std::min(c.bn, hi - j0);
           if (!attn::block_any_visible(pb.vis, i0, i0 + bm, j0, j0 + bn)) continue;
           const bool all_visible = attn::block_all_visible(pb.vis, i0, i0 + bm, j0, j0 + bn);
-          attn_cpu::gemm(bm, bn, D, qs, ldq, kv.kt_at(j0, c.bn), kv.ldt, st, ld, false, true);
+          attn_cpu::gemm(bm, bn, D, qs, ldq, kv.kt_at(j0, c.bn), kv.ldt, st, ld, false, true, &pf);
           for (int64_t i = 0; i < bm; ++i) {
             float* row = st + i * ld;
             if (c.mask || !all_visible) mask_row(c, b, h, i0 + i, j0, bn, all_visible, row);
@@ -342,7 +362,7 @@ void forward(const Call& c, T* out, int num_threads) {
               for (int64_t j = 0; j < bn; ++j)
                 row[j] *= attn::dropout_keep(pb.seed, bh_drop, i0 + i, j0 + j, pb.dropout_p) ? keep_scale : 0.f;
           }
-          attn_cpu::gemm(bm, Dv, bn, st, ld, kv.vn + j0 * kv.ldvn, kv.ldvn, acc, Dv, !first, kv.vn_padded);
+          attn_cpu::gemm(bm, Dv, bn, st, ld, kv.vn + j0 * kv.ldvn, kv.ldvn, acc, Dv, !first, kv.vn_padded, &pf);
           first = false;
         }
         if (first) {  // no visible key: output 0, lse +inf
@@ -365,6 +385,7 @@ struct BwdScratch {
   const float *q = nullptr, *go = nullptr;
   int64_t ldq = 0, ldgo = 0;
   bool q_padded = false, go_padded = false;
+  attn_cpu::Prefetcher* pf = nullptr;  // the next task's rows, a step per micro-tile
   explicit BwdScratch(const Call& c) {
     const int64_t D = c.pb.dim, Dv = c.pb.dim_v;
     qbuf = scratch(0, kBM * padded_ld(D));
@@ -411,8 +432,8 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
   const float keep_scale = pb.dropout_p > 0.f ? 1.f / (1.f - pb.dropout_p) : 1.f;
   float* st = w.st;
   float* dpt = w.dpt;
-  attn_cpu::gemm(bm, bn, D, w.q, w.ldq, kv.kt_at(j0, c.bn), kv.ldt, st, ld, false, true);
-  attn_cpu::gemm(bm, bn, Dv, w.go, w.ldgo, kv.vt_at(j0, c.bn), kv.ldt, dpt, ld, false, true);
+  attn_cpu::gemm(bm, bn, D, w.q, w.ldq, kv.kt_at(j0, c.bn), kv.ldt, st, ld, false, true, w.pf);
+  attn_cpu::gemm(bm, bn, Dv, w.go, w.ldgo, kv.vt_at(j0, c.bn), kv.ldt, dpt, ld, false, true, w.pf);
   for (int64_t i = 0; i < bm; ++i) {
     float* srow = st + i * ld;
     float* drow = dpt + i * ld;
@@ -441,10 +462,10 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
     }
   }
   if (dk) {
-    attn_cpu::gemm<true>(bn, Dv, bm, st, ld, w.go, w.ldgo, dv, Dv, true, w.go_padded);
-    attn_cpu::gemm<true>(bn, D, bm, dpt, ld, w.q, w.ldq, dk, D, true, w.q_padded);
+    attn_cpu::gemm<true>(bn, Dv, bm, st, ld, w.go, w.ldgo, dv, Dv, true, w.go_padded, w.pf);
+    attn_cpu::gemm<true>(bn, D, bm, dpt, ld, w.q, w.ldq, dk, D, true, w.q_padded, w.pf);
   }
-  if (want_dq) attn_cpu::gemm(bm, D, bn, dpt, ld, kv.kn + j0 * kv.ldkn, kv.ldkn, w.dq_acc, D, !first, kv.kn_padded);
+  if (want_dq) attn_cpu::gemm(bm, D, bn, dpt, ld, kv.kn + j0 * kv.ldkn, kv.ldkn, w.dq_acc, D, !first, kv.kn_padded, w.pf);
 }
 
 template <typename T>
@@ -486,11 +507,29 @@ void backward(const Call& c, T* dq, const Layout& ldq, T* dk, const Layout& ldk,
 #pragma omp for schedule(dynamic, grab(kv_tasks, num_threads))
       for (int64_t task = 0; task < kv_tasks; ++task) {
         const int64_t b = task / pb.heads_k, hk = task % pb.heads_k, L = pb.len_q(b), S = pb.len_k(b);
+        attn_cpu::Prefetcher pf;
+        if (task + 1 < kv_tasks) {  // the next head group's K, V, Q, O and dO
+          const int64_t nb = (task + 1) / pb.heads_k, nhk = (task + 1) % pb.heads_k;
+          const int64_t nL = pb.len_q(nb), nS = pb.len_k(nb), q0 = pb.q_start(nb);
+          prefetch_rows<T>(pf, c.k, c.lk, nb, nhk, pb.k_start(nb), nS, D);
+          prefetch_rows<T>(pf, c.v, c.lv, nb, nhk, pb.k_start(nb), nS, Dv);
+          for (int64_t h = nhk * group; h < (nhk + 1) * group; ++h) {
+            prefetch_rows<T>(pf, c.q, c.lq, nb, h, q0, nL, D);
+            prefetch_rows<T>(pf, c.o, c.lo, nb, h, q0, nL, Dv);
+            prefetch_rows<T>(pf, c.go, c.lgo, nb, h, q0, nL, Dv);
+          }
+          for (int64_t h = nhk * group; h < (nhk + 1) * group; ++h) prefetch_rows<T>(pf, dq, ldq, nb, h, q0, nL, D, true);
+          prefetch_rows<T>(pf, dk, ldk, nb, nhk, pb.k_start(nb), nS, D, true);
+          prefetch_rows<T>(pf, dv, ldv, nb, nhk, pb.k_start(nb), nS, Dv, true);
+        }
+        const int64_t bm_blk = block_size(std::max<int64_t>(L, 1), c.bm, 8);
+        pf.plan(group * ((L + bm_blk - 1) / bm_blk) *
+                (2 * attn_cpu::micro_tiles(bm_blk, S) + attn_cpu::micro_tiles(S, D + Dv) + attn_cpu::micro_tiles(bm_blk, D)));
+        w.pf = &pf;
         load_head<T>(c, b, hk, want, kv);
         float* dka = dkv;
         float* dva = dkv + S * D;
         std::fill(dkv, dkv + S * (D + Dv), 0.f);
-        const int64_t bm_blk = block_size(std::max<int64_t>(L, 1), c.bm, 8);
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
           for (int64_t i0 = 0; i0 < L; i0 += bm_blk) query_block(kv, b, h, i0, std::min(bm_blk, L - i0), dka, dva, w);
         write_rows(dk, ldk, b, hk, pb.k_start(b), S, D, dka, nullptr, pb.scale);  // dK = dS^T (scale Q)

@@ -232,6 +232,67 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return hsum(acc);
 }
 
+// Software prefetch into L2 of the rows that the next task will read, a few lines per step of the current
+// one: a ViT head's Q, K, V, O and dO (50 KiB each) come from memory at ~10 GB/s per core, and left to the
+// copies that first touch them they cost ~15% of the kernel's time. At most kBudget bytes: a long sequence's
+// next head (MiBs) would only evict the current one from L2.
+class Prefetcher {
+ public:
+  // rows of row_bytes, stride_bytes apart, from p; `write`: lines that will be written (prefetchw).
+  void add(const void* p, int64_t rows, int64_t row_bytes, int64_t stride_bytes, bool write = false) {
+    if (stride_bytes == row_bytes) {  // contiguous rows: one long row
+      row_bytes *= rows;
+      rows = 1;
+    }
+    if (rows == 1)
+      row_bytes = std::min(row_bytes, kBudget - bytes_);
+    else
+      rows = std::min(rows, (kBudget - bytes_) / std::max<int64_t>(row_bytes, 1));
+    if (rows <= 0 || row_bytes <= 0 || n_ == kMaxRanges) return;
+    bytes_ += rows * row_bytes;
+    ranges_[n_++] = {static_cast<const char*>(p), rows, row_bytes, stride_bytes, write};
+    lines_ += rows * (row_bytes / 64 + 2);
+  }
+  // Spreads the lines over about `steps` calls of step().
+  void plan(int64_t steps) { per_step_ = lines_ / std::max<int64_t>(steps, 1) + 1; }
+  void step() {
+    for (int64_t lines = per_step_; lines > 0 && cur_ < n_; --lines) {
+      const Range& r = ranges_[cur_];
+      const char* row = r.p + row_ * r.stride;
+      const char* line = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63}) + off_;
+      if (r.write)
+        __builtin_prefetch(line, 1, 2);
+      else
+        __builtin_prefetch(line, 0, 2);  // locality 2: prefetcht1, into L2
+      off_ += 64;
+      if (line + 64 >= row + r.bytes) {
+        off_ = 0;
+        if (++row_ == r.rows) {
+          row_ = 0;
+          ++cur_;
+        }
+      }
+    }
+  }
+
+ private:
+  struct Range {
+    const char* p;
+    int64_t rows, bytes, stride;
+    bool write;
+  };
+  static constexpr int kMaxRanges = 16;
+  static constexpr int64_t kBudget = 512 << 10;
+  Range ranges_[kMaxRanges];
+  int n_ = 0, cur_ = 0;
+  int64_t bytes_ = 0, lines_ = 0, per_step_ = 0, row_ = 0, off_ = 0;
+};
+
+constexpr int kMaxMR = 12;  // most rows of a micro-tile (see gemm)
+
+// Micro-tiles of an M x N product: one Prefetcher step each.
+inline int64_t micro_tiles(int64_t M, int64_t N) { return (M + kMaxMR - 1) / kMaxMR * ((N + 2 * kLanes - 1) / (2 * kLanes)); }
+
 // Micro-kernel: C[0:MR, 0:n] (+)= A[0:MR, 0:K] B[0:K, 0:n] with n <= 16 NV (n = 16 NV unless kTail). a(i, k) =
 // A[i * lda + k], or A[k * lda + i] when kTrans (A given as its transpose: P^T, dS^T from the row-major
 // tiles). B row k is B + k * ldb. With kTail the lanes >= n of the last vector are not stored, and not loaded
@@ -270,8 +331,9 @@ inline void micro(int64_t K, const float* A, int64_t lda, const float* B, int64_
 
 template <int MR, bool kTrans>
 inline void micro_rows(int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                       int64_t ldc, bool accumulate, bool pad_b) {
+                       int64_t ldc, bool accumulate, bool pad_b, Prefetcher* pf) {
   for (int64_t j0 = 0; j0 < N; j0 += 2 * kLanes) {
+    if (pf) pf->step();
     const int n = static_cast<int>(std::min<int64_t>(2 * kLanes, N - j0));
     const float* b = B + j0;
     float* c = C + j0;
@@ -293,11 +355,10 @@ inline void micro_rows(int64_t N, int64_t K, const float* A, int64_t lda, const 
 // C (M x N, row stride ldc) (+)= A B: A (M x K, row stride lda; kTrans: A^T given, K x M) and B (K x N, row
 // stride ldb; pad_b: rows readable to a multiple of 16 floats) read in place. Rows go in equal groups of at
 // most 8 (17 rows as 6 + 6 + 5, not 8 + 8 + 1: a one-row tile is latency-bound and costs half an 8-row one).
-constexpr int kMaxMR = 12;
 
 template <bool kTrans = false>
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                 int64_t ldc, bool accumulate, bool pad_b = false) {
+                 int64_t ldc, bool accumulate, bool pad_b = false, Prefetcher* pf = nullptr) {
   if (K == 0) {
     if (!accumulate)
       for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
@@ -312,7 +373,7 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
     switch (mr) {
 #define MMKERN_ATTN_TILE(R) \
   case R:                  \
-    micro_rows<R, kTrans>(N, K, a, lda, B, ldb, c, ldc, accumulate, pad_b); \
+    micro_rows<R, kTrans>(N, K, a, lda, B, ldb, c, ldc, accumulate, pad_b, pf); \
     break;
       MMKERN_ATTN_TILE(1)
       MMKERN_ATTN_TILE(2)
