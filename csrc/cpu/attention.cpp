@@ -32,20 +32,18 @@ namespace {
 
 using attn::Layout;
 using attn::Problem;
+using attn_cpu::key_range;
 using attn_cpu::kLanes;
 using attn_cpu::kLog2e;
+using attn_cpu::mask_structure;
+using attn_cpu::padded_ld;
+using attn_cpu::round_up;
+using attn_cpu::rows_fp32;
+using attn_cpu::transpose_to;
 using attn_cpu::vf16;
 
 constexpr int64_t kBM = 128;  // most queries per block: the S tile (kBM x kBN fp32, 128 KiB) stays in L2
 constexpr int64_t kBN = 256;  // most keys per block: at ViT sizes (197) one block, so no online rescaling
-
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// Row stride (floats) of the kernels' row-major buffers: whole vectors, and an odd number of cache lines, so
-// that the column panels the tile products stream (32 floats of every row) spread over all L1 sets. A
-// stride of 128 or 4096 floats maps every row of a panel to a few sets and thrashed L1 (PV at D = 128 ran at
-// 60% of the rate it reaches with this padding).
-inline int64_t padded_ld(int64_t n) { return round_up(std::max<int64_t>(n, 1), kLanes) | kLanes; }
 
 // Equal blocks of at most `most` (a multiple of `align`) covering n: 197 keys are one block of 197 rather
 // than 128 + 69, 197 queries four blocks of 56 / 29 rather than three of 64 and one of 5.
@@ -76,36 +74,6 @@ struct Call {
   }
   int64_t lrow_offset(int64_t b, int64_t h, int64_t i) const { return lrow.offset(b, h, pb.q_start(b) + i, 0); }
 };
-
-// Keys [lo, hi) holding every key that a query in [i0, i1) may see (causal, window; masks aside).
-inline void key_range(const attn::Visibility& v, int64_t i0, int64_t i1, int64_t S, int64_t& lo, int64_t& hi) {
-  lo = 0;
-  hi = v.causal ? std::min(S, i1) : S;
-  if (v.windowed && i0 >= v.num_global) {  // no query of the block is global
-    hi = std::min(hi, std::max(i1 + v.right, v.num_global));
-    if (v.num_global == 0) lo = std::max<int64_t>(0, i0 - v.left);
-  }
-  hi = std::max(hi, lo);
-}
-
-// Sets the scores of keys k0 .. k0 + n - 1 that query qi cannot see (causal, window) to -inf.
-inline void mask_structure(const attn::Visibility& v, int64_t qi, int64_t k0, int64_t n, float* row) {
-  if (v.windowed && v.num_global > 0) {  // window plus global tokens: no single visible interval
-    for (int64_t j = 0; j < n; ++j)
-      if (!attn::visible(v, qi, k0 + j)) row[j] = -INFINITY;
-    return;
-  }
-  int64_t lo = 0, hi = k0 + n;  // visible keys [lo, hi)
-  if (v.causal) hi = std::min(hi, qi + 1);
-  if (v.windowed) {
-    lo = qi - v.left;
-    hi = std::min(hi, qi + v.right + 1);
-  }
-  lo = std::clamp<int64_t>(lo - k0, 0, n);
-  hi = std::clamp<int64_t>(hi - k0, lo, n);
-  std::fill(row, row + lo, -INFINITY);
-  std::fill(row + hi, row + n, -INFINITY);
-}
 
 // Score row post-processing: the float mask is added, the bool mask and the structure set -inf.
 inline void mask_row(const Call& c, int64_t b, int64_t h, int64_t qi, int64_t k0, int64_t n, bool all_visible,
@@ -158,57 +126,6 @@ struct HeadKV {
 struct KVWant {
   bool kt = false, vt = false, kn = false, vn = false;
 };
-
-// dst (cols x rows, row stride ld) = f times the transpose of rows x cols of src (strides st, sd), in fp32.
-template <typename T>
-void transpose_to(const T* src, int64_t st, int64_t sd, int64_t rows, int64_t cols, float* dst, int64_t ld, float f) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (sd == 1) return attn_cpu::transpose(src, st, rows, cols, dst, ld, f);
-  }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = 0; d < cols; ++d) dst[d * ld + r] = f * to_float(src[r * st + d * sd]);
-}
-
-// dst (rows x cols, row stride ld) = rows x cols of src (strides st, sd), in fp32.
-template <typename T>
-void copy_rows(const T* src, int64_t st, int64_t sd, int64_t rows, int64_t cols, float* dst, int64_t ld) {
-  for (int64_t r = 0; r < rows; ++r) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (sd == 1) {
-        attn_cpu::scale_row(dst + r * ld, src + r * st, cols, 1.f);
-        continue;
-      }
-    }
-    for (int64_t d = 0; d < cols; ++d) dst[r * ld + d] = to_float(src[r * st + d * sd]);
-  }
-}
-
-// Whether a column panel of a tile product (two cache lines of each of `rows` rows, `st` floats apart) stays
-// in L1: rows map to 64 / gcd(stride in lines, 64) of its 64 sets (8 ways assumed).
-inline bool panel_fits_l1(int64_t rows, int64_t st) {
-  if (st % kLanes) return true;  // rows not line-aligned: they spread over the sets
-  int64_t lines = st / kLanes, sets = 64;
-  while (sets > 1 && lines % 2 == 0) {
-    lines /= 2;
-    sets /= 2;
-  }
-  return 2 * rows <= 8 * sets;
-}
-
-// rows x cols of src as fp32 rows with stride ld: read in place when they are fp32 rows whose column panels
-// stay in L1 (panel_fits_l1); else copied to dst with padded_ld rows.
-template <typename T>
-const float* rows_fp32(const T* src, int64_t st, int64_t sd, int64_t rows, int64_t cols, float* dst, int64_t& ld) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (sd == 1 && panel_fits_l1(rows, st)) {
-      ld = st;
-      return src;
-    }
-  }
-  ld = padded_ld(cols);
-  copy_rows(src, st, sd, rows, cols, dst, ld);
-  return dst;
-}
 
 template <typename T>
 void load_head(const Call& c, int64_t b, int64_t hk, KVWant want, HeadKV& kv) {
