@@ -37,10 +37,12 @@ using attn_cpu::kLanes;
 using attn_cpu::kLog2e;
 using attn_cpu::mask_structure;
 using attn_cpu::padded_ld;
+using attn_cpu::prefetch_rows;
 using attn_cpu::round_up;
 using attn_cpu::rows_fp32;
 using attn_cpu::transpose_to;
 using attn_cpu::vf16;
+using attn_cpu::write_rows;
 
 constexpr int64_t kBM = 128;  // most queries per block: the S tile (kBM x kBN fp32, 128 KiB) stays in L2
 constexpr int64_t kBN = 256;  // most keys per block: at ViT sizes (197) one block, so no online rescaling
@@ -173,37 +175,6 @@ const float* query_rows(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t
   return rows;
 }
 
-// dst rows (strides lay.st / lay.sd from (b, h, t0)) = src (rows x cols, row-major fp32) * factor[row].
-template <typename T>
-void write_rows(T* dst, const Layout& lay, int64_t b, int64_t h, int64_t t0, int64_t rows, int64_t cols,
-                const float* src, const float* row_factor, float factor) {
-  T* base = dst + lay.offset(b, h, t0, 0);
-  for (int64_t i = 0; i < rows; ++i) {
-    const float f = row_factor ? row_factor[i] * factor : factor;
-    T* out = base + i * lay.st;
-    const float* in = src + i * cols;
-    if constexpr (std::is_same_v<T, float>) {
-      if (lay.sd == 1) {
-        attn_cpu::scale_row(out, in, cols, f);
-        continue;
-      }
-    }
-    if (lay.sd == 1) {
-      for (int64_t d = 0; d < cols; ++d) out[d] = from_float<T>(in[d] * f);
-    } else {
-      for (int64_t d = 0; d < cols; ++d) out[d * lay.sd] = from_float<T>(in[d] * f);
-    }
-  }
-}
-
-// Adds rows [t0, t0 + rows) of head (b, h) of a tensor to a prefetch (rows of unit column stride only).
-template <typename T>
-void prefetch_rows(attn_cpu::Prefetcher& pf, const void* base, const Layout& lay, int64_t b, int64_t h, int64_t t0,
-                   int64_t rows, int64_t cols, bool write = false) {
-  if (lay.sd == 1)
-    pf.add(static_cast<const T*>(base) + lay.offset(b, h, t0, 0), rows, cols * sizeof(T), lay.st * sizeof(T), write);
-}
-
 // Tasks handed out per grab of the dynamic schedule: several when there are many (512 demo heads of ~1 us
 // each would otherwise pay a contended atomic per head), one when few must balance.
 inline int grab(int64_t tasks, int num_threads) {
@@ -252,7 +223,6 @@ void forward(const Call& c, T* out, int num_threads) {
           prefetch_rows<T>(pf, c.k, c.lk, nb, nh / group, pb.k_start(nb), pb.len_k(nb), D);
           prefetch_rows<T>(pf, c.v, c.lv, nb, nh / group, pb.k_start(nb), pb.len_k(nb), Dv);
         }
-        prefetch_rows<T>(pf, out, c.lo, nb, nh, pb.q_start(nb) + n0, n1 - n0, Dv, true);
       }
       pf.plan(attn_cpu::micro_tiles(r1 - r0, S) + (S + c.bn - 1) / c.bn * attn_cpu::micro_tiles(r1 - r0, Dv));
       load_head<T>(c, b, hk, want, kv);
@@ -302,6 +272,7 @@ struct BwdScratch {
   const float *q = nullptr, *go = nullptr;
   int64_t ldq = 0, ldgo = 0;
   bool q_padded = false, go_padded = false;
+  bool delta_in_tile = false;  // the block's keys are one tile: delta = rowsum(P o dP) there, O is not read
   attn_cpu::Prefetcher* pf = nullptr;  // the next task's rows, a step per micro-tile
   explicit BwdScratch(const Call& c) {
     const int64_t D = c.pb.dim, Dv = c.pb.dim_v;
@@ -315,17 +286,28 @@ struct BwdScratch {
   }
 };
 
-// Loads query block (b, h, i0): Q and dO rows, lse and delta = rowsum(dO o O).
+// Whether the keys that queries [i0, i1) of sequence b may see lie in one key block (one tile per query row).
+inline bool one_key_block(const Call& c, int64_t b, int64_t i0, int64_t i1) {
+  int64_t lo, hi;
+  key_range(c.pb.vis, i0, i1, c.pb.len_k(b), lo, hi);
+  return hi <= lo / c.bn * c.bn + c.bn;
+}
+
+// Loads query block (b, h, i0): Q and dO rows, lse, and delta = rowsum(dO o O) unless the tile computes it
+// as rowsum(P o dP) (O = P V; with dropout the tile would need the keep-mask twice, so O is read).
 template <typename T>
 void load_query_block(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t bm, BwdScratch& w) {
   const Problem& pb = c.pb;
   const int64_t Dv = pb.dim_v, t0 = pb.q_start(b) + i0;
   w.q = query_rows<T>(c, b, h, i0, bm, w.qbuf, w.ldq, w.q_padded);
+  w.delta_in_tile = pb.dropout_p == 0.f && one_key_block(c, b, i0, i0 + bm);
   const T* gbase = static_cast<const T*>(c.go) + c.lgo.offset(b, h, t0, 0);
   const T* obase = static_cast<const T*>(c.o) + c.lo.offset(b, h, t0, 0);
   w.go = rows_fp32(gbase, c.lgo.st, c.lgo.sd, bm, Dv, w.gobuf, w.ldgo);
   w.go_padded = w.go == w.gobuf;
   for (int64_t i = 0; i < bm; ++i) {
+    w.lse[i] = c.lse[c.lrow_offset(b, h, i0 + i)];
+    if (w.delta_in_tile) continue;
     const float* g = w.go + i * w.ldgo;
     const T* oi = obase + i * c.lo.st;
     float delta = 0.f;
@@ -335,7 +317,6 @@ void load_query_block(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t b
     if (!std::is_same_v<T, float> || c.lo.sd != 1)
       for (int64_t d = 0; d < Dv; ++d) delta += g[d] * to_float(oi[d * c.lo.sd]);
     w.delta[i] = delta;
-    w.lse[i] = c.lse[c.lrow_offset(b, h, i0 + i)];
   }
 }
 
@@ -355,8 +336,9 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
     float* srow = st + i * ld;
     float* drow = dpt + i * ld;
     if (c.mask || !all_visible) mask_row(c, b, h, i0 + i, j0, bn, all_visible, srow);
-    const float lse = w.lse[i], delta = w.delta[i];
+    const float lse = w.lse[i];
     if (pb.dropout_p > 0.f) {
+      const float delta = w.delta[i];
       attn_cpu::exp_row(srow, bn, lse);
       for (int64_t j = 0; j < bn; ++j) {
         const float p = srow[j];
@@ -366,11 +348,17 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
       }
     } else {
       const float shift = -lse * kLog2e;
+      vf16 pdp = vf16{};
       for (int64_t j = 0; j < bn; j += kLanes) {
         const int n = static_cast<int>(std::min<int64_t>(kLanes, bn - j));
         const vf16 p = attn_cpu::exp2v(attn_cpu::load_n(srow + j, n) * kLog2e + shift);
         attn_cpu::store_n(srow + j, p, n);
-        attn_cpu::store_n(drow + j, p * (attn_cpu::load_n(drow + j, n) - delta), n);
+        pdp += p * attn_cpu::load_n(drow + j, n);  // lanes past bn: dP loads 0
+      }
+      const float delta = w.delta_in_tile ? attn_cpu::hsum(pdp) : w.delta[i];
+      for (int64_t j = 0; j < bn; j += kLanes) {
+        const int n = static_cast<int>(std::min<int64_t>(kLanes, bn - j));
+        attn_cpu::store_n(drow + j, attn_cpu::load_n(srow + j, n) * (attn_cpu::load_n(drow + j, n) - delta), n);
       }
     }
     if (c.dmask && want_dq) {
@@ -382,7 +370,8 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
     attn_cpu::gemm<true>(bn, Dv, bm, st, ld, w.go, w.ldgo, dv, Dv, true, w.go_padded, w.pf);
     attn_cpu::gemm<true>(bn, D, bm, dpt, ld, w.q, w.ldq, dk, D, true, w.q_padded, w.pf);
   }
-  if (want_dq) attn_cpu::gemm(bm, D, bn, dpt, ld, kv.kn + j0 * kv.ldkn, kv.ldkn, w.dq_acc, D, !first, kv.kn_padded, w.pf);
+  if (want_dq)
+    attn_cpu::gemm(bm, D, bn, dpt, ld, kv.kn + j0 * kv.ldkn, kv.ldkn, w.dq_acc, D, !first, kv.kn_padded, w.pf);
 }
 
 template <typename T>
@@ -432,16 +421,16 @@ void backward(const Call& c, T* dq, const Layout& ldq, T* dk, const Layout& ldk,
           prefetch_rows<T>(pf, c.v, c.lv, nb, nhk, pb.k_start(nb), nS, Dv);
           for (int64_t h = nhk * group; h < (nhk + 1) * group; ++h) {
             prefetch_rows<T>(pf, c.q, c.lq, nb, h, q0, nL, D);
-            prefetch_rows<T>(pf, c.o, c.lo, nb, h, q0, nL, Dv);
+            if (pb.dropout_p > 0.f || !one_key_block(c, nb, 0, nL)) prefetch_rows<T>(pf, c.o, c.lo, nb, h, q0, nL, Dv);
             prefetch_rows<T>(pf, c.go, c.lgo, nb, h, q0, nL, Dv);
+            prefetch_rows<T>(pf, dq, ldq, nb, h, q0, nL, D);  // outputs too: their first stores then hit L2
           }
-          for (int64_t h = nhk * group; h < (nhk + 1) * group; ++h) prefetch_rows<T>(pf, dq, ldq, nb, h, q0, nL, D, true);
-          prefetch_rows<T>(pf, dk, ldk, nb, nhk, pb.k_start(nb), nS, D, true);
-          prefetch_rows<T>(pf, dv, ldv, nb, nhk, pb.k_start(nb), nS, Dv, true);
+          prefetch_rows<T>(pf, dk, ldk, nb, nhk, pb.k_start(nb), nS, D);
+          prefetch_rows<T>(pf, dv, ldv, nb, nhk, pb.k_start(nb), nS, Dv);
         }
         const int64_t bm_blk = block_size(std::max<int64_t>(L, 1), c.bm, 8);
         pf.plan(group * ((L + bm_blk - 1) / bm_blk) *
-                (2 * attn_cpu::micro_tiles(bm_blk, S) + attn_cpu::micro_tiles(S, D + Dv) + attn_cpu::micro_tiles(bm_blk, D)));
+                (attn_cpu::micro_tiles(bm_blk, 2 * S + D) + attn_cpu::micro_tiles(S, D + Dv)));
         w.pf = &pf;
         load_head<T>(c, b, hk, want, kv);
         float* dka = dkv;

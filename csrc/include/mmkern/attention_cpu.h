@@ -246,8 +246,8 @@ inline float dot(const float* a, const float* b, int64_t n) {
 // next head (MiBs) would only evict the current one from L2.
 class Prefetcher {
  public:
-  // rows of row_bytes, stride_bytes apart, from p; `write`: lines that will be written (prefetchw).
-  void add(const void* p, int64_t rows, int64_t row_bytes, int64_t stride_bytes, bool write = false) {
+  // rows of row_bytes, stride_bytes apart, from p.
+  void add(const void* p, int64_t rows, int64_t row_bytes, int64_t stride_bytes) {
     if (stride_bytes == row_bytes) {  // contiguous rows: one long row
       row_bytes *= rows;
       rows = 1;
@@ -258,7 +258,7 @@ class Prefetcher {
       rows = std::min(rows, (kBudget - bytes_) / std::max<int64_t>(row_bytes, 1));
     if (rows <= 0 || row_bytes <= 0 || n_ == kMaxRanges) return;
     bytes_ += rows * row_bytes;
-    ranges_[n_++] = {static_cast<const char*>(p), rows, row_bytes, stride_bytes, write};
+    ranges_[n_++] = {static_cast<const char*>(p), rows, row_bytes, stride_bytes};
     lines_ += rows * (row_bytes / 64 + 2);
   }
   // Spreads the lines over about `steps` calls of step().
@@ -268,10 +268,7 @@ class Prefetcher {
       const Range& r = ranges_[cur_];
       const char* row = r.p + row_ * r.stride;
       const char* line = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63}) + off_;
-      if (r.write)
-        __builtin_prefetch(line, 1, 2);
-      else
-        __builtin_prefetch(line, 0, 2);  // locality 2: prefetcht1, into L2
+      __builtin_prefetch(line, 0, 2);  // locality 2: prefetcht1, into L2
       off_ += 64;
       if (line + 64 >= row + r.bytes) {
         off_ = 0;
@@ -287,7 +284,6 @@ class Prefetcher {
   struct Range {
     const char* p;
     int64_t rows, bytes, stride;
-    bool write;
   };
   static constexpr int kMaxRanges = 16;
   static constexpr int64_t kBudget = 512 << 10;
@@ -299,7 +295,9 @@ class Prefetcher {
 constexpr int kMaxMR = 12;  // most rows of a micro-tile (see gemm)
 
 // Micro-tiles of an M x N product: one Prefetcher step each.
-inline int64_t micro_tiles(int64_t M, int64_t N) { return (M + kMaxMR - 1) / kMaxMR * ((N + 2 * kLanes - 1) / (2 * kLanes)); }
+inline int64_t micro_tiles(int64_t M, int64_t N) {
+  return (M + kMaxMR - 1) / kMaxMR * ((N + 2 * kLanes - 1) / (2 * kLanes));
+}
 
 // Micro-kernel: C[0:MR, 0:n] (+)= A[0:MR, 0:K] B[0:K, 0:n] with n <= 16 NV (n = 16 NV unless kTail). a(i, k) =
 // A[i * lda + k], or A[k * lda + i] when kTrans (A given as its transpose: P^T, dS^T from the row-major
@@ -539,6 +537,37 @@ const float* rows_fp32(const T* src, int64_t st, int64_t sd, int64_t rows, int64
   ld = padded_ld(cols);
   copy_rows(src, st, sd, rows, cols, dst, ld);
   return dst;
+}
+
+// dst rows (strides lay.st / lay.sd from (b, h, t0)) = src (rows x cols, row-major fp32) * factor[row].
+template <typename T>
+void write_rows(T* dst, const attn::Layout& lay, int64_t b, int64_t h, int64_t t0, int64_t rows, int64_t cols,
+                const float* src, const float* row_factor, float factor) {
+  T* base = dst + lay.offset(b, h, t0, 0);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float f = row_factor ? row_factor[i] * factor : factor;
+    T* out = base + i * lay.st;
+    const float* in = src + i * cols;
+    if constexpr (std::is_same_v<T, float>) {
+      if (lay.sd == 1) {
+        scale_row(out, in, cols, f);
+        continue;
+      }
+    }
+    if (lay.sd == 1) {
+      for (int64_t d = 0; d < cols; ++d) out[d] = from_float<T>(in[d] * f);
+    } else {
+      for (int64_t d = 0; d < cols; ++d) out[d * lay.sd] = from_float<T>(in[d] * f);
+    }
+  }
+}
+
+// Adds rows [t0, t0 + rows) of head (b, h) of a tensor to a prefetch (rows of unit column stride only).
+template <typename T>
+void prefetch_rows(Prefetcher& pf, const void* base, const attn::Layout& lay, int64_t b, int64_t h, int64_t t0,
+                   int64_t rows, int64_t cols) {
+  if (lay.sd == 1)
+    pf.add(static_cast<const T*>(base) + lay.offset(b, h, t0, 0), rows, cols * sizeof(T), lay.st * sizeof(T));
 }
 
 // A float buffer that keeps its memory between calls (held thread_local by the kernels): fresh pages on
