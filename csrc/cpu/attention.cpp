@@ -175,10 +175,13 @@ const float* query_rows(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t
   return rows;
 }
 
-// Tasks handed out per grab of the dynamic schedule: several when there are many (512 demo heads of ~1 us
-// each would otherwise pay a contended atomic per head), one when few must balance.
-inline int grab(int64_t tasks, int num_threads) {
-  return static_cast<int>(std::max<int64_t>(1, tasks / (16 * static_cast<int64_t>(num_threads))));
+// Tasks handed out per grab of the dynamic schedule: several when they are many and small (512 demo heads of
+// ~1 us each would otherwise pay a contended atomic per head), about 10 us of work per grab when they are
+// larger (12 ViT heads of ~0.2 ms per grab left one thread idle for ~1 ms at the end), one when few must balance.
+inline int grab(int64_t tasks, int num_threads, double flops_per_task) {
+  const int64_t by_count = tasks / (16 * static_cast<int64_t>(num_threads));
+  const int64_t by_work = static_cast<int64_t>(1.5e6 / std::max(flops_per_task, 1.0));
+  return static_cast<int>(std::max<int64_t>(1, std::min(by_count, by_work)));
 }
 
 // Tasks of `units` independent pieces of work (heads) split into chunks of rows so that every thread gets
@@ -208,7 +211,7 @@ void forward(const Call& c, T* out, int num_threads) {
     float* acc = scratch(2, kBM * Dv);
     float* stats = scratch(3, 3 * kBM);
     float *m = stats, *l = stats + kBM, *lse = stats + 2 * kBM;
-#pragma omp for schedule(dynamic, grab(tasks, num_threads))
+#pragma omp for schedule(dynamic, grab(tasks, num_threads, 2.0 * rows * pb.max_len_k * (D + Dv)))
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t chunk = task % chunks, bh = task / chunks, b = bh / pb.heads_q, h = bh % pb.heads_q;
       const int64_t hk = h / group, L = pb.len_q(b), S = pb.len_k(b), bh_drop = b * pb.heads_q + h;
@@ -381,6 +384,7 @@ void backward(const Call& c, T* dq, const Layout& ldq, T* dk, const Layout& ldk,
   const int64_t D = pb.dim, Dv = pb.dim_v, group = pb.heads_q / pb.heads_k;
   const int64_t kv_tasks = pb.batch * pb.heads_k;
   const bool one_pass = kv_tasks >= 4 * static_cast<int64_t>(num_threads);
+  const double task_flops = 2.0 * group * pb.max_len_q * pb.max_len_k * (3 * D + 2 * Dv);  // five products
   KVWant want;
   want.kt = want.vt = want.kn = true;
 
@@ -410,7 +414,7 @@ void backward(const Call& c, T* dq, const Layout& ldq, T* dk, const Layout& ldk,
       HeadKV kv;
       thread_local attn_cpu::Workspace acc_ws;
       float* dkv = acc_ws.get(pb.max_len_k * (D + Dv));
-#pragma omp for schedule(dynamic, grab(kv_tasks, num_threads))
+#pragma omp for schedule(dynamic, grab(kv_tasks, num_threads, task_flops))
       for (int64_t task = 0; task < kv_tasks; ++task) {
         const int64_t b = task / pb.heads_k, hk = task % pb.heads_k, L = pb.len_q(b), S = pb.len_k(b);
         attn_cpu::Prefetcher pf;
