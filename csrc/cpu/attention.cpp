@@ -226,6 +226,7 @@ void forward(const Call& c, T* out, int num_threads) {
           prefetch_rows<T>(pf, c.k, c.lk, nb, nh / group, pb.k_start(nb), pb.len_k(nb), D);
           prefetch_rows<T>(pf, c.v, c.lv, nb, nh / group, pb.k_start(nb), pb.len_k(nb), Dv);
         }
+        prefetch_rows<T>(pf, out, c.lo, nb, nh, pb.q_start(nb) + n0, n1 - n0, Dv);  // its first stores then hit L2
       }
       pf.plan(attn_cpu::micro_tiles(r1 - r0, S) + (S + c.bn - 1) / c.bn * attn_cpu::micro_tiles(r1 - r0, Dv));
       load_head<T>(c, b, hk, want, kv);
