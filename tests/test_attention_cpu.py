@@ -122,3 +122,20 @@ def test_eager_path_equals_the_custom_op():
         assert not plain_eager(fq, fq, fq, None, None, None)
         out, _ = attn_ops._attention(fq, fq, fq, None, None, None, *params)  # the op's fake kernel
         assert out.shape == (2, 2, 17, 16)
+
+
+@pytest.mark.parametrize("B, H", [(1, 1), (4, 3)])
+@pytest.mark.parametrize("L, causal", [(197, False), (300, True), (600, False)])
+def test_backward_delta_in_tile_and_from_out(B, H, L, causal):
+    """delta = rowsum(dO o O) is formed in the tile as rowsum(P o dP) when a query block's keys are one tile (197
+    keys; the early query blocks of a causal 300) and read from O otherwise (600 keys; the late causal blocks), in
+    the two-pass backward (B H = 1) and the one-pass one (B H = 12): gradients against float64 either way."""
+    gen = torch.Generator().manual_seed(L)
+    q, k, v = (torch.randn(B, H, L, 16, generator=gen).requires_grad_() for _ in range(3))
+    grad = torch.randn(B, H, L, 16, generator=gen)
+    out = scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cpu")
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(reference.scaled_dot_product_attention(*ref, is_causal=causal), ref, grad.double())
+    for name, g, w in zip(["dq", "dk", "dv"], got, want):
+        assert_close(g, w, torch.float32, name, factor=4.0)

@@ -32,20 +32,20 @@ namespace {
 
 using attn::Layout;
 using attn::Problem;
+using attn_cpu::key_range;
 using attn_cpu::kLanes;
 using attn_cpu::kLog2e;
+using attn_cpu::mask_structure;
+using attn_cpu::padded_ld;
+using attn_cpu::prefetch_rows;
+using attn_cpu::round_up;
+using attn_cpu::rows_fp32;
+using attn_cpu::transpose_to;
 using attn_cpu::vf16;
+using attn_cpu::write_rows;
 
 constexpr int64_t kBM = 128;  // most queries per block: the S tile (kBM x kBN fp32, 128 KiB) stays in L2
 constexpr int64_t kBN = 256;  // most keys per block: at ViT sizes (197) one block, so no online rescaling
-
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// Row stride (floats) of the kernels' row-major buffers: whole vectors, and an odd number of cache lines, so
-// that the column panels the tile products stream (32 floats of every row) spread over all L1 sets. A
-// stride of 128 or 4096 floats maps every row of a panel to a few sets and thrashed L1 (PV at D = 128 ran at
-// 60% of the rate it reaches with this padding).
-inline int64_t padded_ld(int64_t n) { return round_up(std::max<int64_t>(n, 1), kLanes) | kLanes; }
 
 // Equal blocks of at most `most` (a multiple of `align`) covering n: 197 keys are one block of 197 rather
 // than 128 + 69, 197 queries four blocks of 56 / 29 rather than three of 64 and one of 5.
@@ -76,36 +76,6 @@ struct Call {
   }
   int64_t lrow_offset(int64_t b, int64_t h, int64_t i) const { return lrow.offset(b, h, pb.q_start(b) + i, 0); }
 };
-
-// Keys [lo, hi) holding every key that a query in [i0, i1) may see (causal, window; masks aside).
-inline void key_range(const attn::Visibility& v, int64_t i0, int64_t i1, int64_t S, int64_t& lo, int64_t& hi) {
-  lo = 0;
-  hi = v.causal ? std::min(S, i1) : S;
-  if (v.windowed && i0 >= v.num_global) {  // no query of the block is global
-    hi = std::min(hi, std::max(i1 + v.right, v.num_global));
-    if (v.num_global == 0) lo = std::max<int64_t>(0, i0 - v.left);
-  }
-  hi = std::max(hi, lo);
-}
-
-// Sets the scores of keys k0 .. k0 + n - 1 that query qi cannot see (causal, window) to -inf.
-inline void mask_structure(const attn::Visibility& v, int64_t qi, int64_t k0, int64_t n, float* row) {
-  if (v.windowed && v.num_global > 0) {  // window plus global tokens: no single visible interval
-    for (int64_t j = 0; j < n; ++j)
-      if (!attn::visible(v, qi, k0 + j)) row[j] = -INFINITY;
-    return;
-  }
-  int64_t lo = 0, hi = k0 + n;  // visible keys [lo, hi)
-  if (v.causal) hi = std::min(hi, qi + 1);
-  if (v.windowed) {
-    lo = qi - v.left;
-    hi = std::min(hi, qi + v.right + 1);
-  }
-  lo = std::clamp<int64_t>(lo - k0, 0, n);
-  hi = std::clamp<int64_t>(hi - k0, lo, n);
-  std::fill(row, row + lo, -INFINITY);
-  std::fill(row + hi, row + n, -INFINITY);
-}
 
 // Score row post-processing: the float mask is added, the bool mask and the structure set -inf.
 inline void mask_row(const Call& c, int64_t b, int64_t h, int64_t qi, int64_t k0, int64_t n, bool all_visible,
@@ -159,57 +129,6 @@ struct KVWant {
   bool kt = false, vt = false, kn = false, vn = false;
 };
 
-// dst (cols x rows, row stride ld) = f times the transpose of rows x cols of src (strides st, sd), in fp32.
-template <typename T>
-void transpose_to(const T* src, int64_t st, int64_t sd, int64_t rows, int64_t cols, float* dst, int64_t ld, float f) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (sd == 1) return attn_cpu::transpose(src, st, rows, cols, dst, ld, f);
-  }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = 0; d < cols; ++d) dst[d * ld + r] = f * to_float(src[r * st + d * sd]);
-}
-
-// dst (rows x cols, row stride ld) = rows x cols of src (strides st, sd), in fp32.
-template <typename T>
-void copy_rows(const T* src, int64_t st, int64_t sd, int64_t rows, int64_t cols, float* dst, int64_t ld) {
-  for (int64_t r = 0; r < rows; ++r) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (sd == 1) {
-        attn_cpu::scale_row(dst + r * ld, src + r * st, cols, 1.f);
-        continue;
-      }
-    }
-    for (int64_t d = 0; d < cols; ++d) dst[r * ld + d] = to_float(src[r * st + d * sd]);
-  }
-}
-
-// Whether a column panel of a tile product (two cache lines of each of `rows` rows, `st` floats apart) stays
-// in L1: rows map to 64 / gcd(stride in lines, 64) of its 64 sets (8 ways assumed).
-inline bool panel_fits_l1(int64_t rows, int64_t st) {
-  if (st % kLanes) return true;  // rows not line-aligned: they spread over the sets
-  int64_t lines = st / kLanes, sets = 64;
-  while (sets > 1 && lines % 2 == 0) {
-    lines /= 2;
-    sets /= 2;
-  }
-  return 2 * rows <= 8 * sets;
-}
-
-// rows x cols of src as fp32 rows with stride ld: read in place when they are fp32 rows whose column panels
-// stay in L1 (panel_fits_l1); else copied to dst with padded_ld rows.
-template <typename T>
-const float* rows_fp32(const T* src, int64_t st, int64_t sd, int64_t rows, int64_t cols, float* dst, int64_t& ld) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (sd == 1 && panel_fits_l1(rows, st)) {
-      ld = st;
-      return src;
-    }
-  }
-  ld = padded_ld(cols);
-  copy_rows(src, st, sd, rows, cols, dst, ld);
-  return dst;
-}
-
 template <typename T>
 void load_head(const Call& c, int64_t b, int64_t hk, KVWant want, HeadKV& kv) {
   if (kv.b == b && kv.hk == hk) return;
@@ -256,33 +175,13 @@ const float* query_rows(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t
   return rows;
 }
 
-// dst rows (strides lay.st / lay.sd from (b, h, t0)) = src (rows x cols, row-major fp32) * factor[row].
-template <typename T>
-void write_rows(T* dst, const Layout& lay, int64_t b, int64_t h, int64_t t0, int64_t rows, int64_t cols,
-                const float* src, const float* row_factor, float factor) {
-  T* base = dst + lay.offset(b, h, t0, 0);
-  for (int64_t i = 0; i < rows; ++i) {
-    const float f = row_factor ? row_factor[i] * factor : factor;
-    T* out = base + i * lay.st;
-    const float* in = src + i * cols;
-    if constexpr (std::is_same_v<T, float>) {
-      if (lay.sd == 1) {
-        attn_cpu::scale_row(out, in, cols, f);
-        continue;
-      }
-    }
-    if (lay.sd == 1) {
-      for (int64_t d = 0; d < cols; ++d) out[d] = from_float<T>(in[d] * f);
-    } else {
-      for (int64_t d = 0; d < cols; ++d) out[d * lay.sd] = from_float<T>(in[d] * f);
-    }
-  }
-}
-
-// Tasks handed out per grab of the dynamic schedule: several when there are many (512 demo heads of ~1 us
-// each would otherwise pay a contended atomic per head), one when few must balance.
-inline int grab(int64_t tasks, int num_threads) {
-  return static_cast<int>(std::max<int64_t>(1, tasks / (16 * static_cast<int64_t>(num_threads))));
+// Tasks handed out per grab of the dynamic schedule: several when they are many and small (512 demo heads of
+// ~1 us each would otherwise pay a contended atomic per head), about 10 us of work per grab when they are
+// larger (12 ViT heads of ~0.2 ms per grab left one thread idle for ~1 ms at the end), one when few must balance.
+inline int grab(int64_t tasks, int num_threads, double flops_per_task) {
+  const int64_t by_count = tasks / (16 * static_cast<int64_t>(num_threads));
+  const int64_t by_work = static_cast<int64_t>(1.5e6 / std::max(flops_per_task, 1.0));
+  return static_cast<int>(std::max<int64_t>(1, std::min(by_count, by_work)));
 }
 
 // Tasks of `units` independent pieces of work (heads) split into chunks of rows so that every thread gets
@@ -312,12 +211,24 @@ void forward(const Call& c, T* out, int num_threads) {
     float* acc = scratch(2, kBM * Dv);
     float* stats = scratch(3, 3 * kBM);
     float *m = stats, *l = stats + kBM, *lse = stats + 2 * kBM;
-#pragma omp for schedule(dynamic, grab(tasks, num_threads))
+#pragma omp for schedule(dynamic, grab(tasks, num_threads, 2.0 * rows * pb.max_len_k * (D + Dv)))
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t chunk = task % chunks, bh = task / chunks, b = bh / pb.heads_q, h = bh % pb.heads_q;
       const int64_t hk = h / group, L = pb.len_q(b), S = pb.len_k(b), bh_drop = b * pb.heads_q + h;
       const int64_t r0 = chunk * rows, r1 = std::min(L, r0 + rows);
       if (r0 >= r1) continue;
+      attn_cpu::Prefetcher pf;
+      if (task + 1 < tasks) {  // the next task: its query rows, and K and V when it moves to another head
+        const int64_t nbh = (task + 1) / chunks, nb = nbh / pb.heads_q, nh = nbh % pb.heads_q;
+        const int64_t n0 = (task + 1) % chunks * rows, n1 = std::min(pb.len_q(nb), n0 + rows);
+        prefetch_rows<T>(pf, c.q, c.lq, nb, nh, pb.q_start(nb) + n0, n1 - n0, D);
+        if (nb != b || nh / group != hk) {
+          prefetch_rows<T>(pf, c.k, c.lk, nb, nh / group, pb.k_start(nb), pb.len_k(nb), D);
+          prefetch_rows<T>(pf, c.v, c.lv, nb, nh / group, pb.k_start(nb), pb.len_k(nb), Dv);
+        }
+        prefetch_rows<T>(pf, out, c.lo, nb, nh, pb.q_start(nb) + n0, n1 - n0, Dv);  // its first stores then hit L2
+      }
+      pf.plan(attn_cpu::micro_tiles(r1 - r0, S) + (S + c.bn - 1) / c.bn * attn_cpu::micro_tiles(r1 - r0, Dv));
       load_head<T>(c, b, hk, want, kv);
       const int64_t bm_blk = block_size(r1 - r0, c.bm, 8);
       for (int64_t i0 = r0; i0 < r1; i0 += bm_blk) {
@@ -332,7 +243,7 @@ void forward(const Call& c, T* out, int num_threads) {
           const int64_t bn = std::min(c.bn, hi - j0);
           if (!attn::block_any_visible(pb.vis, i0, i0 + bm, j0, j0 + bn)) continue;
           const bool all_visible = attn::block_all_visible(pb.vis, i0, i0 + bm, j0, j0 + bn);
-          attn_cpu::gemm(bm, bn, D, qs, ldq, kv.kt_at(j0, c.bn), kv.ldt, st, ld, false, true);
+          attn_cpu::gemm(bm, bn, D, qs, ldq, kv.kt_at(j0, c.bn), kv.ldt, st, ld, false, true, &pf);
           for (int64_t i = 0; i < bm; ++i) {
             float* row = st + i * ld;
             if (c.mask || !all_visible) mask_row(c, b, h, i0 + i, j0, bn, all_visible, row);
@@ -342,7 +253,7 @@ void forward(const Call& c, T* out, int num_threads) {
               for (int64_t j = 0; j < bn; ++j)
                 row[j] *= attn::dropout_keep(pb.seed, bh_drop, i0 + i, j0 + j, pb.dropout_p) ? keep_scale : 0.f;
           }
-          attn_cpu::gemm(bm, Dv, bn, st, ld, kv.vn + j0 * kv.ldvn, kv.ldvn, acc, Dv, !first, kv.vn_padded);
+          attn_cpu::gemm(bm, Dv, bn, st, ld, kv.vn + j0 * kv.ldvn, kv.ldvn, acc, Dv, !first, kv.vn_padded, &pf);
           first = false;
         }
         if (first) {  // no visible key: output 0, lse +inf
@@ -365,6 +276,8 @@ struct BwdScratch {
   const float *q = nullptr, *go = nullptr;
   int64_t ldq = 0, ldgo = 0;
   bool q_padded = false, go_padded = false;
+  bool delta_in_tile = false;  // the block's keys are one tile: delta = rowsum(P o dP) there, O is not read
+  attn_cpu::Prefetcher* pf = nullptr;  // the next task's rows, a step per micro-tile
   explicit BwdScratch(const Call& c) {
     const int64_t D = c.pb.dim, Dv = c.pb.dim_v;
     qbuf = scratch(0, kBM * padded_ld(D));
@@ -377,17 +290,28 @@ struct BwdScratch {
   }
 };
 
-// Loads query block (b, h, i0): Q and dO rows, lse and delta = rowsum(dO o O).
+// Whether the keys that queries [i0, i1) of sequence b may see lie in one key block (one tile per query row).
+inline bool one_key_block(const Call& c, int64_t b, int64_t i0, int64_t i1) {
+  int64_t lo, hi;
+  key_range(c.pb.vis, i0, i1, c.pb.len_k(b), lo, hi);
+  return hi <= lo / c.bn * c.bn + c.bn;
+}
+
+// Loads query block (b, h, i0): Q and dO rows, lse, and delta = rowsum(dO o O) unless the tile computes it
+// as rowsum(P o dP) (O = P V; with dropout the tile would need the keep-mask twice, so O is read).
 template <typename T>
 void load_query_block(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t bm, BwdScratch& w) {
   const Problem& pb = c.pb;
   const int64_t Dv = pb.dim_v, t0 = pb.q_start(b) + i0;
   w.q = query_rows<T>(c, b, h, i0, bm, w.qbuf, w.ldq, w.q_padded);
+  w.delta_in_tile = pb.dropout_p == 0.f && one_key_block(c, b, i0, i0 + bm);
   const T* gbase = static_cast<const T*>(c.go) + c.lgo.offset(b, h, t0, 0);
   const T* obase = static_cast<const T*>(c.o) + c.lo.offset(b, h, t0, 0);
   w.go = rows_fp32(gbase, c.lgo.st, c.lgo.sd, bm, Dv, w.gobuf, w.ldgo);
   w.go_padded = w.go == w.gobuf;
   for (int64_t i = 0; i < bm; ++i) {
+    w.lse[i] = c.lse[c.lrow_offset(b, h, i0 + i)];
+    if (w.delta_in_tile) continue;
     const float* g = w.go + i * w.ldgo;
     const T* oi = obase + i * c.lo.st;
     float delta = 0.f;
@@ -397,7 +321,6 @@ void load_query_block(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t b
     if (!std::is_same_v<T, float> || c.lo.sd != 1)
       for (int64_t d = 0; d < Dv; ++d) delta += g[d] * to_float(oi[d * c.lo.sd]);
     w.delta[i] = delta;
-    w.lse[i] = c.lse[c.lrow_offset(b, h, i0 + i)];
   }
 }
 
@@ -411,14 +334,15 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
   const float keep_scale = pb.dropout_p > 0.f ? 1.f / (1.f - pb.dropout_p) : 1.f;
   float* st = w.st;
   float* dpt = w.dpt;
-  attn_cpu::gemm(bm, bn, D, w.q, w.ldq, kv.kt_at(j0, c.bn), kv.ldt, st, ld, false, true);
-  attn_cpu::gemm(bm, bn, Dv, w.go, w.ldgo, kv.vt_at(j0, c.bn), kv.ldt, dpt, ld, false, true);
+  attn_cpu::gemm(bm, bn, D, w.q, w.ldq, kv.kt_at(j0, c.bn), kv.ldt, st, ld, false, true, w.pf);
+  attn_cpu::gemm(bm, bn, Dv, w.go, w.ldgo, kv.vt_at(j0, c.bn), kv.ldt, dpt, ld, false, true, w.pf);
   for (int64_t i = 0; i < bm; ++i) {
     float* srow = st + i * ld;
     float* drow = dpt + i * ld;
     if (c.mask || !all_visible) mask_row(c, b, h, i0 + i, j0, bn, all_visible, srow);
-    const float lse = w.lse[i], delta = w.delta[i];
+    const float lse = w.lse[i];
     if (pb.dropout_p > 0.f) {
+      const float delta = w.delta[i];
       attn_cpu::exp_row(srow, bn, lse);
       for (int64_t j = 0; j < bn; ++j) {
         const float p = srow[j];
@@ -428,11 +352,17 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
       }
     } else {
       const float shift = -lse * kLog2e;
+      vf16 pdp = vf16{};
       for (int64_t j = 0; j < bn; j += kLanes) {
         const int n = static_cast<int>(std::min<int64_t>(kLanes, bn - j));
         const vf16 p = attn_cpu::exp2v(attn_cpu::load_n(srow + j, n) * kLog2e + shift);
         attn_cpu::store_n(srow + j, p, n);
-        attn_cpu::store_n(drow + j, p * (attn_cpu::load_n(drow + j, n) - delta), n);
+        pdp += p * attn_cpu::load_n(drow + j, n);  // lanes past bn: dP loads 0
+      }
+      const float delta = w.delta_in_tile ? attn_cpu::hsum(pdp) : w.delta[i];
+      for (int64_t j = 0; j < bn; j += kLanes) {
+        const int n = static_cast<int>(std::min<int64_t>(kLanes, bn - j));
+        attn_cpu::store_n(drow + j, attn_cpu::load_n(srow + j, n) * (attn_cpu::load_n(drow + j, n) - delta), n);
       }
     }
     if (c.dmask && want_dq) {
@@ -441,10 +371,11 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
     }
   }
   if (dk) {
-    attn_cpu::gemm<true>(bn, Dv, bm, st, ld, w.go, w.ldgo, dv, Dv, true, w.go_padded);
-    attn_cpu::gemm<true>(bn, D, bm, dpt, ld, w.q, w.ldq, dk, D, true, w.q_padded);
+    attn_cpu::gemm<true>(bn, Dv, bm, st, ld, w.go, w.ldgo, dv, Dv, true, w.go_padded, w.pf);
+    attn_cpu::gemm<true>(bn, D, bm, dpt, ld, w.q, w.ldq, dk, D, true, w.q_padded, w.pf);
   }
-  if (want_dq) attn_cpu::gemm(bm, D, bn, dpt, ld, kv.kn + j0 * kv.ldkn, kv.ldkn, w.dq_acc, D, !first, kv.kn_padded);
+  if (want_dq)
+    attn_cpu::gemm(bm, D, bn, dpt, ld, kv.kn + j0 * kv.ldkn, kv.ldkn, w.dq_acc, D, !first, kv.kn_padded, w.pf);
 }
 
 template <typename T>
@@ -454,6 +385,7 @@ void backward(const Call& c, T* dq, const Layout& ldq, T* dk, const Layout& ldk,
   const int64_t D = pb.dim, Dv = pb.dim_v, group = pb.heads_q / pb.heads_k;
   const int64_t kv_tasks = pb.batch * pb.heads_k;
   const bool one_pass = kv_tasks >= 4 * static_cast<int64_t>(num_threads);
+  const double task_flops = 2.0 * group * pb.max_len_q * pb.max_len_k * (3 * D + 2 * Dv);  // five products
   KVWant want;
   want.kt = want.vt = want.kn = true;
 
@@ -483,14 +415,32 @@ void backward(const Call& c, T* dq, const Layout& ldq, T* dk, const Layout& ldk,
       HeadKV kv;
       thread_local attn_cpu::Workspace acc_ws;
       float* dkv = acc_ws.get(pb.max_len_k * (D + Dv));
-#pragma omp for schedule(dynamic, grab(kv_tasks, num_threads))
+#pragma omp for schedule(dynamic, grab(kv_tasks, num_threads, task_flops))
       for (int64_t task = 0; task < kv_tasks; ++task) {
         const int64_t b = task / pb.heads_k, hk = task % pb.heads_k, L = pb.len_q(b), S = pb.len_k(b);
+        attn_cpu::Prefetcher pf;
+        if (task + 1 < kv_tasks) {  // the next head group's K, V, Q, O and dO
+          const int64_t nb = (task + 1) / pb.heads_k, nhk = (task + 1) % pb.heads_k;
+          const int64_t nL = pb.len_q(nb), nS = pb.len_k(nb), q0 = pb.q_start(nb);
+          prefetch_rows<T>(pf, c.k, c.lk, nb, nhk, pb.k_start(nb), nS, D);
+          prefetch_rows<T>(pf, c.v, c.lv, nb, nhk, pb.k_start(nb), nS, Dv);
+          for (int64_t h = nhk * group; h < (nhk + 1) * group; ++h) {
+            prefetch_rows<T>(pf, c.q, c.lq, nb, h, q0, nL, D);
+            if (pb.dropout_p > 0.f || !one_key_block(c, nb, 0, nL)) prefetch_rows<T>(pf, c.o, c.lo, nb, h, q0, nL, Dv);
+            prefetch_rows<T>(pf, c.go, c.lgo, nb, h, q0, nL, Dv);
+            prefetch_rows<T>(pf, dq, ldq, nb, h, q0, nL, D);  // outputs too: their first stores then hit L2
+          }
+          prefetch_rows<T>(pf, dk, ldk, nb, nhk, pb.k_start(nb), nS, D);
+          prefetch_rows<T>(pf, dv, ldv, nb, nhk, pb.k_start(nb), nS, Dv);
+        }
+        const int64_t bm_blk = block_size(std::max<int64_t>(L, 1), c.bm, 8);
+        pf.plan(group * ((L + bm_blk - 1) / bm_blk) *
+                (attn_cpu::micro_tiles(bm_blk, 2 * S + D) + attn_cpu::micro_tiles(S, D + Dv)));
+        w.pf = &pf;
         load_head<T>(c, b, hk, want, kv);
         float* dka = dkv;
         float* dva = dkv + S * D;
         std::fill(dkv, dkv + S * (D + Dv), 0.f);
-        const int64_t bm_blk = block_size(std::max<int64_t>(L, 1), c.bm, 8);
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
           for (int64_t i0 = 0; i0 < L; i0 += bm_blk) query_block(kv, b, h, i0, std::min(bm_blk, L - i0), dka, dva, w);
         write_rows(dk, ldk, b, hk, pb.k_start(b), S, D, dka, nullptr, pb.scale);  // dK = dS^T (scale Q)

@@ -1,5 +1,6 @@
-// Tile math of the CPU attention kernels (host only): a vectorised exp, row reductions, a transpose and
-// small GEMMs whose operands are read in place.
+// Tile math of the CPU attention kernels (host only): a vectorised exp, row reductions, transposes, small
+// GEMMs whose operands are read in place, the staging of K/V/Q rows as fp32, the visibility of a key range
+// and a software prefetcher.
 //
 // Attention tiles are small and ragged (a ViT head is 197 x 197 x 64, a demo head 17 x 17 x 16), so the
 // products here never pack or pad their operands: A is read row by row (or as its transpose), B row by row
@@ -12,7 +13,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#include "mmkern/attention.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -64,37 +68,41 @@ inline void store_n(float* p, vf16 v, int n) {
     store_tail(p, v, n);
 }
 
-// 2^t: t = n + f with n = round(t), 2^f by a degree-6 polynomial on [-1/2, 1/2] (minimax, relative error
-// ~1e-7 when evaluated in fp32), then scaled by 2^n. t < -125 gives exactly 0 (also t = -inf, so masked
-// scores vanish) without ever forming a subnormal: an underflowing scale costs a microcode assist of ~100
-// cycles per vector, which made masked rows 3x slower. NaN stays NaN. Softmax callers pass
-// t = (x - shift) log2(e) as one fused multiply-add.
+// 2^t: t = n + f with n = round(t), 2^f by a degree-5 polynomial on [-1/2, 1/2] (relative error < 4e-7 when
+// evaluated in fp32, far inside the fp32 tolerance of 2e-5; a degree more costs ~8% of the exp), then scaled by
+// 2^n. t < -125 gives exactly 0 (also t = -inf, so masked scores vanish) without ever forming a subnormal: an
+// underflowing scale costs a microcode assist of ~100 cycles per vector, which made masked rows 3x slower.
+// NaN stays NaN. Softmax callers pass t = (x - shift) log2(e) as one fused multiply-add.
 inline vf16 exp2v(vf16 t) {
-  const vf16 tc = t < -125.f ? splat(-125.f) : (t > 128.f ? splat(128.f) : t);  // NaN compares false: kept
 #if defined(__AVX512F__)
+  // max / min return their second operand when one is NaN: the constant goes first so that NaN is kept. (The
+  // mask_ forms with a full mask: GCC 12 warns that the plain forms' undefined source is uninitialised.)
+  const __m512 lo = _mm512_set1_ps(-125.f), hi = _mm512_set1_ps(128.f);
+  const __m512 tc = _mm512_mask_min_ps(hi, 0xffff, hi, _mm512_mask_max_ps(lo, 0xffff, lo, (__m512)t));
   constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  const vf16 n = (vf16)_mm512_mask_roundscale_ps((__m512)tc, 0xffff, (__m512)tc, kNearest);
+  const vf16 n = (vf16)_mm512_mask_roundscale_ps(tc, 0xffff, tc, kNearest);
+  const vf16 f = (vf16)tc - n;
 #else
+  const vf16 tc = t < -125.f ? splat(-125.f) : (t > 128.f ? splat(128.f) : t);  // NaN compares false: kept
   const vf16 n = (tc + 12582912.f) - 12582912.f;  // round to nearest via 1.5 * 2^23
-#endif
   const vf16 f = tc - n;
-  vf16 p = splat(1.5337577497120947e-4f);
-  p = p * f + 1.3399859890341759e-3f;
-  p = p * f + 9.618519805371761e-3f;
-  p = p * f + 5.550329014658928e-2f;
-  p = p * f + 0.24022646248340607f;
+#endif
+  vf16 p = splat(1.3395280111581087e-3f);
+  p = p * f + 9.670763276517391e-3f;
+  p = p * f + 5.550340563058853e-2f;
+  p = p * f + 0.24022211134433746f;
   p = p * f + 0.6931471824645996f;
   p = p * f + 1.f;
 #if defined(__AVX512F__)
-  // p * 2^n: normal, or inf for n = 128.
-  const vf16 r = (vf16)_mm512_mask_scalef_ps((__m512)p, 0xffff, (__m512)p, (__m512)n);
+  // p * 2^n (inf for n = 128), and 0 where t < -125 (a NaN t compares unordered: kept).
+  const __mmask16 keep = _mm512_cmp_ps_mask((__m512)t, _mm512_set1_ps(-125.f), _CMP_NLT_UQ);
+  return (vf16)_mm512_maskz_scalef_ps(keep, (__m512)p, (__m512)n);
 #else
   const vi16 e = (__builtin_convertvector(n, vi16) + 127) << 23;
   vf16 scale;
   std::memcpy(&scale, &e, sizeof(scale));
-  const vf16 r = p * scale;
+  return t < -125.f ? vf16{} : p * scale;
 #endif
-  return t < -125.f ? vf16{} : r;
 }
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -232,6 +240,65 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return hsum(acc);
 }
 
+// Software prefetch into L2 of the rows that the next task will read, a few lines per step of the current
+// one: a ViT head's Q, K, V, O and dO (50 KiB each) come from memory at ~10 GB/s per core, and left to the
+// copies that first touch them they cost ~15% of the kernel's time. At most kBudget bytes: a long sequence's
+// next head (MiBs) would only evict the current one from L2.
+class Prefetcher {
+ public:
+  // rows of row_bytes, stride_bytes apart, from p.
+  void add(const void* p, int64_t rows, int64_t row_bytes, int64_t stride_bytes) {
+    if (stride_bytes == row_bytes) {  // contiguous rows: one long row
+      row_bytes *= rows;
+      rows = 1;
+    }
+    if (rows == 1)
+      row_bytes = std::min(row_bytes, kBudget - bytes_);
+    else
+      rows = std::min(rows, (kBudget - bytes_) / std::max<int64_t>(row_bytes, 1));
+    if (rows <= 0 || row_bytes <= 0 || n_ == kMaxRanges) return;
+    bytes_ += rows * row_bytes;
+    ranges_[n_++] = {static_cast<const char*>(p), rows, row_bytes, stride_bytes};
+    lines_ += rows * (row_bytes / 64 + 2);
+  }
+  // Spreads the lines over about `steps` calls of step().
+  void plan(int64_t steps) { per_step_ = lines_ / std::max<int64_t>(steps, 1) + 1; }
+  void step() {
+    for (int64_t lines = per_step_; lines > 0 && cur_ < n_; --lines) {
+      const Range& r = ranges_[cur_];
+      const char* row = r.p + row_ * r.stride;
+      const char* line = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63}) + off_;
+      __builtin_prefetch(line, 0, 2);  // locality 2: prefetcht1, into L2
+      off_ += 64;
+      if (line + 64 >= row + r.bytes) {
+        off_ = 0;
+        if (++row_ == r.rows) {
+          row_ = 0;
+          ++cur_;
+        }
+      }
+    }
+  }
+
+ private:
+  struct Range {
+    const char* p;
+    int64_t rows, bytes, stride;
+  };
+  static constexpr int kMaxRanges = 16;
+  static constexpr int64_t kBudget = 512 << 10;
+  Range ranges_[kMaxRanges];
+  int n_ = 0, cur_ = 0;
+  int64_t bytes_ = 0, lines_ = 0, per_step_ = 0, row_ = 0, off_ = 0;
+};
+
+constexpr int kMaxMR = 12;  // most rows of a micro-tile (see gemm)
+
+// Micro-tiles of an M x N product: one Prefetcher step each.
+inline int64_t micro_tiles(int64_t M, int64_t N) {
+  return (M + kMaxMR - 1) / kMaxMR * ((N + 2 * kLanes - 1) / (2 * kLanes));
+}
+
 // Micro-kernel: C[0:MR, 0:n] (+)= A[0:MR, 0:K] B[0:K, 0:n] with n <= 16 NV (n = 16 NV unless kTail). a(i, k) =
 // A[i * lda + k], or A[k * lda + i] when kTrans (A given as its transpose: P^T, dS^T from the row-major
 // tiles). B row k is B + k * ldb. With kTail the lanes >= n of the last vector are not stored, and not loaded
@@ -270,8 +337,9 @@ inline void micro(int64_t K, const float* A, int64_t lda, const float* B, int64_
 
 template <int MR, bool kTrans>
 inline void micro_rows(int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                       int64_t ldc, bool accumulate, bool pad_b) {
+                       int64_t ldc, bool accumulate, bool pad_b, Prefetcher* pf) {
   for (int64_t j0 = 0; j0 < N; j0 += 2 * kLanes) {
+    if (pf) pf->step();
     const int n = static_cast<int>(std::min<int64_t>(2 * kLanes, N - j0));
     const float* b = B + j0;
     float* c = C + j0;
@@ -293,11 +361,10 @@ inline void micro_rows(int64_t N, int64_t K, const float* A, int64_t lda, const 
 // C (M x N, row stride ldc) (+)= A B: A (M x K, row stride lda; kTrans: A^T given, K x M) and B (K x N, row
 // stride ldb; pad_b: rows readable to a multiple of 16 floats) read in place. Rows go in equal groups of at
 // most 8 (17 rows as 6 + 6 + 5, not 8 + 8 + 1: a one-row tile is latency-bound and costs half an 8-row one).
-constexpr int kMaxMR = 12;
 
 template <bool kTrans = false>
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                 int64_t ldc, bool accumulate, bool pad_b = false) {
+                 int64_t ldc, bool accumulate, bool pad_b = false, Prefetcher* pf = nullptr) {
   if (K == 0) {
     if (!accumulate)
       for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
@@ -312,7 +379,7 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
     switch (mr) {
 #define MMKERN_ATTN_TILE(R) \
   case R:                  \
-    micro_rows<R, kTrans>(N, K, a, lda, B, ldb, c, ldc, accumulate, pad_b); \
+    micro_rows<R, kTrans>(N, K, a, lda, B, ldb, c, ldc, accumulate, pad_b, pf); \
     break;
       MMKERN_ATTN_TILE(1)
       MMKERN_ATTN_TILE(2)
@@ -381,6 +448,126 @@ inline void transpose(const float* src, int64_t st, int64_t rows, int64_t cols, 
     for (int64_t c0 = 0; c0 < cols; c0 += kLanes)
       transpose_block(src + r0 * st + c0, st, static_cast<int>(std::min<int64_t>(kLanes, rows - r0)),
                       static_cast<int>(std::min<int64_t>(kLanes, cols - c0)), dst + c0 * ld + r0, ld, f);
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Row stride (floats) of the kernels' row-major buffers: whole vectors, and an odd number of cache lines, so
+// that the column panels the tile products stream (32 floats of every row) spread over all L1 sets. A
+// stride of 128 or 4096 floats maps every row of a panel to a few sets and thrashed L1 (PV at D = 128 ran at
+// 60% of the rate it reaches with this padding).
+inline int64_t padded_ld(int64_t n) { return round_up(std::max<int64_t>(n, 1), kLanes) | kLanes; }
+
+// Keys [lo, hi) holding every key that a query in [i0, i1) may see (causal, window; masks aside).
+inline void key_range(const attn::Visibility& v, int64_t i0, int64_t i1, int64_t S, int64_t& lo, int64_t& hi) {
+  lo = 0;
+  hi = v.causal ? std::min(S, i1) : S;
+  if (v.windowed && i0 >= v.num_global) {  // no query of the block is global
+    hi = std::min(hi, std::max(i1 + v.right, v.num_global));
+    if (v.num_global == 0) lo = std::max<int64_t>(0, i0 - v.left);
+  }
+  hi = std::max(hi, lo);
+}
+
+// Sets the scores of keys k0 .. k0 + n - 1 that query qi cannot see (causal, window) to -inf.
+inline void mask_structure(const attn::Visibility& v, int64_t qi, int64_t k0, int64_t n, float* row) {
+  if (v.windowed && v.num_global > 0) {  // window plus global tokens: no single visible interval
+    for (int64_t j = 0; j < n; ++j)
+      if (!attn::visible(v, qi, k0 + j)) row[j] = -INFINITY;
+    return;
+  }
+  int64_t lo = 0, hi = k0 + n;  // visible keys [lo, hi)
+  if (v.causal) hi = std::min(hi, qi + 1);
+  if (v.windowed) {
+    lo = qi - v.left;
+    hi = std::min(hi, qi + v.right + 1);
+  }
+  lo = std::clamp<int64_t>(lo - k0, 0, n);
+  hi = std::clamp<int64_t>(hi - k0, lo, n);
+  std::fill(row, row + lo, -INFINITY);
+  std::fill(row + hi, row + n, -INFINITY);
+}
+
+// dst (cols x rows, row stride ld) = f times the transpose of rows x cols of src (strides st, sd), in fp32.
+template <typename T>
+void transpose_to(const T* src, int64_t st, int64_t sd, int64_t rows, int64_t cols, float* dst, int64_t ld, float f) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (sd == 1) return transpose(src, st, rows, cols, dst, ld, f);
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < cols; ++d) dst[d * ld + r] = f * to_float(src[r * st + d * sd]);
+}
+
+// dst (rows x cols, row stride ld) = rows x cols of src (strides st, sd), in fp32.
+template <typename T>
+void copy_rows(const T* src, int64_t st, int64_t sd, int64_t rows, int64_t cols, float* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (sd == 1) {
+        scale_row(dst + r * ld, src + r * st, cols, 1.f);
+        continue;
+      }
+    }
+    for (int64_t d = 0; d < cols; ++d) dst[r * ld + d] = to_float(src[r * st + d * sd]);
+  }
+}
+
+// Whether a column panel of a tile product (two cache lines of each of `rows` rows, `st` floats apart) stays
+// in L1: rows map to 64 / gcd(stride in lines, 64) of its 64 sets (8 ways assumed).
+inline bool panel_fits_l1(int64_t rows, int64_t st) {
+  if (st % kLanes) return true;  // rows not line-aligned: they spread over the sets
+  int64_t lines = st / kLanes, sets = 64;
+  while (sets > 1 && lines % 2 == 0) {
+    lines /= 2;
+    sets /= 2;
+  }
+  return 2 * rows <= 8 * sets;
+}
+
+// rows x cols of src as fp32 rows with stride ld: read in place when they are fp32 rows whose column panels
+// stay in L1 (panel_fits_l1); else copied to dst with padded_ld rows.
+template <typename T>
+const float* rows_fp32(const T* src, int64_t st, int64_t sd, int64_t rows, int64_t cols, float* dst, int64_t& ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (sd == 1 && panel_fits_l1(rows, st)) {
+      ld = st;
+      return src;
+    }
+  }
+  ld = padded_ld(cols);
+  copy_rows(src, st, sd, rows, cols, dst, ld);
+  return dst;
+}
+
+// dst rows (strides lay.st / lay.sd from (b, h, t0)) = src (rows x cols, row-major fp32) * factor[row].
+template <typename T>
+void write_rows(T* dst, const attn::Layout& lay, int64_t b, int64_t h, int64_t t0, int64_t rows, int64_t cols,
+                const float* src, const float* row_factor, float factor) {
+  T* base = dst + lay.offset(b, h, t0, 0);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float f = row_factor ? row_factor[i] * factor : factor;
+    T* out = base + i * lay.st;
+    const float* in = src + i * cols;
+    if constexpr (std::is_same_v<T, float>) {
+      if (lay.sd == 1) {
+        scale_row(out, in, cols, f);
+        continue;
+      }
+    }
+    if (lay.sd == 1) {
+      for (int64_t d = 0; d < cols; ++d) out[d] = from_float<T>(in[d] * f);
+    } else {
+      for (int64_t d = 0; d < cols; ++d) out[d * lay.sd] = from_float<T>(in[d] * f);
+    }
+  }
+}
+
+// Adds rows [t0, t0 + rows) of head (b, h) of a tensor to a prefetch (rows of unit column stride only).
+template <typename T>
+void prefetch_rows(Prefetcher& pf, const void* base, const attn::Layout& lay, int64_t b, int64_t h, int64_t t0,
+                   int64_t rows, int64_t cols) {
+  if (lay.sd == 1)
+    pf.add(static_cast<const T*>(base) + lay.offset(b, h, t0, 0), rows, cols * sizeof(T), lay.st * sizeof(T));
 }
 
 // A float buffer that keeps its memory between calls (held thread_local by the kernels): fresh pages on
