@@ -41,7 +41,7 @@ def demo_configs(size: str, out: Path, seed: int = 0, progress: bool = True):
     )
     prompt = PromptConfig(steps=80, lr=1e-2, out_dir=str(out / "prompt"), **common)
     instruct = InstructConfig(steps=150, stage1_steps=30, out_dir=str(out / "instruct"), **common)
-    bench = 3
+    bench = 6  # steps per round of the throughput comparison (5 rounds, alternating)
     if size == "tiny":
         clip = replace(clip, steps=3, batch_size=32, width=32, text_width=32, embed_dim=32, depth=1, text_depth=1)
         prompt, bench = replace(prompt, steps=2, shots=2), 1
