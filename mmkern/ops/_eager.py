@@ -12,6 +12,19 @@ import torch
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # any other tensor subclass (FakeTensor, DTensor, ...) takes the op
 
 
+def eager_function(name: str, forward_impl, setup_context, backward) -> type[torch.autograd.Function]:
+    """An autograd.Function running an op's kernels (forward_impl(*inputs)) with the op's own autograd formula
+    (setup_context(ctx, inputs, output, eager=True), backward(ctx, *grads)), without the custom-op dispatch."""
+
+    def forward(ctx, *inputs):
+        output = forward_impl(*inputs)
+        setup_context(ctx, inputs, output, eager=True)
+        return output
+
+    attrs = {"forward": staticmethod(forward), "backward": staticmethod(backward), "__doc__": eager_function.__doc__}
+    return type(name, (torch.autograd.Function,), attrs)
+
+
 def plain_eager(*tensors) -> bool:
     """True when plain tensors run eagerly: nothing traces, compiles, fakes or transforms the call."""
     if torch.compiler.is_compiling():  # first: dynamo cannot trace the checks below

@@ -23,7 +23,7 @@ import torch
 
 from mmkern import _native, backends, reference
 from mmkern.ops._checks import check_tensor, native_dtype
-from mmkern.ops._eager import plain_eager
+from mmkern.ops._eager import eager_function, plain_eager
 
 MAX_HEAD_DIM = 256
 
@@ -431,16 +431,7 @@ def _backward(ctx, grad_out, _grad_lse):
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerAttention(torch.autograd.Function):
-    """The same kernels and autograd formula as the mmkern::attention op, without the custom-op dispatch."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward_impl(*inputs)
-        _setup_context(ctx, inputs, output, eager=True)
-        return output
-
-    backward = staticmethod(_backward)
+_EagerAttention = eager_function("_EagerAttention", _forward_impl, _setup_context, _backward)
 
 
 def _attention(q, k, v, mask, cu_q, cu_k, *params):

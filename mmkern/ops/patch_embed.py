@@ -14,7 +14,7 @@ import torch
 
 from mmkern import _native, backends, reference
 from mmkern.ops._checks import check_like, check_tensor, native_dtype
-from mmkern.ops._eager import plain_eager
+from mmkern.ops._eager import eager_function, plain_eager
 
 
 def patch_embed(
@@ -195,13 +195,4 @@ def _backward(ctx, grad_out):
 _patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerPatchEmbed(torch.autograd.Function):
-    """The same kernels and autograd formula as the mmkern::patch_embed op, without the custom-op dispatch."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        out = _forward_impl(*inputs)
-        _setup_context(ctx, inputs, out, eager=True)
-        return out
-
-    backward = staticmethod(_backward)
+_EagerPatchEmbed = eager_function("_EagerPatchEmbed", _forward_impl, _setup_context, _backward)
