@@ -22,7 +22,7 @@ import torch
 
 from mmkern import _native, backends, reference
 from mmkern.ops._checks import check_like, check_tensor, native_dtype
-from mmkern.ops._eager import plain_eager
+from mmkern.ops._eager import eager_function, plain_eager
 
 GELU_KINDS = {"none": 0, "tanh": 1}  # must match csrc/include/mmkern/fused.h GeluKind
 
@@ -188,70 +188,6 @@ def _add_layer_norm_bwd(grad_out, grad_sum, s, weight, mean, rstd, need_params, 
     return grad_x, grad_w, grad_b
 
 
-# Plain eager mode goes through autograd.Functions over the same kernels (see mmkern/ops/_eager.py); torch.compile
-# records the custom ops below.
-
-
-def _bias_gelu_grads(ctx, grad_out, x, bias, backward):
-    need_bias = bias is not None and ctx.needs_input_grad[1]
-    grad_x, grad_bias = backward(grad_out, x, bias, ctx.approximate, need_bias, ctx.backend)
-    return grad_x, (grad_bias.to(bias.dtype) if need_bias else None), None, None
-
-
-class _BiasGelu(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, bias, approximate, backend):
-        ctx.save_for_backward(x, bias)
-        ctx.approximate, ctx.backend = approximate, backend
-        return _bias_gelu_fwd(x, bias, approximate, backend)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, bias = ctx.saved_tensors
-        return _bias_gelu_grads(ctx, grad_out, x, bias, _bias_gelu_bwd)
-
-
-def _layer_norm_grads(ctx, grad_s, grad_out, backward):
-    s, weight, mean, rstd = ctx.saved_tensors
-    need_x, need_r, need_w, need_b = ctx.needs_input_grad[:4]
-    if grad_out is None:
-        grad_out = torch.zeros_like(s)
-    if not ctx.has_residual or (grad_s is not None and grad_s.numel() == 0):
-        grad_s = None
-    grad_x, grad_w, grad_b = backward(grad_out, grad_s, s, weight, mean, rstd, need_w or need_b, ctx.backend)
-    w_dtype, b_dtype = ctx.param_dtypes
-    return (
-        grad_x if need_x else None,
-        grad_x if (need_r and ctx.has_residual) else None,
-        grad_w.to(w_dtype) if need_w else None,
-        grad_b.to(b_dtype) if need_b else None,
-        None,
-        None,
-    )
-
-
-def _layer_norm_save(ctx, x, residual, weight, bias, backend, s, mean, rstd):
-    ctx.has_residual = residual is not None
-    ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
-    ctx.backend = backend
-    ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
-    ctx.mark_non_differentiable(mean, rstd)
-    # An unused output (the sum after the last block, say) then arrives as None instead of a zero-filled tensor.
-    ctx.set_materialize_grads(False)
-
-
-class _AddLayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, backend):
-        s, out, mean, rstd = _add_layer_norm_fwd(x, residual, weight, bias, eps, backend)
-        _layer_norm_save(ctx, x, residual, weight, bias, backend, s, mean, rstd)
-        return s, out, mean, rstd
-
-    @staticmethod
-    def backward(ctx, grad_s, grad_out, _grad_mean, _grad_rstd):
-        return _layer_norm_grads(ctx, grad_s, grad_out, _add_layer_norm_bwd)
-
-
 # ---- custom ops (torch.compile, opcheck) ----
 
 
@@ -284,15 +220,18 @@ def _(grad_out, x, bias, approximate, need_bias, backend):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device), x.new_empty(shape, dtype=torch.float32)
 
 
-def _bias_gelu_setup(ctx, inputs, output):
+def _bias_gelu_setup(ctx, inputs, output, eager=False):
     x, bias, approximate, backend = inputs
     ctx.save_for_backward(x, bias)
-    ctx.approximate, ctx.backend = approximate, backend
+    ctx.approximate, ctx.backend, ctx.eager = approximate, backend, eager
 
 
 def _bias_gelu_backward(ctx, grad_out):
     x, bias = ctx.saved_tensors
-    return _bias_gelu_grads(ctx, grad_out, x, bias, torch.ops.mmkern.bias_gelu_backward)
+    need_bias = bias is not None and ctx.needs_input_grad[1]
+    run = _bias_gelu_bwd if ctx.eager else torch.ops.mmkern.bias_gelu_backward
+    grad_x, grad_bias = run(grad_out, x, bias, ctx.approximate, need_bias, ctx.backend)
+    return grad_x, (grad_bias.to(bias.dtype) if need_bias else None), None, None
 
 
 _bias_gelu_op.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_setup)
@@ -340,14 +279,39 @@ def _(grad_out, grad_sum, s, weight, mean, rstd, need_params, backend):
     return torch.empty(s.shape, dtype=s.dtype, device=s.device), grad_w, torch.empty_like(grad_w)
 
 
-def _add_layer_norm_setup(ctx, inputs, output):
+def _add_layer_norm_setup(ctx, inputs, output, eager=False):
     x, residual, weight, bias, _, backend = inputs
     s, _, mean, rstd = output
-    _layer_norm_save(ctx, x, residual, weight, bias, backend, s, mean, rstd)
+    ctx.has_residual, ctx.backend, ctx.eager = residual is not None, backend, eager
+    ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
+    ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+    ctx.mark_non_differentiable(mean, rstd)
+    # An unused output (the sum after the last block, say) then arrives as None instead of a zero-filled tensor.
+    ctx.set_materialize_grads(False)
 
 
 def _add_layer_norm_backward(ctx, grad_s, grad_out, _grad_mean, _grad_rstd):
-    return _layer_norm_grads(ctx, grad_s, grad_out, torch.ops.mmkern.add_layer_norm_backward)
+    s, weight, mean, rstd = ctx.saved_tensors
+    need_x, need_r, need_w, need_b = ctx.needs_input_grad[:4]
+    if grad_out is None:
+        grad_out = torch.zeros_like(s)
+    if not ctx.has_residual or (grad_s is not None and grad_s.numel() == 0):
+        grad_s = None
+    run = _add_layer_norm_bwd if ctx.eager else torch.ops.mmkern.add_layer_norm_backward
+    grad_x, grad_w, grad_b = run(grad_out, grad_s, s, weight, mean, rstd, need_w or need_b, ctx.backend)
+    w_dtype, b_dtype = ctx.param_dtypes
+    return (
+        grad_x if need_x else None,
+        grad_x if (need_r and ctx.has_residual) else None,
+        grad_w.to(w_dtype) if need_w else None,
+        grad_b.to(b_dtype) if need_b else None,
+        None,
+        None,
+    )
 
 
 _add_layer_norm_op.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup)
+
+# Plain eager mode: the same kernels and autograd formulas without the custom-op dispatch (see mmkern/ops/_eager.py).
+_BiasGelu = eager_function("_BiasGelu", _bias_gelu_fwd, _bias_gelu_setup, _bias_gelu_backward)
+_AddLayerNorm = eager_function("_AddLayerNorm", _add_layer_norm_fwd, _add_layer_norm_setup, _add_layer_norm_backward)
