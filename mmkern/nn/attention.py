@@ -41,11 +41,16 @@ def cached_mask(attn_mask, past: int, L: int, S: int, is_causal: bool, window, n
     allowed = reference.attention_allowed(
         L, S, is_causal=is_causal, window=window, num_global=num_global, query_offset=past, device=device
     )
+    return restrict_mask(attn_mask, allowed)
+
+
+def restrict_mask(attn_mask, allowed: torch.Tensor) -> torch.Tensor:
+    """attn_mask (None, bool or additive float) limited to the bool `allowed` pairs: and-ed, or -inf outside."""
     if attn_mask is None:
         return allowed
     if attn_mask.dtype == torch.bool:
         return attn_mask & allowed
-    return torch.where(allowed, attn_mask, float("-inf"))
+    return attn_mask.masked_fill(~allowed, float("-inf"))
 
 
 def dropout(p: float) -> nn.Module:
@@ -77,10 +82,7 @@ def rows_mask(attn_mask, rows: int | torch.Tensor, B: int, S: int, is_causal: bo
     if not is_causal:
         return mask
     pos = torch.tensor(rows, device=device) if isinstance(rows, int) else rows
-    allowed = (torch.arange(S, device=device) <= pos.reshape(-1, 1)).view(-1, 1, 1, S)
-    if mask is None:
-        return allowed
-    return mask & allowed if mask.dtype == torch.bool else mask.masked_fill(~allowed, float("-inf"))
+    return restrict_mask(mask, (torch.arange(S, device=device) <= pos.reshape(-1, 1)).view(-1, 1, 1, S))
 
 
 def layer_windows(windows, depth: int) -> tuple[tuple[int, int] | None, ...] | None:
