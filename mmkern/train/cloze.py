@@ -21,7 +21,7 @@ from torch import nn
 
 from mmkern.data import ImageTextCollator, ImageTextDataset, WordTokenizer
 from mmkern.models import CLIP, FusionConfig, FusionEncoder
-from mmkern.train.loop import TrainConfig, Trainer, seed_everything
+from mmkern.train.loop import KeepBest, TrainConfig, Trainer, seed_everything
 from mmkern.train.vlp import VLPConfig, VLPModel, bert_text_config, vlp_loss_fn
 
 
@@ -355,7 +355,7 @@ def tune_cloze(
             batch["image_embeds"] = torch.stack([it["image_embeds"] for it in items])
         return batch
 
-    best = {"key": None, "step": 0, "state": None, "val_top1": float("nan")}
+    best = KeepBest(trainable)
     trainer = None
 
     @torch.no_grad()
@@ -367,9 +367,7 @@ def tune_cloze(
         logits = scores(m, batch).float().cpu()
         acc = float((logits.argmax(1) == val.labels).float().mean())
         loss = float(F.cross_entropy(logits, val.labels))
-        if best["key"] is None or (acc, -loss) > best["key"]:
-            step = trainer.step if trainer is not None else 0
-            best.update(key=(acc, -loss), step=step, state=[p.detach().clone() for p in trainable], val_top1=acc)
+        best.update(trainer.step if trainer is not None else 0, acc, loss)
         return {"val_top1": acc, "val_loss": loss}
 
     cfg = copy.copy(config)
@@ -379,15 +377,12 @@ def tune_cloze(
         validate(model.eval())  # step 0: the hand-written template / the starting weights
     trainer = Trainer(model, cfg, loss_fn, parameters=params)
     history = trainer.fit(data, collate, validate if val is not None else None, config.eval_every)
-    if best["state"] is not None:
-        with torch.no_grad():
-            for p, b in zip(trainable, best["state"]):
-                p.copy_(b)
+    best.restore()
     if soft:  # ClozePrompt froze the encoder for the tuning only
         for p, flag in zip(encoder.parameters(), grad_flags):
             p.requires_grad_(flag)
     model.eval()
-    return {"model": model, "best_step": best["step"], "val_top1": best["val_top1"], "history": history}
+    return {"model": model, "best_step": best.step, "val_top1": best.val_top1, "history": history}
 
 
 def train_cloze(

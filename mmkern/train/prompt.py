@@ -12,7 +12,7 @@ from torch import nn
 
 from mmkern.data import ImageTextDataset, WordTokenizer
 from mmkern.models import CLIP
-from mmkern.train.loop import TrainConfig, Trainer, seed_everything
+from mmkern.train.loop import KeepBest, TrainConfig, Trainer, seed_everything
 
 
 @dataclass
@@ -163,7 +163,7 @@ def train_prompts(
             "labels": torch.tensor([it["label"] for it in items]),
         }
 
-    best = {"key": None, "step": 0, "ctx": [c.detach().clone() for c in learner.ctx], "val_top1": float("nan")}
+    best = KeepBest(learner.ctx)
 
     @torch.no_grad()
     def validate(model):
@@ -172,18 +172,14 @@ def train_prompts(
         logits = logits_of(model, val_feats)
         acc = float((logits.argmax(1).cpu() == val.labels).float().mean())
         loss = float(F.cross_entropy(logits.cpu(), val.labels))
-        if best["key"] is None or (acc, -loss) > best["key"]:
-            best.update(key=(acc, -loss), step=trainer.step, ctx=[c.detach().clone() for c in model.ctx], val_top1=acc)
+        best.update(trainer.step, acc, loss)
         return {"val_top1": acc, "val_loss": loss}
 
     config.batch_size = min(config.batch_size, len(cached))
     trainer = Trainer(learner, config, loss_fn, parameters=list(learner.ctx))
     validate(learner)  # step 0: the hand-written prompts
     history = trainer.fit(cached, collate, validate, config.eval_every)
-    if val_feats is not None:
-        with torch.no_grad():
-            for c, b in zip(learner.ctx, best["ctx"]):
-                c.copy_(b)
+    best.restore()
     with torch.no_grad():
         pred = (image_features(clip, test.images) @ learner().T).argmax(1).cpu()
     learned = float((pred == test.labels).float().mean())
@@ -193,8 +189,8 @@ def train_prompts(
     return {
         "prompt_handwritten_top1": handwritten,
         "prompt_learned_top1": learned,
-        "best_step": best["step"],
-        "val_top1": best["val_top1"],
+        "best_step": best.step,
+        "val_top1": best.val_top1,
         "learner": learner,
         "history": history,
     }
