@@ -139,3 +139,23 @@ def test_backward_delta_in_tile_and_from_out(B, H, L, causal):
     want = torch.autograd.grad(reference.scaled_dot_product_attention(*ref, is_causal=causal), ref, grad.double())
     for name, g, w in zip(["dq", "dk", "dv"], got, want):
         assert_close(g, w, torch.float32, name, factor=4.0)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "float"])
+def test_long_sequence_forward_blocks(mask_kind):
+    """Full attention with 1024+ queries and keys runs its forward in query blocks of 256 (the backward in blocks
+    of 128): a ragged last query block (1100 = 4 x 256 + 76), several key blocks with online rescaling (1030 keys),
+    a float mask, against float64 in forward and backward."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 1100, 32, generator=gen).requires_grad_()
+    k, v = (torch.randn(1, 2, 1030, 32, generator=gen).requires_grad_() for _ in range(2))
+    mask = torch.randn(1, 1, 1100, 1030, generator=gen) if mask_kind == "float" else None
+    grad = torch.randn(1, 2, 1100, 32, generator=gen)
+    out = scaled_dot_product_attention(q, k, v, mask, backend="cpu")
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected = reference.scaled_dot_product_attention(*ref, None if mask is None else mask.double())
+    want = torch.autograd.grad(expected, ref, grad.double())
+    assert_close(out, expected, torch.float32, "out")
+    for name, g, w in zip(["dq", "dk", "dv"], got, want):
+        assert_close(g, w, torch.float32, name, factor=4.0)
