@@ -8,7 +8,8 @@ TFLOP/s counts 4·B·H·L·S·D per forward (halved for causal; for a window, th
 that for the backward. The local-attention cases compare mmkern's window (cost ∝ L·window) with torch SDPA
 given the equivalent dense bool mask (cost ∝ L²). The demo cases call attention as the demo's layers do:
 q, k, v are strided views of one qkv projection (B, L, 3, H, D), and the text case passes a (B, 1, L, L)
-bool mask (causal and key padding), so per-call overhead and strided loads count. On CUDA the bf16 matmul
+bool mask (causal and key padding), so per-call overhead and strided loads count. Every case sends the output
+gradient back in (B, L, H, D) memory, as a Transformer block's output projection does. On CUDA the bf16 matmul
 rate is measured in the same run so that the forward can be stated as a fraction of it.
 """
 
@@ -177,7 +178,9 @@ def main(argv=None) -> list[dict]:
             def make_inputs(leaves=leaves):
                 return leaves
 
-        grad = torch.randn(B, H, L, D, generator=gen).to(device, dtype)
+        # The output gradient in the layout a Transformer block sends back through o.transpose(1, 2).reshape(B, L, -1):
+        # (B, L, H, D) memory. torch's SDPA copies a (B, H, L, D)-contiguous one first, so that would flatter mmkern.
+        grad = torch.randn(B, L, H, D, generator=gen).to(device, dtype).transpose(1, 2)
         flops = _flops(B, H, L, D, causal or demo_mask is not None, window)
         contenders = []
         for backend in _mmkern_backends(device):
