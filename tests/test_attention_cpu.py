@@ -1,7 +1,7 @@
 """CPU attention kernel paths that the general tests may not reach: the demo model's strided q/k/v views,
 both sides of the kernel's size thresholds (rows kept in registers up to 32 keys, K/V read in place up to 64
-keys, one key block up to 256, a 128-key grid under a window), rows that see no key under a window, and the
-eager autograd path against the mmkern::attention custom op."""
+keys, one key block up to 256, a 128-key grid under a window), rows that see no key under a window, the
+eager autograd path against the mmkern::attention custom op, and qkv_packed_attention's one-buffer gradient."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from mmkern import reference
 from mmkern.ops import attention as attn_ops
-from mmkern.ops import scaled_dot_product_attention
+from mmkern.ops import qkv_packed_attention, scaled_dot_product_attention
 from mmkern.ops._eager import plain_eager
 
 # Lengths on both sides of every threshold: 32 (register rows), 64 (in-place K/V rows), 256 (one key block).
@@ -159,3 +159,67 @@ def test_long_sequence_forward_blocks(mask_kind):
     assert_close(out, expected, torch.float32, "out")
     for name, g, w in zip(["dq", "dk", "dv"], got, want):
         assert_close(g, w, torch.float32, name, factor=4.0)
+
+
+@given(data=st.data())
+def test_qkv_packed_matches_reference_and_the_views(data):
+    """qkv_packed_attention (B, L, 3, H, D) -> (B, L, H, D): output and the gradients of qkv (written by the kernel
+    into one buffer) and of a float mask against float64, and bitwise those of scaled_dot_product_attention on the
+    q, k, v views (whose gradients autograd stacks), with every mask kind, causal and windows."""
+    B = data.draw(st.sampled_from([1, 3]), "B")
+    H = data.draw(st.sampled_from([1, 2]), "H")
+    L = data.draw(st.sampled_from([1, 17, 197]), "L")
+    D = data.draw(st.sampled_from([16, 40]), "D")
+    mask_kind = data.draw(st.sampled_from(["none", "keys", "float"]), "mask")
+    causal = data.draw(st.booleans(), "causal")
+    window = data.draw(st.sampled_from([None, (5, 2)]), "window")
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), "seed"))
+    qkv = torch.randn(B, L, 3, H, D, generator=gen).requires_grad_()
+    mask = None
+    if mask_kind == "keys":
+        mask = _padding_mask(B, L, False, gen)
+    elif mask_kind == "float":
+        mask = torch.randn(B, H, L, L, generator=gen).requires_grad_()
+    grad = torch.randn(B, L, H, D, generator=gen)
+    inputs = [qkv] + ([mask] if mask_kind == "float" else [])
+
+    out = qkv_packed_attention(qkv, mask, is_causal=causal, window=window, backend="cpu")
+    got = torch.autograd.grad(out, inputs, grad)
+    views = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    out_views = scaled_dot_product_attention(*views, mask, is_causal=causal, window=window, backend="cpu")
+    assert torch.equal(out, out_views.transpose(1, 2))
+    for g, w in zip(got, torch.autograd.grad(out_views.transpose(1, 2), inputs, grad)):
+        assert torch.equal(g, w)
+
+    ref = [t.detach().double().requires_grad_() for t in inputs]
+    rq, rk, rv = ref[0].permute(2, 0, 3, 1, 4).unbind(0)
+    ref_mask = ref[1] if mask_kind == "float" else mask
+    expected = reference.scaled_dot_product_attention(rq, rk, rv, ref_mask, is_causal=causal, window=window)
+    expected = expected.transpose(1, 2)
+    assert_close(out, expected, torch.float32, "out")
+    for name, g, w in zip(["dqkv", "dmask"], got, torch.autograd.grad(expected, ref, grad.double())):
+        assert_close(g, w, torch.float32, name, factor=4.0)
+
+
+def test_qkv_packed_dropout_and_other_backends():
+    """With dropout the packed and the view paths draw the same mask from the same seed; the reference backend
+    (which runs the views) agrees; a qkv of the wrong shape is refused by name."""
+    gen = torch.Generator().manual_seed(4)
+    qkv = torch.randn(2, 33, 3, 2, 16, generator=gen).requires_grad_()
+    grad = torch.randn(2, 33, 2, 16, generator=gen)
+    results = []
+    for packed in (True, False):
+        torch.manual_seed(7)
+        if packed:
+            out = qkv_packed_attention(qkv, dropout_p=0.3, backend="cpu")
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            out = scaled_dot_product_attention(q, k, v, dropout_p=0.3, backend="cpu").transpose(1, 2)
+        results.append((out, *torch.autograd.grad(out, qkv, grad)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    cpu = qkv_packed_attention(qkv.detach(), is_causal=True, backend="cpu")
+    ref = qkv_packed_attention(qkv.detach().double(), is_causal=True, backend="reference")
+    assert_close(cpu, ref, torch.float32, "out")
+    with pytest.raises(ValueError, match="qkv"):
+        qkv_packed_attention(torch.randn(2, 33, 2, 2, 16))

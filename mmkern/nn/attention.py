@@ -149,16 +149,19 @@ class Attention(nn.Module):
             )
             return self.proj_drop(self.proj(o.flatten(-2)))
         B, L, _ = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
         window, num_global = self.window, self.num_global
-        if kv_cache is not None:
-            past = kv_cache.len
-            k, v = kv_cache.update(k, v)
-            if past and (window is not None or is_causal):
-                # The op counts query positions from 0 (and aligns is_causal top-left), but the new queries sit
-                # at positions past..past+L-1: spell the structure out as an (L, S) mask for them instead.
-                attn_mask = cached_mask(attn_mask, past, L, k.shape[2], is_causal, window, num_global, x.device)
-                is_causal, window, num_global = False, None, 0
+        if kv_cache is None:
+            o = ops.qkv_packed_attention(qkv, attn_mask, drop, is_causal, window=window, num_global=num_global)
+            return self.proj_drop(self.proj(o.reshape(B, L, -1)))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        past = kv_cache.len
+        k, v = kv_cache.update(k, v)
+        if past and (window is not None or is_causal):
+            # The op counts query positions from 0 (and aligns is_causal top-left), but the new queries sit at
+            # positions past..past+L-1: spell the structure out as an (L, S) mask for them instead.
+            attn_mask = cached_mask(attn_mask, past, L, k.shape[2], is_causal, window, num_global, x.device)
+            is_causal, window, num_global = False, None, 0
         o = ops.scaled_dot_product_attention(q, k, v, attn_mask, drop, is_causal, window=window, num_global=num_global)
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, L, -1)))
 

@@ -3,6 +3,7 @@
 from mmkern.ops.attention import (
     disable_sdpa_override,
     enable_sdpa_override,
+    qkv_packed_attention,
     scaled_dot_product_attention,
     sdpa_override,
     varlen_attention,
@@ -19,6 +20,7 @@ __all__ = [
     "enable_sdpa_override",
     "infonce",
     "patch_embed",
+    "qkv_packed_attention",
     "scaled_dot_product_attention",
     "sdpa_override",
     "siglip_loss",
