@@ -109,6 +109,7 @@ ParallelCompile("MMKERN_BUILD_JOBS", default=0).install()
 ext = Pybind11Extension(
     "mmkern._C",
     sources=sorted(["csrc/bindings.cpp", *glob("csrc/cpu/*.cpp")]),
+    depends=sorted(glob("csrc/include/mmkern/*")),  # a changed header rebuilds the module (else it is skipped)
     include_dirs=["csrc/include"],
     define_macros=define_macros,
     extra_compile_args=cxx_flags,

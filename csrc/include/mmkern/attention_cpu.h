@@ -306,6 +306,7 @@ inline void micro(int64_t K, const float* A, int64_t lda, const float* B, int64_
                   bool accumulate) {
   static_assert(NV == 1 || NV == 2, "one or two vectors per row");
   vf16 c0[MR], c1[MR];
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = vf16{};
   const int last = n - kLanes * (NV - 1);  // lanes of the last vector
   for (int64_t k = 0; k < K; ++k) {
@@ -320,6 +321,7 @@ inline void micro(int64_t K, const float* A, int64_t lda, const float* B, int64_
       if (NV == 2) c1[i] += x * b_last;
     }
   }
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
     float* row = C + i * ldc;
     if (NV == 2) store16(row, accumulate ? load16(row) + c0[i] : c0[i]);

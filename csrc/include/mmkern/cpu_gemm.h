@@ -39,6 +39,7 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline void micro_kernel(int64_t K, const float* __restrict__ Ap, const float* __restrict__ Bp, float* C,
                          int64_t ldc, int mr, int nr, bool accumulate) {
   v16 c[kMR][2];
+#pragma GCC unroll 8
   for (int i = 0; i < kMR; ++i) c[i][0] = c[i][1] = v16{};
   for (int64_t k = 0; k < K; ++k) {
     const v16 b0 = *reinterpret_cast<const v16*>(Bp + k * kNR);
@@ -51,6 +52,7 @@ inline void micro_kernel(int64_t K, const float* __restrict__ Ap, const float* _
     }
   }
   if (mr == kMR && nr == kNR) {
+#pragma GCC unroll 8
     for (int i = 0; i < kMR; ++i) {
       v16* row = reinterpret_cast<v16*>(C + i * ldc);
       if (accumulate) {
@@ -63,12 +65,15 @@ inline void micro_kernel(int64_t K, const float* __restrict__ Ap, const float* _
     }
     return;
   }
+  alignas(64) float tile[kMR][kNR];
+#pragma GCC unroll 8
+  for (int i = 0; i < kMR; ++i) {
+    *reinterpret_cast<v16*>(tile[i]) = c[i][0];
+    *reinterpret_cast<v16*>(tile[i] + 16) = c[i][1];
+  }
   for (int i = 0; i < mr; ++i) {
     float* row = C + i * ldc;
-    for (int j = 0; j < nr; ++j) {
-      const float v = c[i][j >> 4][j & 15];
-      row[j] = accumulate ? row[j] + v : v;
-    }
+    for (int j = 0; j < nr; ++j) row[j] = accumulate ? row[j] + tile[i][j] : tile[i][j];
   }
 }
 
@@ -189,6 +194,7 @@ constexpr int64_t kPairRow = 2 * kNR;
 inline void micro_kernel_bf16(int64_t kpairs, const uint16_t* __restrict__ Ap, const uint16_t* __restrict__ Bp,
                               float* C, int64_t ldc, int mr, int nr, bool accumulate) {
   __m512 c[kMR][2];
+#pragma GCC unroll 8
   for (int i = 0; i < kMR; ++i) c[i][0] = c[i][1] = _mm512_setzero_ps();
   for (int64_t p = 0; p < kpairs; ++p) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(Bp + p * kPairRow);
@@ -204,6 +210,7 @@ inline void micro_kernel_bf16(int64_t kpairs, const uint16_t* __restrict__ Ap, c
     }
   }
   if (mr == kMR && nr == kNR) {
+#pragma GCC unroll 8
     for (int i = 0; i < kMR; ++i) {
       float* row = C + i * ldc;
       __m512 lo = c[i][0], hi = c[i][1];
@@ -217,6 +224,7 @@ inline void micro_kernel_bf16(int64_t kpairs, const uint16_t* __restrict__ Ap, c
     return;
   }
   alignas(64) float tile[kMR][kNR];
+#pragma GCC unroll 8
   for (int i = 0; i < kMR; ++i) {
     _mm512_store_ps(tile[i], c[i][0]);
     _mm512_store_ps(tile[i] + 16, c[i][1]);
