@@ -137,7 +137,7 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    infer_batch, train_batch, repeats = (2, 4, 3) if args.quick else (8, 16, 5)
+    infer_batch, train_batch, repeats = (2, 4, 3) if args.quick else (8, 16, 11)
     records = bench_inference(infer_batch, repeats) + bench_train_step(train_batch, repeats)
     for r in records:
         base = next(b for b in records if b["case"] == r["case"] and b["impl"] == "torch")
