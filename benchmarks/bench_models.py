@@ -14,14 +14,13 @@ steps use the trainer's optimizer (mmkern.train.loop.adamw: torch's fused AdamW)
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 
 import torch
 
 from benchmarks import harness
 from mmkern.models import CLIP, CLIPConfig, TextConfig, clip_config, vit_config
-from mmkern.train.baseline import PlainCLIP, naive_clip_loss
+from mmkern.train.baseline import PlainCLIP, every_row_copy, naive_clip_loss
 from mmkern.train.loop import adamw
 
 CPU = torch.device("cpu")
@@ -31,8 +30,7 @@ def _models(config: CLIPConfig) -> tuple[CLIP, CLIP, PlainCLIP]:
     """An mmkern CLIP, a copy that runs its last blocks over every token, and the plain-PyTorch twin; same weights."""
     torch.manual_seed(0)
     model = CLIP(config)
-    every_row = copy.deepcopy(model)
-    every_row.visual.pooled_rows_only = every_row.text.pooled_rows_only = False
+    every_row = every_row_copy(model)
     plain = PlainCLIP(model.config)
     plain.load_state_dict(model.state_dict())
     return model, every_row, plain

@@ -8,11 +8,13 @@ largest id); anything else raises ValueError."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmkern.models import CLIPConfig
+from mmkern.models import CLIP, CLIPConfig
 from mmkern.nn.blocks import activation
 
 
@@ -111,3 +113,11 @@ def naive_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -
 def plain_loss_fn(model: PlainCLIP, batch: dict):
     img, txt, scale, _ = model(batch["images"], batch["input_ids"], batch["attention_mask"])
     return naive_clip_loss(img, txt, scale)
+
+
+def every_row_copy(model: CLIP) -> CLIP:
+    """A copy of an mmkern CLIP whose towers run their last blocks over every token (pooled_rows_only off), as
+    PlainCLIP's do: measured against PlainCLIP it shows what the kernels alone give."""
+    twin = copy.deepcopy(model)
+    twin.visual.pooled_rows_only = twin.text.pooled_rows_only = False
+    return twin

@@ -23,7 +23,7 @@ import torch
 
 from mmkern.data import ImageTextCollator
 from mmkern.models.checkpoint import save_checkpoint
-from mmkern.train.baseline import PlainCLIP, plain_loss_fn
+from mmkern.train.baseline import PlainCLIP, every_row_copy, plain_loss_fn
 from mmkern.train.cloze import ClozeConfig, train_cloze
 from mmkern.train.contrastive import HANDWRITTEN_TEMPLATES, ContrastiveConfig, contrastive_loss_fn, train_contrastive
 from mmkern.train.instruct import InstructConfig, train_instruct
@@ -112,8 +112,7 @@ def throughput_comparison(clip_model, tokenizer, data, config: ContrastiveConfig
 
     device = clip_model.logit_scale.device
     ours = copy.deepcopy(clip_model).requires_grad_(True)
-    every_row = copy.deepcopy(ours)
-    every_row.visual.pooled_rows_only = every_row.text.pooled_rows_only = False
+    every_row = every_row_copy(ours)
     plain = PlainCLIP(clip_model.config).to(device)
     plain.load_state_dict(clip_model.state_dict())
     batch = ImageTextCollator(tokenizer, config.context_length)([data[i] for i in range(config.batch_size)])
