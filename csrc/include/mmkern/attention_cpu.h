@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "mmkern/attention.h"
+#include "mmkern/simd_cpu.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -24,11 +25,13 @@
 
 namespace mmkern::attn_cpu {
 
-typedef float vf16 __attribute__((vector_size(64)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
+using simd::hmax;
+using simd::hsum;
+using simd::splat;
+using simd::vf16;
+using simd::vi16;
 constexpr int kLanes = 16;
 
-inline vf16 splat(float x) { return vf16{} + x; }
 inline vf16 load16(const float* p) {
   vf16 v;
   std::memcpy(&v, p, sizeof(v));
@@ -103,21 +106,6 @@ inline vf16 exp2v(vf16 t) {
 }
 
 constexpr float kLog2e = 1.4426950408889634f;
-
-// Horizontal max / sum of 16 lanes as a halving tree.
-template <bool kMax>
-inline float reduce16(vf16 x) {
-  typedef float vf8 __attribute__((vector_size(32)));
-  typedef float vf4 __attribute__((vector_size(16)));
-  auto op = [](auto u, auto v) { return kMax ? (u > v ? u : v) : u + v; };
-  const vf8 a = op(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7),
-                   __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15));
-  const vf4 c = op(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
-  const vf4 d = op(c, __builtin_shufflevector(c, c, 2, 3, 0, 1));
-  return op(d[0], d[1]);
-}
-inline float hmax(vf16 x) { return reduce16<true>(x); }
-inline float hsum(vf16 x) { return reduce16<false>(x); }
 
 // row[j] = keep[j] ? row[j] : -inf for j < n (bool mask bytes).
 inline void apply_bool_mask(float* row, const uint8_t* keep, int64_t n) {

@@ -1,6 +1,6 @@
-// Tile machinery of the CPU contrastive kernels (host only, see csrc/cpu/contrastive.cpp): 16-lane exp / log1p and
-// reductions, uninitialised and per-thread persistent buffers, packing of the operands, the tile products X Y^T
-// and the gradient GEMMs into a blocked layout, and the Latin-square schedule of tiles over threads.
+// Tile machinery of the CPU contrastive kernels (host only, see csrc/cpu/contrastive.cpp): 16-lane exp / log1p
+// (reductions in simd_cpu.h), uninitialised and per-thread persistent buffers, packing of the operands, the tile
+// products X Y^T and the gradient GEMMs into a blocked layout, and the Latin-square schedule of tiles over threads.
 #pragma once
 
 #include <omp.h>
@@ -16,6 +16,7 @@
 
 #include "mmkern/contrastive.h"
 #include "mmkern/cpu_gemm.h"
+#include "mmkern/simd_cpu.h"
 
 namespace mmkern::contrastive_cpu {
 
@@ -24,30 +25,17 @@ using cpu::kMR;
 using cpu::kNR;
 using cpu::v16;
 using namespace contrastive;
-typedef int vi16 __attribute__((vector_size(64)));
+using simd::hmax;
+using simd::hsum;
+using simd::splat;
+using simd::vi16;
 
 // Tile of logits a thread holds (256 KiB of fp32). Both divide kKC, so a tile's rows (columns) never
 // straddle a k-block of a packed operand, and the backward GEMMs can read a tile's slice in place.
 constexpr int64_t kBM = 256;
 constexpr int64_t kBN = 256;
 static_assert(kKC % kBM == 0 && kKC % kBN == 0, "tiles must not straddle packed k-blocks");
-inline v16 splat(float v) { return v16{} + v; }
 inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }  // a NaN in `a` is dropped; exp() re-propagates it
-// Horizontal max / sum by halving (4 shuffles): the lane-by-lane loops took ~7% of a small forward pass.
-template <class Op>
-inline float reduce(v16 v, Op op) {
-  v = op(v, __builtin_shuffle(v, vi16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
-  v = op(v, __builtin_shuffle(v, vi16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
-  v = op(v, __builtin_shuffle(v, vi16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
-  v = op(v, __builtin_shuffle(v, vi16{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
-  return v[0];
-}
-inline float hmax(v16 v) {
-  return reduce(v, [](v16 a, v16 b) { return a > b ? a : b; });
-}
-inline float hsum(v16 v) {
-  return reduce(v, [](v16 a, v16 b) { return a + b; });
-}
 
 // exp(x) on 16 lanes, ~2 ulp: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial times 2^n. Exact 0 below
 // the normal range, inf above it, NaN stays NaN (every comparison with NaN is false).
