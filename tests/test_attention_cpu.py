@@ -1,7 +1,8 @@
 """CPU attention kernel paths that the general tests may not reach: the demo model's strided q/k/v views,
 both sides of the kernel's size thresholds (rows kept in registers up to 32 keys, K/V read in place up to 64
 keys, one key block up to 256, a 128-key grid under a window), rows that see no key under a window, the
-eager autograd path against the mmkern::attention custom op, and qkv_packed_attention's one-buffer gradient."""
+eager autograd path against the mmkern::attention custom op, the task hand-out on 1-3 threads, and
+qkv_packed_attention's one-buffer gradient."""
 
 from __future__ import annotations
 
@@ -155,6 +156,28 @@ def test_long_sequence_forward_blocks(mask_kind):
     got = torch.autograd.grad(out, (q, k, v), grad)
     ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
     expected = reference.scaled_dot_product_attention(*ref, None if mask is None else mask.double())
+    want = torch.autograd.grad(expected, ref, grad.double())
+    assert_close(out, expected, torch.float32, "out")
+    for name, g, w in zip(["dq", "dk", "dv"], got, want):
+        assert_close(g, w, torch.float32, name, factor=4.0)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_many_small_tasks_on_every_thread_count(threads):
+    """259 (batch, head) tasks of 9 queries: the kernels hand them out 8 at a time (a partial last chunk) and each
+    thread claims its next chunk ahead; every output row must still be written once, in forward and backward."""
+    gen = torch.Generator().manual_seed(threads)
+    q, k, v = (torch.randn(37, 7, 9, 16, generator=gen).requires_grad_() for _ in range(3))
+    grad = torch.randn(37, 7, 9, 16, generator=gen)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = scaled_dot_product_attention(q, k, v, backend="cpu")
+        got = torch.autograd.grad(out, (q, k, v), grad)
+    finally:
+        torch.set_num_threads(previous)
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected = reference.scaled_dot_product_attention(*ref)
     want = torch.autograd.grad(expected, ref, grad.double())
     assert_close(out, expected, torch.float32, "out")
     for name, g, w in zip(["dq", "dk", "dv"], got, want):

@@ -17,6 +17,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -188,6 +189,41 @@ inline int grab(int64_t tasks, int num_threads, double flops_per_task) {
   return static_cast<int>(std::max<int64_t>(1, std::min(by_count, by_work)));
 }
 
+// The tasks [0, n) of a parallel region handed out dynamically in chunks of `grab`, each thread claiming its next
+// chunk when it starts the last task of the current one, so that it always knows the task it will run after the
+// current one and can prefetch that task's rows. (With `omp for schedule(dynamic)` the next index usually
+// belongs to another thread: the prefetch then fetched rows that thread was reading or writing, and the
+// kernels lost their prefetch gain on two threads.)
+class TaskStream {
+ public:
+  TaskStream(std::atomic<int64_t>& counter, int64_t n, int64_t grab) : counter_(counter), n_(n), grab_(grab) {
+    cur_ = claim();
+    end_ = std::min(cur_ + grab_, n_);
+    ahead_ = end_ - cur_ == 1 ? claim() : n_;
+  }
+  bool done() const { return cur_ >= n_; }
+  int64_t task() const { return cur_; }
+  // The task this thread runs after task(), or n when none.
+  int64_t following() const { return cur_ + 1 < end_ ? cur_ + 1 : ahead_; }
+  void advance() {
+    if (++cur_ < end_) {
+      if (cur_ + 1 == end_) ahead_ = claim();
+      return;
+    }
+    cur_ = ahead_;
+    end_ = std::min(cur_ + grab_, n_);
+    ahead_ = end_ - cur_ == 1 ? claim() : n_;
+  }
+
+ private:
+  int64_t claim() {
+    const int64_t start = counter_.fetch_add(grab_, std::memory_order_relaxed);
+    return std::min(start, n_);
+  }
+  std::atomic<int64_t>& counter_;
+  int64_t n_, grab_, cur_ = 0, end_ = 0, ahead_ = 0;
+};
+
 // Tasks of `units` independent pieces of work (heads) split into chunks of rows so that every thread gets
 // several tasks to balance (causal rows cost more the later they are): rows per chunk, a multiple of bm.
 inline int64_t chunk_rows(int64_t units, int64_t rows, int64_t bm, int num_threads) {
@@ -205,6 +241,8 @@ void forward(const Call& c, T* out, int num_threads) {
   const int64_t rows = chunk_rows(pb.batch * pb.heads_q, pb.max_len_q, c.bm, num_threads);
   const int64_t chunks = std::max<int64_t>(1, (pb.max_len_q + rows - 1) / rows);
   const int64_t tasks = pb.batch * pb.heads_q * chunks;  // ordered (b, kv head, head of the group, chunk)
+  const int per_grab = grab(tasks, num_threads, 2.0 * rows * pb.max_len_k * (D + Dv));
+  std::atomic<int64_t> counter{0};
 #pragma omp parallel num_threads(num_threads)
   {
     HeadKV kv;
@@ -215,16 +253,16 @@ void forward(const Call& c, T* out, int num_threads) {
     float* acc = scratch(2, c.bm * Dv);
     float* stats = scratch(3, 3 * c.bm);
     float *m = stats, *l = stats + c.bm, *lse = stats + 2 * c.bm;
-#pragma omp for schedule(dynamic, grab(tasks, num_threads, 2.0 * rows * pb.max_len_k * (D + Dv)))
-    for (int64_t task = 0; task < tasks; ++task) {
+    for (TaskStream ts(counter, tasks, per_grab); !ts.done(); ts.advance()) {
+      const int64_t task = ts.task(), next = ts.following();
       const int64_t chunk = task % chunks, bh = task / chunks, b = bh / pb.heads_q, h = bh % pb.heads_q;
       const int64_t hk = h / group, L = pb.len_q(b), S = pb.len_k(b), bh_drop = b * pb.heads_q + h;
       const int64_t r0 = chunk * rows, r1 = std::min(L, r0 + rows);
       if (r0 >= r1) continue;
       attn_cpu::Prefetcher pf;
-      if (task + 1 < tasks) {  // the next task: its query rows, and K and V when it moves to another head
-        const int64_t nbh = (task + 1) / chunks, nb = nbh / pb.heads_q, nh = nbh % pb.heads_q;
-        const int64_t n0 = (task + 1) % chunks * rows, n1 = std::min(pb.len_q(nb), n0 + rows);
+      if (next < tasks) {  // this thread's next task: its query rows, and K and V when it moves to another head
+        const int64_t nbh = next / chunks, nb = nbh / pb.heads_q, nh = nbh % pb.heads_q;
+        const int64_t n0 = next % chunks * rows, n1 = std::min(pb.len_q(nb), n0 + rows);
         prefetch_rows<T>(pf, c.q, c.lq, nb, nh, pb.q_start(nb) + n0, n1 - n0, D);
         if (nb != b || nh / group != hk) {
           prefetch_rows<T>(pf, c.k, c.lk, nb, nh / group, pb.k_start(nb), pb.len_k(nb), D);
@@ -413,18 +451,20 @@ void backward(const Call& c, T* dq, const Layout& ldq, T* dk, const Layout& ldk,
 
   if (one_pass) {
     // Task = (batch, kv head): every query block of the head group against its visible key blocks.
+    const int per_grab = grab(kv_tasks, num_threads, task_flops);
+    std::atomic<int64_t> counter{0};
 #pragma omp parallel num_threads(num_threads)
     {
       BwdScratch w(c);
       HeadKV kv;
       thread_local attn_cpu::Workspace acc_ws;
       float* dkv = acc_ws.get(pb.max_len_k * (D + Dv));
-#pragma omp for schedule(dynamic, grab(kv_tasks, num_threads, task_flops))
-      for (int64_t task = 0; task < kv_tasks; ++task) {
+      for (TaskStream ts(counter, kv_tasks, per_grab); !ts.done(); ts.advance()) {
+        const int64_t task = ts.task(), next = ts.following();
         const int64_t b = task / pb.heads_k, hk = task % pb.heads_k, L = pb.len_q(b), S = pb.len_k(b);
         attn_cpu::Prefetcher pf;
-        if (task + 1 < kv_tasks) {  // the next head group's K, V, Q, O and dO
-          const int64_t nb = (task + 1) / pb.heads_k, nhk = (task + 1) % pb.heads_k;
+        if (next < kv_tasks) {  // this thread's next head group: its K, V, Q, O and dO
+          const int64_t nb = next / pb.heads_k, nhk = next % pb.heads_k;
           const int64_t nL = pb.len_q(nb), nS = pb.len_k(nb), q0 = pb.q_start(nb);
           prefetch_rows<T>(pf, c.k, c.lk, nb, nhk, pb.k_start(nb), nS, D);
           prefetch_rows<T>(pf, c.v, c.lv, nb, nhk, pb.k_start(nb), nS, Dv);
