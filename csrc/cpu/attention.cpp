@@ -3,7 +3,8 @@
 // Forward, per query block (<= c.bm queries) of a (batch, head): S = Q (scale K)^T over blocks of <= c.bn keys,
 // the running max m and sum l per row, acc = sum P V rescaled when m grows; out = acc / l, lse = m + log l.
 // Backward recomputes P = exp(S - lse) per tile:  dV += (P o Z)^T dO,  dS = P o (Z o dO V^T - delta) with
-// delta = rowsum(dO o O) and Z the dropout scale,  dK += scale dS^T Q,  dQ += scale dS K.
+// delta = rowsum(dO o O) and Z the dropout scale,  dK += scale dS^T Q,  dQ += scale dS K (the scale folded into
+// dS unless the mask's gradient is wanted).
 //
 // Each thread copies K^T (times scale) and V^T per key block, and K and V rows when they must be converted or
 // their stride would thrash L1, of the (batch, kv head) it works on, once, and keeps them while its next
@@ -64,6 +65,9 @@ struct Call {
   bool mask_bool = false;
   float* dmask = nullptr;  // (B, Hq, L, S) fp32, or null
   float* lse = nullptr;
+  // Backward: dS is formed times the score scale, so that dK = dS^T Q and dQ = dS K need no scaling and can be
+  // accumulated in the gradient tensors themselves; not when the mask gradient wants dS itself.
+  bool ds_scaled = false;
   int64_t bm = 0, bn = 0, ld_tile = 0;  // most queries per block, key block size, row stride of score tiles
 
   void init_blocks(bool forward) {
@@ -366,14 +370,22 @@ void load_query_block(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t b
   }
 }
 
-// One tile: accumulates into dk/dv (bn x D / bn x Dv, fp32, rows of the block) and/or w.dq_acc (first: set
-// instead of accumulate), writes dS into dmask.
+// fp32 rows that a tile product writes: the gradient tensor itself, or an accumulator that is copied out later.
+struct Rows {
+  float* p = nullptr;
+  int64_t ld = 0;
+};
+
+// One tile: dK, dV of the block's keys into dk / dv (bn rows; set, or added to when kv_add) unless dk.p is
+// null, dQ of its queries into dq (bm rows; set when first, else added to) unless dq.p is null, and dS into
+// dmask along with dQ.
 void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_t i0, int64_t bm, int64_t j0,
-                   int64_t bn, float* dk, float* dv, bool want_dq, bool first, BwdScratch& w) {
+                   int64_t bn, Rows dk, Rows dv, bool kv_add, Rows dq, bool first, BwdScratch& w) {
   const Problem& pb = c.pb;
   const int64_t D = pb.dim, Dv = pb.dim_v, bh = b * pb.heads_q + h, ld = c.ld_tile;
   const bool all_visible = attn::block_all_visible(pb.vis, i0, i0 + bm, j0, j0 + bn);
   const float keep_scale = pb.dropout_p > 0.f ? 1.f / (1.f - pb.dropout_p) : 1.f;
+  const float ds_scale = c.ds_scaled ? pb.scale : 1.f;
   float* st = w.st;
   float* dpt = w.dpt;
   attn_cpu::gemm(bm, bn, D, w.q, w.ldq, kv.kt_at(j0, c.bn), kv.ldt, st, ld, false, true, w.pf);
@@ -390,7 +402,7 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
         const float p = srow[j];
         const float z = attn::dropout_keep(pb.seed, bh, i0 + i, j0 + j, pb.dropout_p) ? keep_scale : 0.f;
         srow[j] = p * z;                      // dropped probabilities, for dV
-        drow[j] = p * (drow[j] * z - delta);  // dS
+        drow[j] = ds_scale * p * (drow[j] * z - delta);  // dS
       }
     } else {
       const float shift = -lse * kLog2e;
@@ -404,20 +416,25 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
       const float delta = w.delta_in_tile ? attn_cpu::hsum(pdp) : w.delta[i];
       for (int64_t j = 0; j < bn; j += kLanes) {
         const int n = static_cast<int>(std::min<int64_t>(kLanes, bn - j));
-        attn_cpu::store_n(drow + j, attn_cpu::load_n(srow + j, n) * (attn_cpu::load_n(drow + j, n) - delta), n);
+        const vf16 p = attn_cpu::load_n(srow + j, n) * ds_scale;
+        attn_cpu::store_n(drow + j, p * (attn_cpu::load_n(drow + j, n) - delta), n);
       }
     }
-    if (c.dmask && want_dq) {
+    if (c.dmask && dq.p) {
       float* dm = c.dmask + c.ldmask.offset(b, h, i0 + i, j0);
       for (int64_t j = 0; j < bn; ++j) dm[j * c.ldmask.sd] = drow[j];
     }
   }
-  if (dk) {
-    attn_cpu::gemm<true>(bn, Dv, bm, st, ld, w.go, w.ldgo, dv, Dv, true, w.go_padded, w.pf);
-    attn_cpu::gemm<true>(bn, D, bm, dpt, ld, w.q, w.ldq, dk, D, true, w.q_padded, w.pf);
+  if (dk.p) {
+    attn_cpu::gemm<true>(bn, Dv, bm, st, ld, w.go, w.ldgo, dv.p, dv.ld, kv_add, w.go_padded, w.pf);
+    attn_cpu::gemm<true>(bn, D, bm, dpt, ld, w.q, w.ldq, dk.p, dk.ld, kv_add, w.q_padded, w.pf);
   }
-  if (want_dq)
-    attn_cpu::gemm(bm, D, bn, dpt, ld, kv.kn + j0 * kv.ldkn, kv.ldkn, w.dq_acc, D, !first, kv.kn_padded, w.pf);
+  if (dq.p) attn_cpu::gemm(bm, D, bn, dpt, ld, kv.kn + j0 * kv.ldkn, kv.ldkn, dq.p, dq.ld, !first, kv.kn_padded, w.pf);
+}
+
+// Zeroes rows x cols of r.
+inline void zero_rows(Rows r, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) std::fill(r.p + i * r.ld, r.p + i * r.ld + cols, 0.f);
 }
 
 template <typename T>
@@ -428,25 +445,47 @@ void backward(const Call& c, T* dq, const Layout& ldq, T* dk, const Layout& ldk,
   const int64_t kv_tasks = pb.batch * pb.heads_k;
   const bool one_pass = kv_tasks >= 4 * static_cast<int64_t>(num_threads);
   const double task_flops = 2.0 * group * pb.max_len_q * pb.max_len_k * (3 * D + 2 * Dv);  // five products
+  const float out_scale = c.ds_scaled ? 1.f : pb.scale;  // what dQ and dK still need when they are written
+  // fp32 gradients with unit-stride rows are accumulated in place (no accumulator to clear and copy out: 3% of
+  // the ViT backward); the others in fp32 rows that write_rows converts.
+  const bool direct = std::is_same_v<T, float> && c.ds_scaled && ldq.sd == 1 && ldk.sd == 1 && ldv.sd == 1;
+  auto rows_of = [](T* base, const Layout& lay, int64_t b, int64_t h, int64_t t0) {
+    return Rows{reinterpret_cast<float*>(base + lay.offset(b, h, t0, 0)), lay.st};  // only when T is float
+  };
   KVWant want;
   want.kt = want.vt = want.kn = true;
 
-  // dQ of query block (b, h, i0) over its visible keys; with dk_acc / dv_acc also their part of dK, dV.
-  auto query_block = [&](const HeadKV& kv, int64_t b, int64_t h, int64_t i0, int64_t bm, float* dk_acc,
-                         float* dv_acc, BwdScratch& w) {
+  // dQ of query block (b, h, i0) over its visible keys; with dk_rows / dv_rows (the head's S keys) also their
+  // part of dK, dV. A tile covers a prefix of its key block (causal: up to the block's last query), and
+  // rows_set[block] counts the rows that earlier tiles have set: rows past it are cleared before a tile adds.
+  auto query_block = [&](const HeadKV& kv, int64_t b, int64_t h, int64_t i0, int64_t bm, Rows dk_rows, Rows dv_rows,
+                         int64_t* rows_set, BwdScratch& w) {
     load_query_block<T>(c, b, h, i0, bm, w);
+    const Rows dq_rows = direct ? rows_of(dq, ldq, b, h, pb.q_start(b) + i0) : Rows{w.dq_acc, D};
     int64_t lo, hi;
     key_range(pb.vis, i0, i0 + bm, pb.len_k(b), lo, hi);
     bool first = true;
     for (int64_t j0 = lo / c.bn * c.bn; j0 < hi; j0 += c.bn) {
       const int64_t bn = std::min(c.bn, hi - j0);
       if (!attn::block_any_visible(pb.vis, i0, i0 + bm, j0, j0 + bn)) continue;
-      backward_tile(c, kv, b, h, i0, bm, j0, bn, dk_acc ? dk_acc + j0 * D : nullptr,
-                    dv_acc ? dv_acc + j0 * Dv : nullptr, true, first, w);
+      Rows dkb, dvb;
+      bool kv_add = false;
+      if (dk_rows.p) {
+        dkb = {dk_rows.p + j0 * dk_rows.ld, dk_rows.ld};
+        dvb = {dv_rows.p + j0 * dv_rows.ld, dv_rows.ld};
+        int64_t& done = rows_set[j0 / c.bn];
+        kv_add = done > 0;
+        if (kv_add && done < bn) {
+          zero_rows({dkb.p + done * dkb.ld, dkb.ld}, bn - done, D);
+          zero_rows({dvb.p + done * dvb.ld, dvb.ld}, bn - done, Dv);
+        }
+        done = std::max(done, bn);
+      }
+      backward_tile(c, kv, b, h, i0, bm, j0, bn, dkb, dvb, kv_add, dq_rows, first, w);
       first = false;
     }
-    if (first) std::fill(w.dq_acc, w.dq_acc + bm * D, 0.f);
-    write_rows(dq, ldq, b, h, pb.q_start(b) + i0, bm, D, w.dq_acc, nullptr, pb.scale);
+    if (first) zero_rows(dq_rows, bm, D);
+    if (!direct) write_rows(dq, ldq, b, h, pb.q_start(b) + i0, bm, D, w.dq_acc, nullptr, out_scale);
   };
 
   if (one_pass) {
@@ -458,7 +497,8 @@ void backward(const Call& c, T* dq, const Layout& ldq, T* dk, const Layout& ldk,
       BwdScratch w(c);
       HeadKV kv;
       thread_local attn_cpu::Workspace acc_ws;
-      float* dkv = acc_ws.get(pb.max_len_k * (D + Dv));
+      float* dkv = direct ? nullptr : acc_ws.get(pb.max_len_k * (D + Dv));
+      std::vector<int64_t> rows_set((pb.max_len_k + c.bn - 1) / c.bn);
       for (TaskStream ts(counter, kv_tasks, per_grab); !ts.done(); ts.advance()) {
         const int64_t task = ts.task(), next = ts.following();
         const int64_t b = task / pb.heads_k, hk = task % pb.heads_k, L = pb.len_q(b), S = pb.len_k(b);
@@ -482,13 +522,21 @@ void backward(const Call& c, T* dq, const Layout& ldq, T* dk, const Layout& ldk,
                 (attn_cpu::micro_tiles(bm_blk, 2 * S + D) + attn_cpu::micro_tiles(S, D + Dv)));
         w.pf = &pf;
         load_head<T>(c, b, hk, want, kv);
-        float* dka = dkv;
-        float* dva = dkv + S * D;
-        std::fill(dkv, dkv + S * (D + Dv), 0.f);
+        const Rows dk_rows = direct ? rows_of(dk, ldk, b, hk, pb.k_start(b)) : Rows{dkv, D};
+        const Rows dv_rows = direct ? rows_of(dv, ldv, b, hk, pb.k_start(b)) : Rows{dkv + S * D, Dv};
+        std::fill(rows_set.begin(), rows_set.end(), 0);
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
-          for (int64_t i0 = 0; i0 < L; i0 += bm_blk) query_block(kv, b, h, i0, std::min(bm_blk, L - i0), dka, dva, w);
-        write_rows(dk, ldk, b, hk, pb.k_start(b), S, D, dka, nullptr, pb.scale);  // dK = dS^T (scale Q)
-        write_rows(dv, ldv, b, hk, pb.k_start(b), S, Dv, dva, nullptr, 1.f);
+          for (int64_t i0 = 0; i0 < L; i0 += bm_blk)
+            query_block(kv, b, h, i0, std::min(bm_blk, L - i0), dk_rows, dv_rows, rows_set.data(), w);
+        for (int64_t j0 = 0; j0 < S; j0 += c.bn) {  // keys no query may see
+          const int64_t done = rows_set[j0 / c.bn], rows = std::min(c.bn, S - j0) - done;
+          zero_rows({dk_rows.p + (j0 + done) * dk_rows.ld, dk_rows.ld}, rows, D);
+          zero_rows({dv_rows.p + (j0 + done) * dv_rows.ld, dv_rows.ld}, rows, Dv);
+        }
+        if (!direct) {
+          write_rows(dk, ldk, b, hk, pb.k_start(b), S, D, dk_rows.p, nullptr, out_scale);
+          write_rows(dv, ldv, b, hk, pb.k_start(b), S, Dv, dv_rows.p, nullptr, 1.f);
+        }
       }
     }
     return;
@@ -519,10 +567,10 @@ void backward(const Call& c, T* dq, const Layout& ldq, T* dk, const Layout& ldk,
           const int64_t bm = std::min(bm_blk, L - i0);
           if (!attn::block_any_visible(pb.vis, i0, i0 + bm, j0, j0 + bn)) continue;
           load_query_block<T>(c, b, h, i0, bm, w);
-          backward_tile(c, kv, b, h, i0, bm, j0, bn, dka, dva, false, false, w);
+          backward_tile(c, kv, b, h, i0, bm, j0, bn, {dka, D}, {dva, Dv}, true, {}, false, w);
         }
       }
-      write_rows(dk, ldk, b, hk, pb.k_start(b) + j0, bn, D, dka, nullptr, pb.scale);
+      write_rows(dk, ldk, b, hk, pb.k_start(b) + j0, bn, D, dka, nullptr, out_scale);
       write_rows(dv, ldv, b, hk, pb.k_start(b) + j0, bn, Dv, dva, nullptr, 1.f);
     }
   }
@@ -539,7 +587,7 @@ void backward(const Call& c, T* dq, const Layout& ldq, T* dk, const Layout& ldk,
       const int64_t L = pb.len_q(b), i0 = qb * bm_max;
       if (i0 >= L) continue;
       load_head<T>(c, b, h / group, want, kv);
-      query_block(kv, b, h, i0, std::min(bm_max, L - i0), nullptr, nullptr, w);
+      query_block(kv, b, h, i0, std::min(bm_max, L - i0), {}, {}, nullptr, w);
     }
   }
 }
@@ -604,6 +652,7 @@ void attention_bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const 
                        int64_t num_global, double dropout_p, int64_t seed, int num_threads) {
   Call c = make_call(false, q, k, v, mask, cu_q, cu_k, out, lse, max_len_q, max_len_k, scale, causal, windowed, left,
                      right, num_global, dropout_p, seed);
+  c.ds_scaled = !dmask.present;
   c.go = grad_out.data;
   c.lgo = attn::layout_of(grad_out);
   if (dmask.present) {
