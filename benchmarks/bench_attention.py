@@ -10,7 +10,8 @@ given the equivalent dense bool mask (cost ∝ L²). The demo cases call attenti
 q, k, v are strided views of one qkv projection (B, L, 3, H, D), and the text case passes a (B, 1, L, L)
 bool mask (causal and key padding), so per-call overhead and strided loads count. Every case sends the output
 gradient back in (B, L, H, D) memory, as a Transformer block's output projection does. On CUDA the bf16 matmul
-rate is measured in the same run so that the forward can be stated as a fraction of it.
+rate is measured in the same run so that the forward can be stated as a fraction of it. The contenders of a case take
+turns sample by sample, so that the machine's drift during a run does not land on one of them.
 """
 
 from __future__ import annotations
@@ -121,23 +122,35 @@ def _mmkern_backends(device: torch.device) -> list[str]:
     return [b for b in wanted if backends.unavailable_reason(b, device.type) is None]
 
 
-def _measure(fn, grad, make_inputs, leaves, device, repeats) -> dict:
-    def fwd():
-        with torch.no_grad():
-            fn(*make_inputs())
+def _measure(case, contenders, grad, make_inputs, leaves, device, repeats) -> dict:
+    """{label: {"fwd": timing, "fwd_bwd": timing, "fwd_peak_mb", "fwd_bwd_peak_mb"}} for each (label, fn, context)
+    of `contenders` that runs this case; the contenders take turns sample by sample (harness.time_alternating)."""
+    runs = {}
+    for label, fn, ctx in contenders:
 
-    def fwd_bwd():
-        out = fn(*make_inputs())
-        out.backward(grad)
-        for t in leaves:
-            t.grad = None
+        def fwd(fn=fn, ctx=ctx):
+            with ctx(), torch.no_grad():
+                fn(*make_inputs())
 
-    rec = {}
-    for mode, f in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-        t = harness.time_fn(f, device=device, warmup=1, repeats=repeats)
-        rec[mode] = t
-        rec[f"{mode}_peak_mb"] = harness.peak_memory(f, device=device) / 2**20
-    return rec
+        def fwd_bwd(fn=fn, ctx=ctx):
+            with ctx():
+                fn(*make_inputs()).backward(grad)
+            for t in leaves:
+                t.grad = None
+
+        try:
+            fwd_bwd()
+        except (RuntimeError, ValueError, torch.OutOfMemoryError) as exc:  # backend refuses this shape
+            print(f"{case:>18} {label:>16}: skipped ({str(exc).splitlines()[0][:80]})")
+            continue
+        runs[label] = {"fwd": fwd, "fwd_bwd": fwd_bwd}
+    recs = {label: {} for label in runs}
+    for mode in ("fwd", "fwd_bwd"):
+        fns = {label: run[mode] for label, run in runs.items()}
+        for label, timing in harness.time_alternating(fns, device=device, repeats=repeats).items():
+            recs[label][mode] = timing
+            recs[label][f"{mode}_peak_mb"] = harness.peak_memory(fns[label], device=device) / 2**20
+    return recs
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
@@ -210,15 +223,8 @@ def main(argv=None) -> list[dict]:
         if window is None and demo_mask is None:
             for label, fn in _external(device):
                 contenders.append((label, lambda q, k, v, fn=fn, c=causal: fn(q, k, v, c), contextlib.nullcontext))
-        for label, fn, ctx in contenders:
-            try:
-                with ctx():
-                    rec = _measure(
-                        fn, grad, make_inputs, leaves, device, 10 * repeats if name.startswith("demo") else repeats
-                    )
-            except (RuntimeError, ValueError, torch.OutOfMemoryError) as exc:  # backend refuses this shape
-                print(f"{name:>18} {label:>16}: skipped ({str(exc).splitlines()[0][:80]})")
-                continue
+        case_repeats = 10 * repeats if name.startswith("demo") else repeats
+        for label, rec in _measure(name, contenders, grad, make_inputs, leaves, device, case_repeats).items():
             fwd_ms, fb_ms = rec["fwd"]["median_ms"], rec["fwd_bwd"]["median_ms"]
             records.append(
                 {

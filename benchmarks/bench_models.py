@@ -14,7 +14,6 @@ steps use the trainer's optimizer (mmkern.train.loop.adamw: torch's fused AdamW)
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
@@ -54,21 +53,9 @@ def _record(name, impl, timing, memory, items):
 
 
 def _compare(fns: dict, repeats: int) -> dict:
-    """{impl: (timing, peak memory)} for each {impl: fn}. The implementations alternate sample by sample, so a change
-    in machine load during the run hits all alike."""
-    samples = {impl: [] for impl in fns}
-    for fn in fns.values():  # warm-up
-        fn()
-    for _ in range(repeats):
-        for impl, fn in fns.items():
-            samples[impl].append(harness.time_fn(fn, device=CPU, warmup=0, repeats=1)["median_ms"])
-    out = {}
-    for impl, fn in fns.items():
-        xs = sorted(samples[impl])
-        q = statistics.quantiles(xs, n=5) if len(xs) > 1 else [xs[0]] * 4
-        timing = {"median_ms": statistics.median(xs), "p20_ms": q[0], "p80_ms": q[3], "samples": len(xs)}
-        out[impl] = (timing, harness.peak_memory(fn, device=CPU))
-    return out
+    """{impl: (timing, peak memory)} for each {impl: fn}, the implementations taking turns sample by sample."""
+    timings = harness.time_alternating(fns, device=CPU, repeats=repeats)
+    return {impl: (timings[impl], harness.peak_memory(fn, device=CPU)) for impl, fn in fns.items()}
 
 
 def bench_inference(batch: int, repeats: int) -> list[dict]:

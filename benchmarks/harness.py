@@ -30,11 +30,34 @@ def time_fn(fn, *, device: torch.device, warmup: int = 2, repeats: int = 10, min
     samples = []
     start = time.perf_counter()
     while len(samples) < repeats or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    samples.sort()
+        samples.append(_sample_ms(fn, device))
+    return _timing(samples)
+
+
+def time_alternating(fns: dict, *, device: torch.device, warmup: int = 1, repeats: int = 10) -> dict:
+    """{name: timing as time_fn gives it} for each {name: fn}, the functions taking turns sample by sample (after
+    `warmup` rounds), so that a change in the machine's speed during the run hits all of them alike: timed one
+    after the other, ratios on these VMs moved by ~10% from run to run."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(_sample_ms(fn, device))
+    return {name: _timing(xs) for name, xs in samples.items()}
+
+
+def _sample_ms(fn, device: torch.device) -> float:
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _timing(samples: list[float]) -> dict:
+    samples = sorted(samples)
     q = statistics.quantiles(samples, n=5) if len(samples) > 1 else [samples[0]] * 4
     return {"median_ms": statistics.median(samples), "p20_ms": q[0], "p80_ms": q[3], "samples": len(samples)}
 
