@@ -30,9 +30,7 @@ def _models(config: CLIPConfig) -> tuple[CLIP, CLIP, PlainCLIP]:
     torch.manual_seed(0)
     model = CLIP(config)
     every_row = every_row_copy(model)
-    plain = PlainCLIP(model.config)
-    plain.load_state_dict(model.state_dict())
-    return model, every_row, plain
+    return model, every_row, PlainCLIP.from_clip(model)
 
 
 def small_clip_config() -> CLIPConfig:

@@ -392,8 +392,7 @@ def test_clip_on_fused_ops_matches_plain_twin(pre_norm, fused, monkeypatch):
     vision = ViTConfig(img_size=16, patch_size=4, width=32, depth=2, heads=2, pre_norm=pre_norm, eps=1e-5)
     text = TextConfig(vocab_size=50, context_length=9, width=32, depth=2, heads=2, act="gelu_tanh")
     model = CLIP(CLIPConfig(embed_dim=16, vision=vision, text=text))
-    plain = PlainCLIP(model.config)
-    plain.load_state_dict(model.state_dict())
+    plain = PlainCLIP.from_clip(model)
     images, ids = torch.randn(4, 3, 16, 16), torch.randint(0, 50, (4, 9))
     calls = []
     for name in ("add_layer_norm", "bias_gelu"):

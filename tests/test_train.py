@@ -193,8 +193,7 @@ def test_trainer_rejects_bad_config(data):
 
 def test_plain_pytorch_twin_matches_the_mmkern_clip(data):
     _, model, collate = tiny_setup(data)
-    plain = PlainCLIP(model.config)
-    plain.load_state_dict(model.state_dict())
+    plain = PlainCLIP.from_clip(model)
     batch = collate([data[0][i] for i in range(8)])
     a = model(batch["images"], batch["input_ids"], batch["attention_mask"])
     b = plain(batch["images"], batch["input_ids"], batch["attention_mask"])

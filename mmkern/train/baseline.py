@@ -97,6 +97,13 @@ class PlainCLIP(nn.Module):
         eot = ids.argmax(-1) if self.eot is None else (ids == self.eot).int().argmax(-1)
         return txt.proj(txt.norm(x)[torch.arange(ids.shape[0], device=ids.device), eot])
 
+    @classmethod
+    def from_clip(cls, model: CLIP) -> PlainCLIP:
+        """The twin of an mmkern CLIP: its config and weights, on its device."""
+        plain = cls(model.config).to(model.logit_scale.device)
+        plain.load_state_dict(model.state_dict())
+        return plain
+
     def forward(self, images, input_ids, attention_mask=None):
         img = F.normalize(self.encode_image(images), dim=-1)
         txt = F.normalize(self.encode_text(input_ids, attention_mask), dim=-1)

@@ -113,8 +113,7 @@ def throughput_comparison(clip_model, tokenizer, data, config: ContrastiveConfig
     device = clip_model.logit_scale.device
     ours = copy.deepcopy(clip_model).requires_grad_(True)
     every_row = every_row_copy(ours)
-    plain = PlainCLIP(clip_model.config).to(device)
-    plain.load_state_dict(clip_model.state_dict())
+    plain = PlainCLIP.from_clip(clip_model)
     batch = ImageTextCollator(tokenizer, config.context_length)([data[i] for i in range(config.batch_size)])
     batch = {k: v.to(device) for k, v in batch.items()}
     loss_fn = contrastive_loss_fn("clip")
