@@ -276,9 +276,10 @@ void forward(const Call& c, T* out, int num_threads) {
         }
         prefetch_rows<T>(pf, out, c.lo, nb, nh, pb.q_start(nb) + n0, n1 - n0, Dv);  // its first stores then hit L2
       }
-      pf.plan(attn_cpu::micro_tiles(r1 - r0, S) + (S + c.bn - 1) / c.bn * attn_cpu::micro_tiles(r1 - r0, Dv));
+      const int64_t bm_blk = block_size(r1 - r0, c.bm, 8), nqb = (r1 - r0 + bm_blk - 1) / bm_blk;
+      const int64_t nkb = (S + c.bn - 1) / c.bn;
+      pf.plan(nqb * (attn_cpu::micro_tiles(bm_blk, S) + nkb * (attn_cpu::micro_tiles(bm_blk, Dv) + bm_blk)));
       load_head<T>(c, b, hk, want, kv);
-      const int64_t bm_blk = block_size(r1 - r0, c.bm, 8);
       for (int64_t i0 = r0; i0 < r1; i0 += bm_blk) {
         const int64_t bm = std::min(bm_blk, r1 - i0);
         int64_t ldq;
@@ -293,6 +294,7 @@ void forward(const Call& c, T* out, int num_threads) {
           const bool all_visible = attn::block_all_visible(pb.vis, i0, i0 + bm, j0, j0 + bn);
           attn_cpu::gemm(bm, bn, D, qs, ldq, kv.kt_at(j0, c.bn), kv.ldt, st, ld, false, true, &pf);
           for (int64_t i = 0; i < bm; ++i) {
+            pf.step();
             float* row = st + i * ld;
             if (c.mask || !all_visible) mask_row(c, b, h, i0 + i, j0, bn, all_visible, row);
             const float alpha = attn_cpu::softmax_step(row, bn, m[i], l[i], first);
@@ -393,6 +395,7 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
   attn_cpu::gemm(bm, bn, D, w.q, w.ldq, kv.kt_at(j0, c.bn), kv.ldt, st, ld, false, true, w.pf);
   attn_cpu::gemm(bm, bn, Dv, w.go, w.ldgo, kv.vt_at(j0, c.bn), kv.ldt, dpt, ld, false, true, w.pf);
   for (int64_t i = 0; i < bm; ++i) {
+    if (w.pf) w.pf->step();
     float* srow = st + i * ld;
     float* drow = dpt + i * ld;
     if (c.mask || !all_visible) mask_row(c, b, h, i0 + i, j0, bn, all_visible, srow);
@@ -519,9 +522,9 @@ void backward(const Call& c, T* dq, const Layout& ldq, T* dk, const Layout& ldk,
           prefetch_rows<T>(pf, dk, ldk, nb, nhk, pb.k_start(nb), nS, D);
           prefetch_rows<T>(pf, dv, ldv, nb, nhk, pb.k_start(nb), nS, Dv);
         }
-        const int64_t bm_blk = block_size(std::max<int64_t>(L, 1), c.bm, 8);
+        const int64_t bm_blk = block_size(std::max<int64_t>(L, 1), c.bm, 8), nkb = (S + c.bn - 1) / c.bn;
         pf.plan(group * ((L + bm_blk - 1) / bm_blk) *
-                (attn_cpu::micro_tiles(bm_blk, 2 * S + D) + attn_cpu::micro_tiles(S, D + Dv)));
+                (attn_cpu::micro_tiles(bm_blk, 2 * S + D) + attn_cpu::micro_tiles(S, D + Dv) + nkb * bm_blk));
         w.pf = &pf;
         load_head<T>(c, b, hk, want, kv);
         const Rows dk_rows = direct ? rows_of(dk, ldk, b, hk, pb.k_start(b)) : Rows{dkv, D};
