@@ -37,7 +37,7 @@ def time_fn(fn, *, device: torch.device, warmup: int = 2, repeats: int = 10, min
 def time_alternating(fns: dict, *, device: torch.device, warmup: int = 1, repeats: int = 10) -> dict:
     """{name: timing as time_fn gives it} for each {name: fn}, the functions taking turns sample by sample (after
     `warmup` rounds), so that a change in the machine's speed during the run hits all of them alike: timed one
-    after the other, ratios on these VMs moved by ~10% from run to run."""
+    after the other, the ViT attention ratio moved by 7% from run to run on these VMs."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
