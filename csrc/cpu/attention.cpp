@@ -40,7 +40,6 @@ using attn_cpu::kLog2e;
 using attn_cpu::mask_structure;
 using attn_cpu::padded_ld;
 using attn_cpu::prefetch_rows;
-using attn_cpu::round_up;
 using attn_cpu::rows_fp32;
 using attn_cpu::transpose_to;
 using attn_cpu::vf16;

@@ -92,8 +92,8 @@ Shape check_shapes(const Tensor& x, const Tensor& y) {
   check(x.dtype == y.dtype, "y: dtype differs from x");
   check_float_dtype(x, "x");
   Shape sh{x.size(0), y.size(0), x.size(1), 0, 0};
-  sh.K_pad = cpu::round_up(sh.K, kNR);
-  sh.D_pad = cpu::round_up(sh.D, kNR);
+  sh.K_pad = round_up(sh.K, kNR);
+  sh.D_pad = round_up(sh.D, kNR);
   return sh;
 }
 

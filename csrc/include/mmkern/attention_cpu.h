@@ -351,8 +351,7 @@ inline void micro_rows(int64_t N, int64_t K, const float* A, int64_t lda, const 
 
 // C (M x N, row stride ldc) (+)= A B: A (M x K, row stride lda; kTrans: A^T given, K x M) and B (K x N, row
 // stride ldb; pad_b: rows readable to a multiple of 16 floats) read in place. Rows go in equal groups of at
-// most 8 (17 rows as 6 + 6 + 5, not 8 + 8 + 1: a one-row tile is latency-bound and costs half an 8-row one).
-
+// most kMaxMR (25 rows as 9 + 8 + 8, not 12 + 12 + 1: a one-row tile is latency-bound and costs half an 8-row one).
 template <bool kTrans = false>
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                  int64_t ldc, bool accumulate, bool pad_b = false, Prefetcher* pf = nullptr) {
@@ -440,8 +439,6 @@ inline void transpose(const float* src, int64_t st, int64_t rows, int64_t cols, 
       transpose_block(src + r0 * st + c0, st, static_cast<int>(std::min<int64_t>(kLanes, rows - r0)),
                       static_cast<int>(std::min<int64_t>(kLanes, cols - c0)), dst + c0 * ld + r0, ld, f);
 }
-
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Row stride (floats) of the kernels' row-major buffers: whole vectors, and an odd number of cache lines, so
 // that the column panels the tile products stream (32 floats of every row) spread over all L1 sets. A

@@ -24,6 +24,9 @@ enum class DType : int { f32 = 0, f16 = 1, bf16 = 2, f64 = 3, i32 = 4, i64 = 5, 
 
 constexpr int kMaxDims = 8;
 
+// x rounded up to a multiple of m.
+MMK_HD int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
 // A strided view of memory that Python allocated with torch. `present` is false for an absent optional
 // argument (a null data pointer cannot mark that: an empty tensor may have one).
 struct Tensor {

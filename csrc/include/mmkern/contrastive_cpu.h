@@ -114,13 +114,13 @@ class Scratch {
   }
   float* take(int64_t floats) {
     float* p = next_;
-    next_ += cpu::round_up(floats, 16);
+    next_ += round_up(floats, 16);
     return p;
   }
   // Room that take() calls for these sizes use.
   template <class... N>
   static int64_t floats(N... n) {
-    return (cpu::round_up(n, 16) + ...);
+    return (round_up(n, 16) + ...);
   }
 
  private:
@@ -135,7 +135,7 @@ struct Shape {
 // enclosing parallel region.
 template <class F>
 inline void pack_b_parallel(const F& b, int64_t K, int64_t N, float* dst) {
-  const int64_t N_pad = cpu::round_up(N, kNR), kblocks = (K + kKC - 1) / kKC, panels = N_pad / kNR;
+  const int64_t N_pad = round_up(N, kNR), kblocks = (K + kKC - 1) / kKC, panels = N_pad / kNR;
 #pragma omp for schedule(static) collapse(2)
   for (int64_t kb = 0; kb < kblocks; ++kb)
     for (int64_t p = 0; p < panels; ++p) {
@@ -197,7 +197,7 @@ inline void tile_dot(const Shape& sh, const float* Xt, const float* Yb, int64_t 
       }
     }
   }
-  const int64_t jn16 = cpu::round_up(jn, 16);
+  const int64_t jn16 = round_up(jn, 16);
   for (int64_t i = 0; i < im; ++i)
     for (int64_t j = jn; j < jn16; ++j) S[i * kBN + j] = 0.f;
 }

@@ -32,8 +32,6 @@ constexpr int64_t kKC = 256;
 
 typedef float v16 __attribute__((vector_size(64), aligned(4), may_alias));
 
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
 // C[0:mr, 0:nr] (row stride ldc) = (accumulate ? C : 0) + sum_k Ap[k][0:mr] * Bp[k][0:nr],
 // with Ap packed k-major in kMR-wide rows and Bp k-major in kNR-wide rows, both zero padded. Every loop over the
 // accumulators is unrolled and the edge path reads them from a stored tile, so that they stay in registers (see
