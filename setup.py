@@ -1,13 +1,17 @@
 """Builds mmkern._C: a torch-free pybind11 module with OpenMP CPU kernels and, when nvcc is found, CUDA kernels.
 
+The CPU kernels (csrc/cpu/*.cpp) are compiled once per ISA level of the target architecture (CPU_LEVELS) into the
+same module, which picks the best level the CPU supports at import (see csrc/include/mmkern/cpu_kernels.h). No
+-march=native: one build runs on every CPU of its architecture.
+
 Knobs (environment variables):
   MMKERN_CUDA=0|1          force the CUDA build off / on (default: on when nvcc is found)
   MMKERN_CUDA_ARCHS        e.g. "80;90a" (default); each entry becomes -gencode arch=compute_X,code=sm_X
-  MMKERN_NATIVE_ARCH=0|1   compile the CPU kernels with -march=native (default 1)
   MMKERN_BUILD_JOBS=N      parallel compile jobs (default: number of CPUs)
 """
 
 import os
+import platform
 import shutil
 import subprocess
 from glob import glob
@@ -46,20 +50,41 @@ if WITH_CUDA and NVCC is None:
 CUDA_ARCHS = [
     a.strip() for a in os.environ.get("MMKERN_CUDA_ARCHS", "80;90a").replace(",", ";").split(";") if a.strip()
 ]
-NATIVE_ARCH = _flag("MMKERN_NATIVE_ARCH", True)
+
+# (level, compiler flags), lowest first: the order in which they are linked (see cpu_kernels.h). A level's flags are
+# the instructions bindings.cpp checks the CPU for before it runs that level.
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
+CPU_LEVELS = (
+    [
+        ("default", []),
+        ("avx2", ["-mavx2", "-mfma", "-mf16c"]),
+        ("avx512", _AVX512),
+        ("avx512_bf16", [*_AVX512, "-mavx512bf16"]),
+    ]
+    if platform.machine().lower() in ("x86_64", "amd64")
+    else [("default", [])]  # aarch64 (NEON is part of its baseline) and anything else: portable C++
+)
+CPU_SOURCES = sorted(glob("csrc/cpu/*.cpp"))
+HEADERS = sorted(glob("csrc/include/mmkern/*"))
 
 cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
-if NATIVE_ARCH:
-    cxx_flags.append("-march=native")
 define_macros = [("MMKERN_CUDA_ARCHS", f'"{";".join(CUDA_ARCHS) if WITH_CUDA else ""}"')]
 if WITH_CUDA:
     define_macros.append(("MMKERN_WITH_CUDA", "1"))
 
 
+def _up_to_date(obj: Path, src: str) -> bool:
+    """Whether `obj` is newer than `src` and every header."""
+    newest = max([os.path.getmtime(src), *(os.path.getmtime(h) for h in HEADERS)])
+    return obj.exists() and obj.stat().st_mtime > newest
+
+
 class BuildWithCuda(build_ext):
-    """Compiles csrc/cuda/*.cu with nvcc into objects that are linked into _C with a static CUDA runtime."""
+    """Compiles csrc/cpu/*.cpp once per ISA level, and csrc/cuda/*.cu with nvcc, into objects that are linked into
+    _C (with a static CUDA runtime) after bindings.cpp, lowest level first."""
 
     def build_extension(self, ext):
+        ext.extra_objects = ext.extra_objects + self._compile_cpu_levels(ext)
         if WITH_CUDA:
             ext.extra_objects = ext.extra_objects + self._compile_cuda()
             ext.library_dirs = ext.library_dirs + [str(CUDA_ROOT / "lib64")]
@@ -67,18 +92,33 @@ class BuildWithCuda(build_ext):
             ext.include_dirs = ext.include_dirs + [str(CUDA_ROOT / "include")]
         super().build_extension(ext)
 
+    def _compile_cpu_levels(self, ext) -> list[str]:
+        objects = []
+        for level, flags in CPU_LEVELS:
+            out_dir = Path(self.build_temp) / f"cpu_{level}"
+            objs = [out_dir / Path(self.compiler.object_filenames([src])[0]) for src in CPU_SOURCES]
+            stale = [src for src, obj in zip(CPU_SOURCES, objs) if not _up_to_date(obj, src)]
+            if stale:
+                self.compiler.compile(
+                    stale,
+                    output_dir=str(out_dir),
+                    macros=[*ext.define_macros, ("MMKERN_CPU_NS", f"cpu_{level}"), ("MMKERN_CPU_LEVEL", level)],
+                    include_dirs=ext.include_dirs,
+                    extra_postargs=[*ext.extra_compile_args, *flags],
+                )
+            objects += [str(o) for o in objs]
+        return objects
+
     def _compile_cuda(self) -> list[str]:
         out_dir = Path(self.build_temp) / "cuda"
         out_dir.mkdir(parents=True, exist_ok=True)
         gencode = []
         for arch in CUDA_ARCHS:
             gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-        headers = sorted(glob(str(ROOT / "csrc" / "include" / "mmkern" / "*")))
-        newest_header = max((os.path.getmtime(h) for h in headers), default=0)
         jobs = []
         for src in sorted(glob(str(ROOT / "csrc" / "cuda" / "*.cu"))):
             obj = out_dir / (Path(src).stem + ".o")
-            if obj.exists() and obj.stat().st_mtime > max(os.path.getmtime(src), newest_header):
+            if _up_to_date(obj, src):
                 continue
             cmd = [
                 NVCC,
@@ -108,8 +148,8 @@ ParallelCompile("MMKERN_BUILD_JOBS", default=0).install()
 
 ext = Pybind11Extension(
     "mmkern._C",
-    sources=sorted(["csrc/bindings.cpp", *glob("csrc/cpu/*.cpp")]),
-    depends=sorted(glob("csrc/include/mmkern/*")),  # a changed header rebuilds the module (else it is skipped)
+    sources=["csrc/bindings.cpp"],  # the CPU kernels are compiled per level by BuildWithCuda
+    depends=[*CPU_SOURCES, *HEADERS],  # a changed kernel or header rebuilds the module (else it is skipped)
     include_dirs=["csrc/include"],
     define_macros=define_macros,
     extra_compile_args=cxx_flags,

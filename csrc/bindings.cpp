@@ -5,8 +5,10 @@
 #include <pybind11/stl.h>
 
 #include <string>
+#include <vector>
 
 #include "mmkern/common.h"
+#include "mmkern/cpu_kernels.h"
 
 #ifdef MMKERN_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -15,34 +17,13 @@
 namespace py = pybind11;
 using mmkern::Tensor;
 
-namespace mmkern {
-// ---- contrastive ----
-void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
-                         const Tensor& row_stats, const Tensor& col_stats, int num_threads);
-void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
-                         const Tensor& row_lse, const Tensor& col_lse, const Tensor& gr, const Tensor& gc,
-                         const Tensor& dx, const Tensor& dy, int num_threads);
-void contrastive_fused_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
-                           const Tensor& row_stats, const Tensor& col_stats, const Tensor& dx, const Tensor& dy,
-                           int num_threads);
 #ifdef MMKERN_WITH_CUDA
+namespace mmkern {
 int contrastive_fwd_cuda(const Tensor& x, const Tensor& y, const Tensor& scale_bias, int mode, bool diagonal,
                          const Tensor& row_stats, const Tensor& col_stats, uintptr_t stream);
 int contrastive_bwd_cuda(const Tensor& x, const Tensor& y, const Tensor& scale_bias, int mode, bool diagonal,
                          const Tensor& row_lse, const Tensor& col_lse, const Tensor& gr, const Tensor& gc,
                          const Tensor& dx, const Tensor& dy, uintptr_t stream);
-#endif
-// ---- fused ----
-void bias_gelu_fwd_cpu(const Tensor& x, const Tensor& bias, const Tensor& out, int kind, int num_threads);
-void bias_gelu_bwd_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& bias, const Tensor& grad_x,
-                       const Tensor& grad_bias, int kind, int num_threads);
-void add_layer_norm_fwd_cpu(const Tensor& x, const Tensor& residual, const Tensor& weight, const Tensor& bias,
-                            const Tensor& sum_out, const Tensor& out, const Tensor& mean, const Tensor& rstd, double eps,
-                            int num_threads);
-void add_layer_norm_bwd_cpu(const Tensor& grad_out, const Tensor& grad_sum, const Tensor& s, const Tensor& weight,
-                            const Tensor& mean, const Tensor& rstd, const Tensor& grad_x, const Tensor& grad_weight,
-                            const Tensor& grad_bias, int num_threads);
-#ifdef MMKERN_WITH_CUDA
 int bias_gelu_fwd_cuda(const Tensor& x, const Tensor& bias, const Tensor& out, int kind, uintptr_t stream);
 int bias_gelu_bwd_cuda(const Tensor& grad_out, const Tensor& x, const Tensor& bias, const Tensor& grad_x,
                        const Tensor& grad_bias, int kind, uintptr_t stream);
@@ -52,30 +33,10 @@ int add_layer_norm_fwd_cuda(const Tensor& x, const Tensor& residual, const Tenso
 int add_layer_norm_bwd_cuda(const Tensor& grad_out, const Tensor& grad_sum, const Tensor& s, const Tensor& weight,
                             const Tensor& mean, const Tensor& rstd, const Tensor& grad_x, const Tensor& grad_weight,
                             const Tensor& grad_bias, uintptr_t stream);
-#endif
-// ---- patch_embed ----
-void patch_embed_fwd_cpu(const Tensor& images, const Tensor& weight, const Tensor& bias, const Tensor& pos_embed,
-                         const Tensor& prefix_tokens, const Tensor& out, int num_threads);
-void patch_embed_bwd_cpu(const Tensor& grad_out, const Tensor& images, const Tensor& weight, const Tensor& grad_images,
-                         const Tensor& grad_weight, int64_t num_prefix, int num_threads);
-#ifdef MMKERN_WITH_CUDA
 int patch_embed_fwd_cuda(const Tensor& images, const Tensor& weight, const Tensor& bias, const Tensor& pos_embed,
                          const Tensor& prefix_tokens, const Tensor& out, uintptr_t stream);
 int patch_embed_bwd_cuda(const Tensor& grad_out, const Tensor& images, const Tensor& weight, const Tensor& grad_images,
                          const Tensor& grad_weight, int64_t num_prefix, uintptr_t stream);
-#endif
-// ---- attention ----
-void attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& cu_q,
-                       const Tensor& cu_k, const Tensor& out, const Tensor& lse, int64_t max_len_q, int64_t max_len_k,
-                       double scale, bool causal, bool windowed, int64_t left, int64_t right, int64_t num_global,
-                       double dropout_p, int64_t seed, int num_threads);
-void attention_bwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& cu_q,
-                       const Tensor& cu_k, const Tensor& out, const Tensor& grad_out, const Tensor& lse,
-                       const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dmask, int64_t max_len_q,
-                       int64_t max_len_k, double scale, bool causal, bool windowed, int64_t left, int64_t right,
-                       int64_t num_global, double dropout_p, int64_t seed, int num_threads);
-void attention_dropout_mask_cpu(const Tensor& keep, double dropout_p, int64_t seed, int num_threads);
-#ifdef MMKERN_WITH_CUDA
 int attention_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& cu_q,
                        const Tensor& cu_k, const Tensor& out, const Tensor& lse, int64_t max_len_q, int64_t max_len_k,
                        double scale, bool causal, bool windowed, int64_t left, int64_t right, int64_t num_global,
@@ -85,8 +46,8 @@ int attention_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const 
                        const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dmask, const Tensor& delta,
                        int64_t max_len_q, int64_t max_len_k, double scale, bool causal, bool windowed, int64_t left,
                        int64_t right, int64_t num_global, uintptr_t stream);
-#endif
 }  // namespace mmkern
+#endif
 
 namespace {
 
@@ -120,37 +81,85 @@ void check_cuda(int err, const char* what) {
 
 std::string cpu_features() {
   std::string out;
+#if defined(__x86_64__)
   auto add = [&](bool has, const char* name) {
     if (has) out += (out.empty() ? "" : " ") + std::string(name);
   };
   __builtin_cpu_init();
   add(__builtin_cpu_supports("avx2"), "avx2");
   add(__builtin_cpu_supports("fma"), "fma");
+  add(__builtin_cpu_supports("f16c"), "f16c");
   add(__builtin_cpu_supports("avx512f"), "avx512f");
   add(__builtin_cpu_supports("avx512bw"), "avx512bw");
   add(__builtin_cpu_supports("avx512vl"), "avx512vl");
+  add(__builtin_cpu_supports("avx512dq"), "avx512dq");
   add(__builtin_cpu_supports("avx512bf16"), "avx512bf16");
   add(__builtin_cpu_supports("avx512fp16"), "avx512fp16");
   add(__builtin_cpu_supports("amx-bf16"), "amx-bf16");
+#endif
   return out;
 }
 
-std::string compiled_isa() {
-  std::string out;
-#ifdef __AVX512F__
-  out += "avx512f ";
+// The CPU kernel levels compiled in, best first, each with whether this CPU (and its OS) can run it: the
+// instructions that setup.py enables for the level. libgcc's checks include the OS's support for the vector
+// registers' state (XCR0).
+struct Level {
+  const mmkern::CpuKernels* kernels;
+  bool (*supported)();
+};
+
+const std::vector<Level>& levels() {
+  static const std::vector<Level> all = {
+#if defined(__x86_64__)
+      {&mmkern::cpu_kernels_avx512_bf16,
+       [] {
+         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+       }},
+      {&mmkern::cpu_kernels_avx512,
+       [] {
+         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+       }},
+      {&mmkern::cpu_kernels_avx2,
+       [] {
+         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+       }},
 #endif
-#ifdef __AVX512BF16__
-  out += "avx512bf16 ";
-#endif
-#ifdef __AVX2__
-  out += "avx2 ";
-#endif
-#ifdef __FMA__
-  out += "fma ";
-#endif
-  if (!out.empty()) out.pop_back();
+      {&mmkern::cpu_kernels_default, [] { return true; }},
+  };
+  return all;
+}
+
+std::vector<std::string> level_names(bool supported_only) {
+  std::vector<std::string> out;
+  for (const Level& l : levels())
+    if (!supported_only || l.supported()) out.push_back(l.kernels->level);
   return out;
+}
+
+// The level the CPU kernels run at: the best this CPU supports, until set_cpu_capability chooses another.
+const mmkern::CpuKernels* g_cpu = nullptr;
+
+const mmkern::CpuKernels& cpu() { return *g_cpu; }
+
+void set_cpu_capability(const std::string& name) {
+  std::string known;
+  for (const Level& l : levels()) {
+    known += (known.empty() ? "" : ", ") + std::string(l.kernels->level);
+    if (name != l.kernels->level) continue;
+    if (!l.supported()) {
+      std::string have;
+      for (const std::string& s : level_names(true)) have += (have.empty() ? "" : ", ") + s;
+      throw std::invalid_argument("cpu capability " + name + " needs instructions this CPU lacks (it runs: " + have +
+                                  ")");
+    }
+    g_cpu = l.kernels;
+    return;
+  }
+  throw std::invalid_argument("cpu capability: unknown level '" + name + "' (compiled in: " + known + ")");
 }
 
 }  // namespace
@@ -158,8 +167,18 @@ std::string compiled_isa() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mmkern native kernels (torch-free; see mmkern/_native.py)";
 
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+#endif
+  for (const Level& l : levels())
+    if (!g_cpu && l.supported()) g_cpu = l.kernels;
   m.def("cpu_features", &cpu_features, "ISA extensions this CPU supports");
-  m.def("compiled_isa", &compiled_isa, "ISA extensions the CPU kernels were compiled for");
+  m.def("cpu_capabilities", [] { return level_names(false); }, "CPU kernel levels compiled in, best first");
+  m.def("supported_cpu_capabilities", [] { return level_names(true); },
+        "CPU kernel levels this CPU can run, best first");
+  m.def("cpu_capability", [] { return std::string(cpu().level); }, "the level the CPU kernels run at");
+  m.def("set_cpu_capability", &set_cpu_capability, py::arg("level"),
+        "runs the CPU kernels at `level` (ValueError if it is not compiled in or this CPU lacks its instructions)");
   m.def("cuda_archs", [] { return std::string(MMKERN_CUDA_ARCHS); }, "CUDA archs compiled in ('' if none)");
   m.def("with_cuda", [] {
 #ifdef MMKERN_WITH_CUDA
@@ -181,14 +200,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("bias_gelu_fwd_cpu", [](py::object x, py::object bias, py::object out, int kind, int num_threads) {
     Tensor tx = to_tensor(x), tb = to_tensor(bias), to = to_tensor(out);
     py::gil_scoped_release release;
-    mmkern::bias_gelu_fwd_cpu(tx, tb, to, kind, num_threads);
+    cpu().bias_gelu_fwd(tx, tb, to, kind, num_threads);
   });
   m.def("bias_gelu_bwd_cpu", [](py::object grad_out, py::object x, py::object bias, py::object grad_x,
                                 py::object grad_bias, int kind, int num_threads) {
     Tensor tg = to_tensor(grad_out), tx = to_tensor(x), tb = to_tensor(bias), tgx = to_tensor(grad_x),
            tgb = to_tensor(grad_bias);
     py::gil_scoped_release release;
-    mmkern::bias_gelu_bwd_cpu(tg, tx, tb, tgx, tgb, kind, num_threads);
+    cpu().bias_gelu_bwd(tg, tx, tb, tgx, tgb, kind, num_threads);
   });
   m.def("add_layer_norm_fwd_cpu", [](py::object x, py::object residual, py::object weight, py::object bias,
                                      py::object sum_out, py::object out, py::object mean, py::object rstd, double eps,
@@ -196,7 +215,7 @@ PYBIND11_MODULE(_C, m) {
     Tensor tx = to_tensor(x), tr = to_tensor(residual), tw = to_tensor(weight), tb = to_tensor(bias),
            ts = to_tensor(sum_out), to = to_tensor(out), tm = to_tensor(mean), trs = to_tensor(rstd);
     py::gil_scoped_release release;
-    mmkern::add_layer_norm_fwd_cpu(tx, tr, tw, tb, ts, to, tm, trs, eps, num_threads);
+    cpu().add_layer_norm_fwd(tx, tr, tw, tb, ts, to, tm, trs, eps, num_threads);
   });
   m.def("add_layer_norm_bwd_cpu", [](py::object grad_out, py::object grad_sum, py::object s, py::object weight,
                                      py::object mean, py::object rstd, py::object grad_x, py::object grad_weight,
@@ -205,7 +224,7 @@ PYBIND11_MODULE(_C, m) {
            tm = to_tensor(mean), trs = to_tensor(rstd), tgx = to_tensor(grad_x), tgw = to_tensor(grad_weight),
            tgb = to_tensor(grad_bias);
     py::gil_scoped_release release;
-    mmkern::add_layer_norm_bwd_cpu(tg, tgs, ts, tw, tm, trs, tgx, tgw, tgb, num_threads);
+    cpu().add_layer_norm_bwd(tg, tgs, ts, tw, tm, trs, tgx, tgw, tgb, num_threads);
   });
 #ifdef MMKERN_WITH_CUDA
   m.def("bias_gelu_fwd_cuda", [](py::object x, py::object bias, py::object out, int kind, uintptr_t stream) {
@@ -261,14 +280,14 @@ PYBIND11_MODULE(_C, m) {
     Tensor i = to_tensor(images), w = to_tensor(weight), b = to_tensor(bias), p = to_tensor(pos_embed),
            t = to_tensor(prefix_tokens), o = to_tensor(out);
     py::gil_scoped_release release;
-    mmkern::patch_embed_fwd_cpu(i, w, b, p, t, o, num_threads);
+    cpu().patch_embed_fwd(i, w, b, p, t, o, num_threads);
   });
   m.def("patch_embed_bwd_cpu", [](py::object grad_out, py::object images, py::object weight, py::object grad_images,
                                   py::object grad_weight, int64_t num_prefix, int num_threads) {
     Tensor go = to_tensor(grad_out), i = to_tensor(images), w = to_tensor(weight), gi = to_tensor(grad_images),
            gw = to_tensor(grad_weight);
     py::gil_scoped_release release;
-    mmkern::patch_embed_bwd_cpu(go, i, w, gi, gw, num_prefix, num_threads);
+    cpu().patch_embed_bwd(go, i, w, gi, gw, num_prefix, num_threads);
   });
 #ifdef MMKERN_WITH_CUDA
   m.def("patch_embed_fwd_cuda", [](py::object images, py::object weight, py::object bias, py::object pos_embed,
@@ -304,7 +323,7 @@ PYBIND11_MODULE(_C, m) {
     Tensor tq = to_tensor(q), tk = to_tensor(k), tv = to_tensor(v), tm = to_tensor(mask), tcq = to_tensor(cu_q),
            tck = to_tensor(cu_k), to = to_tensor(out), tl = to_tensor(lse);
     py::gil_scoped_release release;
-    mmkern::attention_fwd_cpu(tq, tk, tv, tm, tcq, tck, to, tl, max_len_q, max_len_k, scale, causal, windowed, left,
+    cpu().attention_fwd(tq, tk, tv, tm, tcq, tck, to, tl, max_len_q, max_len_k, scale, causal, windowed, left,
                               right, num_global, dropout_p, seed, num_threads);
   });
   m.def("attention_bwd_cpu", [](py::object q, py::object k, py::object v, py::object mask, py::object cu_q,
@@ -316,13 +335,13 @@ PYBIND11_MODULE(_C, m) {
            tck = to_tensor(cu_k), to = to_tensor(out), tgo = to_tensor(grad_out), tl = to_tensor(lse),
            tdq = to_tensor(dq), tdk = to_tensor(dk), tdv = to_tensor(dv), tdm = to_tensor(dmask);
     py::gil_scoped_release release;
-    mmkern::attention_bwd_cpu(tq, tk, tv, tm, tcq, tck, to, tgo, tl, tdq, tdk, tdv, tdm, max_len_q, max_len_k, scale,
+    cpu().attention_bwd(tq, tk, tv, tm, tcq, tck, to, tgo, tl, tdq, tdk, tdv, tdm, max_len_q, max_len_k, scale,
                               causal, windowed, left, right, num_global, dropout_p, seed, num_threads);
   });
   m.def("attention_dropout_mask_cpu", [](py::object keep, double dropout_p, int64_t seed, int num_threads) {
     Tensor t = to_tensor(keep);
     py::gil_scoped_release release;
-    mmkern::attention_dropout_mask_cpu(t, dropout_p, seed, num_threads);
+    cpu().attention_dropout_mask(t, dropout_p, seed, num_threads);
   });
 #ifdef MMKERN_WITH_CUDA
   m.def("attention_fwd_cuda", [](py::object q, py::object k, py::object v, py::object mask, py::object cu_q,
@@ -363,7 +382,7 @@ PYBIND11_MODULE(_C, m) {
                                   bool diagonal, py::object row_stats, py::object col_stats, int num_threads) {
     Tensor xt = to_tensor(x), yt = to_tensor(y), rs = to_tensor(row_stats), cs = to_tensor(col_stats);
     py::gil_scoped_release release;
-    mmkern::contrastive_fwd_cpu(xt, yt, scale, bias, mode, diagonal, rs, cs, num_threads);
+    cpu().contrastive_fwd(xt, yt, scale, bias, mode, diagonal, rs, cs, num_threads);
   });
   m.def("contrastive_bwd_cpu", [](py::object x, py::object y, double scale, double bias, int mode, bool diagonal,
                                   py::object row_lse, py::object col_lse, py::object gr, py::object gc, py::object dx,
@@ -371,7 +390,7 @@ PYBIND11_MODULE(_C, m) {
     Tensor xt = to_tensor(x), yt = to_tensor(y), rl = to_tensor(row_lse), cl = to_tensor(col_lse), g1 = to_tensor(gr),
            g2 = to_tensor(gc), dxt = to_tensor(dx), dyt = to_tensor(dy);
     py::gil_scoped_release release;
-    mmkern::contrastive_bwd_cpu(xt, yt, scale, bias, mode, diagonal, rl, cl, g1, g2, dxt, dyt, num_threads);
+    cpu().contrastive_bwd(xt, yt, scale, bias, mode, diagonal, rl, cl, g1, g2, dxt, dyt, num_threads);
   });
   m.def("contrastive_fused_cpu", [](py::object x, py::object y, double scale, double bias, int mode, bool diagonal,
                                     py::object row_stats, py::object col_stats, py::object dx, py::object dy,
@@ -379,7 +398,7 @@ PYBIND11_MODULE(_C, m) {
     Tensor xt = to_tensor(x), yt = to_tensor(y), rs = to_tensor(row_stats), cs = to_tensor(col_stats),
            dxt = to_tensor(dx), dyt = to_tensor(dy);
     py::gil_scoped_release release;
-    mmkern::contrastive_fused_cpu(xt, yt, scale, bias, mode, diagonal, rs, cs, dxt, dyt, num_threads);
+    cpu().contrastive_fused(xt, yt, scale, bias, mode, diagonal, rs, cs, dxt, dyt, num_threads);
   });
 #ifdef MMKERN_WITH_CUDA
   m.def("contrastive_fwd_cuda", [](py::object x, py::object y, py::object scale_bias, int mode, bool diagonal,

@@ -2,9 +2,14 @@
 
 `tensor_arg` is the one place that turns a torch tensor into the arguments native code takes: a data
 pointer, a dtype code, sizes, strides (in elements) and a device index. The native side never sees torch.
+
+The CPU kernels are compiled once per ISA level and run at the best level the CPU supports;
+`MMKERN_CPU_CAPABILITY=default|avx2|avx512|avx512_bf16` (read at import) runs them at a lower one.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -15,6 +20,15 @@ except ImportError as exc:  # a source checkout that was never built
     IMPORT_ERROR: str | None = f"mmkern._C could not be imported ({exc}); build it with `pip install -e .`"
 else:
     IMPORT_ERROR = None
+
+# Why the cpu backend cannot run, or None: the native module is missing, or MMKERN_CPU_CAPABILITY names a level
+# that is not compiled in or that this CPU cannot run (an error at first use, so that `mmkern info` still reports).
+CPU_ERROR: str | None = IMPORT_ERROR
+if _C is not None and os.environ.get("MMKERN_CPU_CAPABILITY"):
+    try:
+        _C.set_cpu_capability(os.environ["MMKERN_CPU_CAPABILITY"])
+    except ValueError as exc:
+        CPU_ERROR = f"MMKERN_CPU_CAPABILITY={os.environ['MMKERN_CPU_CAPABILITY']}: {exc}"
 
 # Must match csrc/include/mmkern/common.h DType.
 DTYPE_CODES = {

@@ -43,7 +43,7 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
     if backend == "cpu":
         if device_type != "cpu":
             return f"the cpu backend runs CPU tensors, got {device_type} tensors"
-        return _native.IMPORT_ERROR
+        return _native.CPU_ERROR
     if backend == "cuda":
         if _native.IMPORT_ERROR:
             return _native.IMPORT_ERROR
@@ -103,17 +103,49 @@ def resolve(backend: str | None, device: torch.device, cuda_default: str = "trit
     missing.
     """
     chosen = backend if backend is not None else selected_backend()
-    if chosen is None and device.type == "cpu" and _native.IMPORT_ERROR is None:
+    if chosen is None and device.type == "cpu" and _native.CPU_ERROR is None:
         return "cpu"  # the common case, first: this runs on every op call
     if chosen is None:
         if device.type == "cuda":
             chosen = cuda_default if unavailable_reason(cuda_default, "cuda") is None else "reference"
+        elif device.type == "cpu" and _native.IMPORT_ERROR is None:
+            chosen = "cpu"  # a bad MMKERN_CPU_CAPABILITY: the error below, not a silent fallback
         else:
             chosen = "reference"
     reason = unavailable_reason(chosen, device.type)
     if reason is not None:
         raise ValueError(f"backend: {chosen!r} is not available: {reason}")
     return chosen
+
+
+def cpu_capability() -> str:
+    """The ISA level the CPU kernels run at: 'default' (portable C++), 'avx2' (AVX2 + FMA), 'avx512' or
+    'avx512_bf16'."""
+    return _native.native().cpu_capability()
+
+
+def cpu_capabilities() -> list[str]:
+    """The levels compiled in that this CPU can run, best first."""
+    return _native.native().supported_cpu_capabilities()
+
+
+def use_cpu_capability(level: str):
+    """Runs the CPU kernels at `level` until changed; usable as a context manager that restores the previous one.
+
+    A level above what the CPU supports, or one not compiled in, is a ValueError.
+    """
+    _C = _native.native()
+    previous = _C.cpu_capability()
+    _C.set_cpu_capability(level)
+
+    @contextlib.contextmanager
+    def restore():
+        try:
+            yield
+        finally:
+            _C.set_cpu_capability(previous)
+
+    return restore()
 
 
 def availability() -> dict[str, str | None]:

@@ -33,8 +33,9 @@ def info() -> str:
     else:
         lines.append("GPU none visible to torch")
     if _native._C is not None:
-        lines.append(f"native module: CPU kernels compiled for [{_native._C.compiled_isa()}]")
-        lines.append(f"CPU features: {_native._C.cpu_features()}")
+        level = _native.CPU_ERROR or _native._C.cpu_capability()
+        lines.append(f"CPU kernels: running at {level}; compiled in: {', '.join(_native._C.cpu_capabilities())}")
+        lines.append(f"CPU: {_cpu_model()}; features: {_native._C.cpu_features() or 'none of note'}")
         archs = _native._C.cuda_archs()
         lines.append(f"CUDA kernels: {'sm_' + ', sm_'.join(archs.split(';')) if archs else 'not compiled'}")
     else:
@@ -43,6 +44,17 @@ def info() -> str:
     for backend, reason in backends.availability().items():
         lines.append(f"  {backend:<9} {'available' if reason is None else 'unavailable: ' + reason}")
     return "\n".join(lines)
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what the platform module says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _load_benchmark(op: str):

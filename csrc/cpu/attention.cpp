@@ -27,8 +27,9 @@
 #include "mmkern/attention.h"
 #include "mmkern/attention_cpu.h"
 #include "mmkern/common.h"
+#include "mmkern/cpu_kernels.h"
 
-namespace mmkern {
+MMKERN_CPU_BEGIN
 
 namespace {
 
@@ -684,4 +685,4 @@ void attention_dropout_mask_cpu(const Tensor& keep, double dropout_p, int64_t se
         out[(bh * L + i) * S + j] = attn::dropout_keep(static_cast<uint64_t>(seed), bh, i, j, p) ? 1 : 0;
 }
 
-}  // namespace mmkern
+MMKERN_CPU_END

@@ -21,11 +21,12 @@
 #include <vector>
 
 #include "mmkern/common.h"
+#include "mmkern/cpu_kernels.h"
 #include "mmkern/contrastive.h"
 #include "mmkern/contrastive_cpu.h"
 #include "mmkern/cpu_gemm.h"
 
-namespace mmkern {
+MMKERN_CPU_BEGIN
 
 namespace {
 
@@ -432,4 +433,4 @@ void contrastive_fused_cpu(const Tensor& x, const Tensor& y, double scale, doubl
   gradients(p, x, y, w, dx.ptr<float>(), dy.ptr<float>(), num_threads, &fused);
 }
 
-}  // namespace mmkern
+MMKERN_CPU_END

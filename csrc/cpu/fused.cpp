@@ -23,9 +23,10 @@
 #endif
 
 #include "mmkern/common.h"
+#include "mmkern/cpu_kernels.h"
 #include "mmkern/fused.h"
 
-namespace mmkern {
+MMKERN_CPU_BEGIN
 
 namespace {
 
@@ -497,4 +498,4 @@ void add_layer_norm_bwd_cpu(const Tensor& grad_out, const Tensor& grad_sum, cons
   });
 }
 
-}  // namespace mmkern
+MMKERN_CPU_END

@@ -12,10 +12,11 @@
 #include <vector>
 
 #include "mmkern/common.h"
+#include "mmkern/cpu_kernels.h"
 #include "mmkern/cpu_gemm.h"
 #include "mmkern/patch_embed.h"
 
-namespace mmkern {
+MMKERN_CPU_BEGIN
 
 namespace {
 
@@ -252,4 +253,4 @@ void patch_embed_bwd_cpu(const Tensor& grad_out, const Tensor& images, const Ten
   });
 }
 
-}  // namespace mmkern
+MMKERN_CPU_END

@@ -21,9 +21,11 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#include "mmkern/cpu_kernels.h"
 #endif
 
-namespace mmkern::attn_cpu {
+MMKERN_CPU_BEGIN
+namespace attn_cpu {
 
 using simd::hmax;
 using simd::hsum;
@@ -568,4 +570,5 @@ struct Workspace {
   }
 };
 
-}  // namespace mmkern::attn_cpu
+}  // namespace attn_cpu
+MMKERN_CPU_END

@@ -17,8 +17,10 @@
 #include "mmkern/contrastive.h"
 #include "mmkern/cpu_gemm.h"
 #include "mmkern/simd_cpu.h"
+#include "mmkern/cpu_kernels.h"
 
-namespace mmkern::contrastive_cpu {
+MMKERN_CPU_BEGIN
+namespace contrastive_cpu {
 
 using cpu::kKC;
 using cpu::kMR;
@@ -257,4 +259,5 @@ inline void for_each_tile(int64_t rows, int64_t cols, const F& body) {
   }
 }
 
-}  // namespace mmkern::contrastive_cpu
+}  // namespace contrastive_cpu
+MMKERN_CPU_END

@@ -20,8 +20,10 @@
 #endif
 
 #include "mmkern/common.h"
+#include "mmkern/cpu_kernels.h"
 
-namespace mmkern::cpu {
+MMKERN_CPU_BEGIN
+namespace cpu {
 
 // Micro tile: kMR rows x kNR columns of C held in registers (16 accumulators of 16 lanes with AVX-512,
 // leaving registers for the two B vectors and the A broadcast).
@@ -362,4 +364,5 @@ inline bool bf16_dot_is_faster() {
 }
 #endif  // __AVX512BF16__
 
-}  // namespace mmkern::cpu
+}  // namespace cpu
+MMKERN_CPU_END

@@ -3,8 +3,10 @@
 #pragma once
 
 #include <cstdint>
+#include "mmkern/cpu_kernels.h"
 
-namespace mmkern::simd {
+MMKERN_CPU_BEGIN
+namespace simd {
 
 typedef float vf16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
@@ -26,4 +28,5 @@ inline float reduce16(vf16 x) {
 inline float hmax(vf16 x) { return reduce16<true>(x); }
 inline float hsum(vf16 x) { return reduce16<false>(x); }
 
-}  // namespace mmkern::simd
+}  // namespace simd
+MMKERN_CPU_END

@@ -1,0 +1,105 @@
+// The CPU kernels' entry points, compiled once per ISA level into one module and chosen at run time.
+//
+// setup.py builds every csrc/cpu/*.cpp once per level of the target architecture (x86-64: default, avx2,
+// avx512, avx512_bf16; elsewhere: default), each with that level's compiler flags and MMKERN_CPU_NS set to
+// cpu_<level>. Everything those files define lives in the inline namespace mmkern::cpu_<level>, so the four
+// builds of one kernel never share a symbol: an AVX-512 copy of a helper cannot stand in for the AVX2 copy that
+// an AVX2 machine calls. (Inline functions of the shared headers and of the C++ library are emitted in every
+// object that uses them, and the linker keeps the first copy it sees; setup.py links the levels in ascending
+// order after bindings.cpp, so that copy is always one that every caller can run.) Each level exports one
+// CpuKernels table (csrc/cpu/kernels.cpp); csrc/bindings.cpp picks the table of the best level this CPU
+// supports, or the one MMKERN_CPU_CAPABILITY names.
+#pragma once
+
+#include <cstdint>
+
+#include "mmkern/common.h"
+
+namespace mmkern {
+
+// Entry-point signatures (the definitions are in csrc/cpu/<op>.cpp). `num_threads` OpenMP threads each.
+namespace cpu_entry {
+using ContrastiveFwd = void(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
+                            const Tensor& row_stats, const Tensor& col_stats, int num_threads);
+using ContrastiveBwd = void(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
+                            const Tensor& row_lse, const Tensor& col_lse, const Tensor& gr, const Tensor& gc,
+                            const Tensor& dx, const Tensor& dy, int num_threads);
+using ContrastiveFused = void(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
+                              const Tensor& row_stats, const Tensor& col_stats, const Tensor& dx, const Tensor& dy,
+                              int num_threads);
+using BiasGeluFwd = void(const Tensor& x, const Tensor& bias, const Tensor& out, int kind, int num_threads);
+using BiasGeluBwd = void(const Tensor& grad_out, const Tensor& x, const Tensor& bias, const Tensor& grad_x,
+                         const Tensor& grad_bias, int kind, int num_threads);
+using AddLayerNormFwd = void(const Tensor& x, const Tensor& residual, const Tensor& weight, const Tensor& bias,
+                             const Tensor& sum_out, const Tensor& out, const Tensor& mean, const Tensor& rstd,
+                             double eps, int num_threads);
+using AddLayerNormBwd = void(const Tensor& grad_out, const Tensor& grad_sum, const Tensor& s, const Tensor& weight,
+                             const Tensor& mean, const Tensor& rstd, const Tensor& grad_x, const Tensor& grad_weight,
+                             const Tensor& grad_bias, int num_threads);
+using PatchEmbedFwd = void(const Tensor& images, const Tensor& weight, const Tensor& bias, const Tensor& pos_embed,
+                           const Tensor& prefix_tokens, const Tensor& out, int num_threads);
+using PatchEmbedBwd = void(const Tensor& grad_out, const Tensor& images, const Tensor& weight,
+                           const Tensor& grad_images, const Tensor& grad_weight, int64_t num_prefix, int num_threads);
+using AttentionFwd = void(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& cu_q,
+                          const Tensor& cu_k, const Tensor& out, const Tensor& lse, int64_t max_len_q,
+                          int64_t max_len_k, double scale, bool causal, bool windowed, int64_t left, int64_t right,
+                          int64_t num_global, double dropout_p, int64_t seed, int num_threads);
+using AttentionBwd = void(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& cu_q,
+                          const Tensor& cu_k, const Tensor& out, const Tensor& grad_out, const Tensor& lse,
+                          const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dmask,
+                          int64_t max_len_q, int64_t max_len_k, double scale, bool causal, bool windowed, int64_t left,
+                          int64_t right, int64_t num_global, double dropout_p, int64_t seed, int num_threads);
+using AttentionDropoutMask = void(const Tensor& keep, double dropout_p, int64_t seed, int num_threads);
+}  // namespace cpu_entry
+
+// One ISA level's build of every CPU kernel.
+struct CpuKernels {
+  const char* level;  // "default", "avx2", "avx512", "avx512_bf16"
+  cpu_entry::ContrastiveFwd* contrastive_fwd;
+  cpu_entry::ContrastiveBwd* contrastive_bwd;
+  cpu_entry::ContrastiveFused* contrastive_fused;
+  cpu_entry::BiasGeluFwd* bias_gelu_fwd;
+  cpu_entry::BiasGeluBwd* bias_gelu_bwd;
+  cpu_entry::AddLayerNormFwd* add_layer_norm_fwd;
+  cpu_entry::AddLayerNormBwd* add_layer_norm_bwd;
+  cpu_entry::PatchEmbedFwd* patch_embed_fwd;
+  cpu_entry::PatchEmbedBwd* patch_embed_bwd;
+  cpu_entry::AttentionFwd* attention_fwd;
+  cpu_entry::AttentionBwd* attention_bwd;
+  cpu_entry::AttentionDropoutMask* attention_dropout_mask;
+};
+
+// The tables compiled in, lowest level first.
+extern const CpuKernels cpu_kernels_default;
+#if defined(__x86_64__)
+extern const CpuKernels cpu_kernels_avx2;
+extern const CpuKernels cpu_kernels_avx512;
+extern const CpuKernels cpu_kernels_avx512_bf16;
+#endif
+
+}  // namespace mmkern
+
+// In the files built per level: code of that level goes between MMKERN_CPU_BEGIN and MMKERN_CPU_END.
+#if defined(MMKERN_CPU_NS)
+#define MMKERN_CPU_BEGIN \
+  namespace mmkern {     \
+  inline namespace MMKERN_CPU_NS {
+#define MMKERN_CPU_END \
+  }                    \
+  }
+
+MMKERN_CPU_BEGIN
+cpu_entry::ContrastiveFwd contrastive_fwd_cpu;
+cpu_entry::ContrastiveBwd contrastive_bwd_cpu;
+cpu_entry::ContrastiveFused contrastive_fused_cpu;
+cpu_entry::BiasGeluFwd bias_gelu_fwd_cpu;
+cpu_entry::BiasGeluBwd bias_gelu_bwd_cpu;
+cpu_entry::AddLayerNormFwd add_layer_norm_fwd_cpu;
+cpu_entry::AddLayerNormBwd add_layer_norm_bwd_cpu;
+cpu_entry::PatchEmbedFwd patch_embed_fwd_cpu;
+cpu_entry::PatchEmbedBwd patch_embed_bwd_cpu;
+cpu_entry::AttentionFwd attention_fwd_cpu;
+cpu_entry::AttentionBwd attention_bwd_cpu;
+cpu_entry::AttentionDropoutMask attention_dropout_mask_cpu;
+MMKERN_CPU_END
+#endif
