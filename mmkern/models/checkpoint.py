@@ -102,11 +102,13 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 
 
 def load_torch_data(path: str | os.PathLike, hint: str = "") -> Any:
-    """torch.load(path, weights_only=True): tensors and plain Python data only; a pickled object in the file is
-    refused, never constructed or run. A missing file is FileNotFoundError; a refused, truncated or corrupted one
-    a ValueError naming it (`hint`, e.g. how to convert an old file, is appended to the refusal)."""
+    """torch.load(path, weights_only=True): tensors (on the CPU) and plain Python data only; a pickled object in
+    the file is refused, never constructed or run. A missing file is FileNotFoundError; a refused, truncated or
+    corrupted one a ValueError naming it (`hint`, e.g. how to convert an old file, is appended to the refusal)."""
     try:
-        return torch.load(path, weights_only=True)
+        # map_location: a file saved from a GPU still loads on a machine without one (or on another rank's GPU);
+        # optimizer.load_state_dict moves its state to the parameters' device
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as e:  # what weights_only raises for anything but plain data
