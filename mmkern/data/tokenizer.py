@@ -67,14 +67,24 @@ class WordTokenizer:
         return ids, ids != self.pad_id
 
     def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            json.dump({"vocab": self.itos}, f)
+        """JSON {"vocab": [...]}, written to a temporary file and renamed, so a crash never leaves a torn one."""
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"vocab": self.itos}, f)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> WordTokenizer:
-        with open(path) as f:
-            itos = json.load(f)["vocab"]
-        if tuple(itos[: len(SPECIALS)]) != SPECIALS:
+        try:
+            with open(path) as f:
+                itos = json.load(f)["vocab"]
+        except (ValueError, KeyError, TypeError) as e:  # bad JSON or UTF-8, or no "vocab" list in it
+            raise ValueError(f"path: {path} is not a WordTokenizer vocabulary, it is truncated or corrupted") from e
+        if not isinstance(itos, list) or tuple(itos[: len(SPECIALS)]) != SPECIALS:
             raise ValueError(f"path: {path} is not a WordTokenizer vocabulary")
         tok = cls(itos)
         tok.itos, tok.stoi = itos, {w: i for i, w in enumerate(itos)}

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmkern.models.checkpoint import load_torch_data, read_safetensors
 from mmkern.models.convert import text_from_bert
 from mmkern.models.text import TextTransformer
 
@@ -60,13 +61,18 @@ class SentenceEncoder(nn.Module):
         return torch.cat(out) if out else torch.empty(0, self.encoder.config.width)
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
+        raise ValueError(f"model_dir: {path} is not valid JSON, it is truncated or corrupted ({e})") from e
+
+
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / "model.safetensors").exists():
-        from safetensors.torch import load_file
-
-        return load_file(str(folder / "model.safetensors"))
-    if (folder / "pytorch_model.bin").exists():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return read_safetensors(folder / "model.safetensors")[0]
+    if (folder / "pytorch_model.bin").exists():  # a pickle: read as tensors and plain containers only
+        return load_torch_data(folder / "pytorch_model.bin")
     raise ValueError(f"model_dir: no model.safetensors or pytorch_model.bin in {folder}")
 
 
@@ -75,13 +81,13 @@ def load_sentence_encoder(model_dir: str | Path) -> SentenceEncoder:
     from tokenizers import Tokenizer
 
     root = Path(model_dir)
-    modules = json.loads((root / "modules.json").read_text())
+    modules = _read_json(root / "modules.json")
     kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
     unsupported = [k for k in kinds if k not in ("Transformer", "Pooling", "Normalize")]
     if unsupported or kinds[:2] != ["Transformer", "Pooling"]:
         raise ValueError(f"model_dir: expected modules Transformer, Pooling[, Normalize], got {kinds}")
     tf_dir = root / modules[0]["path"]
-    pool_cfg = json.loads((root / modules[1]["path"] / "config.json").read_text())
+    pool_cfg = _read_json(root / modules[1]["path"] / "config.json")
     pooling = [mode for mode in _POOLING_MODES if pool_cfg.get(f"pooling_mode_{mode}")]
     if not pooling or any(
         pool_cfg.get(k)
@@ -89,12 +95,15 @@ def load_sentence_encoder(model_dir: str | Path) -> SentenceEncoder:
         if k.startswith("pooling_mode_") and k.removeprefix("pooling_mode_") not in _POOLING_MODES
     ):
         raise ValueError(f"model_dir: unsupported pooling config {pool_cfg}")
-    hf_config = json.loads((tf_dir / "config.json").read_text())
+    hf_config = _read_json(tf_dir / "config.json")
     encoder = text_from_bert(_read_weights(tf_dir), hf_config, pool="none").eval()
     st_cfg_path = tf_dir / "sentence_bert_config.json"
-    st_cfg = json.loads(st_cfg_path.read_text()) if st_cfg_path.exists() else {}
+    st_cfg = _read_json(st_cfg_path) if st_cfg_path.exists() else {}
     max_length = min(st_cfg.get("max_seq_length") or encoder.config.context_length, encoder.config.context_length)
-    tokenizer = Tokenizer.from_file(str(tf_dir / "tokenizer.json"))
+    try:
+        tokenizer = Tokenizer.from_file(str(tf_dir / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception that does not name the file
+        raise ValueError(f"model_dir: cannot read {tf_dir / 'tokenizer.json'} ({e})") from e
     tokenizer.enable_truncation(max_length=max_length)
     pad_id = hf_config.get("pad_token_id", 0)
     tokenizer.enable_padding(pad_id=pad_id, pad_token=tokenizer.id_to_token(pad_id) or "[PAD]")

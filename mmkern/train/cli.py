@@ -26,7 +26,12 @@ def _add_fields(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def _config(cls, args: argparse.Namespace):
-    values = json.loads(Path(args.config).read_text()) if args.config else {}
+    try:
+        values = json.loads(Path(args.config).read_text()) if args.config else {}
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
+        raise SystemExit(f"--config: {args.config} is not valid JSON ({e})") from e
+    if not isinstance(values, dict):
+        raise SystemExit(f"--config: {args.config} holds a JSON {type(values).__name__}, not an object of fields")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - known
     if unknown:
