@@ -43,7 +43,7 @@ using attn_cpu::padded_ld;
 using attn_cpu::prefetch_rows;
 using attn_cpu::rows_fp32;
 using attn_cpu::transpose_to;
-using attn_cpu::vf16;
+using attn_cpu::vf;
 using attn_cpu::write_rows;
 
 constexpr int64_t kBM = 128;  // most queries per block: the S tile (kBM x kBN fp32, 128 KiB) stays in L2
@@ -411,17 +411,17 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
       }
     } else {
       const float shift = -lse * kLog2e;
-      vf16 pdp = vf16{};
+      vf pdp = vf{};
       for (int64_t j = 0; j < bn; j += kLanes) {
         const int n = static_cast<int>(std::min<int64_t>(kLanes, bn - j));
-        const vf16 p = attn_cpu::exp2v(attn_cpu::load_n(srow + j, n) * kLog2e + shift);
+        const vf p = attn_cpu::exp2v(attn_cpu::load_n(srow + j, n) * kLog2e + shift);
         attn_cpu::store_n(srow + j, p, n);
         pdp += p * attn_cpu::load_n(drow + j, n);  // lanes past bn: dP loads 0
       }
       const float delta = w.delta_in_tile ? attn_cpu::hsum(pdp) : w.delta[i];
       for (int64_t j = 0; j < bn; j += kLanes) {
         const int n = static_cast<int>(std::min<int64_t>(kLanes, bn - j));
-        const vf16 p = attn_cpu::load_n(srow + j, n) * ds_scale;
+        const vf p = attn_cpu::load_n(srow + j, n) * ds_scale;
         attn_cpu::store_n(drow + j, p * (attn_cpu::load_n(drow + j, n) - delta), n);
       }
     }

@@ -1,4 +1,4 @@
-// Memory-flat contrastive losses on the CPU: tiles of d = X Y^T are computed with the packed AVX-512 GEMM
+// Memory-flat contrastive losses on the CPU: tiles of d = X Y^T are computed with the packed GEMM
 // of cpu_gemm.h and reduced on the spot into O(B) row / column statistics (see contrastive.h); backward
 // recomputes each tile once, turns it into dL/dz in place and multiplies it into both feature gradients.
 //
@@ -46,20 +46,20 @@ constexpr int64_t kFusedMaxLogits = int64_t{1} << 18;
 constexpr float kSharedRange = 40.f;
 
 // Forward statistics of one CLIP tile with one exp per logit: rows and columns merge the same exp(z - M).
-// z_at(i, c): 16 logits of row i from column 16c (-inf past jn). cmax / cl / ce: kBN floats of scratch.
+// z_at(i, c): kLanes logits of row i from column c kLanes (-inf past jn). cmax / cl / ce: kBN floats of scratch.
 // Returns false, touching nothing, when the tile's spread needs separate shifts.
 template <class Z>
 bool rows_cols_shared_shift(const float* S, int64_t im, int64_t jn, const Z& z_at, SoftmaxState* rows,
                             SoftmaxState* cols, float* cmax, float* cl, float* ce) {
-  const int64_t chunks = (jn + 15) / 16;
-  for (int64_t c = 0; c < chunks; ++c) store(cmax + c * 16, splat(-INFINITY));
+  const int64_t chunks = (jn + kLanes - 1) / kLanes;
+  for (int64_t c = 0; c < chunks; ++c) store(cmax + c * kLanes, splat(-INFINITY));
   float M = -INFINITY, lo = INFINITY;
   for (int64_t i = 0; i < im; ++i) {
-    v16 vm = splat(-INFINITY);
+    vf vm = splat(-INFINITY);
     for (int64_t c = 0; c < chunks; ++c) {
-      const v16 z = z_at(i, c);
+      const vf z = z_at(i, c);
       vm = vmax(z, vm);
-      store(cmax + c * 16, vmax(z, load(cmax + c * 16)));
+      store(cmax + c * kLanes, vmax(z, load(cmax + c * kLanes)));
     }
     const float m = hmax(vm);
     M = m > M ? m : M;
@@ -68,17 +68,17 @@ bool rows_cols_shared_shift(const float* S, int64_t im, int64_t jn, const Z& z_a
   for (int64_t j = 0; j < jn; ++j) lo = cmax[j] < lo ? cmax[j] : lo;
   if (!(M - lo <= kSharedRange)) return false;  // also false for NaN and infinities
   for (int64_t c = 0; c < chunks; ++c) {
-    store(cl + c * 16, v16{});
-    store(ce + c * 16, v16{});
+    store(cl + c * kLanes, vf{});
+    store(ce + c * kLanes, vf{});
   }
   for (int64_t i = 0; i < im; ++i) {
-    v16 vl = {}, ve = {};
+    vf vl = {}, ve = {};
     for (int64_t c = 0; c < chunks; ++c) {
-      const v16 d = load(S + i * kBN + c * 16), p = vexp(z_at(i, c) - M);
+      const vf d = load(S + i * kBN + c * kLanes), p = vexp(z_at(i, c) - M);
       vl += p;
       ve += p * d;
-      store(cl + c * 16, load(cl + c * 16) + p);
-      store(ce + c * 16, load(ce + c * 16) + p * d);
+      store(cl + c * kLanes, load(cl + c * kLanes) + p);
+      store(ce + c * kLanes, load(ce + c * kLanes) + p * d);
     }
     softmax_merge(rows[i], M, hsum(vl), hsum(ve));
   }
@@ -103,7 +103,7 @@ int team_size(const Shape& sh, int num_threads) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, (sh.B + kBM - 1) / kBM)));
 }
 
-// Mask added to z: 0 for valid columns of a tile, -inf for the padding up to 16 lanes.
+// Mask added to z: 0 for valid columns of a tile, -inf for the padding to whole vectors.
 void column_mask(int64_t jn, float* neg) {
   for (int64_t j = 0; j < kBN; ++j) neg[j] = j < jn ? 0.f : -INFINITY;
 }
@@ -152,23 +152,23 @@ void forward_tile(const Problem& p, const float* S, int64_t i0, int64_t im, int6
   const float s = p.s, b = p.b;
   float *neg = work, *cm = work + kBN, *ca = work + 2 * kBN, *cl = work + 3 * kBN, *ce = work + 4 * kBN;
   column_mask(jn, neg);
-  const int64_t chunks = (jn + 15) / 16;
-  auto z_at = [&](int64_t i, int64_t c) { return load(&S[i * kBN + c * 16]) * s + b + load(&neg[c * 16]); };
+  const int64_t chunks = (jn + kLanes - 1) / kLanes;
+  auto z_at = [&](int64_t i, int64_t c) { return load(&S[i * kBN + c * kLanes]) * s + b + load(&neg[c * kLanes]); };
   if (mode == kRowsCols && rows_cols_shared_shift(S, im, jn, z_at, &st.rows[i0], &st.cols[j0], cm, cl, ce)) return;
   for (int64_t i = 0; i < im; ++i) {
     const float* d = &S[i * kBN];
     if (mode == kSigmoid) {
-      // The row's positive (if in this tile) leaves the 16-lane sums (z = -inf adds 0) and is added
+      // The row's positive (if in this tile) leaves the vector sums (z = -inf adds 0) and is added
       // exactly: softplus(-z), no cancellation.
       const int64_t jd = p.diagonal ? i0 + i - j0 : -1;
       const bool has_pos = jd >= 0 && jd < jn;
       if (has_pos) neg[jd] = -INFINITY;
-      v16 vp = {}, vd = {}, vg = {};
+      vf vp = {}, vd = {}, vg = {};
       for (int64_t c = 0; c < chunks; ++c) {
-        const v16 z = z_at(i, c);
-        const v16 g = 1.f / (1.f + vexp(-z));
+        const vf z = z_at(i, c);
+        const vf g = 1.f / (1.f + vexp(-z));
         vp += (z > 0.f ? z : splat(0.f)) + vlog1p(vexp(z < 0.f ? z : -z));
-        vd += g * load(d + c * 16);
+        vd += g * load(d + c * kLanes);
         vg += g;
       }
       float sp = hsum(vp), sd = hsum(vd), sg = hsum(vg);
@@ -184,46 +184,44 @@ void forward_tile(const Problem& p, const float* S, int64_t i0, int64_t im, int6
       st.sig[2 * p.sh.B + i0 + i] += sg;
       continue;
     }
-    v16 vm = splat(-INFINITY);
+    vf vm = splat(-INFINITY);
     for (int64_t c = 0; c < chunks; ++c) vm = vmax(z_at(i, c), vm);
     SoftmaxState& row = st.rows[i0 + i];
     const float mt = hmax(vm), m = row.m > mt ? row.m : mt;
     const float a = row.m == -INFINITY ? 0.f : expf(row.m - m);
-    v16 vl = {}, ve = {};
+    vf vl = {}, ve = {};
     for (int64_t c = 0; c < chunks; ++c) {
-      const v16 e = vexp(z_at(i, c) - m);
+      const vf e = vexp(z_at(i, c) - m);
       vl += e;
-      ve += e * load(d + c * 16);
+      ve += e * load(d + c * kLanes);
     }
     row.l = row.l * a + hsum(vl);
     row.e = row.e * a + hsum(ve);
     row.m = m;
   }
   if (mode != kRowsCols) return;
-  // Columns: tile max, then one pass of exp against the merged max, 16 columns per vector.
+  // Columns: tile max, then one pass of exp against the merged max, a vector of columns at a time.
   for (int64_t c = 0; c < chunks; ++c) {
-    v16 vm = splat(-INFINITY);
+    vf vm = splat(-INFINITY);
     for (int64_t i = 0; i < im; ++i) vm = vmax(z_at(i, c), vm);
-    for (int k = 0; k < 16; ++k) cm[c * 16 + k] = vm[k];
+    store(cm + c * kLanes, vm);
   }
-  for (int64_t j = 0; j < chunks * 16; ++j) {
+  for (int64_t j = 0; j < chunks * kLanes; ++j) {
     const SoftmaxState col = j < jn ? st.cols[j0 + j] : softmax_init();
     const float m = col.m > cm[j] ? col.m : cm[j];
     ca[j] = col.m == -INFINITY ? 0.f : expf(col.m - m);
     cm[j] = j < jn ? m : 0.f;
   }
   for (int64_t c = 0; c < chunks; ++c) {
-    v16 vl = {}, ve = {};
-    const v16 m = load(&cm[c * 16]);
+    vf vl = {}, ve = {};
+    const vf m = load(&cm[c * kLanes]);
     for (int64_t i = 0; i < im; ++i) {
-      const v16 e = vexp(z_at(i, c) - m);
+      const vf e = vexp(z_at(i, c) - m);
       vl += e;
-      ve += e * load(&S[i * kBN + c * 16]);
+      ve += e * load(&S[i * kBN + c * kLanes]);
     }
-    for (int k = 0; k < 16; ++k) {
-      cl[c * 16 + k] = vl[k];
-      ce[c * 16 + k] = ve[k];
-    }
+    store(cl + c * kLanes, vl);
+    store(ce + c * kLanes, ve);
   }
   for (int64_t j = 0; j < jn; ++j) {
     SoftmaxState& col = st.cols[j0 + j];
@@ -252,7 +250,7 @@ void backward_tile(const Problem& p, float* S, int64_t i0, int64_t im, int64_t j
     tl[j] = w.cl && j < jn ? w.cl[j0 + j] : 0.f;
     tg[j] = w.gc && j < jn ? w.gc[j0 + j] : 0.f;
   }
-  const int64_t chunks = (jn + 15) / 16;
+  const int64_t chunks = (jn + kLanes - 1) / kLanes;
   // SigLIP positives (i == j) use -sigmoid(-z) in place of sigmoid(z) - 1, which would cancel.
   std::vector<std::pair<int64_t, float>> positives;
   if (mode == kSigmoid && p.diagonal)
@@ -274,20 +272,23 @@ void backward_tile(const Problem& p, float* S, int64_t i0, int64_t im, int64_t j
   for (int64_t i = 0; i < im; ++i) {
     const float r = w.rl[i0 + i], g = w.gr[i0 + i], u = shared ? g * expf(M - r) : 0.f;
     for (int64_t c = 0; c < chunks; ++c) {
-      float* d = &S[i * kBN + c * 16];
-      const v16 z = load(d) * s + b + load(&neg[c * 16]);
-      v16 G;
+      float* d = &S[i * kBN + c * kLanes];
+      const vf z = load(d) * s + b + load(&neg[c * kLanes]);
+      vf G;
       if (mode == kSigmoid) {
         G = g / (1.f + vexp(-z));
       } else if (shared) {
-        G = vexp(z - M) * (u + load(&tw[c * 16]));
+        G = vexp(z - M) * (u + load(&tw[c * kLanes]));
       } else {
         G = g * vexp(z - r);
-        if (mode == kRowsCols) G += load(&tg[c * 16]) * vexp(z - load(&tl[c * 16]));
+        if (mode == kRowsCols) G += load(&tg[c * kLanes]) * vexp(z - load(&tl[c * kLanes]));
       }
       store(d, G);
-      std::memcpy(gt_at(i, c * 16), &G, 8 * sizeof(float));
-      std::memcpy(gt_at(i, c * 16 + 8), reinterpret_cast<const float*>(&G) + 8, 8 * sizeof(float));
+      for (int l = 0; l < kLanes;) {  // the vector's columns in runs that lie in one GT panel
+        const int64_t j = c * kLanes + l, run = std::min<int64_t>(kLanes - l, kMR - j % kMR);
+        std::memcpy(gt_at(i, j), reinterpret_cast<const float*>(&G) + l, run * sizeof(float));
+        l += static_cast<int>(run);
+      }
     }
   }
   for (const auto& [i, g] : positives) S[(i - i0) * kBN + i - j0] = *gt_at(i - i0, i - j0) = g;

@@ -5,8 +5,8 @@
 // Attention tiles are small and ragged (a ViT head is 197 x 197 x 64, a demo head 17 x 17 x 16), so the
 // products here never pack or pad their operands: A is read row by row (or as its transpose), B row by row
 // with any row stride, and the last column vector of a tile is a masked load/store, so N = 17 costs two
-// vectors, not a 32-wide padded panel. Written on GCC vector types (16 fp32 lanes); AVX-512 intrinsics
-// only for masked loads/stores and the exponent scaling, with a portable fallback for other targets.
+// vectors, not a 32-wide padded panel. Written on the vector type of the ISA level (simd_cpu.h); the micro-tiles'
+// height follows the level's register count, the transposes have an AVX-512 and an AVX2 shuffle network.
 #pragma once
 
 #include <algorithm>
@@ -17,115 +17,46 @@
 #include <vector>
 
 #include "mmkern/attention.h"
-#include "mmkern/simd_cpu.h"
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
 #include "mmkern/cpu_kernels.h"
-#endif
+#include "mmkern/simd_cpu.h"
 
 MMKERN_CPU_BEGIN
 namespace attn_cpu {
 
+using simd::exp2v;
 using simd::hmax;
 using simd::hsum;
+using simd::kLanes;
+using simd::kLineFloats;
+using simd::kLog2e;
+using simd::lanes_below;
+using simd::load;
+using simd::load_n;
+using simd::load_tail;
 using simd::splat;
-using simd::vf16;
-using simd::vi16;
-constexpr int kLanes = 16;
-
-inline vf16 load16(const float* p) {
-  vf16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
-
-// Lanes [0, n) of p (n in 1..16); the other lanes are `fill` and their memory is never touched.
-inline vf16 load_tail(const float* p, int n, float fill = 0.f) {
-#if defined(__AVX512F__)
-  return (vf16)_mm512_mask_loadu_ps(_mm512_set1_ps(fill), static_cast<__mmask16>((1u << n) - 1u), p);
-#else
-  float buf[kLanes];
-  for (int j = 0; j < kLanes; ++j) buf[j] = j < n ? p[j] : fill;
-  return load16(buf);
-#endif
-}
-inline void store_tail(float* p, vf16 v, int n) {
-#if defined(__AVX512F__)
-  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1u), (__m512)v);
-#else
-  float buf[kLanes];
-  store16(buf, v);
-  std::memcpy(p, buf, sizeof(float) * n);
-#endif
-}
-// Lanes j < n set.
-inline vi16 lanes_below(int n) {
-  const vi16 iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  return iota < n;
-}
-inline vf16 load_n(const float* p, int n, float fill = 0.f) { return n >= kLanes ? load16(p) : load_tail(p, n, fill); }
-inline void store_n(float* p, vf16 v, int n) {
-  if (n >= kLanes)
-    store16(p, v);
-  else
-    store_tail(p, v, n);
-}
-
-// 2^t = 2^f 2^n with n = floor(t) and f = t - n in [0, 1), 2^f by a degree-5 polynomial (relative error < 2e-7
-// evaluated in fp32, far inside the fp32 tolerance of 2e-5; a degree more costs ~8% of the exp). AVX-512 forms f
-// in one vreduceps and scales by 2^floor(t) in vscalefps, which floors its exponent operand itself: 3 vector
-// operations fewer than clamping, rounding and subtracting (the softmax's exp -17%). t < -126 gives exactly 0
-// (also t = -inf, so masked scores vanish) without ever forming a subnormal: an underflowing scale costs a
-// microcode assist of ~100 cycles per vector, which made masked rows 3x slower. t >= 128 gives inf, NaN stays
-// NaN. Softmax callers pass t = (x - shift) log2(e) as one fused multiply-add.
-inline vf16 exp2v(vf16 t) {
-#if defined(__AVX512F__)
-  const vf16 f = (vf16)_mm512_reduce_ps((__m512)t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // reduce(+-inf) = 0
-#else
-  const vf16 tc = t < -127.f ? splat(-127.f) : (t > 128.f ? splat(128.f) : t);  // NaN compares false: kept
-  vf16 n = (tc + 12582912.f) - 12582912.f;  // nearest, via 1.5 * 2^23
-  n = n > tc ? n - 1.f : n;
-  const vf16 f = tc - n;
-#endif
-  vf16 p = splat(1.8671303987503052e-3f);
-  p = p * f + 9.017029777169228e-3f;
-  p = p * f + 5.579991266131401e-2f;
-  p = p * f + 0.24016444385051727f;
-  p = p * f + 0.6931512951850891f;
-  p = p * f + 1.f;
-#if defined(__AVX512F__)
-  // p * 2^floor(t), and 0 where t < -126 (a NaN t compares unordered: kept).
-  const __mmask16 keep = _mm512_cmp_ps_mask((__m512)t, _mm512_set1_ps(-126.f), _CMP_NLT_UQ);
-  return (vf16)_mm512_maskz_scalef_ps(keep, (__m512)p, (__m512)t);
-#else
-  const vi16 e = (__builtin_convertvector(n, vi16) + 127) << 23;
-  vf16 scale;
-  std::memcpy(&scale, &e, sizeof(scale));
-  return t < -126.f ? vf16{} : p * scale;
-#endif
-}
-
-constexpr float kLog2e = 1.4426950408889634f;
+using simd::store;
+using simd::store_n;
+using simd::store_tail;
+using simd::vf;
+using simd::vi;
 
 // row[j] = keep[j] ? row[j] : -inf for j < n (bool mask bytes).
 inline void apply_bool_mask(float* row, const uint8_t* keep, int64_t n) {
-  typedef uint8_t vu8 __attribute__((vector_size(16)));
+  typedef uint8_t vu8 __attribute__((vector_size(kLanes)));
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
     vu8 k;
     std::memcpy(&k, keep + j, sizeof(k));
-    const vi16 kept = __builtin_convertvector(k, vi16);
-    store16(row + j, kept != 0 ? load16(row + j) : splat(-INFINITY));
+    const vi kept = __builtin_convertvector(k, vi);
+    store(row + j, kept != 0 ? load(row + j) : splat(-INFINITY));
   }
   for (; j < n; ++j) row[j] = keep[j] ? row[j] : -INFINITY;
 }
 
 inline float row_max(const float* row, int64_t n) {
-  vf16 m = splat(-INFINITY);
+  vf m = splat(-INFINITY);
   for (int64_t j = 0; j < n; j += kLanes) {
-    const vf16 x = load_n(row + j, static_cast<int>(n - j), -INFINITY);
+    const vf x = load_n(row + j, static_cast<int>(n - j), -INFINITY);
     m = x > m ? x : m;
   }
   return hmax(m);
@@ -134,11 +65,11 @@ inline float row_max(const float* row, int64_t n) {
 // row[j] = exp(row[j] - shift) for j < n; returns the sum.
 inline float exp_row(float* row, int64_t n, float shift) {
   const float c = -shift * kLog2e;
-  vf16 s = vf16{};
+  vf s = vf{};
   for (int64_t j = 0; j < n; j += kLanes) {
     const int w = static_cast<int>(std::min<int64_t>(kLanes, n - j));
-    vf16 p = exp2v(load_n(row + j, w) * kLog2e + c);
-    if (w < kLanes) p = lanes_below(w) ? p : vf16{};  // in registers: reloading a masked store stalls
+    vf p = exp2v(load_n(row + j, w) * kLog2e + c);
+    if (w < kLanes) p = lanes_below(w) ? p : vf{};  // in registers: reloading a masked store stalls
     store_n(row + j, p, w);
     s += p;
   }
@@ -148,20 +79,20 @@ inline float exp_row(float* row, int64_t n, float shift) {
 // One online-softmax step on a score row of n: row = exp(row - m_new) in place with m_new = max(m, row),
 // l = l alpha + sum(row), m = m_new; returns alpha = exp(m_old - m_new), the factor for what was accumulated
 // with the old max (first: m, l start empty and alpha is 1). A row that has seen only -inf shifts by 0.
-// Rows up to 32 stay in registers between the max and the exp.
+// Rows up to 2 kLanes stay in registers between the max and the exp.
 inline float softmax_step(float* row, int64_t n, float& m, float& l, bool first) {
   const float m_old = first ? -INFINITY : m;
   float sum, m_new;
   if (n <= 2 * kLanes) {
     const int w0 = static_cast<int>(std::min<int64_t>(n, kLanes)), w1 = static_cast<int>(n) - w0;
-    const vf16 x0 = load_n(row, w0, -INFINITY), x1 = w1 > 0 ? load_n(row + kLanes, w1, -INFINITY) : splat(-INFINITY);
+    const vf x0 = load_n(row, w0, -INFINITY), x1 = w1 > 0 ? load_n(row + kLanes, w1, -INFINITY) : splat(-INFINITY);
     m_new = std::max(m_old, hmax(x0 > x1 ? x0 : x1));
     const float c = -(m_new == -INFINITY ? 0.f : m_new) * kLog2e;
-    const vf16 p0 = exp2v(x0 * kLog2e + c);  // lanes past n hold -inf scores: exp gives 0
+    const vf p0 = exp2v(x0 * kLog2e + c);  // lanes past n hold -inf scores: exp gives 0
     store_n(row, p0, w0);
-    vf16 acc = p0;
+    vf acc = p0;
     if (w1 > 0) {
-      const vf16 p1 = exp2v(x1 * kLog2e + c);
+      const vf p1 = exp2v(x1 * kLog2e + c);
       store_n(row + kLanes, p1, w1);
       acc += p1;
     }
@@ -176,36 +107,15 @@ inline float softmax_step(float* row, int64_t n, float& m, float& l, bool first)
   return alpha;
 }
 
-// Natural log of x > 0 (normal): x = m 2^e with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s) with
-// s = (m - 1) / (m + 1), |s| < 0.172, as an odd series to s^9 (error < 1e-9).
-inline vf16 logv(vf16 x) {
-  vi16 bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  vi16 e = (bits >> 23) - 127;
-  const vi16 mbits = (bits & 0x7fffff) | 0x3f800000;
-  vf16 m;
-  std::memcpy(&m, &mbits, sizeof(m));
-  const vi16 big = m > 1.41421356f;  // lanes -1 where true
-  m = big ? m * 0.5f : m;
-  e -= big;
-  const vf16 s = (m - 1.f) / (m + 1.f), s2 = s * s;
-  vf16 p = splat(1.f / 9.f);
-  p = p * s2 + 1.f / 7.f;
-  p = p * s2 + 1.f / 5.f;
-  p = p * s2 + 1.f / 3.f;
-  p = p * s2 + 1.f;
-  return __builtin_convertvector(e, vf16) * 0.6931471805599453f + 2.f * s * p;
-}
-
 // End of the online softmax for n rows: lse = m + log(l) (+inf for a row that saw no key, so that the
 // backward's exp(s - lse) is 0) and l = 1 / l (0 for such a row).
 inline void softmax_finish(const float* m, float* l, int64_t n, float* lse) {
   for (int64_t i = 0; i < n; i += kLanes) {
     const int w = static_cast<int>(std::min<int64_t>(kLanes, n - i));
-    const vf16 lv = load_n(l + i, w, 1.f), mv = load_n(m + i, w);
-    const vi16 empty = lv == 0.f;
-    store_n(lse + i, empty ? splat(INFINITY) : mv + logv(empty ? splat(1.f) : lv), w);
-    store_n(l + i, empty ? vf16{} : 1.f / lv, w);
+    const vf lv = load_n(l + i, w, 1.f), mv = load_n(m + i, w);
+    const vi empty = lv == 0.f;
+    store_n(lse + i, empty ? splat(INFINITY) : mv + simd::logv(empty ? splat(1.f) : lv), w);
+    store_n(l + i, empty ? vf{} : 1.f / lv, w);
   }
 }
 
@@ -219,7 +129,7 @@ inline void scale_row(float* dst, const float* src, int64_t n, float f) {
 
 // sum_j a[j] b[j] for j < n.
 inline float dot(const float* a, const float* b, int64_t n) {
-  vf16 acc = vf16{};
+  vf acc = vf{};
   for (int64_t j = 0; j < n; j += kLanes) {
     const int w = static_cast<int>(std::min<int64_t>(kLanes, n - j));
     acc += load_n(a + j, w) * load_n(b + j, w);
@@ -281,14 +191,16 @@ class Prefetcher {
   int64_t bytes_ = 0, lines_ = 0, per_step_ = 0, row_ = 0, off_ = 0;
 };
 
-constexpr int kMaxMR = 12;  // most rows of a micro-tile (see gemm)
+// Most rows of a micro-tile: its 2 MR accumulators, two B vectors and the A broadcast fit the vector registers
+// (24 + 3 of 32 zmm; 12 + 3 of 16 ymm or xmm).
+constexpr int kMaxMR = simd::kVecRegs == 32 ? 12 : 6;
 
 // Micro-tiles of an M x N product: one Prefetcher step each (so is each score row; see Prefetcher::plan).
 inline int64_t micro_tiles(int64_t M, int64_t N) {
   return (M + kMaxMR - 1) / kMaxMR * ((N + 2 * kLanes - 1) / (2 * kLanes));
 }
 
-// Micro-kernel: C[0:MR, 0:n] (+)= A[0:MR, 0:K] B[0:K, 0:n] with n <= 16 NV (n = 16 NV unless kTail). a(i, k) =
+// Micro-kernel: C[0:MR, 0:n] (+)= A[0:MR, 0:K] B[0:K, 0:n] with n <= kLanes NV (n = kLanes NV unless kTail). a(i, k) =
 // A[i * lda + k], or A[k * lda + i] when kTrans (A given as its transpose: P^T, dS^T from the row-major
 // tiles). B row k is B + k * ldb. With kTail the lanes >= n of the last vector are not stored, and not loaded
 // from B unless kPadB (B rows readable to a whole vector: the kernels' own padded buffers), so B and C may be
@@ -299,15 +211,15 @@ template <int MR, int NV, bool kTrans, bool kTail, bool kPadB>
 inline void micro(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int n,
                   bool accumulate) {
   static_assert(NV == 1 || NV == 2, "one or two vectors per row");
-  vf16 c0[MR], c1[MR];
+  vf c0[MR], c1[MR];
 #pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = vf16{};
+  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = vf{};
   const int last = n - kLanes * (NV - 1);  // lanes of the last vector
   for (int64_t k = 0; k < K; ++k) {
     const float* bk = B + k * ldb;
     const float* bl = bk + kLanes * (NV - 1);
-    const vf16 b_last = kTail && !kPadB ? load_tail(bl, last) : load16(bl);
-    const vf16 b0 = NV == 1 ? b_last : load16(bk);
+    const vf b_last = kTail && !kPadB ? load_tail(bl, last) : load(bl);
+    const vf b0 = NV == 1 ? b_last : load(bk);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const float x = kTrans ? A[k * lda + i] : A[i * lda + k];
@@ -318,13 +230,13 @@ inline void micro(int64_t K, const float* A, int64_t lda, const float* B, int64_
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
     float* row = C + i * ldc;
-    if (NV == 2) store16(row, accumulate ? load16(row) + c0[i] : c0[i]);
+    if (NV == 2) store(row, accumulate ? load(row) + c0[i] : c0[i]);
     float* rl = row + kLanes * (NV - 1);
-    const vf16 cl = NV == 1 ? c0[i] : c1[i];
+    const vf cl = NV == 1 ? c0[i] : c1[i];
     if (kTail)
       store_tail(rl, accumulate ? load_tail(rl, last) + cl : cl, last);
     else
-      store16(rl, accumulate ? load16(rl) + cl : cl);
+      store(rl, accumulate ? load(rl) + cl : cl);
   }
 }
 
@@ -351,9 +263,17 @@ inline void micro_rows(int64_t N, int64_t K, const float* A, int64_t lda, const 
   }
 }
 
+// micro_rows<mr> for a run-time mr in 1..R.
+template <int R, bool kTrans>
+inline void rows_dispatch(int mr, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                          float* C, int64_t ldc, bool accumulate, bool pad_b, Prefetcher* pf) {
+  if (mr == R) return micro_rows<R, kTrans>(N, K, A, lda, B, ldb, C, ldc, accumulate, pad_b, pf);
+  if constexpr (R > 1) rows_dispatch<R - 1, kTrans>(mr, N, K, A, lda, B, ldb, C, ldc, accumulate, pad_b, pf);
+}
+
 // C (M x N, row stride ldc) (+)= A B: A (M x K, row stride lda; kTrans: A^T given, K x M) and B (K x N, row
-// stride ldb; pad_b: rows readable to a multiple of 16 floats) read in place. Rows go in equal groups of at
-// most kMaxMR (25 rows as 9 + 8 + 8, not 12 + 12 + 1: a one-row tile is latency-bound and costs half an 8-row one).
+// stride ldb; pad_b: rows readable to a whole vector) read in place. Rows go in equal groups of at most kMaxMR
+// (25 rows as 9 + 8 + 8, not 12 + 12 + 1: a one-row tile is latency-bound and costs half an 8-row one).
 template <bool kTrans = false>
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                  int64_t ldc, bool accumulate, bool pad_b = false, Prefetcher* pf = nullptr) {
@@ -368,31 +288,13 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
     const int mr = static_cast<int>(base + (t < extra ? 1 : 0));
     const float* a = kTrans ? A + i0 : A + i0 * lda;
     float* c = C + i0 * ldc;
-    switch (mr) {
-#define MMKERN_ATTN_TILE(R) \
-  case R:                  \
-    micro_rows<R, kTrans>(N, K, a, lda, B, ldb, c, ldc, accumulate, pad_b, pf); \
-    break;
-      MMKERN_ATTN_TILE(1)
-      MMKERN_ATTN_TILE(2)
-      MMKERN_ATTN_TILE(3)
-      MMKERN_ATTN_TILE(4)
-      MMKERN_ATTN_TILE(5)
-      MMKERN_ATTN_TILE(6)
-      MMKERN_ATTN_TILE(7)
-      MMKERN_ATTN_TILE(8)
-      MMKERN_ATTN_TILE(9)
-      MMKERN_ATTN_TILE(10)
-      MMKERN_ATTN_TILE(11)
-      MMKERN_ATTN_TILE(12)
-#undef MMKERN_ATTN_TILE
-    }
+    rows_dispatch<kMaxMR, kTrans>(mr, N, K, a, lda, B, ldb, c, ldc, accumulate, pad_b, pf);
     i0 += mr;
   }
 }
 
-// dst[c * ld + r] = f src[r * st + c] for r < rows <= 16, c < cols <= 16: one block through registers
-// (AVX-512: four rounds of shuffles), lanes outside the block neither read nor written.
+// dst[c * ld + r] = f src[r * st + c] for r < rows <= kLanes, c < cols <= kLanes: one block through registers
+// (AVX-512: four rounds of shuffles; AVX2: three), lanes outside the block neither read nor written.
 inline void transpose_block(const float* src, int64_t st, int rows, int cols, float* dst, int64_t ld, float f) {
 #if defined(__AVX512F__)
   // (The mask_ forms with a full mask: GCC 12 warns that the plain forms' undefined source is uninitialised.)
@@ -428,6 +330,32 @@ inline void transpose_block(const float* src, int64_t st, int rows, int cols, fl
   }
   const __mmask16 rmask = static_cast<__mmask16>((1u << rows) - 1u);  // r[c] is now column c of the block
   for (int c = 0; c < cols; ++c) _mm512_mask_storeu_ps(dst + c * ld, rmask, r[c]);
+#elif defined(__AVX2__)
+  if (rows * cols < 32) {  // as above
+    for (int c = 0; c < cols; ++c)
+      for (int r = 0; r < rows; ++r) dst[c * ld + r] = f * src[r * st + c];
+    return;
+  }
+  __m256 r[kLanes], t[kLanes];
+  const __m256i cmask = (__m256i)lanes_below(cols);
+  const __m256 fv = _mm256_set1_ps(f);
+  for (int i = 0; i < kLanes; ++i)
+    r[i] = i < rows ? _mm256_mul_ps(fv, _mm256_maskload_ps(src + i * st, cmask)) : _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    r[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm256_permute2f128_ps(r[i], r[4 + i], 0x20);
+    t[4 + i] = _mm256_permute2f128_ps(r[i], r[4 + i], 0x31);
+  }
+  for (int c = 0; c < cols; ++c) store_n(dst + c * ld, (vf)t[c], rows);  // t[c] is now column c of the block
 #else
   for (int c = 0; c < cols; ++c)
     for (int r = 0; r < rows; ++r) dst[c * ld + r] = f * src[r * st + c];
@@ -443,10 +371,10 @@ inline void transpose(const float* src, int64_t st, int64_t rows, int64_t cols, 
 }
 
 // Row stride (floats) of the kernels' row-major buffers: whole vectors, and an odd number of cache lines, so
-// that the column panels the tile products stream (32 floats of every row) spread over all L1 sets. A
+// that the column panels the tile products stream (2 kLanes floats of every row) spread over all L1 sets. A
 // stride of 128 or 4096 floats maps every row of a panel to a few sets and thrashed L1 (PV at D = 128 ran at
 // 60% of the rate it reaches with this padding).
-inline int64_t padded_ld(int64_t n) { return round_up(std::max<int64_t>(n, 1), kLanes) | kLanes; }
+inline int64_t padded_ld(int64_t n) { return round_up(std::max<int64_t>(n, 1), kLineFloats) | kLineFloats; }
 
 // Keys [lo, hi) holding every key that a query in [i0, i1) may see (causal, window; masks aside).
 inline void key_range(const attn::Visibility& v, int64_t i0, int64_t i1, int64_t S, int64_t& lo, int64_t& hi) {
@@ -502,16 +430,17 @@ void copy_rows(const T* src, int64_t st, int64_t sd, int64_t rows, int64_t cols,
   }
 }
 
-// Whether a column panel of a tile product (two cache lines of each of `rows` rows, `st` floats apart) stays
+// Whether a column panel of a tile product (2 kLanes floats of each of `rows` rows, `st` floats apart) stays
 // in L1: rows map to 64 / gcd(stride in lines, 64) of its 64 sets (8 ways assumed).
 inline bool panel_fits_l1(int64_t rows, int64_t st) {
-  if (st % kLanes) return true;  // rows not line-aligned: they spread over the sets
-  int64_t lines = st / kLanes, sets = 64;
+  if (st % kLineFloats) return true;  // rows not line-aligned: they spread over the sets
+  int64_t lines = st / kLineFloats, sets = 64;
   while (sets > 1 && lines % 2 == 0) {
     lines /= 2;
     sets /= 2;
   }
-  return 2 * rows <= 8 * sets;
+  const int64_t lines_per_row = std::max(1, 2 * kLanes / kLineFloats);
+  return lines_per_row * rows <= 8 * sets;
 }
 
 // rows x cols of src as fp32 rows with stride ld: read in place when they are fp32 rows whose column panels

@@ -1,4 +1,4 @@
-// Tile machinery of the CPU contrastive kernels (host only, see csrc/cpu/contrastive.cpp): 16-lane exp / log1p
+// Tile machinery of the CPU contrastive kernels (host only, see csrc/cpu/contrastive.cpp): vector exp / log1p
 // (reductions in simd_cpu.h), uninitialised and per-thread persistent buffers, packing of the operands, the tile
 // products X Y^T and the gradient GEMMs into a blocked layout, and the Latin-square schedule of tiles over threads.
 #pragma once
@@ -16,8 +16,8 @@
 
 #include "mmkern/contrastive.h"
 #include "mmkern/cpu_gemm.h"
-#include "mmkern/simd_cpu.h"
 #include "mmkern/cpu_kernels.h"
+#include "mmkern/simd_cpu.h"
 
 MMKERN_CPU_BEGIN
 namespace contrastive_cpu {
@@ -25,51 +25,53 @@ namespace contrastive_cpu {
 using cpu::kKC;
 using cpu::kMR;
 using cpu::kNR;
-using cpu::v16;
 using namespace contrastive;
 using simd::hmax;
 using simd::hsum;
+using simd::kLanes;
+using simd::load;
 using simd::splat;
-using simd::vi16;
+using simd::store;
+using simd::vf;
+using simd::vi;
 
-// Tile of logits a thread holds (256 KiB of fp32). Both divide kKC, so a tile's rows (columns) never
-// straddle a k-block of a packed operand, and the backward GEMMs can read a tile's slice in place.
-constexpr int64_t kBM = 256;
-constexpr int64_t kBN = 256;
-static_assert(kKC % kBM == 0 && kKC % kBN == 0, "tiles must not straddle packed k-blocks");
-inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }  // a NaN in `a` is dropped; exp() re-propagates it
+// Tile of logits a thread holds (256 KiB of fp32 with AVX-512). kKC square, so a tile's rows (columns) never
+// straddle a k-block of a packed operand, and the backward GEMMs can read a tile's slice in place; whole
+// micro-panels (kMR rows, kNR columns) and whole vectors.
+constexpr int64_t kBM = kKC;
+constexpr int64_t kBN = kKC;
+static_assert(kBM % kMR == 0 && kBN % kNR == 0 && kBN % kLanes == 0, "tiles must hold whole panels");
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }  // a NaN in `a` is dropped; exp() re-propagates it
 
-// exp(x) on 16 lanes, ~2 ulp: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial times 2^n. Exact 0 below
+// exp(x), ~2 ulp: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial times 2^n. Exact 0 below
 // the normal range, inf above it, NaN stays NaN (every comparison with NaN is false).
-inline v16 vexp(v16 x) {
-  const v16 xc = x < -87.f ? splat(-87.f) : x;  // clamps -inf, keeps NaN (the comparison is false)
-  const v16 xr = xc > 88.f ? splat(88.f) : xc;
-  const v16 n = (xr * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest integer
-  const v16 r = (xr - n * 0.693145752f) - n * 1.42860677e-6f;
-  v16 p = splat(1.f / 720) * r + 1.f / 120;
+inline vf vexp(vf x) {
+  const vf xc = x < -87.f ? splat(-87.f) : x;  // clamps -inf, keeps NaN (the comparison is false)
+  const vf xr = xc > 88.f ? splat(88.f) : xc;
+  const vf n = (xr * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest integer
+  const vf r = (xr - n * 0.693145752f) - n * 1.42860677e-6f;
+  vf p = splat(1.f / 720) * r + 1.f / 120;
   p = p * r + 1.f / 24;
   p = p * r + 1.f / 6;
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
-  v16 out = p * reinterpret_cast<const v16&>(bits);
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  vf out = p * scale;
   out = x < -87.3f ? splat(0.f) : out;
   out = x > 88.72f ? splat(INFINITY) : out;
   return out;
 }
 
 // log(1 + u) for u in [0, 1] (NaN stays NaN): 2 atanh(t) with t = u / (2 + u) <= 1/3, series to t^13.
-inline v16 vlog1p(v16 u) {
-  const v16 t = u / (2.f + u), t2 = t * t;
-  v16 p = splat(1.f / 13);
+inline vf vlog1p(vf u) {
+  const vf t = u / (2.f + u), t2 = t * t;
+  vf p = splat(1.f / 13);
   for (float k : {11.f, 9.f, 7.f, 5.f, 3.f, 1.f}) p = p * t2 + 1.f / k;
   return 2.f * t * p;
 }
-
-// Column c0 of a tile row as 16 lanes; lanes past the valid width read 0 (the tile pads with 0).
-inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
-inline void store(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
 
 // Uninitialised fp32 storage (every user writes what it reads). A packed operand (tens of MiB at large B, read panel
 // by panel all over) goes on transparent huge pages where the system grants them on request: fewer TLB misses
@@ -171,14 +173,12 @@ inline void prefetch_share(const float* next, int64_t floats, int64_t call, int6
 // Prefetches (with write intent) the kMR x kNR block of C at C (row stride ldc) that a micro-kernel call will
 // add to after its k loop, so the loads overlap the loop.
 inline void prefetch_c(float* C, int64_t ldc) {
-  for (int i = 0; i < kMR; ++i) {
-    __builtin_prefetch(C + i * ldc, 1);
-    __builtin_prefetch(C + i * ldc + 16, 1);
-  }
+  for (int i = 0; i < kMR; ++i)
+    for (int j = 0; j < kNR; j += simd::kLineFloats) __builtin_prefetch(C + i * ldc + j, 1);
 }
 
 // S[0:im, 0:jn] (row stride kBN) = X[i0:i0+im] . Y[j0:j0+jn]^T from the packed Xt and Yb. Columns jn..
-// round_up(jn, 16) are set to 0 so that 16-lane epilogues read defined values.
+// round_up(jn, kLanes) are set to 0 so that vector epilogues read defined values.
 inline void tile_dot(const Shape& sh, const float* Xt, const float* Yb, int64_t im, int64_t j0, int64_t jn, float* S) {
   const int64_t calls = (im + kMR - 1) / kMR;
   for (int64_t k0 = 0; k0 < sh.D; k0 += kKC) {
@@ -199,9 +199,9 @@ inline void tile_dot(const Shape& sh, const float* Xt, const float* Yb, int64_t 
       }
     }
   }
-  const int64_t jn16 = round_up(jn, 16);
+  const int64_t jn_vec = round_up(jn, kLanes);
   for (int64_t i = 0; i < im; ++i)
-    for (int64_t j = jn; j < jn16; ++j) S[i * kBN + j] = 0.f;
+    for (int64_t j = jn; j < jn_vec; ++j) S[i * kBN + j] = 0.f;
 }
 
 // The gradients accumulate in a blocked layout while the tiles run: each group of kMR rows (the kMR x D floats

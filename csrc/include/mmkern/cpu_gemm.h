@@ -21,18 +21,23 @@
 
 #include "mmkern/common.h"
 #include "mmkern/cpu_kernels.h"
+#include "mmkern/simd_cpu.h"
 
 MMKERN_CPU_BEGIN
 namespace cpu {
 
-// Micro tile: kMR rows x kNR columns of C held in registers (16 accumulators of 16 lanes with AVX-512,
-// leaving registers for the two B vectors and the A broadcast).
-constexpr int kMR = 8;
-constexpr int kNR = 32;
-// Depth of one packed panel: kKC x kNR floats of B (32 KiB) stay in L1 across a row panel of A.
-constexpr int64_t kKC = 256;
+using simd::vf;
 
-typedef float v16 __attribute__((vector_size(64), aligned(4), may_alias));
+// Micro tile: kMR rows x kNR columns (two vectors) of C held in registers, leaving registers for the two B vectors
+// and the A broadcast: 8 x 32 with AVX-512 (16 of 32 zmm), 6 x 16 with AVX2 (12 of 16 ymm; BLIS's Haswell kernel),
+// 6 x 8 on SSE2, 8 x 8 on NEON.
+constexpr int kNR = 2 * simd::kLanes;
+constexpr int kMR = simd::kVecRegs == 32 ? 8 : 6;
+// Depth of one packed panel: kKC x kNR floats of B (32 KiB with AVX-512, 15 KiB with AVX2) stay in L1 across a row
+// panel of A. A multiple of kMR and kNR, so that the contrastive kernels' tiles (kKC rows or columns) are whole
+// panels.
+constexpr int64_t kKC = kMR == 8 ? 256 : 240;
+static_assert(kKC % kMR == 0 && kKC % kNR == 0, "a kKC block must hold whole micro-panels");
 
 // C[0:mr, 0:nr] (row stride ldc) = (accumulate ? C : 0) + sum_k Ap[k][0:mr] * Bp[k][0:nr],
 // with Ap packed k-major in kMR-wide rows and Bp k-major in kNR-wide rows, both zero padded. Every loop over the
@@ -40,12 +45,13 @@ typedef float v16 __attribute__((vector_size(64), aligned(4), may_alias));
 // attn_cpu::micro).
 inline void micro_kernel(int64_t K, const float* __restrict__ Ap, const float* __restrict__ Bp, float* C,
                          int64_t ldc, int mr, int nr, bool accumulate) {
-  v16 c[kMR][2];
+  constexpr int kL = simd::kLanes;
+  vf c[kMR][2];
 #pragma GCC unroll 8
-  for (int i = 0; i < kMR; ++i) c[i][0] = c[i][1] = v16{};
+  for (int i = 0; i < kMR; ++i) c[i][0] = c[i][1] = vf{};
   for (int64_t k = 0; k < K; ++k) {
-    const v16 b0 = *reinterpret_cast<const v16*>(Bp + k * kNR);
-    const v16 b1 = *reinterpret_cast<const v16*>(Bp + k * kNR + 16);
+    const vf b0 = simd::load(Bp + k * kNR);
+    const vf b1 = simd::load(Bp + k * kNR + kL);
     const float* a = Ap + k * kMR;
 #pragma GCC unroll 8
     for (int i = 0; i < kMR; ++i) {
@@ -56,22 +62,17 @@ inline void micro_kernel(int64_t K, const float* __restrict__ Ap, const float* _
   if (mr == kMR && nr == kNR) {
 #pragma GCC unroll 8
     for (int i = 0; i < kMR; ++i) {
-      v16* row = reinterpret_cast<v16*>(C + i * ldc);
-      if (accumulate) {
-        row[0] += c[i][0];
-        row[1] += c[i][1];
-      } else {
-        row[0] = c[i][0];
-        row[1] = c[i][1];
-      }
+      float* row = C + i * ldc;
+      simd::store(row, accumulate ? simd::load(row) + c[i][0] : c[i][0]);
+      simd::store(row + kL, accumulate ? simd::load(row + kL) + c[i][1] : c[i][1]);
     }
     return;
   }
   alignas(64) float tile[kMR][kNR];
 #pragma GCC unroll 8
   for (int i = 0; i < kMR; ++i) {
-    *reinterpret_cast<v16*>(tile[i]) = c[i][0];
-    *reinterpret_cast<v16*>(tile[i] + 16) = c[i][1];
+    simd::store(tile[i], c[i][0]);
+    simd::store(tile[i] + kL, c[i][1]);
   }
   for (int i = 0; i < mr; ++i) {
     float* row = C + i * ldc;
@@ -189,6 +190,7 @@ struct Strided {
 // to even with zeros. Element functions return bf16 bits (uint16_t).
 #if defined(__AVX512BF16__)
 #define MMKERN_CPU_BF16_DOT 1
+static_assert(kMR == 8 && kNR == 32, "the bf16 kernel is laid out for AVX-512's 8 x 32 tile");
 
 // Packed B panel: (kc/2) pair rows of kNR columns x 2 bf16 (two zmm registers per pair row).
 constexpr int64_t kPairRow = 2 * kNR;
