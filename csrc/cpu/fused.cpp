@@ -3,9 +3,10 @@
 // Each op reads its inputs once, computes in fp32 and writes its outputs once, where the unfused PyTorch sequence
 // makes a pass per op (add residual, LayerNorm; GELU backward, bias-gradient sum). Work is split over rows. The
 // element loops run on contiguous fp32 rows: the tensor's own memory when it is fp32 with unit stride, else a row
-// converted into an fp32 buffer. With AVX-512 they are written with intrinsics, 16 lanes and a masked tail: GCC's
-// auto-vectorised loops spent more time in peeling and remainder code than in the math on 64-wide rows, and the
-// GELU wants rcp14 plus a Newton step where C++ has a division, and scalef for 2^n. Parameter gradients are
+// converted into an fp32 buffer. They are written on whole vectors and a masked tail (GCC's auto-vectorised loops
+// spent more time in peeling and remainder code than in the math on 64-wide rows, and could not vectorise the row
+// sums at all), with AVX-512 intrinsics where that level has better instructions: rcp14 plus a Newton step for a
+// division, scalef for 2^n. Parameter gradients are
 // reduced into per-thread fp32 partials and summed at the end (deterministic for a given thread count).
 // GCC 12 reports the _mm512_undefined_ps() inside AVX-512 intrinsics (min, rcp14, scalef, ...) as maybe-uninitialised
 // (a compiler bug, fixed in GCC 13); the pragma must precede the first include of immintrin.h (via common.h).
@@ -25,6 +26,7 @@
 #include "mmkern/common.h"
 #include "mmkern/cpu_kernels.h"
 #include "mmkern/fused.h"
+#include "mmkern/simd_cpu.h"
 
 MMKERN_CPU_BEGIN
 
@@ -285,59 +287,157 @@ inline void ln_bwd_row(const float* go, const float* gs, const float* s, const f
   });
 }
 
-#else  // portable loops over the scalar math of fused.h
+#else  // the same math on the level's vector type (simd_cpu.h): 8 lanes with AVX2, 4 with SSE2 / NEON
+
+using simd::kLanes;
+using simd::splat;
+using simd::vf;
+using simd::vi;
+constexpr float kLn2 = 0.69314718056f;
+
+inline vf load(const float* p, int w) { return simd::load_n(p, w); }  // lanes past w read 0
+inline void store(float* p, vf v, int w) { simd::store_n(p, v, w); }
+inline vf vmin(vf a, vf b) { return a < b ? a : b; }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+// exp(c) for c in [-110, 88] (callers clamp): c = n·ln2 + r, exp_reduced(r) from fused.h times 2^n written into the
+// exponent bits, and 0 where 2^n would be subnormal (as exp16's scalef underflows; exp(-87.3) is the last normal).
+inline vf expv(vf c) {
+  const vf n = (c * 1.44269504088896341f + 12582912.f) - 12582912.f;  // nearest integer
+  const vf e = exp_reduced((c - n * kLn2Hi) - n * kLn2Lo);
+  const vi ni = __builtin_convertvector(n, vi);
+  const vi bits = ((ni < -126 ? vi{} - 126 : ni) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return ni < -126 ? vf{} : e * scale;
+}
+
+// Calls f(j, w) for the chunks of [0, n): full vectors (w = kLanes, a constant once inlined), then the tail.
+template <class F>
+inline void for_chunks(int64_t n, F&& f) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) f(j, kLanes);
+  if (j < n) f(j, static_cast<int>(n - j));
+}
+
+// normal_cdf_pdf16 on the level's vectors (a division where AVX-512 has rcp14 and a Newton step).
+inline void normal_cdf_pdf_v(vf x, vf& cdf, vf& pdf) {
+  vi bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  bits &= 0x7fffffff;
+  vf ax;
+  std::memcpy(&ax, &bits, sizeof(ax));
+  const vf z = ax * kSqrtHalf;
+  const vf t = 1.0f / (z * kErfcT + 1.0f);
+  const vf half_e = expv(vmax(-z * z - kLn2, splat(-110.0f)));
+  const vf half_erfc = t * half_e * erfc_poly(t);
+  cdf = x >= 0.0f ? 1.0f - half_erfc : half_erfc;
+  pdf = half_e * (2.0f * kInvSqrt2Pi);
+}
+
+// tanh_sigmoid16 on the level's vectors.
+inline void tanh_sigmoid_v(vf x, vf x2, vf& w, vf& e, vf& s) {
+  constexpr float k = 2.0f * kSqrt2OverPi;
+  w = x * (x2 * (-k * kTanhCubic) - k);
+  e = expv(vmax(vmin(w, splat(88.0f)), splat(-110.0f)));
+  s = w <= 88.0f ? 1.0f / (e + 1.0f) : vf{};
+}
+
+template <GeluKind kKind>
+inline vf gelu_v(vf x) {
+  if constexpr (kKind == GeluKind::erf) {
+    vf cdf, pdf;
+    normal_cdf_pdf_v(x, cdf, pdf);
+    return x * cdf;
+  } else {
+    vf w, e, s;
+    tanh_sigmoid_v(x, x * x, w, e, s);
+    return x * s;
+  }
+}
+
+template <GeluKind kKind>
+inline vf gelu_grad_v(vf x) {
+  if constexpr (kKind == GeluKind::erf) {
+    vf cdf, pdf;
+    normal_cdf_pdf_v(x, cdf, pdf);
+    return x * pdf + cdf;
+  } else {
+    constexpr float k = 2.0f * kSqrt2OverPi;
+    const vf x2 = x * x;
+    vf w, e, s;
+    tanh_sigmoid_v(x, x2, w, e, s);
+    const vf one_minus_s = w > 0.0f ? 1.0f - s : s * e;
+    return (x * s) * (one_minus_s * (x2 * (3.0f * k * kTanhCubic) + k)) + s;
+  }
+}
 
 template <GeluKind kKind>
 inline void gelu_fwd_row(const float* x, const float* b, float* out, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) out[j] = gelu_value<kKind>(x[j] + b[j]);
+  for_chunks(n, [&](int64_t j, int w) { store(out + j, gelu_v<kKind>(load(x + j, w) + load(b + j, w)), w); });
 }
 
 template <GeluKind kKind>
 inline void gelu_bwd_row(const float* go, const float* x, const float* b, float* gx, float* acc, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    gx[j] = go[j] * gelu_derivative<kKind>(x[j] + b[j]);
-    if (acc) acc[j] += gx[j];
-  }
+  for_chunks(n, [&](int64_t j, int w) {
+    const vf d = load(go + j, w) * gelu_grad_v<kKind>(load(x + j, w) + load(b + j, w));
+    if (acc) store(acc + j, load(acc + j, w) + d, w);
+    store(gx + j, d, w);
+  });
 }
 
+// s = x + r (r may be null: s is x and is not written); returns Σ s.
 inline float add_row_sum(const float* x, const float* r, float* s, int64_t d) {
-  float acc = 0.f;
-  for (int64_t j = 0; j < d; ++j) {
-    const float v = r ? x[j] + r[j] : x[j];
-    if (r) s[j] = v;
-    acc += v;
-  }
-  return acc;
+  vf acc = vf{};
+  for_chunks(d, [&](int64_t j, int w) {
+    vf v = load(x + j, w);
+    if (r) {
+      v = v + load(r + j, w);
+      store(s + j, v, w);
+    }
+    acc = acc + v;
+  });
+  return simd::hsum(acc);
 }
 
 inline float row_sq_dev(const float* s, float mu, int64_t d) {
-  float acc = 0.f;
-  for (int64_t j = 0; j < d; ++j) acc += (s[j] - mu) * (s[j] - mu);
-  return acc;
+  vf acc = vf{};
+  for_chunks(d, [&](int64_t j, int w) {
+    const vf c = simd::lanes_below(w) ? load(s + j, w) - mu : vf{};  // 0 in the tail lanes
+    acc = c * c + acc;
+  });
+  return simd::hsum(acc);
 }
 
 inline void ln_out_row(const float* s, float mu, float rs, const float* w, const float* b, float* out, int64_t d) {
-  for (int64_t j = 0; j < d; ++j) out[j] = (s[j] - mu) * rs * w[j] + b[j];
+  for_chunks(d, [&](int64_t j, int n) {
+    const vf xh = (load(s + j, n) - mu) * rs;
+    store(out + j, xh * load(w + j, n) + load(b + j, n), n);
+  });
 }
 
+// As the AVX-512 ln_bwd_row.
 inline void ln_bwd_row(const float* go, const float* gs, const float* s, const float* w, float mu, float rs,
                        float inv_d, float* gx, float* accw, float* accb, int64_t d) {
-  float sum_g = 0.f, sum_gx = 0.f;
-  for (int64_t j = 0; j < d; ++j) {
-    const float xh = (s[j] - mu) * rs, g = go[j] * w[j];
-    sum_g += g;
-    sum_gx += g * xh;
+  vf sum_g = vf{}, sum_gx = vf{};
+  const vf zero = vf{};
+  for_chunks(d, [&](int64_t j, int n) {
+    const vf xh = simd::lanes_below(n) ? (load(s + j, n) - mu) * rs : zero, o = load(go + j, n);
+    const vf g = o * load(w + j, n);
+    sum_g = sum_g + g;
+    sum_gx = g * xh + sum_gx;
     if (accw) {
-      accw[j] += go[j] * xh;
-      accb[j] += go[j];
+      store(accw + j, o * xh + load(accw + j, n), n);
+      store(accb + j, load(accb + j, n) + o, n);
     }
-  }
+  });
   if (!gx) return;
-  const float mg = sum_g * inv_d, mgx = sum_gx * inv_d;
-  for (int64_t j = 0; j < d; ++j) {
-    const float xh = (s[j] - mu) * rs, g = go[j] * w[j];
-    gx[j] = rs * ((g - xh * mgx) - mg) + (gs ? gs[j] : 0.f);
-  }
+  const float mg = simd::hsum(sum_g) * inv_d, mgx = simd::hsum(sum_gx) * inv_d;
+  for_chunks(d, [&](int64_t j, int n) {
+    const vf xh = (load(s + j, n) - mu) * rs, g = load(go + j, n) * load(w + j, n);
+    const vf base = gs ? load(gs + j, n) : zero;
+    store(gx + j, ((g - xh * mgx) - mg) * rs + base, n);
+  });
 }
 
 #endif
