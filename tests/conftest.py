@@ -17,3 +17,45 @@ _common = {"max_examples": 25, "deadline": None, "suppress_health_check": [Healt
 settings.register_profile("mmkern", **_common)
 settings.register_profile("ci", derandomize=True, database=None, **_common)
 settings.load_profile(os.environ.get("MMKERN_HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "mmkern"))
+
+import pytest
+
+import mmkern  # after TRITON_INTERPRET is set
+from mmkern import _native
+
+
+def cpu_levels() -> list[str]:
+    """The ISA levels the CPU kernel tests run at, best first: every level compiled in that this CPU can run, or
+    only the one MMKERN_CPU_CAPABILITY forces."""
+    if _native.CPU_ERROR is not None:
+        return []
+    if os.environ.get("MMKERN_CPU_CAPABILITY"):
+        return [mmkern.cpu_capability()]
+    return mmkern.cpu_capabilities()
+
+
+def pytest_generate_tests(metafunc):
+    """Modules marked `cpu_levels` (and using the cpu_level fixture) run once per level of cpu_levels()."""
+    if metafunc.definition.get_closest_marker("cpu_levels") and "cpu_level" in metafunc.fixturenames:
+        metafunc.parametrize("cpu_level", cpu_levels(), indirect=True, scope="module", ids=lambda lv: f"cpu={lv}")
+
+
+@pytest.fixture(scope="module")
+def cpu_level(request):
+    """Runs the CPU kernels at the level of this parametrization (module scope: one switch per level)."""
+    with mmkern.use_cpu_capability(request.param):
+        yield request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    """Below the best level only the cpu backend's cases run again (the reference and Triton cases there would
+    repeat the best level's, as would the tests of the other backends)."""
+    best = (cpu_levels() or [None])[0]
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        lower = params.get("cpu_level", best) != best
+        (drop if lower and params.get("backend", "cpu") != "cpu" else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

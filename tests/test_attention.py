@@ -13,6 +13,9 @@ from mmkern import reference
 from mmkern.ops import attention as attn_ops
 from mmkern.ops import scaled_dot_product_attention, varlen_attention
 
+# The cpu backend's cases run at every ISA level this CPU supports (see conftest.py).
+pytestmark = [pytest.mark.cpu_levels, pytest.mark.usefixtures("cpu_level")]
+
 KERNELS = kernel_backends("cpu")
 MASK_KINDS = ["none", "bool_ls", "key_padding", "bool_full", "float_full", "float_ls_inf"]
 

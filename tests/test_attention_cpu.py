@@ -17,6 +17,9 @@ from mmkern.ops import attention as attn_ops
 from mmkern.ops import qkv_packed_attention, scaled_dot_product_attention
 from mmkern.ops._eager import plain_eager
 
+# The cpu backend's cases run at every ISA level this CPU supports (see conftest.py).
+pytestmark = [pytest.mark.cpu_levels, pytest.mark.usefixtures("cpu_level")]
+
 # Lengths on both sides of every threshold: 32 (register rows), 64 (in-place K/V rows), 256 (one key block).
 LENGTHS = [1, 5, 16, 17, 32, 33, 64, 65, 197, 256, 257]
 

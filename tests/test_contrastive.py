@@ -14,6 +14,9 @@ from mmkern import ops, reference
 from mmkern.ops import contrastive
 from tests.checks import RTOL, assert_close, dtypes_for, kernel_backends, relative_error
 
+# The cpu backend's cases run at every ISA level this CPU supports (see conftest.py).
+pytestmark = [pytest.mark.cpu_levels, pytest.mark.usefixtures("cpu_level")]
+
 BACKENDS = kernel_backends("cpu")
 GPU_BACKENDS = kernel_backends("cuda") if torch.cuda.is_available() else []
 LOSSES = ("clip", "infonce", "siglip")

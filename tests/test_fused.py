@@ -16,6 +16,9 @@ from mmkern.nn import Block, Mlp, fused_elementwise
 from mmkern.ops.fused import add_layer_norm, bias_gelu
 from tests.checks import RTOL, assert_close, backends_for, dtypes_for, kernel_backends, relative_error
 
+# The cpu backend's cases run at every ISA level this CPU supports (see conftest.py).
+pytestmark = [pytest.mark.cpu_levels, pytest.mark.usefixtures("cpu_level")]
+
 CASES = [(b, d) for b in backends_for("cpu") for d in dtypes_for(b)]
 IDS = [f"{b}-{str(d)[6:]}" for b, d in CASES]
 LAYOUTS = ["contiguous", "transposed", "strided"]

@@ -12,6 +12,9 @@ from mmkern import reference
 from mmkern.ops.patch_embed import patch_embed
 from tests.checks import assert_close, backends_for, dtypes_for, kernel_backends
 
+# The cpu backend's cases run at every ISA level this CPU supports (see conftest.py).
+pytestmark = [pytest.mark.cpu_levels, pytest.mark.usefixtures("cpu_level")]
+
 CASES = [(b, d) for b in backends_for("cpu") for d in dtypes_for(b)]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 POS_KINDS = [None, "2d", "3d"]
