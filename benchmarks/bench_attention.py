@@ -166,7 +166,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cases", default="", help="comma-separated case-name prefixes to run (default: all)")
+    harness.add_cpu_capability_arg(parser)
     args = parser.parse_args(argv)
+    harness.apply_cpu_capability(args.cpu_capability)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     repeats = 3 if args.quick else 10

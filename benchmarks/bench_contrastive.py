@@ -161,7 +161,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out-dir", default=None, help="results folder (default: bench_results/ or $MMKERN_BENCH_DIR)")
+    harness.add_cpu_capability_arg(p)
     args = p.parse_args(argv)
+    harness.apply_cpu_capability(args.cpu_capability)
 
     device = torch.device(args.device)
     if args.threads:

@@ -196,7 +196,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=None, help="torch / mmkern CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out-dir", default=None)
+    harness.add_cpu_capability_arg(parser)
     args = parser.parse_args(argv)
+    harness.apply_cpu_capability(args.cpu_capability)
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (5 if args.quick else 15)

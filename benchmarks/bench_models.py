@@ -117,7 +117,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="small batches, few repeats")
     parser.add_argument("--profile", action="store_true", help="also print a profile of the mmkern training step")
     parser.add_argument("--threads", type=int, default=None, help="torch / mmkern CPU threads")
+    harness.add_cpu_capability_arg(parser)
     args = parser.parse_args(argv)
+    harness.apply_cpu_capability(args.cpu_capability)
     if args.threads:
         torch.set_num_threads(args.threads)
     infer_batch, train_batch, repeats = (2, 4, 3) if args.quick else (8, 16, 11)

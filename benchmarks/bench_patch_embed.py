@@ -139,7 +139,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 32; 4 with --quick)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out-dir", default=None)
+    harness.add_cpu_capability_arg(parser)
     args = parser.parse_args(argv)
+    harness.apply_cpu_capability(args.cpu_capability)
 
     models = ["vit_b16_224"] if args.quick else args.models
     batch = args.batch or (4 if args.quick else 32)

@@ -3,15 +3,20 @@ appended to JSON with machine and versions, and plots. Every bench_<op>.py build
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from mmkern import _native
+from mmkern.cli import cpu_model
 
 RESULTS_DIR = Path(os.environ.get("MMKERN_BENCH_DIR", "bench_results"))
 
@@ -90,14 +95,61 @@ def peak_memory(fn, *, device: torch.device) -> int:
     return max(_rss_bytes("VmHWM") - base, 0)
 
 
+# What each mmkern CPU level means for torch too: ATen's own kernels, oneDNN (convolutions) and MKL (matmuls) are
+# held to the same instructions, so that a forced level measures both sides as a CPU of that level would run them.
+CPU_LEVEL_ENV = {
+    "avx512_bf16": {
+        "ATEN_CPU_CAPABILITY": "avx512",
+        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+    },
+    "avx512": {
+        "ATEN_CPU_CAPABILITY": "avx512",
+        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+    },
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "default": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+}
+
+
+def add_cpu_capability_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cpu-capability",
+        choices=sorted(CPU_LEVEL_ENV),
+        default=None,
+        help="run mmkern's CPU kernels and torch's at this ISA level (at most the CPU's): the figures a CPU of that "
+        "level would give (default: the CPU's best)",
+    )
+
+
+def apply_cpu_capability(level: str | None) -> None:
+    """Restarts this process with mmkern and torch held to `level` (torch reads its settings when it loads, so the
+    environment must be set before that: the benchmark runs again in a fresh interpreter with the same command
+    line). Does nothing when level is None or already applied."""
+    if level is None:
+        return
+    env = {"MMKERN_CPU_CAPABILITY": level, **CPU_LEVEL_ENV[level]}
+    if all(os.environ.get(k) == v for k, v in env.items()):
+        return
+    os.environ.update(env)
+    sys.stdout.flush()
+    os.execv(sys.executable, sys.orig_argv)
+
+
 def machine() -> dict:
     info = {
         "host": platform.node(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_features": _native._C.cpu_features() if _native._C is not None else "",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if _native.CPU_ERROR is None:
+        info["mmkern_cpu_capability"] = _native._C.cpu_capability()
+        info["mmkern_cpu_capabilities"] = _native._C.supported_cpu_capabilities()
     try:
         import triton
 

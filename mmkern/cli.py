@@ -35,7 +35,7 @@ def info() -> str:
     if _native._C is not None:
         level = _native.CPU_ERROR or _native._C.cpu_capability()
         lines.append(f"CPU kernels: running at {level}; compiled in: {', '.join(_native._C.cpu_capabilities())}")
-        lines.append(f"CPU: {_cpu_model()}; features: {_native._C.cpu_features() or 'none of note'}")
+        lines.append(f"CPU: {cpu_model()}; features: {_native._C.cpu_features() or 'none of note'}")
         archs = _native._C.cuda_archs()
         lines.append(f"CUDA kernels: {'sm_' + ', sm_'.join(archs.split(';')) if archs else 'not compiled'}")
     else:
@@ -46,7 +46,7 @@ def info() -> str:
     return "\n".join(lines)
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo on Linux), else what the platform module says."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
