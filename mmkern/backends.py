@@ -1,8 +1,12 @@
-"""Backend selection: `cpu` (C++), `cuda` (CUDA C++), `triton`, `reference` (plain PyTorch).
+"""Backend selection: `cpu` (C++), `cuda` (CUDA C++), `triton`, `reference` (plain PyTorch, the float64 test
+oracle), `torch` (PyTorch's own ops as a user would call them: F.scaled_dot_product_attention, conv2d, the naive
+losses).
 
 Choice, first match wins: an explicit `backend=` argument; `mmkern.use_backend(...)` (also a context
-manager); the `MMKERN_BACKEND` environment variable; else the op's default for the tensors' device.
-Asking for a backend that cannot run the given tensors is a ValueError that says why.
+manager); the `MMKERN_BACKEND` environment variable; else the op's default for the tensors' device. On CPU tensors
+that default is the native kernel where it measured faster than PyTorch for that kind of call at the ISA level the
+kernels run at, and `torch` elsewhere (mmkern/ops/cpu_policy.py). Asking for a backend that cannot run the given
+tensors is a ValueError that says why.
 """
 
 from __future__ import annotations
@@ -10,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 
 from mmkern import _native
 
-BACKENDS = ("cpu", "cuda", "triton", "reference")
+BACKENDS = ("cpu", "cuda", "triton", "reference", "torch")
 
 _selected: str | None = None
 
@@ -38,7 +43,7 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
     """None if `backend` can run tensors on `device_type` here, else the reason it cannot."""
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
-    if backend == "reference":
+    if backend in ("reference", "torch"):
         return None
     if backend == "cpu":
         if device_type != "cpu":
@@ -95,23 +100,30 @@ def selected_backend() -> str | None:
     return env
 
 
-def resolve(backend: str | None, device: torch.device, cuda_default: str = "triton") -> str:
+def resolve(
+    backend: str | None,
+    device: torch.device,
+    cuda_default: str = "triton",
+    native_faster: Callable[[], bool] | None = None,
+) -> str:
     """The backend to run an op on tensors on `device`.
 
     `cuda_default` is the op's own choice on CUDA devices (the faster of its triton and cuda kernels
-    where measured); on other devices the default is `cpu`, or `reference` when the native module is
-    missing.
+    where measured); on CPU tensors the default is `cpu` where `native_faster()` (the op's verdict from
+    mmkern/ops/cpu_policy.py for this call; None: always) and `torch` otherwise or when the native module is
+    missing; elsewhere `torch`.
     """
     chosen = backend if backend is not None else selected_backend()
     if chosen is None and device.type == "cpu" and _native.CPU_ERROR is None:
-        return "cpu"  # the common case, first: this runs on every op call
+        # The common case, first: this runs on every op call.
+        return "cpu" if native_faster is None or native_faster() else "torch"
     if chosen is None:
         if device.type == "cuda":
-            chosen = cuda_default if unavailable_reason(cuda_default, "cuda") is None else "reference"
+            chosen = cuda_default if unavailable_reason(cuda_default, "cuda") is None else "torch"
         elif device.type == "cpu" and _native.IMPORT_ERROR is None:
             chosen = "cpu"  # a bad MMKERN_CPU_CAPABILITY: the error below, not a silent fallback
         else:
-            chosen = "reference"
+            chosen = "torch"
     reason = unavailable_reason(chosen, device.type)
     if reason is not None:
         raise ValueError(f"backend: {chosen!r} is not available: {reason}")
@@ -153,5 +165,5 @@ def availability() -> dict[str, str | None]:
     judged on its natural device: cpu on CPU tensors, cuda on CUDA tensors, triton on CUDA tensors where a
     GPU is visible (else on CPU tensors, i.e. under the interpreter)."""
     gpu = torch.cuda.is_available()
-    natural = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda" if gpu else "cpu", "reference": "cpu"}
+    natural = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda" if gpu else "cpu", "reference": "cpu", "torch": "cpu"}
     return {b: unavailable_reason(b, natural[b]) for b in BACKENDS}

@@ -21,8 +21,11 @@ def test_tensor_arg_describes_strides_and_dtype():
     assert _native.tensor_arg(None) is None
 
 
-def test_default_backend_on_cpu_is_cpu():
+def test_default_backend_on_cpu_is_cpu_where_the_op_measured_faster():
     assert backends.resolve(None, torch.device("cpu")) == "cpu"
+    assert backends.resolve(None, torch.device("cpu"), native_faster=lambda: True) == "cpu"
+    assert backends.resolve(None, torch.device("cpu"), native_faster=lambda: False) == "torch"
+    assert backends.resolve("cpu", torch.device("cpu"), native_faster=lambda: False) == "cpu"  # explicit wins
 
 
 def test_use_backend_context_restores(monkeypatch):

@@ -269,7 +269,7 @@ def test_non_finite_propagates(backend):
 
 def _bad_gelu(**overrides):
     kwargs = {"x": torch.randn(4, 6), "bias": torch.randn(6), "approximate": "none", "backend": None, **overrides}
-    return lambda: bias_gelu(kwargs.pop("x"), kwargs.pop("bias"), kwargs.pop("approximate"), **kwargs)
+    return lambda: bias_gelu(kwargs["x"], kwargs["bias"], kwargs["approximate"], backend=kwargs["backend"])
 
 
 def _bad_ln(**overrides):

@@ -31,6 +31,6 @@ def check_like(reference_name: str, reference: torch.Tensor, **others: torch.Ten
 
 
 def native_dtype(backend: str, name: str, t: torch.Tensor) -> None:
-    """Native and Triton kernels store fp32/fp16/bf16; float64 runs only on the reference backend."""
-    if backend != "reference" and t.dtype == torch.float64:
-        raise ValueError(f"{name}: float64 runs only on the reference backend, not {backend!r}")
+    """Native and Triton kernels store fp32/fp16/bf16; float64 runs only on the reference and torch backends."""
+    if backend not in ("reference", "torch") and t.dtype == torch.float64:
+        raise ValueError(f"{name}: float64 runs only on the reference and torch backends, not {backend!r}")

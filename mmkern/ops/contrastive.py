@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from mmkern import _native, backends, reference
+from mmkern.ops import cpu_policy
 from mmkern.ops._checks import check_tensor, native_dtype
 from mmkern.ops._eager import plain_eager
 
@@ -70,15 +71,18 @@ def clip_loss(image_features, text_features, logit_scale, *, backend: str | None
     Args:
         image_features, text_features: (B, D), same dtype (fp32/fp16/bf16; fp64 on `reference`) and device.
         logit_scale: 0-dim tensor, the multiplier s (open_clip passes `logit_scale.exp()`); gets a gradient.
-        backend: "cpu", "cuda", "triton", "reference" or None (see mmkern.backends).
+        backend: "cpu", "cuda", "triton", "reference", "torch" or None (see mmkern.backends).
 
     Returns: 0-dim loss in the features' dtype (computed in fp32).
     """
     _check_pair(image_features, text_features, "image_features", "text_features", same_rows=True)
     logit_scale = _as_scalar(logit_scale, "logit_scale", image_features)
-    chosen = backends.resolve(backend, image_features.device)
+    B, D = image_features.shape
+    chosen = backends.resolve(
+        backend, image_features.device, native_faster=lambda: cpu_policy.contrastive(True, B, B, D)
+    )
     native_dtype(chosen, "image_features", image_features)
-    if chosen == "reference":
+    if chosen in ("reference", "torch"):  # the naive loss
         return reference.clip_loss(image_features, text_features, logit_scale)
     return _loss(image_features, text_features, logit_scale, None, None, ROWS_COLS, chosen)
 
@@ -110,9 +114,10 @@ def infonce(query, keys, logit_scale, *, labels=None, backend: str | None = None
         if in_range_checkable and bool(((labels < 0) | (labels >= K)).any()):
             raise ValueError(f"labels: values must lie in [0, {K})")
     labels = None if labels is None else labels.long()
-    chosen = backends.resolve(backend, query.device)
+    D = query.shape[1]
+    chosen = backends.resolve(backend, query.device, native_faster=lambda: cpu_policy.contrastive(False, B, K, D))
     native_dtype(chosen, "query", query)
-    if chosen == "reference":
+    if chosen in ("reference", "torch"):  # the naive loss
         return reference.infonce(query, keys, logit_scale, labels)
     return _loss(query, keys, logit_scale, None, labels, ROWS, chosen)
 
@@ -129,9 +134,12 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backe
     _check_pair(image_features, text_features, "image_features", "text_features", same_rows=True)
     logit_scale = _as_scalar(logit_scale, "logit_scale", image_features)
     logit_bias = _as_scalar(logit_bias, "logit_bias", image_features)
-    chosen = backends.resolve(backend, image_features.device)
+    B, D = image_features.shape
+    chosen = backends.resolve(
+        backend, image_features.device, native_faster=lambda: cpu_policy.contrastive(True, B, B, D)
+    )
     native_dtype(chosen, "image_features", image_features)
-    if chosen == "reference":
+    if chosen in ("reference", "torch"):  # the naive loss
         return reference.siglip_loss(image_features, text_features, logit_scale, logit_bias)
     return _loss(image_features, text_features, logit_scale, logit_bias, None, SIGMOID, chosen)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from mmkern import _native, backends, reference
+from mmkern.ops import cpu_policy
 from mmkern.ops._checks import check_like, check_tensor, native_dtype
 from mmkern.ops._eager import eager_function, plain_eager
 
@@ -36,7 +37,7 @@ def bias_gelu(
         x: (..., N), any strides; fp32, fp16, bf16 (fp64 on the reference backend).
         bias: (N,) in x's dtype, or None.
         approximate: "none" (exact erf GELU) or "tanh".
-        backend: "cpu", "cuda", "triton", "reference" or None (see mmkern.backends).
+        backend: "cpu", "cuda", "triton", "reference", "torch" or None (see mmkern.backends).
 
     Returns: (..., N) contiguous, x's dtype. Differentiable in x and bias.
     """
@@ -50,9 +51,9 @@ def bias_gelu(
             raise ValueError(f"bias: expected ({x.shape[-1]},) to match the last dim of x, got {tuple(bias.shape)}")
     if approximate not in GELU_KINDS:
         raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
-    chosen = backends.resolve(backend, x.device, cuda_default="triton")
+    chosen = backends.resolve(backend, x.device, "triton", cpu_policy.bias_gelu)
     native_dtype(chosen, "x", x)
-    if chosen == "reference":
+    if chosen in ("reference", "torch"):  # F.gelu(x + bias)
         return reference.bias_gelu(x, bias, approximate)
     if plain_eager(x, bias):
         return _BiasGelu.apply(x, bias, approximate, chosen)
@@ -95,9 +96,9 @@ def add_layer_norm(
                 raise ValueError(f"{name}: expected ({D},) to match the last dim of x, got {tuple(t.shape)}")
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
-    chosen = backends.resolve(backend, x.device, cuda_default="triton")
+    chosen = backends.resolve(backend, x.device, "triton", cpu_policy.add_layer_norm)
     native_dtype(chosen, "x", x)
-    if chosen == "reference":
+    if chosen in ("reference", "torch"):  # x + residual, F.layer_norm
         return reference.add_layer_norm(x, residual, weight, bias, eps)
     op = _AddLayerNorm.apply if plain_eager(x, residual, weight, bias) else torch.ops.mmkern.add_layer_norm
     s, out, _, _ = op(x, residual, weight, bias, float(eps), chosen)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from mmkern import _native, backends, reference
+from mmkern.ops import cpu_policy
 from mmkern.ops._checks import check_like, check_tensor, native_dtype
 from mmkern.ops._eager import eager_function, plain_eager
 
@@ -34,7 +35,7 @@ def patch_embed(
         bias: (E,) or None, added to patch tokens only.
         pos_embed: (T + N, E) or (1, T + N, E) or None, added to every token.
         prefix_tokens: (T, E) or None: class / register tokens placed before the N = (H/P)·(W/P) patches.
-        backend: "cpu", "cuda", "triton", "reference" or None (see mmkern.backends).
+        backend: "cpu", "cuda", "triton", "reference", "torch" or None (see mmkern.backends).
 
     Returns: (B, T + N, E) in the dtype of `images` (fp32, fp16, bf16; fp64 on the reference backend).
     """
@@ -70,9 +71,10 @@ def patch_embed(
             )
         pos_embed = pos_embed.reshape(T + N, E)
     # On GPUs the Triton kernel's tl.dot runs on tensor cores while the cuda kernel is SIMT fp32 FMA.
-    chosen = backends.resolve(backend, images.device, cuda_default="triton")
+    bf16 = images.dtype == torch.bfloat16
+    chosen = backends.resolve(backend, images.device, "triton", lambda: cpu_policy.patch_embed(bf16))
     native_dtype(chosen, "images", images)
-    if chosen == "reference":
+    if chosen in ("reference", "torch"):  # conv2d + flatten + cat + add, as a user writes it
         return reference.patch_embed(images, weight, bias, pos_embed, prefix_tokens)
     if plain_eager(images, weight, bias, pos_embed, prefix_tokens):  # see mmkern/ops/_eager.py
         return _EagerPatchEmbed.apply(images, weight, bias, pos_embed, prefix_tokens, chosen)
