@@ -295,7 +295,10 @@ def varlen_attention(
 
 
 def _lse_shape(q, cu_q, L):
-    return (q.shape[1], q.shape[0]) if cu_q is not None else (q.shape[0], q.shape[1], L)
+    """Row statistics: each row's log-sum-exp as the pair (m, log l), the max score and the log of its sum of
+    exp(s - m), kept apart because m + log l in fp32 drops log l once |m| >= 2^24 (a row of finfo.min mask).
+    A row that sees no key stores (+inf, 0)."""
+    return (q.shape[1], q.shape[0], 2) if cu_q is not None else (q.shape[0], q.shape[1], L, 2)
 
 
 def _new_out(q, v, cu_q, zero: bool = False) -> torch.Tensor:
@@ -359,7 +362,7 @@ def _attention_op(
     seed: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out like q with v's head dim, lse fp32: (B, H, L) dense or (H, total_q) packed)."""
+    """(out like q with v's head dim, lse fp32: (B, H, L, 2) dense or (H, total_q, 2) packed, see _lse_shape)."""
     params = (max_q, max_k, scale, causal, left, right, num_global, dropout_p, seed, backend)
     return _forward_impl(q, k, v, mask, cu_q, cu_k, *params)
 
@@ -394,7 +397,7 @@ def _backward_impl(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, *params, grads
         args = [_native.tensor_arg(t) for t in (q, k, v, mask, cu_q, cu_k, out, grad_out, lse, dq, dk, dv, dm)]
         _native.native().attention_bwd_cpu(*args, *scalars, dropout_p, seed, _native.num_threads())
     else:
-        delta = torch.empty_like(lse)
+        delta = torch.empty_like(lse)  # the kernels address it like lse, one value per row in the first slot
         args = [_native.tensor_arg(t) for t in (q, k, v, mask, cu_q, cu_k, out, grad_out, lse, dq, dk, dv, dm, delta)]
         _native.native().attention_bwd_cuda(*args, *scalars, _native.cuda_stream(q.device))
     return dq, dk, dv, dmask

@@ -77,7 +77,8 @@ inline void store_n(float* p, vf16 v, int n) {
 // operations fewer than clamping, rounding and subtracting (the softmax's exp -17%). t < -126 gives exactly 0
 // (also t = -inf, so masked scores vanish) without ever forming a subnormal: an underflowing scale costs a
 // microcode assist of ~100 cycles per vector, which made masked rows 3x slower. t >= 128 gives inf, NaN stays
-// NaN. Softmax callers pass t = (x - shift) log2(e) as one fused multiply-add.
+// NaN. Softmax callers pass t = (x - shift) log2(e), the difference first: as one fused multiply-add
+// x log2(e) - shift log2(e) the rounding of shift log2(e) (~1e3 at |shift| ~ 1e10) lands in the exponent.
 inline vf16 exp2v(vf16 t) {
 #if defined(__AVX512F__)
   const vf16 f = (vf16)_mm512_reduce_ps((__m512)t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // reduce(+-inf) = 0
@@ -129,13 +130,13 @@ inline float row_max(const float* row, int64_t n) {
   return hmax(m);
 }
 
-// row[j] = exp(row[j] - shift) for j < n; returns the sum.
-inline float exp_row(float* row, int64_t n, float shift) {
-  const float c = -shift * kLog2e;
+// row[j] = exp((row[j] - shift) - bias) for j < n; returns the sum.
+inline float exp_row(float* row, int64_t n, float shift, float bias = 0.f) {
+  const float c = -bias * kLog2e;
   vf16 s = vf16{};
   for (int64_t j = 0; j < n; j += kLanes) {
     const int w = static_cast<int>(std::min<int64_t>(kLanes, n - j));
-    vf16 p = exp2v(load_n(row + j, w) * kLog2e + c);
+    vf16 p = exp2v((load_n(row + j, w, -INFINITY) - shift) * kLog2e + c);
     if (w < kLanes) p = lanes_below(w) ? p : vf16{};  // in registers: reloading a masked store stalls
     store_n(row + j, p, w);
     s += p;
@@ -154,12 +155,12 @@ inline float softmax_step(float* row, int64_t n, float& m, float& l, bool first)
     const int w0 = static_cast<int>(std::min<int64_t>(n, kLanes)), w1 = static_cast<int>(n) - w0;
     const vf16 x0 = load_n(row, w0, -INFINITY), x1 = w1 > 0 ? load_n(row + kLanes, w1, -INFINITY) : splat(-INFINITY);
     m_new = std::max(m_old, hmax(x0 > x1 ? x0 : x1));
-    const float c = -(m_new == -INFINITY ? 0.f : m_new) * kLog2e;
-    const vf16 p0 = exp2v(x0 * kLog2e + c);  // lanes past n hold -inf scores: exp gives 0
+    const float shift = m_new == -INFINITY ? 0.f : m_new;
+    const vf16 p0 = exp2v((x0 - shift) * kLog2e);  // lanes past n hold -inf scores: exp gives 0
     store_n(row, p0, w0);
     vf16 acc = p0;
     if (w1 > 0) {
-      const vf16 p1 = exp2v(x1 * kLog2e + c);
+      const vf16 p1 = exp2v((x1 - shift) * kLog2e);
       store_n(row + kLanes, p1, w1);
       acc += p1;
     }
@@ -195,14 +196,15 @@ inline vf16 logv(vf16 x) {
   return __builtin_convertvector(e, vf16) * 0.6931471805599453f + 2.f * s * p;
 }
 
-// End of the online softmax for n rows: lse = m + log(l) (+inf for a row that saw no key, so that the
-// backward's exp(s - lse) is 0) and l = 1 / l (0 for such a row).
-inline void softmax_finish(const float* m, float* l, int64_t n, float* lse) {
+// End of the online softmax for n rows: the row statistics (m, log l) of attn::row_stat_max / row_stat_log_sum
+// (m = +inf, log l = 0 for a row that saw no key) in m and log_l, and l = 1 / l (0 for such a row).
+inline void softmax_finish(float* m, float* l, int64_t n, float* log_l) {
   for (int64_t i = 0; i < n; i += kLanes) {
     const int w = static_cast<int>(std::min<int64_t>(kLanes, n - i));
     const vf16 lv = load_n(l + i, w, 1.f), mv = load_n(m + i, w);
     const vi16 empty = lv == 0.f;
-    store_n(lse + i, empty ? splat(INFINITY) : mv + logv(empty ? splat(1.f) : lv), w);
+    store_n(m + i, empty ? splat(INFINITY) : mv, w);
+    store_n(log_l + i, empty ? vf16{} : logv(empty ? splat(1.f) : lv), w);
     store_n(l + i, empty ? vf16{} : 1.f / lv, w);
   }
 }
