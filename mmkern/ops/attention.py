@@ -46,6 +46,12 @@ def _window_args(window, num_global: int, L: int, S: int) -> tuple[int, int, int
     return min(left, bound), min(right, bound), num_global
 
 
+def _default_scale(head_dim: int) -> float:
+    """1/sqrt(E); with E = 0 every score is an empty dot product, 0, and torch attends uniformly: any finite scale
+    keeps it so (1/sqrt(0) would make 0 * inf = NaN scores)."""
+    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+
+
 def _broadcasts_to(shape, full) -> bool:
     """Whether `shape` broadcasts to `full` (torch.broadcast_shapes costs ~40 us a call, as much as the
     kernel of a small layer)."""
@@ -86,10 +92,10 @@ def scaled_dot_product_attention(
             the reference backend); E, Ev <= 256. Hk must equal Hq unless enable_gqa (then Hq % Hk == 0).
         attn_mask: None, bool (True = attend) or float (added to the scores, -inf allowed; gets a gradient
             when it requires one), broadcastable to (..., Hq, L, S), e.g. (L, S) or (B, 1, 1, S).
-        dropout_p: probability of dropping an attention weight (applied whenever > 0, like torch).
+        dropout_p: probability of dropping an attention weight (applied whenever > 0, like torch; 1 gives zeros).
         is_causal: query i sees keys j <= i (top-left aligned, as torch does, also when L != S). Unlike torch,
             it combines with attn_mask (both apply), e.g. a causal text tower with a (B, 1, 1, S) padding mask.
-        scale: score scale, default 1/sqrt(E).
+        scale: score scale, default 1/sqrt(E) (E = 0: every score is 0, as in torch).
         backend: "cpu", "cuda", "triton", "reference" or None (see mmkern.backends).
         window: (left, right): query i sees only keys in [i - left, i + right] (with causal and masks).
         num_global: with a window, the first num_global queries and keys see / are seen by every position.
@@ -152,8 +158,8 @@ def _sdpa(
     Hk = key.shape[-3] if key.dim() >= 3 else 1
     if Hq != Hk and not (enable_gqa and Hk > 0 and Hq % Hk == 0):
         raise ValueError(f"key: {Hk} heads vs query's {Hq}: needs enable_gqa=True and Hq a multiple of Hk")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p: expected 0 <= p < 1, got {dropout_p}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p: expected 0 <= p <= 1, got {dropout_p}")
     left, right, num_global = _window_args(window, num_global, L, S)
     batch = query.shape[:-3]
     full = (*batch, Hq, L, S)
@@ -203,7 +209,7 @@ def _sdpa(
         mask4 = attn_mask if attn_mask.dtype == torch.bool else attn_mask.float()
         mask4 = mask4.expand(full).reshape(B, Hq, L, S)
     seed = draw_seed() if dropout_p > 0.0 else 0
-    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    scale = _default_scale(E) if scale is None else float(scale)
     params = (L, S, scale, is_causal, left, right, num_global, float(dropout_p), seed, chosen)
     if packed is not None and chosen == "cpu" and plain_eager(packed, mask4):
         out, _ = _EagerPackedAttention.apply(packed, mask4, *params)
@@ -267,7 +273,7 @@ def varlen_attention(
         )
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         raise ValueError(f"q: head dims up to {MAX_HEAD_DIM} are supported, got {q.shape[-1]} / {v.shape[-1]}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _default_scale(q.shape[-1]) if scale is None else float(scale)
     out, _ = _attention(
         q,
         k,

@@ -181,6 +181,7 @@ def _attention_fwd_kernel(
     right,
     num_global,
     dropout_p,
+    keep_scale,
     seed_lo,
     seed_hi,
     CAUSAL: tl.constexpr,
@@ -230,7 +231,7 @@ def _attention_fwd_kernel(
             m_i = m_new
             if DROPOUT:
                 keep = _dropout_keep(seed_lo, seed_hi, bh, offs_m, offs_n, dropout_p)
-                p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+                p = tl.where(keep, p * keep_scale, 0.0)
             v = _load_tile(V + b * svb + hk * svh, k0, offs_n, Sb, svt, offs_dv, DV, svd)
             acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
     empty = l_i == 0.0  # rows that see no key give 0 and store (m, log l) = (+inf, 0): attn::row_stat_max
@@ -255,6 +256,7 @@ def _bwd_probs(
     offs_n,
     bh,
     dropout_p,
+    keep_scale,
     seed_lo,
     seed_hi,
     DROPOUT: tl.constexpr,
@@ -265,7 +267,7 @@ def _bwd_probs(
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     if DROPOUT:
         keep = _dropout_keep(seed_lo, seed_hi, bh, offs_m, offs_n, dropout_p)
-        z = tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
+        z = tl.where(keep, keep_scale, 0.0)
         return p * z, p * (dp * z - delta[:, None])
     return p, p * (dp - delta[:, None])
 
@@ -318,6 +320,7 @@ def _attention_bwd_dkdv_kernel(
     right,
     num_global,
     dropout_p,
+    keep_scale,
     seed_lo,
     seed_hi,
     CAUSAL: tl.constexpr,
@@ -381,7 +384,21 @@ def _attention_bwd_dkdv_kernel(
                     PREC,
                 )
                 pz, ds = _bwd_probs(
-                    s, m, log_l, delta, do, v, offs_m, offs_n, b * H + h, dropout_p, seed_lo, seed_hi, DROPOUT, PREC
+                    s,
+                    m,
+                    log_l,
+                    delta,
+                    do,
+                    v,
+                    offs_m,
+                    offs_n,
+                    b * H + h,
+                    dropout_p,
+                    keep_scale,
+                    seed_lo,
+                    seed_hi,
+                    DROPOUT,
+                    PREC,
                 )
                 dv += tl.dot(tl.trans(pz).to(do.dtype), do, input_precision=PREC)
                 dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
@@ -437,6 +454,7 @@ def _attention_bwd_dq_kernel(
     right,
     num_global,
     dropout_p,
+    keep_scale,
     seed_lo,
     seed_hi,
     CAUSAL: tl.constexpr,
@@ -485,7 +503,7 @@ def _attention_bwd_dq_kernel(
                 q, k, offs_m, offs_n, Lb, Sb, scale, mptrs, left, right, num_global, CAUSAL, WINDOWED, MASK_KIND, PREC
             )
             _, ds = _bwd_probs(
-                s, m, log_l, delta, do, v, offs_m, offs_n, bh, dropout_p, seed_lo, seed_hi, DROPOUT, PREC
+                s, m, log_l, delta, do, v, offs_m, offs_n, bh, dropout_p, keep_scale, seed_lo, seed_hi, DROPOUT, PREC
             )
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
             if WRITE_DMASK:
@@ -531,6 +549,7 @@ def _common(
         right,
         num_global,
         dropout_p,
+        1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0,  # keep_scale; p = 1 keeps nothing
         seed & 0x7FFFFFFF,
         seed >> 32,
     ]
