@@ -52,6 +52,12 @@ def _default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
 
 
+def _reference_dtype(query: torch.Tensor) -> torch.dtype:
+    """The reference backend computes fp16 / bf16 inputs in fp32, as the kernels (and torch's SDPA) do: softmax and
+    products rounded to 16 bits lost several times torch's accuracy."""
+    return torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+
+
 def _broadcasts_to(shape, full) -> bool:
     """Whether `shape` broadcasts to `full` (torch.broadcast_shapes costs ~40 us a call, as much as the
     kernel of a small layer)."""
@@ -174,16 +180,17 @@ def _sdpa(
     chosen = backends.resolve(backend, query.device, cuda_default="triton")
     native_dtype(chosen, "query", query)
     if chosen == "reference":
+        compute = _reference_dtype(query)
         if attn_mask is not None and attn_mask.is_floating_point():
-            attn_mask = attn_mask.to(query.dtype)
+            attn_mask = attn_mask.to(compute)
         dropout_mask = None
         if dropout_p > 0.0:
             dropout_mask = torch.rand(full, device=query.device) >= dropout_p
         win = None if left < 0 else (left, right)
-        return reference.scaled_dot_product_attention(
-            query,
-            key,
-            value,
+        out = reference.scaled_dot_product_attention(
+            query.to(compute),
+            key.to(compute),
+            value.to(compute),
             attn_mask,
             dropout_p,
             is_causal,
@@ -193,6 +200,7 @@ def _sdpa(
             window=win,
             num_global=num_global,
         )
+        return out.to(query.dtype)
     if max(E, value.shape[-1]) > MAX_HEAD_DIM:
         raise ValueError(f"query: head dims up to {MAX_HEAD_DIM} are supported, got {E} / {value.shape[-1]}")
     if dropout_p > 0.0 and chosen == "cuda":
@@ -268,9 +276,19 @@ def varlen_attention(
     native_dtype(chosen, "q", q)
     if chosen == "reference":
         win = None if left < 0 else (left, right)
-        return reference.varlen_attention(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale, window=win, num_global=num_global
+        compute = _reference_dtype(q)
+        out = reference.varlen_attention(
+            q.to(compute),
+            k.to(compute),
+            v.to(compute),
+            cu_seqlens_q,
+            cu_seqlens_k,
+            causal=causal,
+            scale=scale,
+            window=win,
+            num_global=num_global,
         )
+        return out.to(q.dtype)
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         raise ValueError(f"q: head dims up to {MAX_HEAD_DIM} are supported, got {q.shape[-1]} / {v.shape[-1]}")
     scale = _default_scale(q.shape[-1]) if scale is None else float(scale)
