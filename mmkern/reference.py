@@ -74,7 +74,8 @@ def scaled_dot_product_attention(
     kernels draw it from their own counter-based generator; kept probabilities are scaled by 1/(1-p).
     """
     L, S = query.shape[-2], key.shape[-2]
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if scale is None:  # E = 0: every score is an empty dot product, 0, as in torch (not 0 * inf)
+        scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] else 1.0
     if enable_gqa and key.shape[-3] != query.shape[-3]:
         groups = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(groups, dim=-3)
@@ -93,7 +94,7 @@ def scaled_dot_product_attention(
     if dropout_p > 0.0:
         if dropout_mask is None:
             raise ValueError("dropout_mask: the reference needs the keep-mask when dropout_p > 0")
-        probs = probs * dropout_mask / (1.0 - dropout_p)
+        probs = probs * dropout_mask * (1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0)  # p = 1: zeros, as torch
     return probs @ value
 
 

@@ -55,3 +55,31 @@ def assert_close(
     mag = None if magnitude is None else magnitude.double().nan_to_num(0.0, 0.0, 0.0)
     err = relative_error(actual.masked_fill(both_nan, 0), expected.masked_fill(both_nan, 0), mag)
     assert err <= factor * RTOL[dtype], f"{name}: relative error {err:.3g} > {factor * RTOL[dtype]:.3g} ({dtype})"
+
+
+def assert_no_worse_than_torch(
+    actual: torch.Tensor,
+    torch_result: torch.Tensor,
+    truth: torch.Tensor,
+    dtype: torch.dtype,
+    name: str,
+    factor: float = 1.0,
+    slack: float = 2.0,
+    magnitude: torch.Tensor | None = None,
+):
+    """flash-attention's rule against torch in the same dtype: where torch's result is finite, actual is finite too,
+    and max|actual - truth| <= slack · max|torch_result - truth| + factor · RTOL[dtype] · max|magnitude| there (truth
+    in float64; magnitude as in assert_close, default truth). Torch's own error sets the bar where the inputs alone
+    decide the answer's accuracy (a score plus a -1e9 mask keeps no digit of the score in fp32, for torch and mmkern
+    alike)."""
+    assert actual.shape == torch_result.shape == truth.shape, f"{name}: shapes differ"
+    finite = torch.isfinite(torch_result)
+    bad = finite & ~torch.isfinite(actual)
+    assert not bad.any(), f"{name}: {int(bad.sum())} non-finite values where torch's are finite"
+    truth = truth.double().masked_fill(~finite, 0.0)
+    err = (actual.double().masked_fill(~finite, 0.0) - truth).abs().max().item() if truth.numel() else 0.0
+    bar = (torch_result.double().masked_fill(~finite, 0.0) - truth).abs().max().item() if truth.numel() else 0.0
+    magnitude = truth if magnitude is None else magnitude.double().masked_fill(~finite, 0.0)
+    scale = magnitude.abs().max().item() if truth.numel() else 0.0
+    limit = slack * bar + factor * RTOL[dtype] * scale
+    assert err <= limit, f"{name}: error {err:.3g} > {limit:.3g} (torch's {bar:.3g}, magnitude {scale:.3g}, {dtype})"

@@ -320,7 +320,7 @@ def test_opcheck():
         ({"key": torch.randn(1, 3, 4, 8)}, "key"),
         ({"attn_mask": torch.ones(3, 5, dtype=torch.bool)}, "attn_mask"),
         ({"attn_mask": torch.ones(4, 4, dtype=torch.int64)}, "attn_mask"),
-        ({"dropout_p": 1.0}, "dropout_p"),
+        ({"dropout_p": 1.5}, "dropout_p"),
         ({"window": (-1, 2)}, "window"),
         ({"num_global": 2}, "num_global"),
         ({"backend": "nope"}, "backend"),

@@ -1,8 +1,8 @@
 // Fused attention on the CPU: blocked online softmax (forward) and tile recomputation (backward).
 //
 // Forward, per query block (<= c.bm queries) of a (batch, head): S = Q (scale K)^T over blocks of <= c.bn keys,
-// the running max m and sum l per row, acc = sum P V rescaled when m grows; out = acc / l, lse = m + log l.
-// Backward recomputes P = exp(S - lse) per tile:  dV += (P o Z)^T dO,  dS = P o (Z o dO V^T - delta) with
+// the running max m and sum l per row, acc = sum P V rescaled when m grows; out = acc / l, and the row
+// statistics (m, log l) (attn::row_stat_max). Backward recomputes P = exp((S - m) - log l) per tile:  dV += (P o Z)^T dO,  dS = P o (Z o dO V^T - delta) with
 // delta = rowsum(dO o O) and Z the dropout scale,  dK += scale dS^T Q,  dQ += scale dS K (the scale folded into
 // dS unless the mask's gradient is wanted).
 //
@@ -64,7 +64,7 @@ struct Call {
   const void* mask = nullptr;  // (B, Hq, L, S) view, bool or fp32
   bool mask_bool = false;
   float* dmask = nullptr;  // (B, Hq, L, S) fp32, or null
-  float* lse = nullptr;
+  float* lse = nullptr;  // (m, log l) pairs, rows laid out by lrow
   // Backward: dS is formed times the score scale, so that dK = dS^T Q and dQ = dS K need no scaling and can be
   // accumulated in the gradient tensors themselves; not when the mask gradient wants dS itself.
   bool ds_scaled = false;
@@ -258,7 +258,7 @@ void forward(const Call& c, T* out, int num_threads) {
     float* st = scratch(1, c.bm * ld);
     float* acc = scratch(2, c.bm * Dv);
     float* stats = scratch(3, 3 * c.bm);
-    float *m = stats, *l = stats + c.bm, *lse = stats + 2 * c.bm;
+    float *m = stats, *l = stats + c.bm, *log_l = stats + 2 * c.bm;
     for (TaskStream ts(counter, tasks, per_grab); !ts.done(); ts.advance()) {
       const int64_t task = ts.task(), next = ts.following();
       const int64_t chunk = task % chunks, bh = task / chunks, b = bh / pb.heads_q, h = bh % pb.heads_q;
@@ -306,13 +306,17 @@ void forward(const Call& c, T* out, int num_threads) {
           attn_cpu::gemm(bm, Dv, bn, st, ld, kv.vn + j0 * kv.ldvn, kv.ldvn, acc, Dv, !first, kv.vn_padded, &pf);
           first = false;
         }
-        if (first) {  // no visible key: output 0, lse +inf
+        if (first) {  // no visible key: output 0, statistics (+inf, 0)
           std::fill(acc, acc + bm * Dv, 0.f);
           std::fill(l, l + bm, 0.f);
           std::fill(m, m + bm, -INFINITY);
         }
-        attn_cpu::softmax_finish(m, l, bm, lse);
-        for (int64_t i = 0; i < bm; ++i) c.lse[c.lrow_offset(b, h, i0 + i)] = lse[i];
+        attn_cpu::softmax_finish(m, l, bm, log_l);
+        for (int64_t i = 0; i < bm; ++i) {
+          float* stat = c.lse + c.lrow_offset(b, h, i0 + i);
+          stat[0] = m[i];
+          stat[1] = log_l[i];
+        }
         write_rows(out, c.lo, b, h, pb.q_start(b) + i0, bm, Dv, acc, l, 1.f);
       }
     }
@@ -322,7 +326,7 @@ void forward(const Call& c, T* out, int num_threads) {
 // Per-thread buffers of the backward pass and the work on one (query block, key block) tile. q and go are
 // the query block's Q and dO rows (in place, or copies in qbuf / gobuf), with their row strides.
 struct BwdScratch {
-  float *qbuf, *gobuf, *st, *dpt, *dq_acc, *lse, *delta;
+  float *qbuf, *gobuf, *st, *dpt, *dq_acc, *lse, *log_l, *delta;  // lse, log_l: the rows' (m, log l)
   const float *q = nullptr, *go = nullptr;
   int64_t ldq = 0, ldgo = 0;
   bool q_padded = false, go_padded = false;
@@ -334,9 +338,10 @@ struct BwdScratch {
     gobuf = scratch(1, kBM * padded_ld(Dv));
     st = scratch(2, 2 * kBM * c.ld_tile);
     dpt = st + kBM * c.ld_tile;
-    dq_acc = scratch(3, kBM * D + 2 * kBM);
+    dq_acc = scratch(3, kBM * D + 3 * kBM);
     lse = dq_acc + kBM * D;
-    delta = lse + kBM;
+    log_l = lse + kBM;
+    delta = log_l + kBM;
   }
 };
 
@@ -347,7 +352,7 @@ inline bool one_key_block(const Call& c, int64_t b, int64_t i0, int64_t i1) {
   return hi <= lo / c.bn * c.bn + c.bn;
 }
 
-// Loads query block (b, h, i0): Q and dO rows, lse, and delta = rowsum(dO o O) unless the tile computes it
+// Loads query block (b, h, i0): Q and dO rows, the row statistics (m, log l), and delta = rowsum(dO o O) unless the tile computes it
 // as rowsum(P o dP) (O = P V; with dropout the tile would need the keep-mask twice, so O is read).
 template <typename T>
 void load_query_block(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t bm, BwdScratch& w) {
@@ -360,7 +365,9 @@ void load_query_block(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t b
   w.go = rows_fp32(gbase, c.lgo.st, c.lgo.sd, bm, Dv, w.gobuf, w.ldgo);
   w.go_padded = w.go == w.gobuf;
   for (int64_t i = 0; i < bm; ++i) {
-    w.lse[i] = c.lse[c.lrow_offset(b, h, i0 + i)];
+    const float* stat = c.lse + c.lrow_offset(b, h, i0 + i);
+    w.lse[i] = stat[0];
+    w.log_l[i] = stat[1];
     if (w.delta_in_tile) continue;
     const float* g = w.go + i * w.ldgo;
     const T* oi = obase + i * c.lo.st;
@@ -399,10 +406,10 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
     float* srow = st + i * ld;
     float* drow = dpt + i * ld;
     if (c.mask || !all_visible) mask_row(c, b, h, i0 + i, j0, bn, all_visible, srow);
-    const float lse = w.lse[i];
+    const float m = w.lse[i];
     if (pb.dropout_p > 0.f) {
       const float delta = w.delta[i];
-      attn_cpu::exp_row(srow, bn, lse);
+      attn_cpu::exp_row(srow, bn, m, w.log_l[i]);
       for (int64_t j = 0; j < bn; ++j) {
         const float p = srow[j];
         const float z = attn::dropout_keep(pb.seed, bh, i0 + i, j0 + j, pb.dropout_p) ? keep_scale : 0.f;
@@ -410,11 +417,13 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
         drow[j] = ds_scale * p * (drow[j] * z - delta);  // dS
       }
     } else {
-      const float shift = -lse * kLog2e;
+      // (s - m) first (see exp2v); lanes past bn load -inf, so their p is 0 and p * dP is not inf * 0 = NaN
+      // when m < -88 (a fully masked row of a -1e4 additive mask).
+      const float shift = -w.log_l[i] * kLog2e;
       vf pdp = vf{};
       for (int64_t j = 0; j < bn; j += kLanes) {
         const int n = static_cast<int>(std::min<int64_t>(kLanes, bn - j));
-        const vf p = attn_cpu::exp2v(attn_cpu::load_n(srow + j, n) * kLog2e + shift);
+        const vf p = attn_cpu::exp2v((attn_cpu::load_n(srow + j, n, -INFINITY) - m) * kLog2e + shift);
         attn_cpu::store_n(srow + j, p, n);
         pdp += p * attn_cpu::load_n(drow + j, n);  // lanes past bn: dP loads 0
       }

@@ -1,7 +1,7 @@
 // Fused attention on CUDA: the CPU kernel's algorithm with the work spread over thread blocks.
 //
 // Forward: one block per (query block, batch*head); key blocks stream through shared memory with an online
-// softmax; only out and the row log-sum-exp are written. Backward, without atomics (deterministic): a delta
+// softmax; only out and the row statistics (m, log l) (attn::row_stat_max) are written. Backward, without atomics (deterministic): a delta
 // kernel (rowsum dO o O), a dK/dV kernel per key block looping over the query blocks of its head group, and a
 // dQ kernel per query block (it also writes dS as the float mask's gradient). Key blocks that no query of
 // the block sees (causal, window) are skipped. Visibility, the softmax guards and the problem/layout
@@ -175,7 +175,11 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
     if (i0 + r < L) out[p.lo.offset(b, h, t0 + r, d)] = from_float<T>(os[r * DVp + d] * attn::row_inv_sum(l[r]));
   }
   for (int r = threadIdx.x; r < BM; r += blockDim.x)
-    if (i0 + r < L) p.lse[p.lrow.offset(b, h, t0 + r, 0)] = attn::row_lse(m[r], l[r]);
+    if (i0 + r < L) {
+      float* stat = p.lse + p.lrow.offset(b, h, t0 + r, 0);
+      stat[0] = attn::row_stat_max(m[r], l[r]);
+      stat[1] = attn::row_stat_log_sum(l[r]);
+    }
 }
 
 template <typename T>
@@ -198,7 +202,7 @@ struct BwdSmem {
   __host__ __device__ static size_t bytes(int BM, int BN, int Dp, int DVp) {
     return align128(sizeof(T) * BM * Dp) + align128(sizeof(T) * BM * DVp) + align128(sizeof(T) * BN * Dp) +
            align128(sizeof(T) * BN * DVp) + 2 * align128(sizeof(float) * BM * BN) + 2 * align128(sizeof(T) * BM * BN) +
-           align128(sizeof(float) * (BN > BM ? BN : BM) * (Dp + DVp)) + 2 * align128(sizeof(float) * BM);
+           align128(sizeof(float) * (BN > BM ? BN : BM) * (Dp + DVp)) + 3 * align128(sizeof(float) * BM);
   }
 };
 
@@ -206,13 +210,13 @@ struct BwdSmem {
 template <typename T, int BM, int BN>
 __device__ void bwd_tile(const Params& p, int64_t b, int64_t h, int64_t i0, int64_t j0, int64_t L, int64_t S,
                          const T* qs, const T* dos, const T* ks, const T* vs, float* ss, float* dps, T* pt, T* dst,
-                         const float* lse, const float* delta, bool write_dmask) {
+                         const float* lse, const float* log_l, const float* delta, bool write_dmask) {
   gemm_smem<T, false, true>(BM, BN, p.dp, qs, p.dp, ks, p.dp, ss, BN, false);
   gemm_smem<T, false, true>(BM, BN, p.dvp, dos, p.dvp, vs, p.dvp, dps, BN, false);
   for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
     const int r = idx / BN, c = idx % BN;
     const float s = masked_score(p, ss[idx] * p.pb.scale, b, h, i0 + r, j0 + c, L, S);
-    const float pr = s == -INFINITY ? 0.f : __expf(s - lse[r]);
+    const float pr = s == -INFINITY ? 0.f : attn::row_prob(s, lse[r], log_l[r]);
     const float ds = pr * (dps[idx] - delta[r]);
     pt[idx] = from_float<T>(pr);
     dst[idx] = from_float<T>(ds);
@@ -223,13 +227,15 @@ __device__ void bwd_tile(const Params& p, int64_t b, int64_t h, int64_t i0, int6
 
 template <typename T, int BM>
 __device__ void load_query_rows(const Params& p, int64_t b, int64_t h, int64_t i0, int64_t L, T* qs, T* dos,
-                                float* lse, float* delta) {
+                                float* lse, float* log_l, float* delta) {
   const int64_t t0 = p.pb.q_start(b) + i0;
   load_tile(qs, BM, p.dp, static_cast<const T*>(p.q), p.lq, b, h, t0, L - i0, p.pb.dim);
   load_tile(dos, BM, p.dvp, static_cast<const T*>(p.go), p.lgo, b, h, t0, L - i0, p.pb.dim_v);
   for (int r = threadIdx.x; r < BM; r += blockDim.x) {
     const bool in = i0 + r < L;
-    lse[r] = in ? p.lse[p.lrow.offset(b, h, t0 + r, 0)] : INFINITY;
+    const float* stat = p.lse + p.lrow.offset(b, h, t0 + r, 0);
+    lse[r] = in ? stat[0] : INFINITY;
+    log_l[r] = in ? stat[1] : 0.f;
     delta[r] = in ? p.delta[p.lrow.offset(b, h, t0 + r, 0)] : 0.f;
   }
 }
@@ -252,6 +258,7 @@ __device__ void load_query_rows(const Params& p, int64_t b, int64_t h, int64_t i
   T* dst = reinterpret_cast<T*>(take(sizeof(T) * BM * BN));                   \
   float* acc = reinterpret_cast<float*>(take(sizeof(float) * (BN > BM ? BN : BM) * (p.dp + p.dvp))); \
   float* lse = reinterpret_cast<float*>(take(sizeof(float) * BM));            \
+  float* log_l = reinterpret_cast<float*>(take(sizeof(float) * BM));          \
   float* delta = reinterpret_cast<float*>(take(sizeof(float) * BM));
 
 template <typename T, int BM, int BN>
@@ -270,9 +277,9 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) 
     for (int64_t i0 = 0; i0 < L; i0 += BM) {
       if (!attn::block_any_visible(pb.vis, i0, i0 + BM, j0, j0 + BN)) continue;
       __syncthreads();
-      load_query_rows<T, BM>(p, b, h, i0, L, qs, dos, lse, delta);
+      load_query_rows<T, BM>(p, b, h, i0, L, qs, dos, lse, log_l, delta);
       __syncthreads();
-      bwd_tile<T, BM, BN>(p, b, h, i0, j0, L, S, qs, dos, ks, vs, ss, dps, pt, dst, lse, delta, false);
+      bwd_tile<T, BM, BN>(p, b, h, i0, j0, L, S, qs, dos, ks, vs, ss, dps, pt, dst, lse, log_l, delta, false);
       gemm_smem<T, true, false>(BN, p.dvp, BM, pt, BN, dos, p.dvp, dv, p.dvp, true);   // dV += P^T dO
       gemm_smem<T, true, false>(BN, p.dp, BM, dst, BN, qs, p.dp, dk, p.dp, true);       // dK += dS^T Q
     }
@@ -297,7 +304,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
   if (i0 >= L) return;
   MMK_BWD_SMEM
   float* dq = acc;
-  load_query_rows<T, BM>(p, b, h, i0, L, qs, dos, lse, delta);
+  load_query_rows<T, BM>(p, b, h, i0, L, qs, dos, lse, log_l, delta);
   for (int idx = threadIdx.x; idx < BM * p.dp; idx += blockDim.x) dq[idx] = 0.f;
   for (int64_t j0 = 0; j0 < S; j0 += BN) {
     if (!attn::block_any_visible(pb.vis, i0, i0 + BM, j0, j0 + BN)) continue;
@@ -305,7 +312,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
     load_tile(ks, BN, p.dp, static_cast<const T*>(p.k), p.lk, b, hk, pb.k_start(b) + j0, S - j0, pb.dim);
     load_tile(vs, BN, p.dvp, static_cast<const T*>(p.v), p.lv, b, hk, pb.k_start(b) + j0, S - j0, pb.dim_v);
     __syncthreads();
-    bwd_tile<T, BM, BN>(p, b, h, i0, j0, L, S, qs, dos, ks, vs, ss, dps, pt, dst, lse, delta, p.dmask != nullptr);
+    bwd_tile<T, BM, BN>(p, b, h, i0, j0, L, S, qs, dos, ks, vs, ss, dps, pt, dst, lse, log_l, delta, p.dmask != nullptr);
     gemm_smem<T, false, false>(BM, p.dp, BN, dst, BN, ks, p.dp, dq, p.dp, true);  // dQ += dS K
   }
   __syncthreads();

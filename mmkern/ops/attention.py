@@ -46,6 +46,18 @@ def _window_args(window, num_global: int, L: int, S: int) -> tuple[int, int, int
     return min(left, bound), min(right, bound), num_global
 
 
+def _default_scale(head_dim: int) -> float:
+    """1/sqrt(E); with E = 0 every score is an empty dot product, 0, and torch attends uniformly: any finite scale
+    keeps it so (1/sqrt(0) would make 0 * inf = NaN scores)."""
+    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+
+
+def _reference_dtype(query: torch.Tensor) -> torch.dtype:
+    """The reference backend computes fp16 / bf16 inputs in fp32, as the kernels (and torch's SDPA) do: softmax and
+    products rounded to 16 bits lost several times torch's accuracy."""
+    return torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+
+
 def _broadcasts_to(shape, full) -> bool:
     """Whether `shape` broadcasts to `full` (torch.broadcast_shapes costs ~40 us a call, as much as the
     kernel of a small layer)."""
@@ -86,10 +98,10 @@ def scaled_dot_product_attention(
             the reference backend); E, Ev <= 256. Hk must equal Hq unless enable_gqa (then Hq % Hk == 0).
         attn_mask: None, bool (True = attend) or float (added to the scores, -inf allowed; gets a gradient
             when it requires one), broadcastable to (..., Hq, L, S), e.g. (L, S) or (B, 1, 1, S).
-        dropout_p: probability of dropping an attention weight (applied whenever > 0, like torch).
+        dropout_p: probability of dropping an attention weight (applied whenever > 0, like torch; 1 gives zeros).
         is_causal: query i sees keys j <= i (top-left aligned, as torch does, also when L != S). Unlike torch,
             it combines with attn_mask (both apply), e.g. a causal text tower with a (B, 1, 1, S) padding mask.
-        scale: score scale, default 1/sqrt(E).
+        scale: score scale, default 1/sqrt(E) (E = 0: every score is 0, as in torch).
         backend: "cpu", "cuda", "triton", "reference" or None (see mmkern.backends).
         window: (left, right): query i sees only keys in [i - left, i + right] (with causal and masks).
         num_global: with a window, the first num_global queries and keys see / are seen by every position.
@@ -152,8 +164,8 @@ def _sdpa(
     Hk = key.shape[-3] if key.dim() >= 3 else 1
     if Hq != Hk and not (enable_gqa and Hk > 0 and Hq % Hk == 0):
         raise ValueError(f"key: {Hk} heads vs query's {Hq}: needs enable_gqa=True and Hq a multiple of Hk")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p: expected 0 <= p < 1, got {dropout_p}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p: expected 0 <= p <= 1, got {dropout_p}")
     left, right, num_global = _window_args(window, num_global, L, S)
     batch = query.shape[:-3]
     full = (*batch, Hq, L, S)
@@ -168,16 +180,17 @@ def _sdpa(
     chosen = backends.resolve(backend, query.device, cuda_default="triton")
     native_dtype(chosen, "query", query)
     if chosen == "reference":
+        compute = _reference_dtype(query)
         if attn_mask is not None and attn_mask.is_floating_point():
-            attn_mask = attn_mask.to(query.dtype)
+            attn_mask = attn_mask.to(compute)
         dropout_mask = None
         if dropout_p > 0.0:
             dropout_mask = torch.rand(full, device=query.device) >= dropout_p
         win = None if left < 0 else (left, right)
-        return reference.scaled_dot_product_attention(
-            query,
-            key,
-            value,
+        out = reference.scaled_dot_product_attention(
+            query.to(compute),
+            key.to(compute),
+            value.to(compute),
             attn_mask,
             dropout_p,
             is_causal,
@@ -187,6 +200,7 @@ def _sdpa(
             window=win,
             num_global=num_global,
         )
+        return out.to(query.dtype)
     if max(E, value.shape[-1]) > MAX_HEAD_DIM:
         raise ValueError(f"query: head dims up to {MAX_HEAD_DIM} are supported, got {E} / {value.shape[-1]}")
     if dropout_p > 0.0 and chosen == "cuda":
@@ -203,7 +217,7 @@ def _sdpa(
         mask4 = attn_mask if attn_mask.dtype == torch.bool else attn_mask.float()
         mask4 = mask4.expand(full).reshape(B, Hq, L, S)
     seed = draw_seed() if dropout_p > 0.0 else 0
-    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    scale = _default_scale(E) if scale is None else float(scale)
     params = (L, S, scale, is_causal, left, right, num_global, float(dropout_p), seed, chosen)
     if packed is not None and chosen == "cpu" and plain_eager(packed, mask4):
         out, _ = _EagerPackedAttention.apply(packed, mask4, *params)
@@ -262,12 +276,22 @@ def varlen_attention(
     native_dtype(chosen, "q", q)
     if chosen == "reference":
         win = None if left < 0 else (left, right)
-        return reference.varlen_attention(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale, window=win, num_global=num_global
+        compute = _reference_dtype(q)
+        out = reference.varlen_attention(
+            q.to(compute),
+            k.to(compute),
+            v.to(compute),
+            cu_seqlens_q,
+            cu_seqlens_k,
+            causal=causal,
+            scale=scale,
+            window=win,
+            num_global=num_global,
         )
+        return out.to(q.dtype)
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         raise ValueError(f"q: head dims up to {MAX_HEAD_DIM} are supported, got {q.shape[-1]} / {v.shape[-1]}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _default_scale(q.shape[-1]) if scale is None else float(scale)
     out, _ = _attention(
         q,
         k,
@@ -295,7 +319,10 @@ def varlen_attention(
 
 
 def _lse_shape(q, cu_q, L):
-    return (q.shape[1], q.shape[0]) if cu_q is not None else (q.shape[0], q.shape[1], L)
+    """Row statistics: each row's log-sum-exp as the pair (m, log l), the max score and the log of its sum of
+    exp(s - m), kept apart because m + log l in fp32 drops log l once |m| >= 2^24 (a row of finfo.min mask).
+    A row that sees no key stores (+inf, 0)."""
+    return (q.shape[1], q.shape[0], 2) if cu_q is not None else (q.shape[0], q.shape[1], L, 2)
 
 
 def _new_out(q, v, cu_q, zero: bool = False) -> torch.Tensor:
@@ -359,7 +386,7 @@ def _attention_op(
     seed: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out like q with v's head dim, lse fp32: (B, H, L) dense or (H, total_q) packed)."""
+    """(out like q with v's head dim, lse fp32: (B, H, L, 2) dense or (H, total_q, 2) packed, see _lse_shape)."""
     params = (max_q, max_k, scale, causal, left, right, num_global, dropout_p, seed, backend)
     return _forward_impl(q, k, v, mask, cu_q, cu_k, *params)
 
@@ -394,7 +421,7 @@ def _backward_impl(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, *params, grads
         args = [_native.tensor_arg(t) for t in (q, k, v, mask, cu_q, cu_k, out, grad_out, lse, dq, dk, dv, dm)]
         _native.native().attention_bwd_cpu(*args, *scalars, dropout_p, seed, _native.num_threads())
     else:
-        delta = torch.empty_like(lse)
+        delta = torch.empty_like(lse)  # the kernels address it like lse, one value per row in the first slot
         args = [_native.tensor_arg(t) for t in (q, k, v, mask, cu_q, cu_k, out, grad_out, lse, dq, dk, dv, dm, delta)]
         _native.native().attention_bwd_cuda(*args, *scalars, _native.cuda_stream(q.device))
     return dq, dk, dv, dmask

@@ -44,10 +44,24 @@ MMK_HD bool block_all_visible(const Visibility& v, int64_t i0, int64_t i1, int64
 // shifts by 0, so exp(-inf - shift) = 0 instead of exp(-inf + inf) = NaN.
 MMK_HD float softmax_shift(float running_max) { return running_max == -INFINITY ? 0.f : running_max; }
 
-// Log-sum-exp stored for the backward pass. A row that sees no key stores +inf, so the recomputed
-// probabilities exp(s - lse) are 0 and the row's output and gradients are 0, never NaN.
-MMK_HD float row_lse(float running_max, float sum) { return sum == 0.f ? INFINITY : running_max + logf(sum); }
+// Row statistics stored for the backward pass: the log-sum-exp as the pair (m, log l), m the row's max and l
+// its sum of exp(s - m), adjacent in the lse tensor (..., 2). Kept apart, not summed: once |m| >= 2^24 (a row
+// filled by a -1e10 or finfo.min float mask) the rounding of m + log l drops log l, and exp(s - lse) is off by
+// the factor l. A row that sees no key stores (+inf, 0), so the recomputed probabilities row_prob are 0 and the
+// row's output and gradients are 0, never NaN.
+MMK_HD float row_stat_max(float running_max, float sum) { return sum == 0.f ? INFINITY : running_max; }
+MMK_HD float row_stat_log_sum(float sum) { return sum == 0.f ? 0.f : logf(sum); }
 MMK_HD float row_inv_sum(float sum) { return sum == 0.f ? 0.f : 1.f / sum; }
+
+// Probability of score s from the row statistics: s - m first, which is exact for the scores that matter
+// (Sterbenz) whatever the size of m; -inf scores and rows that see no key give 0.
+MMK_HD float row_prob(float s, float m, float log_sum) {
+#if defined(__CUDA_ARCH__)
+  return __expf((s - m) - log_sum);
+#else
+  return expf((s - m) - log_sum);
+#endif
+}
 
 // Dropout: one Philox-4x32-10 draw (Salmon et al., Random123) per (batch*head, query, key) element, keyed by
 // a 64-bit seed, so every backend and the backward pass regenerate the same keep-mask without storing it.
@@ -147,8 +161,10 @@ inline Layout layout_of(const Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-// Log-sum-exp / delta rows: dense (B, H, L), packed (H, total_q).
+// Rows of the statistics (row_stat_max; and of the CUDA delta): dense (B, H, L, 2), packed (H, total_q, 2).
 inline Layout row_layout_of(const Tensor& t, bool packed) {
+  check(t.dtype == DType::f32 && t.ndim == (packed ? 3 : 4) && t.size(-1) == 2 && t.stride(-1) == 1,
+        "lse: expected fp32 (B, H, L, 2) or packed (H, total, 2) with adjacent pairs");
   if (packed) return {0, t.stride(0), t.stride(1), 0};
   return {t.stride(0), t.stride(1), t.stride(2), 0};
 }

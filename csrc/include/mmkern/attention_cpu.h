@@ -62,13 +62,15 @@ inline float row_max(const float* row, int64_t n) {
   return hmax(m);
 }
 
-// row[j] = exp(row[j] - shift) for j < n; returns the sum.
-inline float exp_row(float* row, int64_t n, float shift) {
-  const float c = -shift * kLog2e;
+// row[j] = exp((row[j] - shift) - bias) for j < n; returns the sum. The difference first: as one fused
+// multiply-add x log2(e) - shift log2(e), the rounding of shift log2(e) (~1e3 at |shift| ~ 1e10) lands in the
+// exponent.
+inline float exp_row(float* row, int64_t n, float shift, float bias = 0.f) {
+  const float c = -bias * kLog2e;
   vf s = vf{};
   for (int64_t j = 0; j < n; j += kLanes) {
     const int w = static_cast<int>(std::min<int64_t>(kLanes, n - j));
-    vf p = exp2v(load_n(row + j, w) * kLog2e + c);
+    vf p = exp2v((load_n(row + j, w, -INFINITY) - shift) * kLog2e + c);
     if (w < kLanes) p = lanes_below(w) ? p : vf{};  // in registers: reloading a masked store stalls
     store_n(row + j, p, w);
     s += p;
@@ -87,12 +89,12 @@ inline float softmax_step(float* row, int64_t n, float& m, float& l, bool first)
     const int w0 = static_cast<int>(std::min<int64_t>(n, kLanes)), w1 = static_cast<int>(n) - w0;
     const vf x0 = load_n(row, w0, -INFINITY), x1 = w1 > 0 ? load_n(row + kLanes, w1, -INFINITY) : splat(-INFINITY);
     m_new = std::max(m_old, hmax(x0 > x1 ? x0 : x1));
-    const float c = -(m_new == -INFINITY ? 0.f : m_new) * kLog2e;
-    const vf p0 = exp2v(x0 * kLog2e + c);  // lanes past n hold -inf scores: exp gives 0
+    const float shift = m_new == -INFINITY ? 0.f : m_new;
+    const vf p0 = exp2v((x0 - shift) * kLog2e);  // lanes past n hold -inf scores: exp gives 0
     store_n(row, p0, w0);
     vf acc = p0;
     if (w1 > 0) {
-      const vf p1 = exp2v(x1 * kLog2e + c);
+      const vf p1 = exp2v((x1 - shift) * kLog2e);
       store_n(row + kLanes, p1, w1);
       acc += p1;
     }
@@ -107,14 +109,15 @@ inline float softmax_step(float* row, int64_t n, float& m, float& l, bool first)
   return alpha;
 }
 
-// End of the online softmax for n rows: lse = m + log(l) (+inf for a row that saw no key, so that the
-// backward's exp(s - lse) is 0) and l = 1 / l (0 for such a row).
-inline void softmax_finish(const float* m, float* l, int64_t n, float* lse) {
+// End of the online softmax for n rows: the row statistics (m, log l) of attn::row_stat_max / row_stat_log_sum
+// (m = +inf, log l = 0 for a row that saw no key) in m and log_l, and l = 1 / l (0 for such a row).
+inline void softmax_finish(float* m, float* l, int64_t n, float* log_l) {
   for (int64_t i = 0; i < n; i += kLanes) {
     const int w = static_cast<int>(std::min<int64_t>(kLanes, n - i));
     const vf lv = load_n(l + i, w, 1.f), mv = load_n(m + i, w);
     const vi empty = lv == 0.f;
-    store_n(lse + i, empty ? splat(INFINITY) : mv + simd::logv(empty ? splat(1.f) : lv), w);
+    store_n(m + i, empty ? splat(INFINITY) : mv, w);
+    store_n(log_l + i, empty ? vf{} : simd::logv(empty ? splat(1.f) : lv), w);
     store_n(l + i, empty ? vf{} : 1.f / lv, w);
   }
 }

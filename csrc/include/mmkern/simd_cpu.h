@@ -107,7 +107,7 @@ inline float hsum(vf x) { return reduce<false>(x); }
 // operations fewer than clamping, rounding and subtracting (the softmax's exp -17%). t < -126 gives exactly 0
 // (also t = -inf, so masked scores vanish) without ever forming a subnormal: an underflowing scale costs a
 // microcode assist of ~100 cycles per vector, which made masked rows 3x slower. t >= 128 gives inf, NaN stays
-// NaN.
+// NaN. Softmax callers pass t = (x - shift) log2(e), the difference first (see attn_cpu::exp_row).
 inline vf exp2v(vf t) {
 #if defined(__AVX512F__)
   const vf f = (vf)_mm512_reduce_ps((__m512)t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // reduce(+-inf) = 0

@@ -1,12 +1,13 @@
 """Triton flash attention, forward and backward (see mmkern.ops.attention for the semantics).
 
 Forward: one program per (query block, batch·head); key blocks stream past with an online softmax
-(running max m, sum l), out = acc / l and lse = m + log l are stored. Key blocks that no query of the
+(running max m, sum l), out = acc / l and the row statistics (m, log l) are stored (the log-sum-exp as a
+pair: m + log l in fp32 would drop log l once |m| >= 2^24). Key blocks that no query of the
 block can see (causal, window) are never loaded.
 
 Backward, without atomics (so it is deterministic): delta = rowsum(dO ∘ O) is computed first; one kernel
 owns a key block and accumulates dK, dV over the query blocks of its head group; another owns a query block
-and accumulates dQ (and writes dS as the float mask's gradient). Both recompute P = exp(S - lse).
+and accumulates dQ (and writes dS as the float mask's gradient). Both recompute P = exp((S - m) - log l).
 
 The visibility rules and the Philox dropout draw mirror csrc/include/mmkern/attention.h exactly, so this
 kernel drops the same elements as the CPU kernel for the same seed.
@@ -180,6 +181,7 @@ def _attention_fwd_kernel(
     right,
     num_global,
     dropout_p,
+    keep_scale,
     seed_lo,
     seed_hi,
     CAUSAL: tl.constexpr,
@@ -229,28 +231,43 @@ def _attention_fwd_kernel(
             m_i = m_new
             if DROPOUT:
                 keep = _dropout_keep(seed_lo, seed_hi, bh, offs_m, offs_n, dropout_p)
-                p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+                p = tl.where(keep, p * keep_scale, 0.0)
             v = _load_tile(V + b * svb + hk * svh, k0, offs_n, Sb, svt, offs_dv, DV, svd)
             acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    empty = l_i == 0.0  # rows that see no key give 0 and store lse = +inf
+    empty = l_i == 0.0  # rows that see no key give 0 and store (m, log l) = (+inf, 0): attn::row_stat_max
     safe_l = tl.where(empty, 1.0, l_i)
     inv = tl.where(empty, 0.0, 1.0 / safe_l)
     out = acc * inv[:, None]
     _store_tile(Out + b * sob + h * soh, out, q0, offs_m, Lb, sot, offs_dv, DV, sod)
-    lse = tl.where(empty, float("inf"), m_i + tl.log(safe_l))
-    tl.store(Lse + b * slb + h * slh + (q0 + offs_m) * slt, lse, mask=offs_m < Lb)
+    stat = Lse + b * slb + h * slh + (q0 + offs_m) * slt
+    tl.store(stat, tl.where(empty, float("inf"), m_i), mask=offs_m < Lb)
+    tl.store(stat + 1, tl.where(empty, 0.0, tl.log(safe_l)), mask=offs_m < Lb)
 
 
 @triton.jit
 def _bwd_probs(
-    s, lse, delta, do, v, offs_m, offs_n, bh, dropout_p, seed_lo, seed_hi, DROPOUT: tl.constexpr, PREC: tl.constexpr
+    s,
+    m,
+    log_l,
+    delta,
+    do,
+    v,
+    offs_m,
+    offs_n,
+    bh,
+    dropout_p,
+    keep_scale,
+    seed_lo,
+    seed_hi,
+    DROPOUT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
-    """(P ∘ Z, dS) of one tile from its masked scores s, Z the dropout scale."""
-    p = tl.exp(s - lse[:, None])  # lse = +inf for rows that see nothing: p = 0
+    """(P ∘ Z, dS) of one tile from its masked scores s and row statistics (m, log l), Z the dropout scale."""
+    p = tl.exp((s - m[:, None]) - log_l[:, None])  # s - m first: exact for any m; m = +inf (no key seen): p = 0
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     if DROPOUT:
         keep = _dropout_keep(seed_lo, seed_hi, bh, offs_m, offs_n, dropout_p)
-        z = tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
+        z = tl.where(keep, keep_scale, 0.0)
         return p * z, p * (dp * z - delta[:, None])
     return p, p * (dp - delta[:, None])
 
@@ -303,6 +320,7 @@ def _attention_bwd_dkdv_kernel(
     right,
     num_global,
     dropout_p,
+    keep_scale,
     seed_lo,
     seed_hi,
     CAUSAL: tl.constexpr,
@@ -344,7 +362,8 @@ def _attention_bwd_dkdv_kernel(
                 q = _load_tile(Q + b * sqb + h * sqh, q0, offs_m, Lb, sqt, offs_d, D, sqd)
                 do = _load_tile(DO + b * sob + h * soh, q0, offs_m, Lb, sot, offs_dv, DV, sod)
                 row_off = b * slb + h * slh + (q0 + offs_m) * slt
-                lse = tl.load(Lse + row_off, mask=rows, other=float("inf"))
+                m = tl.load(Lse + row_off, mask=rows, other=float("inf"))
+                log_l = tl.load(Lse + row_off + 1, mask=rows, other=0.0)
                 delta = tl.load(Delta + row_off, mask=rows, other=0.0)
                 mptrs = Mask + b * smb + h * smh + offs_m[:, None] * sml + offs_n[None, :] * sms
                 s = _scores(
@@ -365,7 +384,21 @@ def _attention_bwd_dkdv_kernel(
                     PREC,
                 )
                 pz, ds = _bwd_probs(
-                    s, lse, delta, do, v, offs_m, offs_n, b * H + h, dropout_p, seed_lo, seed_hi, DROPOUT, PREC
+                    s,
+                    m,
+                    log_l,
+                    delta,
+                    do,
+                    v,
+                    offs_m,
+                    offs_n,
+                    b * H + h,
+                    dropout_p,
+                    keep_scale,
+                    seed_lo,
+                    seed_hi,
+                    DROPOUT,
+                    PREC,
                 )
                 dv += tl.dot(tl.trans(pz).to(do.dtype), do, input_precision=PREC)
                 dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
@@ -421,6 +454,7 @@ def _attention_bwd_dq_kernel(
     right,
     num_global,
     dropout_p,
+    keep_scale,
     seed_lo,
     seed_hi,
     CAUSAL: tl.constexpr,
@@ -452,7 +486,8 @@ def _attention_bwd_dq_kernel(
     q = _load_tile(Q + b * sqb + h * sqh, q0, offs_m, Lb, sqt, offs_d, D, sqd)
     do = _load_tile(DO + b * sob + h * soh, q0, offs_m, Lb, sot, offs_dv, DV, sod)
     row_off = b * slb + h * slh + (q0 + offs_m) * slt
-    lse = tl.load(Lse + row_off, mask=rows, other=float("inf"))
+    m = tl.load(Lse + row_off, mask=rows, other=float("inf"))
+    log_l = tl.load(Lse + row_off + 1, mask=rows, other=0.0)
     delta = tl.load(Delta + row_off, mask=rows, other=0.0)
     dq = tl.zeros([BM, BD], tl.float32)
     hi = Sb
@@ -467,7 +502,9 @@ def _attention_bwd_dq_kernel(
             s = _scores(
                 q, k, offs_m, offs_n, Lb, Sb, scale, mptrs, left, right, num_global, CAUSAL, WINDOWED, MASK_KIND, PREC
             )
-            _, ds = _bwd_probs(s, lse, delta, do, v, offs_m, offs_n, bh, dropout_p, seed_lo, seed_hi, DROPOUT, PREC)
+            _, ds = _bwd_probs(
+                s, m, log_l, delta, do, v, offs_m, offs_n, bh, dropout_p, keep_scale, seed_lo, seed_hi, DROPOUT, PREC
+            )
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
             if WRITE_DMASK:
                 tl.store(
@@ -493,7 +530,7 @@ def _common(
     H, Hk = q.shape[-2 if varlen else 1], k.shape[-2 if varlen else 1]
     D, DV = q.shape[-1], v.shape[-1]
     mask_strides = tuple(mask.stride()) if mask is not None else (0, 0, 0, 0)
-    lse_strides = (0, lse.stride(0), lse.stride(1)) if varlen else tuple(lse.stride())
+    lse_strides = (0, lse.stride(0), lse.stride(1)) if varlen else tuple(lse.stride()[:3])  # pairs adjacent
     args = [
         *_strides4(q, varlen),
         *_strides4(k, varlen),
@@ -512,6 +549,7 @@ def _common(
         right,
         num_global,
         dropout_p,
+        1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0,  # keep_scale; p = 1 keeps nothing
         seed & 0x7FFFFFFF,
         seed >> 32,
     ]
@@ -570,8 +608,9 @@ def attention_bwd(
     seed,
 ):
     """Fills dq, dk, dv (contiguous, like q, k, v) and dmask when given."""
-    delta = (grad_out.float() * out.float()).sum(-1)
-    delta = delta.t().contiguous() if cu_q is not None else delta  # laid out like lse
+    row_delta = (grad_out.float() * out.float()).sum(-1)
+    delta = torch.empty_like(lse)  # laid out like the statistics, in their first slot
+    delta[..., 0] = row_delta.t() if cu_q is not None else row_delta
     batch, H, Hk, args, meta = _common(
         q,
         k,
