@@ -148,7 +148,7 @@ def machine() -> dict:
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if _native.CPU_ERROR is None:
-        info["mmkern_cpu_capability"] = _native._C.cpu_capability()
+        info["mmkern_cpu_capability"] = _native.cpu_level
         info["mmkern_cpu_capabilities"] = _native._C.supported_cpu_capabilities()
     try:
         import triton

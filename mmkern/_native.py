@@ -30,6 +30,18 @@ if _C is not None and os.environ.get("MMKERN_CPU_CAPABILITY"):
     except ValueError as exc:
         CPU_ERROR = f"MMKERN_CPU_CAPABILITY={os.environ['MMKERN_CPU_CAPABILITY']}: {exc}"
 
+# The level the CPU kernels run at, mirrored in Python: the ops' default choice reads it on every call, and
+# torch.compile traces a module global where it cannot trace a call into the native module.
+cpu_level: str = _C.cpu_capability() if _C is not None else "default"
+
+
+def set_cpu_level(level: str) -> None:
+    """Runs the CPU kernels at `level` (ValueError if it is not compiled in or the CPU lacks it)."""
+    global cpu_level
+    native().set_cpu_capability(level)
+    cpu_level = level
+
+
 # Must match csrc/include/mmkern/common.h DType.
 DTYPE_CODES = {
     torch.float32: 0,

@@ -133,7 +133,8 @@ def resolve(
 def cpu_capability() -> str:
     """The ISA level the CPU kernels run at: 'default' (portable C++), 'avx2' (AVX2 + FMA), 'avx512' or
     'avx512_bf16'."""
-    return _native.native().cpu_capability()
+    _native.native()
+    return _native.cpu_level
 
 
 def cpu_capabilities() -> list[str]:
@@ -146,16 +147,15 @@ def use_cpu_capability(level: str):
 
     A level above what the CPU supports, or one not compiled in, is a ValueError.
     """
-    _C = _native.native()
-    previous = _C.cpu_capability()
-    _C.set_cpu_capability(level)
+    previous = cpu_capability()
+    _native.set_cpu_level(level)
 
     @contextlib.contextmanager
     def restore():
         try:
             yield
         finally:
-            _C.set_cpu_capability(previous)
+            _native.set_cpu_level(previous)
 
     return restore()
 

@@ -33,7 +33,7 @@ def info() -> str:
     else:
         lines.append("GPU none visible to torch")
     if _native._C is not None:
-        level = _native.CPU_ERROR or _native._C.cpu_capability()
+        level = _native.CPU_ERROR or _native.cpu_level
         lines.append(f"CPU kernels: running at {level}; compiled in: {', '.join(_native._C.cpu_capabilities())}")
         lines.append(f"CPU: {cpu_model()}; features: {_native._C.cpu_features() or 'none of note'}")
         archs = _native._C.cuda_archs()

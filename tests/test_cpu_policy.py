@@ -4,6 +4,8 @@ torch backend itself, against the float64 reference."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,3 +91,50 @@ def test_torch_backend_matches_reference():
     out = patch_embed(images, weight, backend="torch")
     out.sum().backward()
     assert out.shape == (2, 4, 8) and images.grad is not None and weight.grad is not None
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_attention_default_follows_the_policy(level, monkeypatch):
+    """Dense calls go to torch's SDPA where cpu_policy.attention says so; calls torch has no path for stay native."""
+    from mmkern.ops import attention as attn_ops
+
+    monkeypatch.delenv("MMKERN_BACKEND", raising=False)
+    seen = []
+    monkeypatch.setattr(
+        attn_ops, "_torch_sdpa", lambda *a, **kw: seen.append(1) or F.scaled_dot_product_attention(*a, **kw)
+    )
+    q = torch.randn(1, 2, 40, 16)
+    with mmkern.use_cpu_capability(level):
+        for L, causal in [(40, False), (40, True), (1200, False)]:
+            qq = torch.randn(1, 2, L, 16)
+            seen.clear()
+            mmkern.ops.scaled_dot_product_attention(qq, qq, qq, is_causal=causal)
+            assert len(seen) == (0 if cpu_policy.attention(L, L, causal, False) else 1), (level, L, causal)
+        seen.clear()
+        mmkern.ops.scaled_dot_product_attention(q, q, q, window=(4, 4))  # no torch path: native
+        mmkern.ops.scaled_dot_product_attention(q, q, q, torch.ones(40, 40, dtype=torch.bool), is_causal=True)
+        assert not seen
+    with pytest.raises(ValueError, match="'torch' has no path for windowed attention"):
+        mmkern.ops.scaled_dot_product_attention(q, q, q, window=(4, 4), backend="torch")
+    wide = torch.randn(1, 2, 5, 300)  # past the kernels' head dims: torch's SDPA by default
+    out = mmkern.ops.scaled_dot_product_attention(wide, wide, wide)
+    assert_close(out, F.scaled_dot_product_attention(wide, wide, wide), torch.float32, "head dim 300")
+
+
+def test_attention_torch_path_keeps_mmkern_semantics():
+    """backend='torch' is torch's SDPA, but a row that sees no key gives 0 with gradient 0 (torch: NaN)."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.rand(2, 1, 7, 7, generator=gen) > 0.4
+    mask[0, 0, 3] = False  # row 3 of batch 0 sees no key
+    fmask = torch.zeros(2, 1, 7, 7, dtype=torch.float64).masked_fill(~mask, -math.inf)
+    for m in (mask, fmask):
+        out = mmkern.ops.scaled_dot_product_attention(q, k, v, m, backend="torch")
+        want = reference.scaled_dot_product_attention(q, k, v, m)
+        assert_close(out, want, torch.float64, "torch path")
+        assert (out[0, :, 3] == 0).all()
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        want_grads = torch.autograd.grad(want.sum(), (q, k, v))
+        for g, w in zip(grads, want_grads):
+            assert g.isfinite().all()
+            assert_close(g, w, torch.float64, "torch path grad")

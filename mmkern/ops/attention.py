@@ -22,6 +22,7 @@ import math
 import torch
 
 from mmkern import _native, backends, reference
+from mmkern.ops import cpu_policy
 from mmkern.ops._checks import check_tensor, native_dtype
 from mmkern.ops._eager import eager_function, plain_eager
 
@@ -102,7 +103,8 @@ def scaled_dot_product_attention(
         is_causal: query i sees keys j <= i (top-left aligned, as torch does, also when L != S). Unlike torch,
             it combines with attn_mask (both apply), e.g. a causal text tower with a (B, 1, 1, S) padding mask.
         scale: score scale, default 1/sqrt(E) (E = 0: every score is 0, as in torch).
-        backend: "cpu", "cuda", "triton", "reference" or None (see mmkern.backends).
+        backend: "cpu", "cuda", "triton", "reference", "torch" or None (see mmkern.backends; on CPU tensors the
+            default is the native kernel or torch's own SDPA, whichever measured faster, see cpu_policy).
         window: (left, right): query i sees only keys in [i - left, i + right] (with causal and masks).
         num_global: with a window, the first num_global queries and keys see / are seen by every position.
 
@@ -177,8 +179,28 @@ def _sdpa(
             raise ValueError(f"attn_mask: expected a bool or float mask, got {attn_mask.dtype}")
         if not _broadcasts_to(attn_mask.shape, full):
             raise ValueError(f"attn_mask: shape {tuple(attn_mask.shape)} does not broadcast to {full}")
-    chosen = backends.resolve(backend, query.device, cuda_default="triton")
+    # PyTorch has no path for windows, global tokens, dropout whose mask matches the other backends', is_causal
+    # with a mask, or an empty key set (torch gives NaN rows); elsewhere cpu_policy decides on CPU tensors.
+    no_torch_path = (
+        "windowed attention" if left >= 0
+        else "dropout" if dropout_p > 0.0
+        else "is_causal combined with attn_mask" if is_causal and attn_mask is not None
+        else "an empty key set" if S == 0
+        else None
+    )  # fmt: skip
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    native_dims = max(E, value.shape[-1]) <= MAX_HEAD_DIM
+    chosen = backends.resolve(
+        backend,
+        query.device,
+        "triton",
+        lambda: no_torch_path is not None or (native_dims and cpu_policy.attention(L, S, is_causal, grad)),
+    )
     native_dtype(chosen, "query", query)
+    if chosen == "torch":
+        if no_torch_path is not None:
+            raise ValueError(f"backend: 'torch' has no path for {no_torch_path}; use backend='cpu'")
+        return _torch_path(query, key, value, attn_mask, is_causal, scale, enable_gqa)
     if chosen == "reference":
         compute = _reference_dtype(query)
         if attn_mask is not None and attn_mask.is_floating_point():
@@ -201,7 +223,7 @@ def _sdpa(
             num_global=num_global,
         )
         return out.to(query.dtype)
-    if max(E, value.shape[-1]) > MAX_HEAD_DIM:
+    if not native_dims:
         raise ValueError(f"query: head dims up to {MAX_HEAD_DIM} are supported, got {E} / {value.shape[-1]}")
     if dropout_p > 0.0 and chosen == "cuda":
         raise ValueError("dropout_p: the cuda backend has no dropout; use backend='triton' or dropout_p=0")
@@ -274,6 +296,8 @@ def varlen_attention(
     left, right, num_global = _window_args(window, num_global, max_seqlen_q, max_seqlen_k)
     chosen = backends.resolve(backend, q.device, cuda_default="triton")
     native_dtype(chosen, "q", q)
+    if chosen == "torch":
+        raise ValueError("backend: 'torch' has no path for packed varlen attention; use backend='cpu'")
     if chosen == "reference":
         win = None if left < 0 else (left, right)
         compute = _reference_dtype(q)
@@ -534,6 +558,22 @@ class _EagerPackedAttention(torch.autograd.Function):
             grad_out, *_unpack(qkv), out, lse, mask, None, None, *params, need_mask_grad, backend, grads=grads
         )[3]
         return (dqkv, dmask if need_mask_grad else None) + (None,) * len(ctx.params)
+
+
+def _torch_path(query, key, value, attn_mask, is_causal, scale, enable_gqa):
+    """torch's own F.scaled_dot_product_attention with mmkern's rule for a row that sees no key: output 0 and
+    gradient 0 where torch gives NaN. Such rows attend to every key instead and are zeroed after, so that no NaN
+    enters the backward (masking NaN outputs would still leave NaN in dq, dk and dv)."""
+    blind = None
+    if attn_mask is not None:
+        sees = attn_mask if attn_mask.dtype == torch.bool else attn_mask != -math.inf
+        blind = ~sees.any(-1, keepdim=True)
+        if bool(blind.any()):
+            attn_mask = attn_mask | blind if attn_mask.dtype == torch.bool else attn_mask.masked_fill(blind, 0.0)
+        else:
+            blind = None
+    out = _torch_sdpa(query, key, value, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa)
+    return out if blind is None else out.masked_fill(blind, 0.0)
 
 
 def _attention(q, k, v, mask, cu_q, cu_k, *params):

@@ -25,7 +25,7 @@ CONTRASTIVE_MEMORY_LOGITS = 1 << 26
 
 
 def level() -> str:
-    return _native._C.cpu_capability() if _native._C is not None else "default"
+    return _native.cpu_level
 
 
 def patch_embed(dtype_is_bf16: bool) -> bool:
