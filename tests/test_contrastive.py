@@ -129,6 +129,36 @@ def test_underflow_safe_at_scale_100(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["clip", "infonce"])
+def test_positive_term_at_scale_100(backend, kind):
+    """Issue 15: subtracting the positive logit from the LSE, two fp32 numbers near s, cost ~1e-7·s absolute: one
+    pair gave 1.9e-5 where the loss is 0, aligned pairs a negative loss, saturated pairs gradients 1e-2 off. Each
+    row's loss is now softplus(LSE over the negatives - z_ii)."""
+    fn, ref_fn, _ = _loss_fns(kind, None)
+    s = torch.tensor(100.0)
+    gen = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(1, 64, generator=gen), dim=1)
+    loss, grads = _run(fn, [x, F.normalize(x + 0.1 * torch.randn(1, 64, generator=gen), dim=1), s], backend=backend)
+    assert loss.item() == 0.0, "one pair: the loss is 0"
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    for B in (2, 8, 64):  # aligned pairs, the others far off
+        x = F.normalize(torch.randn(B, 64, generator=gen), dim=1)
+        assert fn(x, x.clone(), s, backend=backend).item() >= 0.0
+    names = ["loss", "grad_x", "grad_y", "grad_scale"]
+    for B, spread in ((4, 0.3), (8, 0.5), (40, 0.5)):  # clustered pairs: losses ~1e-4 .. 1e-6
+        centre = torch.randn(64, generator=gen)
+        x = F.normalize(centre + spread * torch.randn(B, 64, generator=gen), dim=1)
+        y = F.normalize(x + 0.02 * torch.randn(B, 64, generator=gen), dim=1)
+        expected, expected_grads = _run(ref_fn, [x.double(), y.double(), s.double()])
+        plain, plain_grads = _run(ref_fn, [x, y, s])  # open_clip's fp32 arithmetic
+        loss, grads = _run(fn, [x, y, s], backend=backend)
+        assert loss.item() >= 0.0
+        for name, g, e, p in zip(names, (loss, *grads), (expected, *expected_grads), (plain, *plain_grads)):
+            factor = max(2.0, 2.0 * relative_error(p, e) / RTOL[torch.float32])
+            assert_close(g, e, torch.float32, f"{name} (B={B})", factor=factor)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend):
     gen = torch.Generator().manual_seed(0)
     x, y = _features(37, 24, gen, False, 0).float(), _features(37, 24, gen, False, 1).float()

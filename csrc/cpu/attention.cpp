@@ -2,9 +2,9 @@
 //
 // Forward, per query block (<= c.bm queries) of a (batch, head): S = Q (scale K)^T over blocks of <= c.bn keys,
 // the running max m and sum l per row, acc = sum P V rescaled when m grows; out = acc / l, and the row
-// statistics (m, log l) (attn::row_stat_max). Backward recomputes P = exp((S - m) - log l) per tile:  dV += (P o Z)^T dO,  dS = P o (Z o dO V^T - delta) with
-// delta = rowsum(dO o O) and Z the dropout scale,  dK += scale dS^T Q,  dQ += scale dS K (the scale folded into
-// dS unless the mask's gradient is wanted).
+// statistics (m, log l) (attn::row_stat_max). Backward recomputes P = exp((S - m) - log l) per tile:
+// dV += (P o Z)^T dO,  dS = P o (Z o dO V^T - delta) with delta = rowsum(dO o O) and Z the dropout scale,
+// dK += scale dS^T Q,  dQ += scale dS K (the scale folded into dS unless the mask's gradient is wanted).
 //
 // Each thread copies K^T (times scale) and V^T per key block, and K and V rows when they must be converted or
 // their stride would thrash L1, of the (batch, kv head) it works on, once, and keeps them while its next
@@ -352,8 +352,8 @@ inline bool one_key_block(const Call& c, int64_t b, int64_t i0, int64_t i1) {
   return hi <= lo / c.bn * c.bn + c.bn;
 }
 
-// Loads query block (b, h, i0): Q and dO rows, the row statistics (m, log l), and delta = rowsum(dO o O) unless the tile computes it
-// as rowsum(P o dP) (O = P V; with dropout the tile would need the keep-mask twice, so O is read).
+// Loads query block (b, h, i0): Q and dO rows, the row statistics (m, log l), and delta = rowsum(dO o O) unless
+// the tile computes it as rowsum(P o dP) (O = P V; with dropout the tile would need the keep-mask twice, so O is read).
 template <typename T>
 void load_query_block(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t bm, BwdScratch& w) {
   const Problem& pb = c.pb;

@@ -153,7 +153,14 @@ void forward_tile(const Problem& p, const float* S, int64_t i0, int64_t im, int6
   float *neg = work, *cm = work + kBN, *ca = work + 2 * kBN, *cl = work + 3 * kBN, *ce = work + 4 * kBN;
   column_mask(jn, neg);
   const int64_t chunks = (jn + kLanes - 1) / kLanes;
-  auto z_at = [&](int64_t i, int64_t c) { return load(&S[i * kBN + c * kLanes]) * s + b + load(&neg[c * kLanes]); };
+  // Softmax positives (diagonal) stay out of the statistics: z = -inf at lane i0 + i - j0 - c kLanes of row i.
+  const bool hide_diagonal = p.diagonal && mode != kSigmoid && i0 < j0 + jn && j0 < i0 + im;
+  auto z_at = [&](int64_t i, int64_t c) {
+    vf z = load(&S[i * kBN + c * kLanes]) * s + b + load(&neg[c * kLanes]);
+    const int64_t lane = i0 + i - j0 - c * kLanes;
+    if (hide_diagonal && lane >= 0 && lane < kLanes) z[lane] = -INFINITY;
+    return z;
+  };
   if (mode == kRowsCols && rows_cols_shared_shift(S, im, jn, z_at, &st.rows[i0], &st.cols[j0], cm, cl, ce)) return;
   for (int64_t i = 0; i < im; ++i) {
     const float* d = &S[i * kBN];
@@ -187,11 +194,11 @@ void forward_tile(const Problem& p, const float* S, int64_t i0, int64_t im, int6
     vf vm = splat(-INFINITY);
     for (int64_t c = 0; c < chunks; ++c) vm = vmax(z_at(i, c), vm);
     SoftmaxState& row = st.rows[i0 + i];
-    const float mt = hmax(vm), m = row.m > mt ? row.m : mt;
+    const float mt = hmax(vm), m = row.m > mt ? row.m : mt, shift = m == -INFINITY ? 0.f : m;  // no -inf - -inf
     const float a = row.m == -INFINITY ? 0.f : expf(row.m - m);
     vf vl = {}, ve = {};
     for (int64_t c = 0; c < chunks; ++c) {
-      const vf e = vexp(z_at(i, c) - m);
+      const vf e = vexp(z_at(i, c) - shift);
       vl += e;
       ve += e * load(d + c * kLanes);
     }
@@ -210,7 +217,7 @@ void forward_tile(const Problem& p, const float* S, int64_t i0, int64_t im, int6
     const SoftmaxState col = j < jn ? st.cols[j0 + j] : softmax_init();
     const float m = col.m > cm[j] ? col.m : cm[j];
     ca[j] = col.m == -INFINITY ? 0.f : expf(col.m - m);
-    cm[j] = j < jn ? m : 0.f;
+    cm[j] = j < jn && m != -INFINITY ? m : 0.f;  // the shift; a column that saw only -inf stays empty below
   }
   for (int64_t c = 0; c < chunks; ++c) {
     vf vl = {}, ve = {};
@@ -227,7 +234,7 @@ void forward_tile(const Problem& p, const float* S, int64_t i0, int64_t im, int6
     SoftmaxState& col = st.cols[j0 + j];
     col.l = col.l * ca[j] + cl[j];
     col.e = col.e * ca[j] + ce[j];
-    col.m = cm[j];
+    col.m = col.l == 0.f ? -INFINITY : cm[j];
   }
 }
 
@@ -246,16 +253,20 @@ void backward_tile(const Problem& p, float* S, int64_t i0, int64_t im, int64_t j
   const float s = p.s, b = p.b;
   float *GA = work, *GT = work + kBM * kBN, *neg = GT + kBM * kBN, *tl = neg + kBN, *tg = tl + kBN, *tw = tg + kBN;
   column_mask(jn, neg);
+  // A row or column without terms (lse -inf: its only pair is a left-out positive) gets lse +inf, G = 0.
+  auto lse_of = [](float lse) { return lse == -INFINITY ? INFINITY : lse; };
   for (int64_t j = 0; j < kBN; ++j) {  // column lse and weight, 0 in the padding
-    tl[j] = w.cl && j < jn ? w.cl[j0 + j] : 0.f;
+    tl[j] = w.cl && j < jn ? lse_of(w.cl[j0 + j]) : 0.f;
     tg[j] = w.gc && j < jn ? w.gc[j0 + j] : 0.f;
   }
   const int64_t chunks = (jn + kLanes - 1) / kLanes;
   // SigLIP positives (i == j) use -sigmoid(-z) in place of sigmoid(z) - 1, which would cancel.
+  // Softmax positives (diagonal) are not part of G: the caller adds their term.
   std::vector<std::pair<int64_t, float>> positives;
-  if (mode == kSigmoid && p.diagonal)
+  if (p.diagonal)
     for (int64_t i = std::max(i0, j0); i < std::min(i0 + im, j0 + jn); ++i)
-      positives.emplace_back(i, w.gr[i] * sigmoid_grad(s * S[(i - i0) * kBN + i - j0] + b, true));
+      positives.emplace_back(i, mode == kSigmoid ? w.gr[i] * sigmoid_grad(s * S[(i - i0) * kBN + i - j0] + b, true)
+                                                 : 0.f);
   // CLIP with one exp per logit when the tile's lse values lie within kSharedRange of their largest, M:
   // G = exp(z - M) (g_i exp(M - r_i) + gc_j exp(M - c_j)), and z <= every lse, so exp(z - M) <= 1.
   float M = -INFINITY, lo = INFINITY;
@@ -270,7 +281,7 @@ void backward_tile(const Problem& p, float* S, int64_t i0, int64_t im, int64_t j
   // panels of kMR columns, k = row. Columns past jn get G = 0 (z = -inf), which is GT's zero padding.
   auto gt_at = [&](int64_t i, int64_t j) { return &GT[j / kMR * kMR * im + i * kMR + j % kMR]; };
   for (int64_t i = 0; i < im; ++i) {
-    const float r = w.rl[i0 + i], g = w.gr[i0 + i], u = shared ? g * expf(M - r) : 0.f;
+    const float r = lse_of(w.rl[i0 + i]), g = w.gr[i0 + i], u = shared ? g * expf(M - r) : 0.f;
     for (int64_t c = 0; c < chunks; ++c) {
       float* d = &S[i * kBN + c * kLanes];
       const vf z = load(d) * s + b + load(&neg[c * kLanes]);
@@ -316,6 +327,7 @@ void check_stats(const Problem& p, const Tensor& row_stats, const Tensor& col_st
 struct Fused {
   Stats stats;
   float *rs, *cs;
+  float *wr, *wc;  // the row / column weights of G: 1, or sigmoid(lse_neg - z_ii) when positives are left out
 };
 
 void gradients(const Problem& p, const Tensor& x, const Tensor& y, GradWeights w, float* dxp, float* dyp,
@@ -350,7 +362,16 @@ void gradients(const Problem& p, const Tensor& x, const Tensor& y, GradWeights w
           forward_tile(p, tile_of(i0, j0), i0, im, j0, jn, work, fused->stats);
         });
 #pragma omp single
-        fused->stats.finish(p, fused->rs, fused->cs);  // implicit barrier: every thread sees the statistics
+        {
+          fused->stats.finish(p, fused->rs, fused->cs);  // implicit barrier: every thread sees the statistics
+          // Positives left out of softmax statistics (diagonal): row i's negatives weigh exp(lse_neg - lse) =
+          // sigmoid(lse_neg - z_ii) in the loss's G, with z_ii from the logit tiles kept here.
+          for (int64_t i = 0; p.diagonal && p.mode != kSigmoid && i < std::min(sh.B, sh.K); ++i) {
+            const float z = p.s * tile_of(i / kBM * kBM, i / kBN * kBN)[i % kBM * kBN + i % kBN] + p.b;
+            fused->wr[i] = sigmoid(fused->rs[i] - z);
+            if (fused->wc) fused->wc[i] = sigmoid(fused->cs[i] - z);
+          }
+        }
       }
       for_each_tile(sh.B, sh.K, [&](int64_t i0, int64_t im, int64_t j0, int64_t jn) {
         if (i0 != packed_i0) pack_rows(xe, sh.D, i0, im, Xt, Xrt);
@@ -418,7 +439,8 @@ void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
   gradients(p, x, y, w, dx.ptr<float>(), dy.ptr<float>(), num_threads, nullptr);
 }
 
-// Forward statistics and the unit-weight gradients (gr = gc = 1) in one call, for batches whose logits
+// Forward statistics and the unit-weight gradients (gr = gc = 1; sigmoid(lse_neg - z_ii) where `diagonal` leaves
+// softmax positives out, see Fused) in one call, for batches whose logits
 // (B K <= kFusedMaxLogits) can stay in memory between the two: one product X Y^T instead of two.
 void contrastive_fused_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
                            const Tensor& row_stats, const Tensor& col_stats, const Tensor& dx, const Tensor& dy,
@@ -428,9 +450,10 @@ void contrastive_fused_cpu(const Tensor& x, const Tensor& y, double scale, doubl
   check_grads(p, dx, dy);
   check(p.sh.B * p.sh.K <= kFusedMaxLogits, "x: too many logits for the fused path");
   const bool cols = mode == kRowsCols;
-  Fused fused{Stats(p), row_stats.ptr<float>(), cols ? col_stats.ptr<float>() : nullptr};
-  const std::vector<float> ones(std::max(p.sh.B, p.sh.K), 1.f);
-  const GradWeights w{fused.rs, fused.cs, ones.data(), cols ? ones.data() : nullptr};
+  std::vector<float> weights(p.sh.B + p.sh.K, 1.f);
+  Fused fused{Stats(p), row_stats.ptr<float>(), cols ? col_stats.ptr<float>() : nullptr, weights.data(),
+              cols ? weights.data() + p.sh.B : nullptr};
+  const GradWeights w{fused.rs, fused.cs, fused.wr, fused.wc};
   gradients(p, x, y, w, dx.ptr<float>(), dy.ptr<float>(), num_threads, &fused);
 }
 

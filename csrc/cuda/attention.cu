@@ -1,11 +1,11 @@
 // Fused attention on CUDA: the CPU kernel's algorithm with the work spread over thread blocks.
 //
 // Forward: one block per (query block, batch*head); key blocks stream through shared memory with an online
-// softmax; only out and the row statistics (m, log l) (attn::row_stat_max) are written. Backward, without atomics (deterministic): a delta
-// kernel (rowsum dO o O), a dK/dV kernel per key block looping over the query blocks of its head group, and a
-// dQ kernel per query block (it also writes dS as the float mask's gradient). Key blocks that no query of
-// the block sees (causal, window) are skipped. Visibility, the softmax guards and the problem/layout
-// description come from mmkern/attention.h, shared with the CPU kernel that the tests run.
+// softmax; only out and the row statistics (m, log l) (attn::row_stat_max) are written. Backward, without
+// atomics (deterministic): a delta kernel (rowsum dO o O), a dK/dV kernel per key block looping over the query
+// blocks of its head group, and a dQ kernel per query block (it also writes dS as the float mask's gradient).
+// Key blocks that no query of the block sees (causal, window) are skipped. Visibility, the softmax guards and
+// the problem/layout description come from mmkern/attention.h, shared with the CPU kernel that the tests run.
 //
 // Tile products run on tensor cores (wmma 16x16x16, fp32 accumulation) for fp16/bf16 and as plain fp32
 // loops for fp32 inputs. Dropout is not implemented here: the Python op raises a ValueError for it.
@@ -312,7 +312,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
     load_tile(ks, BN, p.dp, static_cast<const T*>(p.k), p.lk, b, hk, pb.k_start(b) + j0, S - j0, pb.dim);
     load_tile(vs, BN, p.dvp, static_cast<const T*>(p.v), p.lv, b, hk, pb.k_start(b) + j0, S - j0, pb.dim_v);
     __syncthreads();
-    bwd_tile<T, BM, BN>(p, b, h, i0, j0, L, S, qs, dos, ks, vs, ss, dps, pt, dst, lse, log_l, delta, p.dmask != nullptr);
+    bwd_tile<T, BM, BN>(p, b, h, i0, j0, L, S, qs, dos, ks, vs, ss, dps, pt, dst, lse, log_l, delta,
+                        p.dmask != nullptr);
     gemm_smem<T, false, false>(BM, p.dp, BN, dst, BN, ks, p.dp, dq, p.dp, true);  // dQ += dS K
   }
   __syncthreads();

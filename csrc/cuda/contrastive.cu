@@ -104,6 +104,7 @@ __global__ void __launch_bounds__(kThreads) contrastive_fwd_kernel(const T* A, c
         if (lane == 0) sums[0][r] += sp, sums[1][r] += sd, sums[2][r] += sg;
         continue;
       }
+      for (int c = 0; c < 2; ++c) ok[c] = ok[c] && !pos[c];  // softmax positives stay out (contrastive.h)
       const float mt = warp_max(fmaxf(ok[0] ? z[0] : -INFINITY, ok[1] ? z[1] : -INFINITY));
       float l = 0.f, e = 0.f;
       for (int c = 0; c < 2; ++c)
@@ -200,7 +201,7 @@ int contrastive_fwd_cuda(const Tensor& x, const Tensor& y, const Tensor& scale_b
                                                                      row_mode, diagonal, row_stats.ptr<float>(), 3);
     if (mode == kRowsCols && K > 0)
       contrastive_fwd_kernel<<<blocks_for(K), kThreads, 0, stream>>>(yp, xp, K, B, D, y.stride(0), x.stride(0), sb,
-                                                                     kRows, false, col_stats.ptr<float>(), 2);
+                                                                     kRows, diagonal, col_stats.ptr<float>(), 2);
   });
   return static_cast<int>(cudaGetLastError());
 }

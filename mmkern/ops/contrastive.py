@@ -11,7 +11,8 @@ per row (and per column for CLIP) the online-max log-sum-exp (fp32) and its deri
 softmax-weighted mean of d); for the sigmoid loss the row sums of softplus(z), σ(z)·d and σ(z). Its backward
 recomputes each tile once and produces G·Y and Gᵀ·X for G = ∂L/∂z; the gradients of s and b are O(B)
 epilogues over the saved statistics. The softmax losses' positive (diagonal / label) logits are O(B·D) torch
-code; the sigmoid loss treats its positives inside the kernel (softplus(−z), no cancellation).
+code; diagonal positives stay out of the kernel's LSEs, and each row's loss is softplus(LSE_neg − z_ii) (never
+negative, no cancellation at s = 100); the sigmoid loss treats its positives inside the kernel (softplus(−z)).
 Memory: O(B·D) for packed operands and gradients plus O(B) statistics.
 
 Each loss is one autograd node (_Loss) around those kernels; in plain eager mode it calls them without the
@@ -22,6 +23,7 @@ and gradient kernels in one call that keeps its logit tiles (≤ ~4 MiB) in betw
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mmkern import _native, backends, reference
 from mmkern.ops import cpu_policy
@@ -172,92 +174,111 @@ def _loss(x, y, scale, bias, labels, mode: int, backend: str) -> torch.Tensor:
 
 
 class _Loss(torch.autograd.Function):
-    """With p = Σ_i x_i·y_(label_i) (labels default to arange), the statistics r (rows), c (columns) of
-    contrastive_stats, k = 2 for CLIP (rows and columns) and 1 otherwise:
+    """With the statistics r (rows), c (columns) of contrastive_stats, k = 2 for CLIP (rows and columns) and 1
+    otherwise, z_i = s·x_i·y_i + b the positive logits and w = σ(r − z), w' = σ(c − z):
 
-    ROWS       L = (Σ_i r_i − s·p) / B                r_i = LSE_j z_ij
-    ROWS_COLS  L = (Σ_i r_i + Σ_j c_j − 2·s·p) / 2B   c_j = LSE_i z_ij
+    ROWS_COLS, ROWS without labels (positives on the diagonal, left out of the kernel's softmax statistics):
+               L = (Σ_i softplus(r_i − z_i) [+ Σ_i softplus(c_i − z_i)]) / kB     r_i = LSE_(j≠i) z_ij
+    ROWS with labels, p = Σ_i x_i·y_(label_i):
+               L = (Σ_i r_i − s·p) / B                                           r_i = LSE_j z_ij
     SIGMOID    L = Σ_i r_i / B                        r_i = Σ_j softplus(±z_ij), positives inside the kernel
 
-    The kernel runs with unit row (and column) weights, so G·Y and Gᵀ·X come back unscaled (P·Y, (P + Q)·Y, ...):
-    dx = f·(G·Y − k·y_label), dy = f·(Gᵀ·X − k·Σ_(i: label_i = j) x_i) with f = dL·s / (k·B); dL/ds and dL/db are
-    sums of the kernel's ∂/∂s and ∂/∂b planes (minus k·p) over k·B. Few torch ops on purpose: at B = 128 each one
-    costs about as much as 1% of the kernels. The loss comes back in x's dtype; gradients are summed in fp32.
-    `fused` (see FUSED_MAX_LOGITS) computes G·Y and Gᵀ·X in forward.
+    softplus(r_i − z_i) is LSE_j z_ij − z_ii exactly, but never negative, 0 for a row without negatives (B = 1),
+    and free of the cancellation of two fp32 numbers near s that LSE − z had (~1e-7·s absolute: the whole loss of
+    saturated pairs at s = 100). The kernel's G weighs row i's negatives by w_i (column j's by w'_j), so that
+    e^(z_ij − r_i)·w_i = e^(z_ij − LSE_j z_ij); the positive's part of G, −(w_i + w'_i) (−k with labels), is added
+    here: dx = f·(G·Y + (G_ii)·y_i), dy = f·(Gᵀ·X + (G_ii)·x_i) with f = dL·s / (k·B); dL/ds and dL/db are sums over
+    the kernel's ∂/∂s and ∂/∂b planes. Few torch ops on purpose: at B = 128 each one costs about as much as 1% of
+    the kernels. The loss comes back in x's dtype; gradients are summed in fp32. `fused` (see FUSED_MAX_LOGITS)
+    computes G·Y and Gᵀ·X in forward.
     """
 
     @staticmethod
     def forward(ctx, x, y, scale, bias, labels, mode, backend, eager, fused):
         ctx.mode, ctx.backend, ctx.eager = mode, backend, eager
+        diagonal = mode == SIGMOID or labels is None
         if fused:
-            rows, cols, gx, gy = _fused_impl(x, y, scale, bias, mode, mode == SIGMOID)
-            _sub_positives(gx, gy, x, y, labels, mode)
+            rows, cols, gx, gy = _fused_impl(x, y, scale, bias, mode, diagonal)
         else:
             rows, cols = (_forward_impl if eager else torch.ops.mmkern.contrastive_stats)(
-                x, y, scale, bias, mode, mode == SIGMOID, backend
+                x, y, scale, bias, mode, diagonal, backend
             )
             gx = gy = None
         B, k = x.shape[0], 2 if mode == ROWS_COLS else 1
         if mode == SIGMOID:
-            ctx.save_for_backward(x, y, scale, bias, labels, rows, cols, None, gx, gy)
+            ctx.save_for_backward(x, y, scale, bias, labels, rows, cols, None, None, gx, gy)
             return (rows[0].sum() / B).to(x.dtype)
-        pos = (x.float() * _positives(x, y, labels).float()).sum()
-        ctx.save_for_backward(x, y, scale, bias, labels, rows, cols, pos, gx, gy)
-        lse = rows[0].sum() + cols[0].sum() if mode == ROWS_COLS else rows[0].sum()
-        return torch.addcmul(lse, scale.float(), pos, value=-k).div_(k * B).to(x.dtype)
+        if labels is not None:
+            pos = (x.float() * y[labels].float()).sum()
+            if fused:
+                gx.sub_(y[labels], alpha=k)
+                gy.index_add_(0, labels, x.float(), alpha=-k)
+            ctx.save_for_backward(x, y, scale, bias, labels, rows, cols, pos, None, gx, gy)
+            return torch.addcmul(rows[0].sum(), scale.float(), pos, value=-k).div_(k * B).to(x.dtype)
+        d = _pair_dot(x, _head(y, B))
+        t = (torch.stack([rows[0], cols[0]]) if k == 2 else rows[:1]) - torch.addcmul(bias.float(), scale.float(), d)
+        w = torch.sigmoid(t)  # (k, B): the weights of the negatives, see the class doc
+        if fused:
+            _add_positives(gx, gy, x, y, w.sum(0) if k == 2 else w[0])
+        ctx.save_for_backward(x, y, scale, bias, labels, rows, cols, d, w, gx, gy)
+        return F.softplus(t).sum().div_(k * B).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, y, scale, bias, labels, rows, cols, pos, gx, gy = ctx.saved_tensors
+        x, y, scale, bias, labels, rows, cols, d, w, gx, gy = ctx.saved_tensors
         mode, B = ctx.mode, x.shape[0]
         k, g = 2 if mode == ROWS_COLS else 1, grad.float()
         grad_x = grad_y = grad_scale = grad_bias = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             f = g * scale.float() / (k * B)
             if gx is None:  # in place: no more (B, D) buffers at the peak of a large batch
-                ones = rows.new_ones(B)
+                gr = rows.new_ones(B) if w is None else w[0]
+                gc = (rows.new_ones(B) if w is None else w[1]) if mode == ROWS_COLS else gr[:0]
                 run = _backward_impl if ctx.eager else torch.ops.mmkern.contrastive_stats_backward
-                gc = ones if mode == ROWS_COLS else ones[:0]
-                gx, gy = run(ones, gc, x, y, scale, bias, rows, cols, mode, mode == SIGMOID, ctx.backend)
-                gx, gy = _sub_positives(gx, gy, x, y, labels, mode)
+                diagonal = mode == SIGMOID or w is not None
+                gx, gy = run(gr, gc, x, y, scale, bias, rows, cols, mode, diagonal, ctx.backend)
+                if labels is not None:
+                    gx.sub_(y[labels], alpha=k)
+                    gy.index_add_(0, labels, x.float(), alpha=-k)
+                elif w is not None:
+                    _add_positives(gx, gy, x, y, w.sum(0) if k == 2 else w[0])
                 gx, gy = gx.mul_(f), gy.mul_(f)
             else:  # saved by the fused forward: a second backward (retain_graph) must find them unchanged
                 gx, gy = gx * f, gy * f
             grad_x, grad_y = gx.to(x.dtype), gy.to(y.dtype)
         if ctx.needs_input_grad[2]:
-            ds = rows[1].sum() + cols[1].sum() if mode == ROWS_COLS else rows[1].sum()
-            ds = ds if mode == SIGMOID else ds.sub_(pos, alpha=k)
+            if mode == SIGMOID:
+                ds = rows[1].sum()
+            elif w is None:
+                ds = rows[1].sum().sub_(d, alpha=k)  # d: p with labels
+            else:
+                ds = (w * ((torch.stack([rows[1], cols[1]]) if k == 2 else rows[1:2]) - d)).sum()
             grad_scale = ds.mul_(g).div_(k * B).to(scale.dtype)
-        if ctx.needs_input_grad[3]:
-            grad_bias = rows[2].sum().mul_(g).div_(B).to(bias.dtype)
+        if ctx.needs_input_grad[3]:  # softplus(r - z): the bias shifts r and z alike
+            db = torch.zeros_like(g) if w is not None else rows[2].sum()
+            grad_bias = db.mul_(g).div_(B).to(bias.dtype)
         return grad_x, grad_y, grad_scale, grad_bias, None, None, None, None, None
 
 
-def _positives(x, y, labels):
-    """Rows y_(label_i) (B, D); a view, not a slice op, when they are all of y (a slice costs ~1 µs at B = 128)."""
+def _add_positives(gx, gy, x, y, weight):
+    """Adds the positive pairs' part of G, -weight_i at (i, i) (B,), to G·Y and Gᵀ·X in place."""
     B = x.shape[0]
-    if labels is not None:
-        return y[labels]
-    return y if y.shape[0] == B else y[:B]
+    gx.addcmul_(weight[:, None], _head(y, B), value=-1.0)
+    _head(gy, B).addcmul_(weight[:, None], x, value=-1.0)
 
 
-def _sub_positives(gx, gy, x, y, labels, mode):
-    """Subtracts the positive logits' part of G (k at (i, label_i); SIGMOID has it inside the kernel) in place."""
-    if mode != SIGMOID:
-        k = 2 if mode == ROWS_COLS else 1
-        gx.sub_(_positives(x, y, labels), alpha=k)
-        if labels is not None:
-            gy.index_add_(0, labels, x.float(), alpha=-k)
-        else:
-            _positives(x, gy, None).sub_(x, alpha=k)
-    return gx, gy
+def _head(t, B):
+    """Rows [0, B) of t; t itself when that is all of it (a slice costs ~1 µs at B = 128)."""
+    return t if t.shape[0] == B else t[:B]
 
 
 def contrastive_stats(x, y, scale, bias, mode: int, backend: str, *, diagonal: bool = False):
     """Row statistics (3, B) and column statistics (2, K, or 0 columns unless mode is ROWS_COLS), fp32.
 
     Rows: softmax modes (LSE_j z_ij, ∂/∂s, 1); SIGMOID (Σ_j softplus(±z_ij) and its ∂/∂s, ∂/∂b), where
-    `diagonal` makes (i, i) the positive pairs (−z) and every other pair a negative (+z).
+    `diagonal` makes (i, i) the positive pairs (−z) and every other pair a negative (+z). In softmax modes
+    `diagonal` leaves the pairs (i, i) out of the row and column LSEs (−inf when nothing is left, ∂/∂s then 0)
+    and out of the backward's G: the caller adds the positives' terms.
     Columns: (LSE_i z_ij, ∂/∂s). Differentiable in x, y, scale and bias through the value planes
     (planes 1 and 2 are the derivatives themselves and are treated as constants). Used by the
     distributed losses on (local rows, remote block) pairs.

@@ -4,6 +4,7 @@ Each rank holds its local rows x_r, y_r (b of the B = N·b pairs) and gets exact
 `ClipLoss(local_loss=True, gather_with_grad=True)` (and its `SigLipLoss`) gives it:
 
     loss_r (CLIP)   = ½·mean_{i∈r} [LSE_j z_ij + LSE_j z_ji − 2 z_ii]      (j over all B)
+                    = ½·mean_{i∈r} [softplus(LSE_(j≠i) z_ij − z_ii) + softplus(LSE_(j≠i) z_ji − z_ii)]
     loss_r (SigLIP) = Σ_{i∈r, all j} softplus(−y_ij·z_ij) / b
     ∂/∂x_r, ∂/∂y_r  = Σ_q ∂loss_q/∂(x_r, y_r)   (the gather's backward sums over ranks)
     ∂/∂s, ∂/∂b      = ∂loss_r/∂s, ∂loss_r/∂b    (this rank's own loss only: DDP averages it once)
@@ -12,13 +13,16 @@ Forward: the text blocks y_q travel around the ring (send to rank+1, receive fro
 flight while the kernel works on the current one. Row statistics merge locally; column statistics (CLIP)
 are written per block and merged across ranks with two O(B) all-reduces (max, then sums of exp). Backward:
 the blocks travel again with a fp32 dY accumulator that arrives back at its owner after N hops. Per-rank
-memory is O(b·D + B); no rank ever holds more than two text blocks.
+memory is O(b·D + B); no rank ever holds more than two text blocks. The positive pairs stay out of the
+statistics (the own block runs with `diagonal`, see mmkern/ops/contrastive.py _Loss): the second form of the
+CLIP loss is never negative and keeps its digits at s = 100, where LSE − z loses them to cancellation.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from mmkern import backends
 from mmkern.ops.contrastive import ROWS_COLS, SIGMOID, _as_scalar, _check_pair, _pair_dot, contrastive_stats
@@ -52,7 +56,6 @@ class _RingStats(torch.autograd.Function):
     def forward(ctx, x, y, scale, bias, mode, backend, group):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         b = x.shape[0]
-        diagonal = mode == SIGMOID
         cur, rows = y.contiguous(), None
         col_lse = x.new_empty((world, b), dtype=torch.float32)
         col_ds = torch.empty_like(col_lse)
@@ -63,7 +66,7 @@ class _RingStats(torch.autograd.Function):
                 if step < world - 1:
                     nxt = torch.empty_like(cur)
                     requests = _exchange([cur], [nxt], group)
-                r_q, c_q = contrastive_stats(x, cur, scale, bias, mode, backend, diagonal=diagonal and q == rank)
+                r_q, c_q = contrastive_stats(x, cur, scale, bias, mode, backend, diagonal=q == rank)
                 if rows is None:
                     rows = r_q.clone()
                 elif mode == SIGMOID:
@@ -79,11 +82,11 @@ class _RingStats(torch.autograd.Function):
                 # LSE over all ranks' rows: shift by the global max, sum exp and exp-weighted means.
                 top = col_lse.clone()
                 dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-                w = torch.exp(col_lse - top)
+                w = torch.exp(col_lse - top.clamp_min(torch.finfo(torch.float32).min))  # top -inf: no negative
                 sums = torch.stack([w, w * col_ds])
                 dist.all_reduce(sums, group=group)
                 col_lse = top + torch.log(sums[0])
-                col_ds = sums[1] / sums[0]
+                col_ds = torch.where(sums[0] > 0, sums[1] / sums[0], 0.0)
         cols = col_lse[rank] if mode == ROWS_COLS else x.new_zeros(0, dtype=torch.float32)
         ctx.save_for_backward(x, y, scale, bias, rows, col_lse, col_ds[rank] if mode == ROWS_COLS else cols)
         ctx.mode, ctx.backend, ctx.group = mode, backend, group
@@ -113,7 +116,7 @@ class _RingStats(torch.autograd.Function):
             cols_q = torch.stack([col_lse[q], col_lse[q]]) if mode == ROWS_COLS else rows.new_zeros((2, 0))
             gc_q = gc_all[q] if mode == ROWS_COLS else rows.new_zeros(0)
             dx_q, dy_q = torch.ops.mmkern.contrastive_stats_backward(
-                gr, gc_q, x, cur, scale, bias, row_stats, cols_q, mode, mode == SIGMOID and q == rank, backend
+                gr, gc_q, x, cur, scale, bias, row_stats, cols_q, mode, q == rank, backend
             )
             dx += dx_q
             acc += dy_q
@@ -154,8 +157,8 @@ def clip_loss_distributed(image_features, text_features, logit_scale, *, group=N
     logit_scale, chosen = _setup(image_features, text_features, logit_scale, group, backend)
     zero = torch.zeros((), dtype=torch.float32, device=image_features.device)
     rows, cols = _RingStats.apply(image_features, text_features, logit_scale, zero, ROWS_COLS, chosen, group)
-    diag = _pair_dot(image_features, text_features)
-    loss = 0.5 * (rows.mean() + cols.mean()) - logit_scale.float() * diag.mean()
+    positives = logit_scale.float() * _pair_dot(image_features, text_features)
+    loss = 0.5 * (F.softplus(rows - positives).mean() + F.softplus(cols - positives).mean())
     return loss.to(image_features.dtype)
 
 

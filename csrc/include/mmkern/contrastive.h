@@ -6,7 +6,9 @@
 // so that LSE = m + log(l) and dLSE/ds = e / l (the softmax-weighted mean of d) come out together; the
 // second one gives the logit-scale gradient without another pass. For the sigmoid (SigLIP) loss the state
 // is plain sums: softplus(z), sigmoid(z) * d and sigmoid(z), with z negated for the positives of the
-// diagonal (softplus(-z)), so that no positive term is subtracted afterwards.
+// diagonal (softplus(-z)), so that no positive term is subtracted afterwards. With `diagonal` the softmax
+// statistics leave the positive pairs (i, i) out (LSE over the negatives, and G = 0 there): the caller adds
+// the positive as softplus(LSE_neg - z_ii), which is never negative and has no cancellation at s = 100.
 #pragma once
 
 #include <math.h>
@@ -41,7 +43,7 @@ MMK_HD void softmax_merge(SoftmaxState& s, float m2, float l2, float e2) {
 }
 
 MMK_HD float softmax_lse(const SoftmaxState& s) { return s.m + logf(s.l); }
-MMK_HD float softmax_mean_d(const SoftmaxState& s) { return s.e / s.l; }
+MMK_HD float softmax_mean_d(const SoftmaxState& s) { return s.l == 0.f ? 0.f : s.e / s.l; }  // 0: no term
 
 // log(1 + exp(z)) without overflow; NaN in, NaN out.
 MMK_HD float softplus(float z) { return (z > 0.f ? z : 0.f) + log1pf(expf(-fabsf(z))); }
@@ -53,6 +55,7 @@ MMK_HD float sigmoid_grad(float z, bool positive) { return positive ? -sigmoid(-
 // d(col stat)/dz_ij. Softmax: P_ij = exp(z - lse_row_i), Q_ij = exp(z - lse_col_j). Sigmoid: see above.
 MMK_HD float grad_logit(int mode, bool positive, float z, float row_lse, float gr, float col_lse, float gc) {
   if (mode == kSigmoid) return gr * sigmoid_grad(z, positive);
+  if (positive) return 0.f;  // a softmax positive left out of the statistics: the caller adds its term
   float g = gr * expf(z - row_lse);
   if (mode == kRowsCols) g += gc * expf(z - col_lse);
   return g;

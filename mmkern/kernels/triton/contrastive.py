@@ -97,11 +97,11 @@ def _contrastive_fwd_kernel(
             l += tl.sum(tl.where(valid, sp, 0.0), axis=1)
             e += tl.sum(tl.where(valid, sg * d, 0.0), axis=1)
             g += tl.sum(tl.where(valid, sg, 0.0), axis=1)
-        else:
-            z = tl.where(valid, z, float("-inf"))
+        else:  # with DIAG the positives stay out: LSE over the negatives (see mmkern/contrastive.h)
+            z = tl.where(valid & ~((rows[:, None] == cols[None, :]) & DIAG), z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=1))
             alpha = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_new))
-            p = tl.exp(z - m_new[:, None])
+            p = tl.exp(z - tl.where(m_new == float("-inf"), 0.0, m_new)[:, None])
             l = l * alpha + tl.sum(p, axis=1)
             e = e * alpha + tl.sum(p * d, axis=1)
             m = m_new
@@ -112,7 +112,7 @@ def _contrastive_fwd_kernel(
         tl.store(out_ptr + 2 * M + rows, g, mask=ok)
     else:
         tl.store(out_ptr + rows, m + tl.log(l), mask=ok)
-        tl.store(out_ptr + M + rows, e / l, mask=ok)
+        tl.store(out_ptr + M + rows, tl.where(l > 0.0, e / l, 0.0), mask=ok)
         tl.store(out_ptr + 2 * M + rows, tl.full((BLOCK_M,), 1.0, tl.float32), mask=ok)
 
 
@@ -163,6 +163,8 @@ def _contrastive_bwd_kernel(
                 G += g_b[None, :] * tl.exp(z - lse_b[None, :])
             else:
                 G += g_b[None, :] * _sigmoid_grad(z, pos)
+        if TERM_A != 2 and TERM_B != 2:  # softmax positives (DIAG) are not part of G: the caller adds theirs
+            G = tl.where(pos, 0.0, G)
         G = tl.where(row_ok[:, None] & col_ok[None, :], G, 0.0)
         for k0 in range(0, D, BLOCK_D):
             ks = k0 + tl.arange(0, BLOCK_D)
@@ -205,7 +207,7 @@ def contrastive_fwd(x, y, scale, bias, mode, diagonal, rows, cols):
     _row_stats(x, y, sb, mode == 2, diagonal, rows)
     if mode == 1:
         tmp = torch.empty((3, y.shape[0]), dtype=torch.float32, device=x.device)
-        _row_stats(y, x, sb, False, False, tmp)
+        _row_stats(y, x, sb, False, diagonal, tmp)
         cols.copy_(tmp[:2])
 
 
@@ -244,8 +246,8 @@ def contrastive_bwd(x, y, scale, bias, mode, diagonal, row_lse, col_lse, gr, gc,
         _grad(x, y, sb, None, gr, None, None, SIGMOID, NONE, diagonal, dx)
         _grad(y, x, sb, None, None, None, gr, NONE, SIGMOID, diagonal, dy)
     elif mode == 1:
-        _grad(x, y, sb, row_lse, gr, col_lse, gc, SOFTMAX, SOFTMAX, False, dx)
-        _grad(y, x, sb, col_lse, gc, row_lse, gr, SOFTMAX, SOFTMAX, False, dy)
+        _grad(x, y, sb, row_lse, gr, col_lse, gc, SOFTMAX, SOFTMAX, diagonal, dx)
+        _grad(y, x, sb, col_lse, gc, row_lse, gr, SOFTMAX, SOFTMAX, diagonal, dy)
     else:
-        _grad(x, y, sb, row_lse, gr, None, None, SOFTMAX, NONE, False, dx)
-        _grad(y, x, sb, None, None, row_lse, gr, NONE, SOFTMAX, False, dy)
+        _grad(x, y, sb, row_lse, gr, None, None, SOFTMAX, NONE, diagonal, dx)
+        _grad(y, x, sb, None, None, row_lse, gr, NONE, SOFTMAX, diagonal, dy)
