@@ -115,11 +115,13 @@ def _external(device: torch.device):
     return out
 
 
-def _mmkern_backends(device: torch.device) -> list[str]:
+def _mmkern_backends(device: torch.device) -> list[str | None]:
+    """The kernels of the device, and on CPUs also mmkern's default (None: the native kernel or torch's SDPA,
+    whichever mmkern/ops/cpu_policy.py picks for the case at the running level)."""
     from mmkern import backends
 
-    wanted = ["cpu"] if device.type == "cpu" else ["triton", "cuda"]
-    return [b for b in wanted if backends.unavailable_reason(b, device.type) is None]
+    wanted = ["cpu", None] if device.type == "cpu" else ["triton", "cuda"]
+    return [b for b in wanted if b is None or backends.unavailable_reason(b, device.type) is None]
 
 
 def _measure(case, contenders, grad, make_inputs, leaves, device, repeats) -> dict:
@@ -202,7 +204,7 @@ def main(argv=None) -> list[dict]:
         for backend in _mmkern_backends(device):
             contenders.append(
                 (
-                    f"mmkern_{backend}",
+                    f"mmkern_{backend or 'default'}",
                     lambda q, k, v, b=backend, c=causal, w=window, m=demo_mask: scaled_dot_product_attention(
                         q, k, v, m, is_causal=c, window=w, backend=b
                     ),

@@ -75,7 +75,7 @@ def implementations(device: torch.device, backends: list[str], loss: str = "clip
     naive, op = LOSSES[loss]
     impls = {"naive": naive}
     for b in backends:
-        impls[f"mmkern-{b}"] = lambda *args, b=b: op(*args, backend=b)
+        impls[f"mmkern-{b or 'default'}"] = lambda *args, b=b: op(*args, backend=b)
     if device.type == "cuda" and loss == "clip":
         for name, make in (("open_clip", _open_clip), ("inf_cl", _inf_cl)):
             fn = make()
@@ -172,7 +172,8 @@ def main(argv=None) -> list[dict]:
     if not gpu:
         _exact_cpu_peaks()
     dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
-    backends = args.backends or (["triton", "cuda"] if gpu else ["cpu"])
+    # On CPUs also mmkern's default (None): the native loss or the naive one, as mmkern/ops/cpu_policy.py picks.
+    backends = args.backends or (["triton", "cuda"] if gpu else ["cpu", None])
     sizes = args.sizes or ([4096, 16384, 65536, 262144] if gpu else [4096, 8192])
     dims, warmup, repeats = args.dims, args.warmup, args.repeats
     if args.quick:

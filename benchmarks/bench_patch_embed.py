@@ -84,6 +84,8 @@ def run_config(model, batch, dtype, device, repeats):
     for b in ("cpu", "cuda") if device == "cpu" else ("cuda", "triton"):
         if backends.unavailable_reason(b, device) is None:
             paths[f"mmkern-{b}"] = mmkern_path(b)
+    if device == "cpu":  # mmkern's default: the native kernel or the conv2d path, as cpu_policy picks
+        paths["mmkern-default"] = mmkern_path(None)
     flops = 2 * batch * N * E * K
     fwd_bytes = (images.numel() + E * K + (1 + N) * E + batch * (1 + N) * E) * elt
     bwd_bytes = (grad_out.numel() + images.numel()) * elt + E * K * 4
