@@ -1,8 +1,9 @@
 """Builds mmkern._C: a torch-free pybind11 module with OpenMP CPU kernels and, when nvcc is found, CUDA kernels.
 
-The CPU kernels (csrc/cpu/*.cpp) are compiled once per ISA level of the target architecture (CPU_LEVELS) into the
-same module, which picks the best level the CPU supports at import (see csrc/include/mmkern/cpu_kernels.h). No
--march=native: one build runs on every CPU of its architecture.
+The CPU kernels (csrc/cpu/*.cpp) are compiled once per ISA level of the target architecture (X86_LEVELS or
+OTHER_LEVELS, by the compiler's target, as bindings.cpp decides by __x86_64__) into the same module, which picks the
+best level the CPU supports at import (see csrc/include/mmkern/cpu_kernels.h). No -march=native: one build runs on
+every CPU of its architecture.
 
 Knobs (environment variables):
   MMKERN_CUDA=0|1          force the CUDA build off / on (default: on when nvcc is found)
@@ -54,16 +55,27 @@ CUDA_ARCHS = [
 # (level, compiler flags), lowest first: the order in which they are linked (see cpu_kernels.h). A level's flags are
 # the instructions bindings.cpp checks the CPU for before it runs that level.
 _AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
-CPU_LEVELS = (
-    [
-        ("default", []),
-        ("avx2", ["-mavx2", "-mfma", "-mf16c"]),
-        ("avx512", _AVX512),
-        ("avx512_bf16", [*_AVX512, "-mavx512bf16"]),
-    ]
-    if platform.machine().lower() in ("x86_64", "amd64")
-    else [("default", [])]  # aarch64 (NEON is part of its baseline) and anything else: portable C++
-)
+X86_LEVELS = [
+    ("default", []),
+    ("avx2", ["-mavx2", "-mfma", "-mf16c"]),
+    ("avx512", _AVX512),
+    ("avx512_bf16", [*_AVX512, "-mavx512bf16"]),
+]
+OTHER_LEVELS = [("default", [])]  # aarch64 (NEON is part of its baseline) and anything else: portable C++
+
+
+def _target_arch(compiler_cmd: list[str]) -> str:
+    """The architecture the compiler builds for: the first field of `-dumpmachine` (x86_64-linux-gnu ->
+    x86_64, aarch64-linux-gnu -> aarch64). A cross build (CC=aarch64-linux-gnu-gcc with the target's sysconfig, as
+    _PYTHON_HOST_PLATFORM builds do) runs setup.py on the host, so platform.machine() names the wrong one there;
+    it is the fallback for a compiler without -dumpmachine."""
+    try:
+        out = subprocess.run([*compiler_cmd, "-dumpmachine"], capture_output=True, text=True, check=True).stdout
+        return out.strip().split("-")[0].lower() or platform.machine().lower()
+    except (OSError, subprocess.CalledProcessError):
+        return platform.machine().lower()
+
+
 CPU_SOURCES = sorted(glob("csrc/cpu/*.cpp"))
 HEADERS = sorted(glob("csrc/include/mmkern/*"))
 
@@ -93,8 +105,9 @@ class BuildWithCuda(build_ext):
         super().build_extension(ext)
 
     def _compile_cpu_levels(self, ext) -> list[str]:
+        x86 = _target_arch(self.compiler.compiler_so) in ("x86_64", "amd64")
         objects = []
-        for level, flags in CPU_LEVELS:
+        for level, flags in X86_LEVELS if x86 else OTHER_LEVELS:
             out_dir = Path(self.build_temp) / f"cpu_{level}"
             objs = [out_dir / Path(self.compiler.object_filenames([src])[0]) for src in CPU_SOURCES]
             stale = [src for src, obj in zip(CPU_SOURCES, objs) if not _up_to_date(obj, src)]

@@ -304,7 +304,8 @@ def test_cpu_thread_counts(threads):
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the native module is not built")
 @pytest.mark.parametrize("kind", LOSSES)
-@pytest.mark.parametrize("B,D,extra", [(1, 5, 0), (37, 24, 3), (300, 16, 40)])
+# D = 300: more than one k-block of the packed GEMMs (kKC: 240 or 256 floats by level), as CLIP's D = 512 is.
+@pytest.mark.parametrize("B,D,extra", [(1, 5, 0), (37, 24, 3), (300, 16, 40), (70, 300, 5)])
 def test_cpu_fused_and_split_paths(kind, B, D, extra, monkeypatch):
     """Small batches take the fused kernel (statistics and gradients in one call, backward only scales); larger
     ones the forward and backward kernels. Both against float64, and against each other; no_grad (no fused call)
