@@ -5,9 +5,9 @@
 // element loops run on contiguous fp32 rows: the tensor's own memory when it is fp32 with unit stride, else a row
 // converted into an fp32 buffer. They are written on whole vectors and a masked tail (GCC's auto-vectorised loops
 // spent more time in peeling and remainder code than in the math on 64-wide rows, and could not vectorise the row
-// sums at all), with AVX-512 intrinsics where that level has better instructions: rcp14 plus a Newton step for a
-// division, scalef for 2^n. Parameter gradients are
-// reduced into per-thread fp32 partials and summed at the end (deterministic for a given thread count).
+// sums at all); AVX-512 has better instructions for two of the primitives: rcp14 plus a Newton step for a division,
+// scalef for 2^n. Parameter gradients are reduced into per-thread fp32 partials and summed at the end (deterministic
+// for a given thread count).
 // GCC 12 reports the _mm512_undefined_ps() inside AVX-512 intrinsics (min, rcp14, scalef, ...) as maybe-uninitialised
 // (a compiler bug, fixed in GCC 13); the pragma must precede the first include of immintrin.h (via common.h).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -19,9 +19,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include <cstring>
 
 #include "mmkern/common.h"
 #include "mmkern/cpu_kernels.h"
@@ -123,171 +121,10 @@ void with_gelu_kind(int kind, F&& f) {
   }
 }
 
-// ---- row kernels on contiguous fp32 ----
+// ---- row kernels on contiguous fp32, on the level's vectors (simd_cpu.h) ----
 // gelu_fwd_row: out = GELU(x + b).  gelu_bwd_row: d = go·GELU'(x + b) into gx, and acc += d when acc is given.
 // add_row_sum: s = x + r and Σ s.  row_sq_dev: Σ (s - mu)².  ln_out_row: out = (s - mu)·rs·w + b.
 // ln_bwd_row: the LayerNorm backward of one row (see add_layer_norm_bwd_cpu).
-
-#if defined(__AVX512F__)
-
-using Vec = __m512;
-constexpr int64_t kLanes = 16;
-constexpr float kLn2 = 0.69314718056f;
-
-inline __mmask16 lanes(int64_t left) {
-  return left >= kLanes ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
-}
-inline Vec splat(float f) { return _mm512_set1_ps(f); }
-inline Vec load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline void store(float* p, Vec v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-
-// 1/d to ~1 ulp for d in [1, 1e30]: rcp14 (relative error 2^-14) and one Newton step, instead of a division.
-inline Vec reciprocal(Vec d) {
-  const Vec t = _mm512_rcp14_ps(d);
-  return t * _mm512_fnmadd_ps(d, t, splat(2.0f));
-}
-
-// exp(c) for c in [-110, 88] (callers clamp): c = n·ln2 + r with exp_reduced(r) from fused.h, 2^n by scalef, which
-// underflows to 0 below c ~ -104 as the fp32 exp does. One FMA for r: the fp32 ln2 is 1.9e-9 off, so r is off by
-// at most 159 · 1.9e-9 = 3e-7, a relative error in exp(c) that the GELUs' tolerances absorb.
-inline Vec exp16(Vec c) {
-  const Vec n = _mm512_roundscale_ps(c * 1.44269504088896341f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return _mm512_scalef_ps(exp_reduced(_mm512_fnmadd_ps(n, splat(kLn2), c)), n);
-}
-
-// normal_cdf_pdf of fused.h on 16 lanes. The ½ of ½·erfc is folded into the exp (exp(-z² - ln2)); the clamp of
-// 1 + 0.4z keeps the Newton step finite at |x| = inf (NaN reaches the callers' results through x).
-inline void normal_cdf_pdf16(Vec x, Vec& cdf, Vec& pdf) {
-  const Vec z = _mm512_abs_ps(x) * kSqrtHalf;
-  const Vec t = reciprocal(_mm512_min_ps(z * kErfcT + 1.0f, splat(1e30f)));
-  const Vec half_e = exp16(_mm512_max_ps(_mm512_fnmsub_ps(z, z, splat(kLn2)), splat(-110.0f)));
-  const Vec half_erfc = t * half_e * erfc_poly(t);
-  cdf = _mm512_mask_sub_ps(half_erfc, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ), splat(1.0f), half_erfc);
-  pdf = half_e * (2.0f * kInvSqrt2Pi);
-}
-
-// For the tanh GELU: w = -v = -2√(2/π)(x + 0.044715x³) and σ(v) = 1 / (1 + exp(w)), exp(w) clamped finite so that
-// the reciprocal's Newton step is, and σ = 0 where exp(w) overflows (as 1 / (1 + inf): GELU(-inf) = -inf·0 = NaN).
-inline void tanh_sigmoid16(Vec x, Vec x2, Vec& w, Vec& e, Vec& s) {
-  constexpr float k = 2.0f * kSqrt2OverPi;
-  const Vec hi = splat(88.0f);
-  w = x * _mm512_fmadd_ps(x2, splat(-k * kTanhCubic), splat(-k));
-  e = exp16(_mm512_max_ps(_mm512_min_ps(w, hi), splat(-110.0f)));
-  const Vec d = e + 1.0f, t = _mm512_rcp14_ps(d);
-  s = _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(w, hi, _CMP_LE_OQ), t, _mm512_fnmadd_ps(d, t, splat(2.0f)));
-}
-
-template <GeluKind kKind>
-inline Vec gelu16(Vec x) {
-  if constexpr (kKind == GeluKind::erf) {
-    Vec cdf, pdf;
-    normal_cdf_pdf16(x, cdf, pdf);
-    return x * cdf;
-  } else {
-    Vec w, e, s;
-    tanh_sigmoid16(x, x * x, w, e, s);
-    return x * s;
-  }
-}
-
-// gelu_derivative of fused.h on 16 lanes: 1 - σ(v) = σ(v)·exp(-v) for v >= 0 (w <= 0).
-template <GeluKind kKind>
-inline Vec gelu_grad16(Vec x) {
-  if constexpr (kKind == GeluKind::erf) {
-    Vec cdf, pdf;
-    normal_cdf_pdf16(x, cdf, pdf);
-    return _mm512_fmadd_ps(x, pdf, cdf);
-  } else {
-    constexpr float k = 2.0f * kSqrt2OverPi;
-    const Vec x2 = x * x;
-    Vec w, e, s;
-    tanh_sigmoid16(x, x2, w, e, s);
-    const Vec one_minus_s = _mm512_mask_sub_ps(s * e, _mm512_cmp_ps_mask(w, _mm512_setzero_ps(), _CMP_GT_OQ),
-                                               splat(1.0f), s);
-    const Vec dv = _mm512_fmadd_ps(x2, splat(3.0f * k * kTanhCubic), splat(k));
-    return _mm512_fmadd_ps(x * s, one_minus_s * dv, s);
-  }
-}
-
-// Calls f(j, mask) for the 16-wide chunks of [0, n): the full ones with a constant all-ones mask (which GCC folds
-// into plain loads and stores, without per-chunk mask arithmetic), then the masked tail.
-template <class F>
-inline void for_chunks(int64_t n, F&& f) {
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) f(j, static_cast<__mmask16>(0xffff));
-  if (j < n) f(j, lanes(n - j));
-}
-
-template <GeluKind kKind>
-inline void gelu_fwd_row(const float* x, const float* b, float* out, int64_t n) {
-  for_chunks(n, [&](int64_t j, __mmask16 m) { store(out + j, gelu16<kKind>(load(x + j, m) + load(b + j, m)), m); });
-}
-
-template <GeluKind kKind>
-inline void gelu_bwd_row(const float* go, const float* x, const float* b, float* gx, float* acc, int64_t n) {
-  for_chunks(n, [&](int64_t j, __mmask16 m) {
-    const Vec d = load(go + j, m) * gelu_grad16<kKind>(load(x + j, m) + load(b + j, m));
-    if (acc) store(acc + j, load(acc + j, m) + d, m);
-    store(gx + j, d, m);
-  });
-}
-
-// s = x + r (r may be null: s is x and is not written); returns Σ s.
-inline float add_row_sum(const float* x, const float* r, float* s, int64_t d) {
-  Vec acc = _mm512_setzero_ps();
-  for_chunks(d, [&](int64_t j, __mmask16 m) {
-    Vec v = load(x + j, m);
-    if (r) {
-      v = v + load(r + j, m);
-      store(s + j, v, m);
-    }
-    acc = acc + v;
-  });
-  return _mm512_reduce_add_ps(acc);
-}
-
-inline float row_sq_dev(const float* s, float mu, int64_t d) {
-  Vec acc = _mm512_setzero_ps();
-  for_chunks(d, [&](int64_t j, __mmask16 m) {
-    const Vec c = _mm512_maskz_sub_ps(m, load(s + j, m), splat(mu));  // 0 in the tail lanes
-    acc = _mm512_fmadd_ps(c, c, acc);
-  });
-  return _mm512_reduce_add_ps(acc);
-}
-
-inline void ln_out_row(const float* s, float mu, float rs, const float* w, const float* b, float* out, int64_t d) {
-  for_chunks(d, [&](int64_t j, __mmask16 m) {
-    const Vec xh = (load(s + j, m) - mu) * rs;
-    store(out + j, _mm512_fmadd_ps(xh, load(w + j, m), load(b + j, m)), m);
-  });
-}
-
-// Pass 1: the two row means and the parameter-gradient terms; pass 2 recomputes x̂ and g (cheaper than storing
-// them) for grad_x. g = grad_out·weight is rounded before mean(g) is subtracted (it is only ever an FMA's addend,
-// never contracted into one), so that g - mean(g) cancels exactly where it should (D = 1).
-inline void ln_bwd_row(const float* go, const float* gs, const float* s, const float* w, float mu, float rs,
-                       float inv_d, float* gx, float* accw, float* accb, int64_t d) {
-  Vec sum_g = _mm512_setzero_ps(), sum_gx = _mm512_setzero_ps();
-  for_chunks(d, [&](int64_t j, __mmask16 m) {
-    const Vec xh = (load(s + j, m) - mu) * rs, o = load(go + j, m);
-    const Vec g = o * load(w + j, m);
-    sum_g = sum_g + g;
-    sum_gx = _mm512_fmadd_ps(g, xh, sum_gx);
-    if (accw) {
-      store(accw + j, _mm512_fmadd_ps(o, xh, load(accw + j, m)), m);
-      store(accb + j, load(accb + j, m) + o, m);
-    }
-  });
-  if (!gx) return;
-  const Vec mg = splat(_mm512_reduce_add_ps(sum_g) * inv_d), mgx = splat(_mm512_reduce_add_ps(sum_gx) * inv_d);
-  for_chunks(d, [&](int64_t j, __mmask16 m) {
-    const Vec xh = (load(s + j, m) - mu) * rs, g = load(go + j, m) * load(w + j, m);
-    const Vec base = gs ? load(gs + j, m) : _mm512_setzero_ps();
-    store(gx + j, _mm512_fmadd_ps(splat(rs), _mm512_fnmadd_ps(xh, mgx, g) - mg, base), m);
-  });
-}
-
-#else  // the same math on the level's vector type (simd_cpu.h): 8 lanes with AVX2, 4 with SSE2 / NEON
 
 using simd::kLanes;
 using simd::splat;
@@ -299,20 +136,46 @@ inline vf load(const float* p, int w) { return simd::load_n(p, w); }  // lanes p
 inline void store(float* p, vf v, int w) { simd::store_n(p, v, w); }
 inline vf vmin(vf a, vf b) { return a < b ? a : b; }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline vf vabs(vf x) {
+  vi bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  bits &= 0x7fffffff;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
 
-// exp(c) for c in [-110, 88] (callers clamp): c = n·ln2 + r, exp_reduced(r) from fused.h times 2^n written into the
-// exponent bits, and 0 where 2^n would be subnormal (as exp16's scalef underflows; exp(-87.3) is the last normal).
-inline vf expv(vf c) {
+// 1/d to ~1 ulp for d in [1, 1e30]. AVX-512: rcp14 (relative error 2^-14) and one Newton step, cheaper than a
+// division; elsewhere the division.
+inline vf reciprocal(vf d) {
+#if defined(__AVX512F__)
+  const vf t = (vf)_mm512_rcp14_ps((__m512)d);
+  return t * (2.0f - d * t);
+#else
+  return 1.0f / d;
+#endif
+}
+
+// exp(c) for c in [-110, 88] (callers clamp): c = n·ln2 + r with exp_reduced(r) from fused.h, times 2^n, which
+// underflows to 0 below c ~ -87 (AVX-512's scalef: ~ -104) as the fp32 exp does. One FMA for r on AVX-512: the
+// fp32 ln2 is 1.9e-9 off, so r is off by at most 159 · 1.9e-9 = 3e-7, a relative error in exp(c) that the GELUs'
+// tolerances absorb; elsewhere ln2 split in two.
+inline vf exp_in_range(vf c) {
+#if defined(__AVX512F__)
+  const __m512 n = _mm512_roundscale_ps((__m512)(c * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return (vf)_mm512_scalef_ps((__m512)exp_reduced(c - (vf)n * kLn2), n);
+#else
   const vf n = (c * 1.44269504088896341f + 12582912.f) - 12582912.f;  // nearest integer
   const vf e = exp_reduced((c - n * kLn2Hi) - n * kLn2Lo);
   const vi ni = __builtin_convertvector(n, vi);
   const vi bits = ((ni < -126 ? vi{} - 126 : ni) + 127) << 23;
   vf scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return ni < -126 ? vf{} : e * scale;
+  return ni < -126 ? vf{} : e * scale;  // no subnormal 2^n
+#endif
 }
 
-// Calls f(j, w) for the chunks of [0, n): full vectors (w = kLanes, a constant once inlined), then the tail.
+// Calls f(j, w) for the chunks of [0, n): full vectors (w = kLanes, a constant once inlined, so plain loads and
+// stores), then the tail.
 template <class F>
 inline void for_chunks(int64_t n, F&& f) {
   int64_t j = 0;
@@ -320,27 +183,24 @@ inline void for_chunks(int64_t n, F&& f) {
   if (j < n) f(j, static_cast<int>(n - j));
 }
 
-// normal_cdf_pdf16 on the level's vectors (a division where AVX-512 has rcp14 and a Newton step).
+// normal_cdf_pdf of fused.h on vectors. The ½ of ½·erfc is folded into the exp (exp(-z² - ln2)); the clamp of
+// 1 + 0.4z keeps the Newton step finite at |x| = inf (NaN reaches the callers' results through x).
 inline void normal_cdf_pdf_v(vf x, vf& cdf, vf& pdf) {
-  vi bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  bits &= 0x7fffffff;
-  vf ax;
-  std::memcpy(&ax, &bits, sizeof(ax));
-  const vf z = ax * kSqrtHalf;
-  const vf t = 1.0f / (z * kErfcT + 1.0f);
-  const vf half_e = expv(vmax(-z * z - kLn2, splat(-110.0f)));
+  const vf z = vabs(x) * kSqrtHalf;
+  const vf t = reciprocal(vmin(z * kErfcT + 1.0f, splat(1e30f)));
+  const vf half_e = exp_in_range(vmax(-z * z - kLn2, splat(-110.0f)));
   const vf half_erfc = t * half_e * erfc_poly(t);
   cdf = x >= 0.0f ? 1.0f - half_erfc : half_erfc;
   pdf = half_e * (2.0f * kInvSqrt2Pi);
 }
 
-// tanh_sigmoid16 on the level's vectors.
+// For the tanh GELU: w = -v = -2√(2/π)(x + 0.044715x³) and σ(v) = 1 / (1 + exp(w)), exp(w) clamped finite so that
+// the reciprocal's Newton step is, and σ = 0 where exp(w) overflows (as 1 / (1 + inf): GELU(-inf) = -inf·0 = NaN).
 inline void tanh_sigmoid_v(vf x, vf x2, vf& w, vf& e, vf& s) {
   constexpr float k = 2.0f * kSqrt2OverPi;
   w = x * (x2 * (-k * kTanhCubic) - k);
-  e = expv(vmax(vmin(w, splat(88.0f)), splat(-110.0f)));
-  s = w <= 88.0f ? 1.0f / (e + 1.0f) : vf{};
+  e = exp_in_range(vmax(vmin(w, splat(88.0f)), splat(-110.0f)));
+  s = w <= 88.0f ? reciprocal(e + 1.0f) : vf{};
 }
 
 template <GeluKind kKind>
@@ -356,6 +216,7 @@ inline vf gelu_v(vf x) {
   }
 }
 
+// gelu_derivative of fused.h on vectors: 1 - σ(v) = σ(v)·exp(-v) for v >= 0 (w <= 0).
 template <GeluKind kKind>
 inline vf gelu_grad_v(vf x) {
   if constexpr (kKind == GeluKind::erf) {
@@ -416,13 +277,13 @@ inline void ln_out_row(const float* s, float mu, float rs, const float* w, const
   });
 }
 
-// As the AVX-512 ln_bwd_row.
+// Pass 1: the two row means and the parameter-gradient terms; pass 2 recomputes x̂ and g (cheaper than storing
+// them) for grad_x.
 inline void ln_bwd_row(const float* go, const float* gs, const float* s, const float* w, float mu, float rs,
                        float inv_d, float* gx, float* accw, float* accb, int64_t d) {
   vf sum_g = vf{}, sum_gx = vf{};
-  const vf zero = vf{};
   for_chunks(d, [&](int64_t j, int n) {
-    const vf xh = simd::lanes_below(n) ? (load(s + j, n) - mu) * rs : zero, o = load(go + j, n);
+    const vf xh = simd::lanes_below(n) ? (load(s + j, n) - mu) * rs : vf{}, o = load(go + j, n);
     const vf g = o * load(w + j, n);
     sum_g = sum_g + g;
     sum_gx = g * xh + sum_gx;
@@ -435,12 +296,10 @@ inline void ln_bwd_row(const float* go, const float* gs, const float* s, const f
   const float mg = simd::hsum(sum_g) * inv_d, mgx = simd::hsum(sum_gx) * inv_d;
   for_chunks(d, [&](int64_t j, int n) {
     const vf xh = (load(s + j, n) - mu) * rs, g = load(go + j, n) * load(w + j, n);
-    const vf base = gs ? load(gs + j, n) : zero;
+    const vf base = gs ? load(gs + j, n) : vf{};
     store(gx + j, ((g - xh * mgx) - mg) * rs + base, n);
   });
 }
-
-#endif
 
 }  // namespace
 
