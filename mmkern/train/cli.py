@@ -42,8 +42,9 @@ def _config(cls, args: argparse.Namespace):
 
 
 def _pretrained_clip(path: str | None, seed: int, progress: bool):
-    """(clip, tokenizer) from a checkpoint written by `mmkern train contrastive`, or pretrained now on the digits
-    (with the held-out split that TaskData.load and the digits split below draw with the same seed)."""
+    """(clip, tokenizer) from a checkpoint written by `mmkern train contrastive`, or pretrained now on the training
+    part of the digits' 0.2 split with `seed`: the split TaskData.load draws by default, so its held-out images stay
+    unseen (its training images, the shots' pool, were seen at full contrast)."""
     from mmkern.data import WordTokenizer
     from mmkern.models.checkpoint import load_checkpoint
     from mmkern.train.contrastive import ContrastiveConfig, train_contrastive
@@ -133,24 +134,24 @@ def _run(args, config) -> dict:
     # prompt, cloze, transfer: shots from the training split of config.dataset, top-1 on its held-out split, both
     # faded when config.contrast < 1 (the cloze encoder's MLM pretraining reads the full-contrast training split)
     train, test = config.load(clip.config.vision.img_size, config.seed)
-    shots, held_out = config.shift(train), config.shift(test)
+    pool, held_out = config.shift(train), config.shift(test)  # the shots are drawn from pool
     if args.task == "prompt":
         from mmkern.train.prompt import train_prompts
 
-        r = train_prompts(clip, tok, shots, held_out, _templates(train.classnames), config)
+        r = train_prompts(clip, tok, pool, held_out, _templates(train.classnames), config)
         return {k: v for k, v in r.items() if k.endswith("top1")}
     if args.task == "cloze":
         from mmkern.train.cloze import train_cloze
 
-        r = train_cloze(clip, tok, train, held_out, config, shots=shots, encoder=_cloze_encoder(args))
+        r = train_cloze(clip, tok, train, held_out, config, shots=pool, encoder=_cloze_encoder(args))
         if config.out_dir:
             save_checkpoint(r["encoder"], Path(config.out_dir) / "cloze_encoder.safetensors")
         return {k: v for k, v in r.items() if k.endswith(("top1", "mlm_acc"))}
     if config.curve:
-        return _curve(args, config, clip, tok, train, shots, held_out)
+        return _curve(args, config, clip, tok, train, pool, held_out)
     from mmkern.train.transfer import train_transfer
 
-    r = train_transfer(vis, clip.visual.config, shots, held_out, config)
+    r = train_transfer(vis, clip.visual.config, pool, held_out, config)
     return {k: v for k, v in r.items() if k.endswith("top1")}
 
 
@@ -171,7 +172,7 @@ def _curve(args, config, clip, tok, train, pool, test) -> dict:
     prompt, cloze, _ = method_configs()
     shots = parse_shots(config.curve)
     if config.seeds < 1:
-        raise SystemExit(f"--seeds: expected at least 1, got {config.seeds}")
+        raise ValueError(f"seeds: expected at least 1, got {config.seeds}")
     prompt = replace(prompt, steps=config.prompt_steps, context_length=clip.config.text.context_length)
     cloze = replace(cloze, steps=config.cloze_steps)
     encoder = _cloze_encoder(args)
@@ -201,7 +202,7 @@ def _curve(args, config, clip, tok, train, pool, test) -> dict:
         Path(config.out_dir).mkdir(parents=True, exist_ok=True)
         plot_curve(curve, Path(config.out_dir) / "fewshot.png", f"{config.dataset}: few-shot transfer")
     top = {f"transfer_{m}_top1": mean[-1] for m, mean in curve["mean"].items()}
-    return {**top, "curve": {k: curve[k] for k in ("shots", "seeds", "mean", "std")}}
+    return {**top, "curve": {k: curve[k] for k in ("labels", "shots", "seeds", "mean", "std")}}
 
 
 def demo_main(argv: list[str] | None = None) -> int:

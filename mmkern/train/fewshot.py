@@ -8,9 +8,9 @@
 - linear_probe: a linear classifier on the frozen image tower's features; finetune: the whole image tower and that
   head tuned together (mmkern.train.transfer).
 
-Every seed draws its own k shots per class from `pool`, and every method of that (k, seed) gets the same images;
-the prompt methods hold a quarter of them out to pick their best step (none for k < 4), the probe and fine-tuning
-train on all of them. `test` is only scored.
+Every seed draws its own k shots per class from `pool`, and every method of that (k, seed) gets the same images
+(the prompt methods hold their config's val_fraction of them out to pick their best step; method_configs sets 0, so
+every method trains on all k). `test` is only scored.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def few_shot_curve(
     """pool: labelled images the shots are drawn from; test: held-out images of the same classes, only scored.
     prompt / transfer / cloze: the settings of each method (their shots and seed are set here; cloze and
     cloze_encoder are optional, together). -> {"shots", "seeds", "top1": {method: [[top-1 per seed] per k]},
-    "mean": {method: [per k]}, "std": {method: [per k]}} with the zero-shot methods repeated over k."""
+    "mean": {method: [per k]}, "std": {method: [per k]}, "labels": {method: legend text}} with the zero-shot
+    methods repeated over k."""
     from tqdm.auto import tqdm
 
     if (cloze is None) != (cloze_encoder is None):
@@ -118,7 +119,13 @@ def few_shot_curve(
     for m, acc in zero.items():
         top1[m] = [[acc] * len(seeds) for _ in shots]
     order = [m for m in LABELS if m in top1]
+    labels = {m: LABELS[m] for m in order}
+    if prompt.class_specific:
+        labels["coop"] += " per class"
+    if cloze is not None and cloze.verbalizer == "learned":
+        labels["cloze"] += " + class vectors"
     return {
+        "labels": labels,
         "shots": list(shots),
         "seeds": list(seeds),
         "top1": {m: top1[m] for m in order},
@@ -137,7 +144,7 @@ def curve_table(curve: dict) -> str:
     """The curve as text: one row per method, one column per k, mean ± std over the seeds."""
     head = ["method"] + [f"k={k}" for k in curve["shots"]]
     rows = [
-        [LABELS[m]] + [f"{mu:.3f} ± {sd:.3f}" for mu, sd in zip(curve["mean"][m], curve["std"][m])]
+        [curve["labels"][m]] + [f"{mu:.3f} ± {sd:.3f}" for mu, sd in zip(curve["mean"][m], curve["std"][m])]
         for m in curve["mean"]
     ]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
@@ -154,14 +161,15 @@ def plot_curve(curve: dict, png: str | Path, title: str = "few-shot transfer") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
     k = curve["shots"]
+    dashes = iter(["--", ":"])  # the two zero-shot lines can lie on top of each other
     for m, mean in curve["mean"].items():
-        std = curve["std"][m]
+        std, label = curve["std"][m], curve["labels"][m]
         if m in ZERO_SHOT:
-            ax.plot(k, mean, linestyle="--", label=LABELS[m])
+            ax.plot(k, mean, linestyle=next(dashes), linewidth=2, label=label)
             continue
-        (line,) = ax.plot(k, mean, marker="o", label=LABELS[m])
+        (line,) = ax.plot(k, mean, marker="o", label=label)
         lo, hi = [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)]
         ax.fill_between(k, lo, hi, color=line.get_color(), alpha=0.15)
     ax.set_xscale("log", base=2)
@@ -170,7 +178,7 @@ def plot_curve(curve: dict, png: str | Path, title: str = "few-shot transfer") -
     ax.set_ylabel("held-out top-1")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # below: the lines fill the axes
     fig.tight_layout()
     fig.savefig(png, dpi=90)
     plt.close(fig)
