@@ -106,10 +106,11 @@ def fewshot_settings(size: str, seed: int = 0) -> dict:
 
 @contextlib.contextmanager
 def torch_threads(n: int):
-    """torch, and with it mmkern's CPU kernels, on at most n threads inside the block. Stage 4 trains 75 tiny models
-    (width 64, batches of <= 64 images of 17 tokens), whose ops are too small to split: one 16-shot run of its four
-    tuned methods took 2.4 s on one thread and 6.2 s on two (CPU time 2.0 vs 7.5 s) on the shared 2-core VM, and
-    up to 44 s when other processes held the cores, with two threads waiting on each other."""
+    """torch, and with it mmkern's CPU kernels, on at most n threads inside the block. Stages 2-4 tune tiny models
+    (width 64, batches of <= 128 sequences of <= 17 tokens), whose ops are too small to split; on the shared 2-core
+    VM, with other processes on the cores, two threads mostly waited on each other (same results either way):
+    stage 2 took 1.9-3.4 s on one thread and 12-36 s on two, stage 3 12-22 s against 38-189 s, one 16-shot run of
+    stage 4's four tuned methods 2.4 s against 6.2-44 s."""
     before = torch.get_num_threads()
     torch.set_num_threads(min(n, before))
     try:
@@ -209,7 +210,8 @@ def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 
 
     say("2/6 prompt learning: hand-written templates vs learned context (16 unseen shots per class, towers frozen)")
     t = time.perf_counter()
-    pr = train_prompts(clip, tok, held, test, HANDWRITTEN_TEMPLATES, c_prompt)
+    with torch_threads(1):
+        pr = train_prompts(clip, tok, held, test, HANDWRITTEN_TEMPLATES, c_prompt)
     metrics["prompt_handwritten_top1"] = pr["prompt_handwritten_top1"]
     metrics["prompt_learned_top1"] = pr["prompt_learned_top1"]
     metrics["prompt_best_step"] = pr["best_step"]  # 0: validation kept the hand-written prompts
@@ -218,7 +220,8 @@ def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 
 
     say("3/6 cloze prompts: fusion encoder MLM-pretrained on the captions fills 'a photo of the digit [MASK].'")
     t = time.perf_counter()
-    cz = train_cloze(clip, tok, train, test, cloze_config(size, out, seed, progress), shots=held)
+    with torch_threads(1):
+        cz = train_cloze(clip, tok, train, test, cloze_config(size, out, seed, progress), shots=held)
     metrics["prompt_cloze_zero_shot_top1"] = cz["cloze_zero_shot_top1"]
     metrics["prompt_cloze_top1"] = cz["cloze_soft_top1"]  # few-shot soft prompt vectors, encoder frozen
     metrics["prompt_cloze_whole_top1"] = cz["cloze_whole_top1"]  # few-shot tuning of the whole encoder
