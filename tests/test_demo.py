@@ -12,6 +12,12 @@ KEYS = {
     "prompt_cloze_zero_shot_top1",
     "prompt_cloze_top1",
     "prompt_cloze_whole_top1",
+    "transfer_zero_shot_top1",
+    "transfer_coop_top1",
+    "transfer_cloze_zero_shot_top1",
+    "transfer_cloze_top1",
+    "transfer_linear_probe_top1",
+    "transfer_finetune_top1",
     "instruction_exact_match",
     "throughput_ratio_vs_pytorch",
     "throughput_ratio_every_row",
@@ -27,8 +33,13 @@ def test_run_demo_tiny_writes_metrics_plots_and_checkpoints(tmp_path):
     for k in KEYS - ratios - {"seconds"}:
         assert 0.0 <= saved[k] <= 1.0, k
     assert all(saved[k] > 0 for k in ratios) and m["seconds"] > 0
+    curve = saved["transfer_curve"]  # tiny: k = 1, 2 and one seed; the 16-shot keys hold the last k
+    assert curve["shots"] == [1, 2] and saved["transfer_shots"] == 2 and len(curve["seeds"]) == 1
+    assert set(curve["mean"]) == {"zero_shot", "coop", "cloze_zero_shot", "cloze", "linear_probe", "finetune"}
+    assert all(len(v) == 2 for v in curve["mean"].values()) and saved["transfer_coop_top1"] == curve["mean"]["coop"][1]
     files = (
         "demo.png",
+        "fewshot.png",
         "clip.safetensors",
         "decoder.safetensors",
         "cloze_encoder.safetensors",
@@ -44,7 +55,10 @@ def test_demo_main_exits_zero_and_prints_the_summary(tmp_path, capsys):
     assert demo_main(["--out", str(tmp_path), "--size", "tiny", "--no-progress"]) == 0
     out = capsys.readouterr().out
     targets = json.loads((tmp_path / "metrics.json").read_text())["targets"]
-    assert len(targets) == 5 and "targets met" in out
+    assert len(targets) == 8 and "targets met" in out
     for metric in ("zero_shot_top1", "prompt_learned_top1", "instruction_exact_match", "seconds"):
         assert any(line.startswith(metric) and ("PASS" in line or "MISS" in line) for line in out.splitlines())
     assert any(line.startswith("prompt_cloze_top1 ") for line in out.splitlines())
+    for metric in ("transfer_coop_top1", "transfer_cloze_top1", "transfer_coop curve", "transfer_cloze curve"):
+        assert any(line.startswith(metric) and ("PASS" in line or "MISS" in line) for line in out.splitlines())
+    assert "CoOp, learned context" in out  # the few-shot table

@@ -8,7 +8,7 @@ from mmkern.data.collate import (
     pack_examples,
     pad_examples,
 )
-from mmkern.data.datasets import ImageTextDataset, digits, from_folder, load_dataset, shapes
+from mmkern.data.datasets import ImageTextDataset, TaskData, digits, faded, from_folder, load_dataset, shapes
 from mmkern.data.instruct import TASKS, InstructionCollator, InstructionDataset, instruction_data
 from mmkern.data.tokenizer import WordTokenizer
 
@@ -19,8 +19,10 @@ __all__ = [
     "ImageTextDataset",
     "InstructionCollator",
     "InstructionDataset",
+    "TaskData",
     "WordTokenizer",
     "digits",
+    "faded",
     "from_folder",
     "instruction_data",
     "instruction_example",

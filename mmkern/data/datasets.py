@@ -142,6 +142,40 @@ def digits(image_size: int = 16) -> ImageTextDataset:
     return ImageTextDataset(images, captions, labels, list(DIGIT_NAMES), meta)
 
 
+def faded(data: ImageTextDataset, contrast: float) -> ImageTextDataset:
+    """The same images, captions and labels with every pixel's intensity (in [0, 1]) scaled by `contrast` toward
+    black: on the digits, faint strokes on the dark background. A CLIP pretrained on the full-contrast images has
+    never seen such input, which makes it the few-shot demo's downstream task (contrast 0.4: zero-shot top-1
+    falls from ~0.95 to ~0.45 while the frozen image features still separate the classes)."""
+    if not 0 < contrast <= 1:
+        raise ValueError(f"contrast: expected a value in (0, 1], got {contrast}")
+    # images are stored in [-1, 1]: v01 -> contrast * v01 is x -> contrast * (x + 1) - 1
+    images = (data.images + 1) * contrast - 1
+    return ImageTextDataset(images, list(data.captions), data.labels, data.classnames, list(data.meta))
+
+
+@dataclass
+class TaskData:
+    """Where a few-shot task's labelled images come from (the fields `mmkern train prompt / cloze / transfer` read).
+    dataset: "digits" or a folder of images whose captions.jsonl / .csv rows have a `label`; held_out: the share of
+    each class kept out of tuning for the reported top-1; contrast < 1 fades every image (see faded): 0.4 is the
+    demo's shifted task."""
+
+    dataset: str = "digits"
+    held_out: float = 0.2
+    contrast: float = 1.0
+
+    def load(self, image_size: int, seed: int = 0) -> tuple[ImageTextDataset, ImageTextDataset]:
+        """-> (train, test) split per class with `seed`, at full contrast (shift() applies the contrast)."""
+        data = load_dataset(self.dataset, image_size)
+        if data.labels is None:
+            raise ValueError(f"dataset: {self.dataset} has no labels (give each captions row a 'label' field)")
+        return data.split(self.held_out, seed=seed)
+
+    def shift(self, data: ImageTextDataset) -> ImageTextDataset:
+        return data if self.contrast == 1 else faded(data, self.contrast)
+
+
 def _draw(canvas: np.ndarray, shape: str, cx: float, cy: float, r: float, color) -> None:
     size = canvas.shape[0]
     y, x = np.mgrid[0:size, 0:size] + 0.5

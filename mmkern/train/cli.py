@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -41,18 +42,25 @@ def _config(cls, args: argparse.Namespace):
 
 
 def _pretrained_clip(path: str | None, seed: int, progress: bool):
-    """(clip, tokenizer, train, test) from a checkpoint written by `mmkern train contrastive`, or pretrained now."""
-    from mmkern.data import WordTokenizer, digits
+    """(clip, tokenizer) from a checkpoint written by `mmkern train contrastive`, or pretrained now on the training
+    part of the digits' 0.2 split with `seed`: the split TaskData.load draws by default, so its held-out images stay
+    unseen (its training images, the shots' pool, were seen at full contrast)."""
+    from mmkern.data import WordTokenizer
     from mmkern.models.checkpoint import load_checkpoint
     from mmkern.train.contrastive import ContrastiveConfig, train_contrastive
 
     if path:
-        clip = load_checkpoint(path)
-        tok = WordTokenizer.load(Path(path).with_name("clip_tokenizer.json"))
-        train, test = digits(clip.config.vision.img_size).split(0.2, seed=seed)
-        return clip, tok, train, test
+        return load_checkpoint(path), WordTokenizer.load(Path(path).with_name("clip_tokenizer.json"))
     r = train_contrastive(ContrastiveConfig(steps=150, batch_size=128, lr=2e-3, seed=seed, progress=progress))
-    return r["model"], r["tokenizer"], r["train"], r["test"]
+    return r["model"], r["tokenizer"]
+
+
+def _templates(classnames: list[str]) -> list[str]:
+    """The hand-written zero-shot templates: the digit ones for the digits, else the bare class name."""
+    from mmkern.data.datasets import DIGIT_NAMES
+    from mmkern.train.contrastive import HANDWRITTEN_TEMPLATES
+
+    return HANDWRITTEN_TEMPLATES if classnames == DIGIT_NAMES else ["{}."]
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -80,6 +88,12 @@ def train_main(argv: list[str] | None = None) -> int:
         p.add_argument("--config", help="JSON file with config fields")
         if name in ("prompt", "instruct", "transfer", "cloze"):
             p.add_argument("--clip", help="clip.safetensors from `mmkern train contrastive` (default: pretrain one)")
+        if name in ("transfer", "cloze"):
+            p.add_argument(
+                "--cloze-encoder",
+                help="cloze_encoder.safetensors from `mmkern demo` / `mmkern train cloze` (default: MLM-pretrain one "
+                "on the training split's captions at full contrast)",
+            )
         _add_fields(p, cls)
     args = parser.parse_args(argv)
     config = _config(tasks[args.task], args)
@@ -106,32 +120,89 @@ def _run(args, config) -> dict:
         from mmkern.train.vlp import train_vlp
 
         return train_vlp(config)["metrics"]
-    clip, tok, train, test = _pretrained_clip(args.clip, config.seed, config.progress)
-    if args.task == "prompt":
-        from mmkern.train.contrastive import HANDWRITTEN_TEMPLATES
-        from mmkern.train.prompt import train_prompts
-
-        r = train_prompts(clip, tok, train, test, HANDWRITTEN_TEMPLATES, config)
-        return {k: v for k, v in r.items() if k.endswith("top1")}
-    if args.task == "cloze":
-        from mmkern.train.cloze import train_cloze
-
-        r = train_cloze(clip, tok, train, test, config)
-        if config.out_dir:
-            save_checkpoint(r["encoder"], Path(config.out_dir) / "cloze_encoder.safetensors")
-        return {k: v for k, v in r.items() if k.endswith(("top1", "mlm_acc"))}
+    clip, tok = _pretrained_clip(args.clip, config.seed, config.progress)
     vis = {k[len("visual.") :]: v for k, v in clip.state_dict().items() if k.startswith("visual.")}
     if args.task == "instruct":
+        from mmkern.data import digits
         from mmkern.train.instruct import train_instruct
 
+        train, test = digits(clip.config.vision.img_size).split(0.2, seed=config.seed)
         r = train_instruct(train, test, config, vis, clip.visual.config)
         if config.out_dir:
             save_checkpoint(r["model"], Path(config.out_dir) / "decoder.safetensors")
         return r["metrics"]
+    # prompt, cloze, transfer: shots from the training split of config.dataset, top-1 on its held-out split, both
+    # faded when config.contrast < 1 (the cloze encoder's MLM pretraining reads the full-contrast training split)
+    train, test = config.load(clip.config.vision.img_size, config.seed)
+    pool, held_out = config.shift(train), config.shift(test)  # the shots are drawn from pool
+    if args.task == "prompt":
+        from mmkern.train.prompt import train_prompts
+
+        r = train_prompts(clip, tok, pool, held_out, _templates(train.classnames), config)
+        return {k: v for k, v in r.items() if k.endswith("top1")}
+    if args.task == "cloze":
+        from mmkern.train.cloze import train_cloze
+
+        r = train_cloze(clip, tok, train, held_out, config, shots=pool, encoder=_cloze_encoder(args))
+        if config.out_dir:
+            save_checkpoint(r["encoder"], Path(config.out_dir) / "cloze_encoder.safetensors")
+        return {k: v for k, v in r.items() if k.endswith(("top1", "mlm_acc"))}
+    if config.curve:
+        return _curve(args, config, clip, tok, train, pool, held_out)
     from mmkern.train.transfer import train_transfer
 
-    r = train_transfer(vis, clip.visual.config, train, test, config)
+    r = train_transfer(vis, clip.visual.config, pool, held_out, config)
     return {k: v for k, v in r.items() if k.endswith("top1")}
+
+
+def _cloze_encoder(args):
+    from mmkern.models.checkpoint import load_checkpoint
+
+    return load_checkpoint(args.cloze_encoder).eval() if args.cloze_encoder else None
+
+
+def _curve(args, config, clip, tok, train, pool, test) -> dict:
+    """`mmkern train transfer --curve 1,2,4,8,16`: every few-shot method at each k over config.seeds seeds, the
+    probe and fine-tuning with the command's settings; writes OUT_DIR/fewshot.png."""
+    from dataclasses import replace
+
+    from mmkern.train.cloze import pretrain_cloze_encoder
+    from mmkern.train.fewshot import curve_table, few_shot_curve, method_configs, parse_shots, plot_curve
+
+    prompt, cloze, _ = method_configs()
+    shots = parse_shots(config.curve)
+    if config.seeds < 1:
+        raise ValueError(f"seeds: expected at least 1, got {config.seeds}")
+    prompt = replace(prompt, steps=config.prompt_steps, context_length=clip.config.text.context_length)
+    cloze = replace(cloze, steps=config.cloze_steps)
+    encoder = _cloze_encoder(args)
+    if encoder is None:
+        cloze = replace(cloze, context_length=clip.config.text.context_length)
+        encoder, _ = pretrain_cloze_encoder(
+            clip, tok, train, replace(cloze, seed=config.seed, progress=config.progress)
+        )
+    cloze = replace(cloze, context_length=encoder.config.text.context_length)
+    seeds = [config.seed + i for i in range(config.seeds)]
+    curve = few_shot_curve(
+        clip,
+        tok,
+        pool,
+        test,
+        _templates(pool.classnames),
+        shots,
+        seeds,
+        prompt,
+        config,
+        cloze,
+        encoder,
+        config.progress,
+    )
+    print(curve_table(curve), file=sys.stderr, flush=True)  # stdout carries the JSON result
+    if config.out_dir:
+        Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+        plot_curve(curve, Path(config.out_dir) / "fewshot.png", f"{config.dataset}: few-shot transfer")
+    top = {f"transfer_{m}_top1": mean[-1] for m, mean in curve["mean"].items()}
+    return {**top, "curve": {k: curve[k] for k in ("labels", "shots", "seeds", "mean", "std")}}
 
 
 def demo_main(argv: list[str] | None = None) -> int:

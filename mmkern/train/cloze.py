@@ -7,7 +7,10 @@ slot, and the class is the one whose label words (the verbalizer) score highest.
    caption's class word from the image;
 2. zero-shot: cloze_accuracy with a hand-written template;
 3. few-shot: tune_cloze with tune="soft" trains only a few prompt vectors around the slot (encoder frozen), with
-   tune="whole" every weight of the encoder, both on cross-entropy over the verbalizer scores.
+   tune="whole" every weight of the encoder, both on cross-entropy over the verbalizer scores. verbalizer="learned"
+   also tunes one output vector per class (WARP, arXiv 2101.00121): a few prompt vectors shared by every class can
+   undo a shift only as a whole (on faint digits they fit 10 shots no better than 100), the class vectors add what
+   grows with the shots.
 """
 
 from __future__ import annotations
@@ -19,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmkern.data import ImageTextCollator, ImageTextDataset, WordTokenizer
+from mmkern.data import ImageTextCollator, ImageTextDataset, TaskData, WordTokenizer
 from mmkern.models import CLIP, FusionConfig, FusionEncoder
 from mmkern.train.loop import KeepBest, TrainConfig, Trainer, seed_everything
 from mmkern.train.vlp import VLPConfig, VLPModel, bert_text_config, vlp_loss_fn
 
 
 @dataclass
-class ClozeConfig(TrainConfig):
+class ClozeConfig(TrainConfig, TaskData):  # TaskData: the images `mmkern train` uses
     """steps / lr / batch_size / ... are those of the few-shot tuning; pretrain_* those of the MLM pretraining."""
 
     steps: int = 60
@@ -42,6 +45,7 @@ class ClozeConfig(TrainConfig):
     n_before: int = 2  # soft prompt vectors right before the slot
     n_after: int = 1  # and right after it
     prompt_init: str = "words"  # words: the template's words next to the slot become the vectors | random
+    verbalizer: str = "words"  # words: the label words' MLM scores | learned: + a tuned output vector per class
     val_fraction: float = 0.25  # of the shots per class, held out to pick the best step (step 0 included)
     eval_every: int = 5
     pretrain_steps: int = 150
@@ -133,6 +137,9 @@ class ClozePrompt(nn.Module):
     vectors initialised to their token embeddings, so at step 0 the scores equal those of the hand-written
     template. init="random": n_before + n_after new vectors (N(0, 0.02^2)) are inserted next to the slot.
     The vectors stand in for token embeddings: position embeddings and the embedding LayerNorm still apply.
+    verbalizer="learned": the class scores come from `label_weight` (C, D) and `label_bias` (C,), which start as the
+    mean of each class's label-word rows of the MLM decoder, so they first differ from the "words" scores by the
+    same log-normaliser in every class (same ranking, same loss); then they are tuned with the prompt vectors.
     The encoder inside is frozen (requires_grad False) and stays in eval mode.
     forward(image_embeds (B, 1 + N, Dv)) -> (B, C) class scores.
     """
@@ -146,10 +153,13 @@ class ClozePrompt(nn.Module):
         n_before: int = 2,
         n_after: int = 1,
         init: str = "words",
+        verbalizer: str = "words",
     ):
         super().__init__()
         if init not in ("words", "random"):
             raise ValueError(f"init: expected 'words' or 'random', got {init!r}")
+        if verbalizer not in ("words", "learned"):
+            raise ValueError(f"verbalizer: expected 'words' or 'learned', got {verbalizer!r}")
         if n_before < 0 or n_after < 0 or n_before + n_after == 0:
             raise ValueError(f"n_before: expected n_before, n_after >= 0 with a sum >= 1, got {n_before}, {n_after}")
         self.encoder = encoder.eval().requires_grad_(False)
@@ -174,6 +184,17 @@ class ClozePrompt(nn.Module):
         self.start, self.slot = len(before), len(before) + n_before  # first soft vector; the [MASK]
         self.register_buffer("ids", torch.tensor([row], device=emb.device), persistent=False)
         self.verbalizer = verbalizer_ids(tokenizer, classnames)
+        self.label_weight = self.label_bias = None
+        if verbalizer == "learned":
+            ids, weights = (t.to(emb.device) for t in self.verbalizer)
+            dec = encoder.mlm_head.decoder
+            self.label_weight = nn.Parameter((dec.weight.detach()[ids] * weights[..., None]).sum(1))
+            self.label_bias = nn.Parameter((dec.bias.detach()[ids] * weights).sum(1))
+
+    def prompt_parameters(self) -> list[nn.Parameter]:
+        """What few-shot tuning trains: the prompt vectors, and the class vectors when learned."""
+        extra = [self.label_weight, self.label_bias] if self.label_weight is not None else []
+        return [self.before, self.after, *extra]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -196,8 +217,12 @@ class ClozePrompt(nn.Module):
         enc, B = self.encoder, image_embeds.shape[0]
         x = self.embed().to(image_embeds.dtype).expand(B, -1, -1)
         text = enc.text.run_blocks(x, None, enc.text.blocks[: enc.config.fusion_layer])
-        fused = enc.fuse(text, None, image_embeds)
-        return slot_scores(enc, fused[:, self.slot], self.verbalizer)
+        fused = enc.fuse(text, None, image_embeds)[:, self.slot]
+        if self.label_weight is None:
+            return slot_scores(enc, fused, self.verbalizer)
+        head = enc.mlm_head  # MLMHead.forward up to its decoder, whose label rows label_weight / label_bias replace
+        hidden = head.norm(F.gelu(head.dense(fused))).float()
+        return hidden @ self.label_weight.float().T + self.label_bias.float()
 
 
 # ---- pretraining, evaluation, tuning -----------------------------------------------------------------------------
@@ -328,8 +353,9 @@ def tune_cloze(
             config.n_before,
             config.n_after,
             config.prompt_init,
+            config.verbalizer,
         )
-        params = trainable = [model.before, model.after]
+        params = trainable = model.prompt_parameters()
         data = _WithEmbeds(shots, image_tokens(encoder, shots.images))
         val_embeds = image_tokens(encoder, val.images) if val is not None else None
     else:
@@ -392,15 +418,19 @@ def train_cloze(
     test: ImageTextDataset,
     config: ClozeConfig,
     shots: ImageTextDataset | None = None,
+    encoder: FusionEncoder | None = None,
 ) -> dict:
-    """Pretrains the fusion encoder (MLM on train's captions), scores `test` zero-shot with config.template,
-    tunes few-shot on config.shots per class from `shots` (default: `train`; pass images kept out of pretraining
-    to see what tuning adds) (config.tune: soft, whole or both; whole tunes a copy)
+    """Pretrains the fusion encoder (MLM on train's captions; or takes `encoder`, pretrained before), scores `test`
+    zero-shot with config.template, tunes few-shot on config.shots per class from `shots` (default: `train`; pass
+    images kept out of pretraining to see what tuning adds) (config.tune: soft, whole or both; whole tunes a copy)
     and scores `test` again. -> {"cloze_zero_shot_top1", "cloze_soft_top1" and / or "cloze_whole_top1",
-    "cloze_top1" (soft when run), "mlm_acc", "encoder" (the pretrained one), "tuned": {mode: tune_cloze result}}."""
+    "cloze_top1" (soft when run), "mlm_acc" (nan for a given encoder), "encoder" (the pretrained one),
+    "tuned": {mode: tune_cloze result}}."""
     if config.tune not in ("soft", "whole", "both"):
         raise ValueError(f"tune: expected 'soft', 'whole' or 'both', got {config.tune!r}")
-    encoder, pre_history = pretrain_cloze_encoder(clip, tokenizer, train, config)
+    pre_history = []
+    if encoder is None:
+        encoder, pre_history = pretrain_cloze_encoder(clip, tokenizer, train, config)
     out = {
         "cloze_zero_shot_top1": cloze_accuracy(encoder, tokenizer, test, config.template, config.context_length),
         "mlm_acc": pre_history[-1]["mlm_acc"] if pre_history else float("nan"),

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmkern.data import ImageTextDataset, WordTokenizer
+from mmkern.data import ImageTextDataset, TaskData, WordTokenizer
 from mmkern.models import CLIP
 from mmkern.train.loop import KeepBest, TrainConfig, Trainer, seed_everything
 
 
 @dataclass
-class PromptConfig(TrainConfig):
+class PromptConfig(TrainConfig, TaskData):  # TaskData: the images `mmkern train` uses
     steps: int = 60
     batch_size: int = 32
     lr: float = 2e-3

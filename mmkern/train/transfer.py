@@ -1,5 +1,6 @@
 """Task 5: transfer of a pretrained image tower to classification: a linear probe on frozen features, and full
-fine-tuning of tower + head. Both report held-out top-1."""
+fine-tuning of tower + head (LP-FT: the head starts from the probe). Both report held-out top-1, from every training
+image or from `shots` per class (mmkern.train.fewshot runs them against the prompt methods over k shots)."""
 
 from __future__ import annotations
 
@@ -10,19 +11,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmkern.data import ImageTextDataset
+from mmkern.data import ImageTextDataset, TaskData
 from mmkern.models import VisionTransformer, ViTConfig
 from mmkern.train.loop import TrainConfig, Trainer, seed_everything
 
 
 @dataclass
-class TransferConfig(TrainConfig):
+class TransferConfig(TrainConfig, TaskData):  # TaskData: the images `mmkern train` uses
     steps: int = 100  # full fine-tuning steps
     probe_steps: int = 100
     probe_lr: float = 1e-2
     batch_size: int = 64
     lr: float = 5e-4
     weight_decay: float = 0.01
+    shots: int = 0  # labelled training images per class (drawn with `seed`); 0: every training image
+    # `mmkern train transfer --curve 1,2,4,8,16`: every few-shot method (mmkern.train.fewshot) at each k, `seeds`
+    # draws each; the probe and fine-tuning use the settings above, CoOp and the cloze prompt these steps
+    curve: str = ""
+    seeds: int = 3
+    prompt_steps: int = 50
+    cloze_steps: int = 60
 
 
 def _features(tower: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
@@ -61,7 +69,12 @@ def train_transfer(
 ) -> dict:
     """tower_state: a VisionTransformer state dict (e.g. a CLIP's `visual.*`; its head is replaced).
     -> {"linear_probe_top1", "finetune_top1", "probe", "model", "history"}."""
+    if config.shots < 0:
+        raise ValueError(f"shots: expected 0 (every image) or a count per class, got {config.shots}")
     seed_everything(config.seed)
+    if config.shots:
+        train = train.few_shot(config.shots, config.seed)
+    config = replace(config, batch_size=min(config.batch_size, len(train)))  # 1 shot of 10 classes: 10 images
     num_classes = len(train.classnames)
     cfg = ViTConfig(**{**tower_config.to_dict(), "num_classes": 0})
     tower = VisionTransformer(cfg)
