@@ -100,9 +100,20 @@ std::string cpu_features() {
   return out;
 }
 
-// The CPU kernel levels compiled in, best first, each with whether this CPU (and its OS) can run it: the
-// instructions that setup.py enables for the level. libgcc's checks include the OS's support for the vector
-// registers' state (XCR0).
+// Whether this CPU (and its OS: libgcc's checks include the vector registers' state in XCR0) has the instructions
+// that setup.py enables for a level.
+#if defined(__x86_64__)
+bool has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+bool has_avx512() {
+  return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+bool has_avx512_bf16() { return has_avx512() && __builtin_cpu_supports("avx512bf16"); }
+#endif
+
+// The CPU kernel levels compiled in, best first.
 struct Level {
   const mmkern::CpuKernels* kernels;
   bool (*supported)();
@@ -111,22 +122,9 @@ struct Level {
 const std::vector<Level>& levels() {
   static const std::vector<Level> all = {
 #if defined(__x86_64__)
-      {&mmkern::cpu_kernels_avx512_bf16,
-       [] {
-         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-       }},
-      {&mmkern::cpu_kernels_avx512,
-       [] {
-         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-       }},
-      {&mmkern::cpu_kernels_avx2,
-       [] {
-         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-       }},
+      {&mmkern::cpu_kernels_avx512_bf16, has_avx512_bf16},
+      {&mmkern::cpu_kernels_avx512, has_avx512},
+      {&mmkern::cpu_kernels_avx2, has_avx2},
 #endif
       {&mmkern::cpu_kernels_default, [] { return true; }},
   };

@@ -109,7 +109,7 @@ def test_attention_default_follows_the_policy(level, monkeypatch):
             qq = torch.randn(1, 2, L, 16)
             seen.clear()
             mmkern.ops.scaled_dot_product_attention(qq, qq, qq, is_causal=causal)
-            assert len(seen) == (0 if cpu_policy.attention(L, L, causal, False) else 1), (level, L, causal)
+            assert len(seen) == (0 if cpu_policy.attention(L, L, 16, causal, False) else 1), (level, L, causal)
         seen.clear()
         mmkern.ops.scaled_dot_product_attention(q, q, q, window=(4, 4))  # no torch path: native
         mmkern.ops.scaled_dot_product_attention(q, q, q, torch.ones(40, 40, dtype=torch.bool), is_causal=True)

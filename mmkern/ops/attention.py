@@ -194,7 +194,7 @@ def _sdpa(
         backend,
         query.device,
         "triton",
-        lambda: no_torch_path is not None or (native_dims and cpu_policy.attention(L, S, is_causal, grad)),
+        lambda: no_torch_path is not None or (native_dims and cpu_policy.attention(L, S, E, is_causal, grad)),
     )
     native_dtype(chosen, "query", query)
     if chosen == "torch":

@@ -63,15 +63,19 @@ def add_layer_norm() -> bool:
     return level() == "default"
 
 
-def attention(L: int, S: int, causal: bool, grad: bool) -> bool:
-    """Dense attention (no window, no dropout) of L queries and S keys per head.
-    Measured (fwd+bwd / fwd only): avx512: ViT-B/16 (197) 1.26 / 1.23x, CLIP text (77, causal) 1.34 / 1.31x,
-    L=512 1.14 / 1.15x (causal 1.95 / 1.87x), L=1024 D=128 0.89 / 1.09x (causal 1.04 / 1.41x), L=2048 0.94 / 1.22x.
-    avx2: L=50 0.94 / 0.86x, 197: 1.05 / 1.10x, 77 causal 1.24 / 1.04x, 512: 0.96 / 1.05x (causal 1.73 / 1.61x),
-    1024 D=128 0.77 / 1.03x (causal 0.98 / 1.21x), 2048 0.73 / 0.98x. default: 0.31-0.64x except a few causal
-    cases near 1.1x."""
+def attention(L: int, S: int, D: int, causal: bool, grad: bool) -> bool:
+    """Dense attention (no window, no dropout) of L queries and S keys per head of width D.
+    Measured (fwd+bwd / fwd only), single thread: avx512: ViT-B/16 (197) 1.26 / 1.23x, CLIP text (77, causal)
+    1.34 / 1.31x, L=512 1.14 / 1.15x (causal 1.95 / 1.87x), L=1024 D=128 0.89 / 1.09x (causal 1.04 / 1.41x),
+    L=2048 0.94 / 1.22x. avx2: L=50 D=64 0.94 / 0.86x, 197: 1.05-1.21 / 1.10-1.18x, 77 causal 1.24-2.04 / 1.04-1.81x,
+    512: 0.96 / 1.05x (causal 1.73 / 1.61x), 1024 D=128 0.77 / 1.03x (causal 0.98 / 1.21x), 2048 0.73 / 0.98x.
+    default: 0.27-0.92x from L=77 up. The demo's heads (L=17, D=16, many of them, strided q/k/v): 1.16-1.30x at
+    default, 1.08-1.30x at avx2, 1.5-1.6x at avx512, where torch's per-head overhead dominates; with D=64 the same
+    lengths favour torch below AVX-512."""
     lv = level()
     pairs = L * S
+    if pairs < 1 << 12 and D <= 32:
+        return True
     if lv in AVX512:
         return not grad or causal or pairs < 1 << 20
     if lv == "avx2":
