@@ -13,8 +13,7 @@ The visibility rules and the Philox dropout draw mirror csrc/include/mmkern/atte
 kernel drops the same elements as the CPU kernel for the same seed.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: triton <= 3.2 then sees the string "tl.constexpr" and misses it.
 import os
 
 import torch

@@ -11,8 +11,7 @@ fp32 inputs use IEEE fp32 dots (TF32 would cost ~3 digits at s = 100); fp16/bf16
 with fp32 accumulation, and G (tiny for large B) goes into the backward dot as TF32, not fp16.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: triton <= 3.2 then sees the string "tl.constexpr" and misses it.
 import os
 
 import torch

@@ -7,8 +7,7 @@ one fp32 partial per program. GELU uses the same formulas as the CPU and CUDA ke
 (csrc/include/mmkern/fused.h): Φ from erfc(|x|/√2) = t·exp(-z²)·Q(t), tanh GELU as x·σ(2u).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: triton <= 3.2 then sees the string "tl.constexpr" and misses it.
 import torch
 import triton
 import triton.language as tl

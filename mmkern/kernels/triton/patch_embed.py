@@ -12,8 +12,7 @@ Every product accumulates in fp32; fp32 inputs use IEEE products (no TF32) so fp
 accuracy. Launch tiles are autotuned on a GPU; under TRITON_INTERPRET one small config runs.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: triton <= 3.2 then sees the string "tl.constexpr" and misses it.
 import contextlib
 import os
 
