@@ -204,7 +204,7 @@ def run_pre_norm(blocks, x: torch.Tensor, final_norm: nn.Module | None, call=Non
     the last one into `final_norm` (None: the plain add). `call(blk, x, **kw)` runs one block with the keywords
     (residual, defer=True, rows) and returns (x, branch); by default `blk(x, **kw)`. `rows` (see Block): the last
     block computes those rows only and the result is (B, 1, D)."""
-    # `is None`, not `call or ...`: torch 2.5's compiler cannot take the truth value of a function.
+    # `is None`, not `call or ...`: torch.compile cannot take a function's truth value in every version (2.5).
     call = _call_block if call is None else call
     pending = None
     for i, blk in enumerate(blocks):

@@ -12,7 +12,8 @@ Every product accumulates in fp32; fp32 inputs use IEEE products (no TF32) so fp
 accuracy. Launch tiles are autotuned on a GPU; under TRITON_INTERPRET one small config runs.
 """
 
-# No `from __future__ import annotations`: triton <= 3.2 then sees the string "tl.constexpr" and misses it.
+from __future__ import annotations
+
 import contextlib
 import os
 
@@ -53,8 +54,8 @@ def _dot(a, b, acc):
 
 @triton.jit
 def _patch_element_offsets(k, P: tl.constexpr, s_c, s_y, s_x):
-    """Offset of patch element k = (c, py, px) from the patch origin."""
-    c = k // (P * P)
+    """Offset of patch element k = (c, py, px) from the patch origin (int64: c * s_c can pass 2^31)."""
+    c = (k // (P * P)).to(tl.int64)
     r = k % (P * P)
     return c * s_c + (r // P) * s_y + (r % P) * s_x
 
