@@ -37,6 +37,9 @@ int patch_embed_fwd_cuda(const Tensor& images, const Tensor& weight, const Tenso
                          const Tensor& prefix_tokens, const Tensor& out, uintptr_t stream);
 int patch_embed_bwd_cuda(const Tensor& grad_out, const Tensor& images, const Tensor& weight, const Tensor& grad_images,
                          const Tensor& grad_weight, int64_t num_prefix, uintptr_t stream);
+int patch_embed_packed_fwd_cuda(const Tensor& patches, const Tensor& weight, const Tensor& bias,
+                                const Tensor& pos_grid, const Tensor& tap_ptr, const Tensor& tap_index,
+                                const Tensor& tap_weight, const Tensor& out_rows, const Tensor& out, uintptr_t stream);
 int attention_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& cu_q,
                        const Tensor& cu_k, const Tensor& out, const Tensor& lse, int64_t max_len_q, int64_t max_len_k,
                        double scale, bool causal, bool windowed, int64_t left, int64_t right, int64_t num_global,
@@ -309,6 +312,32 @@ PYBIND11_MODULE(_C, m) {
       err = mmkern::patch_embed_bwd_cuda(go, i, w, gi, gw, num_prefix, stream);
     }
     check_cuda(err, "patch_embed_bwd_cuda");
+  });
+#endif
+
+  // ---- patch_embed_packed (backward: patch_embed's, over the patches as 1-patch images) ----
+  m.def("patch_embed_packed_fwd_cpu", [](py::object patches, py::object weight, py::object bias, py::object pos_grid,
+                                         py::object tap_ptr, py::object tap_index, py::object tap_weight,
+                                         py::object out_rows, py::object out, int num_threads) {
+    Tensor a = to_tensor(patches), w = to_tensor(weight), b = to_tensor(bias), p = to_tensor(pos_grid),
+           tp = to_tensor(tap_ptr), ti = to_tensor(tap_index), tw = to_tensor(tap_weight), r = to_tensor(out_rows),
+           o = to_tensor(out);
+    py::gil_scoped_release release;
+    cpu().patch_embed_packed_fwd(a, w, b, p, tp, ti, tw, r, o, num_threads);
+  });
+#ifdef MMKERN_WITH_CUDA
+  m.def("patch_embed_packed_fwd_cuda", [](py::object patches, py::object weight, py::object bias, py::object pos_grid,
+                                          py::object tap_ptr, py::object tap_index, py::object tap_weight,
+                                          py::object out_rows, py::object out, uintptr_t stream) {
+    Tensor a = to_tensor(patches), w = to_tensor(weight), b = to_tensor(bias), p = to_tensor(pos_grid),
+           tp = to_tensor(tap_ptr), ti = to_tensor(tap_index), tw = to_tensor(tap_weight), r = to_tensor(out_rows),
+           o = to_tensor(out);
+    int err;
+    {
+      py::gil_scoped_release release;
+      err = mmkern::patch_embed_packed_fwd_cuda(a, w, b, p, tp, ti, tw, r, o, stream);
+    }
+    check_cuda(err, "patch_embed_packed_fwd_cuda");
   });
 #endif
 

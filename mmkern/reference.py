@@ -22,6 +22,24 @@ def patch_embed(images, weight, bias=None, pos_embed=None, prefix_tokens=None):
     return x
 
 
+def patch_embed_packed(images, weight, bias=None, pos_grid=None, prefix_tokens=None, mode="bicubic", antialias=True):
+    """images: list of (C, h_i·P, w_i·P); pos_grid (Gh, Gw, E) or None -> packed (Σ T + h_i·w_i, E); see
+    mmkern.ops.patch_embed_packed. The grid is resampled per image as timm's resample_abs_pos_embed does (in fp32 at
+    least, skipped where the sizes match)."""
+    rows = []
+    for image in images:
+        x = F.conv2d(image[None], weight, bias, stride=weight.shape[-1])[0]  # (E, h, w)
+        if pos_grid is not None:
+            grid = pos_grid.permute(2, 0, 1)[None]
+            if tuple(grid.shape[-2:]) != tuple(x.shape[-2:]):
+                work = grid if grid.dtype == torch.float64 else grid.float()
+                grid = F.interpolate(work, size=x.shape[-2:], mode=mode, antialias=antialias, align_corners=False)
+            x = x + grid[0].to(x.dtype)
+        x = x.flatten(1).t()
+        rows.append(x if prefix_tokens is None else torch.cat([prefix_tokens, x]))
+    return torch.cat(rows)
+
+
 def attention_allowed(
     query_len: int,
     key_len: int,

@@ -1,12 +1,22 @@
 """Test setup. Triton kernels run on the CPU under TRITON_INTERPRET=1, which must be set before triton is
 imported; on a machine with a GPU they run on the GPU instead."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# torch.compile's on-disk caches key a graph by its ops and inputs, not by what a custom op's fake implementation
+# returns: a cache filled by an older mmkern (attention's lse was (B, H, L) before it became (B, H, L, 2)) makes
+# the compile tests fail with "mismatch in length of strides and shape". The suite compiles into its own cache.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmkern-tests-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 from hypothesis import HealthCheck, settings
 

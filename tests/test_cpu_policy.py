@@ -12,7 +12,16 @@ import torch.nn.functional as F
 
 import mmkern
 from mmkern import _native, reference
-from mmkern.ops import add_layer_norm, bias_gelu, clip_loss, cpu_policy, infonce, patch_embed, siglip_loss
+from mmkern.ops import (
+    add_layer_norm,
+    bias_gelu,
+    clip_loss,
+    cpu_policy,
+    infonce,
+    patch_embed,
+    patch_embed_packed,
+    siglip_loss,
+)
 from tests.checks import assert_close
 
 pytestmark = pytest.mark.skipif(_native.CPU_ERROR is not None, reason="the cpu backend is unavailable here")
@@ -46,6 +55,11 @@ def test_default_follows_the_policy_at_every_level(level, monkeypatch):
         ("bias_gelu", lambda: bias_gelu(x), cpu_policy.bias_gelu),
         ("patch_embed", lambda: patch_embed(images, w), lambda: cpu_policy.patch_embed(False)),
         ("patch_embed", lambda: patch_embed(images.bfloat16(), w.bfloat16()), lambda: cpu_policy.patch_embed(True)),
+        (
+            "patch_embed_packed",
+            lambda: patch_embed_packed([images[0]], w),
+            lambda: cpu_policy.patch_embed_packed(False),
+        ),
         ("clip_loss", lambda: clip_loss(x, x, s), lambda: cpu_policy.contrastive(True, 256, 256, 64)),
         ("siglip_loss", lambda: siglip_loss(x, x, s, -s), lambda: cpu_policy.contrastive(True, 256, 256, 64)),
         ("infonce", lambda: infonce(x, x, s), lambda: cpu_policy.contrastive(False, 256, 256, 64)),
@@ -67,6 +81,7 @@ def test_policy_regions():
         with mmkern.use_cpu_capability(level):
             assert cpu_policy.patch_embed(True)  # bf16: native everywhere
             assert cpu_policy.patch_embed(False) == (level != "default")
+            assert cpu_policy.patch_embed_packed(True) == cpu_policy.patch_embed_packed(False) == (level != "default")
             assert cpu_policy.contrastive(True, 1 << 14, 1 << 14, 512)  # past the memory bound: always native
             assert not cpu_policy.contrastive(True, 64, 64, 64)  # small batches: the naive loss
             assert cpu_policy.bias_gelu()

@@ -253,4 +253,73 @@ void patch_embed_bwd_cpu(const Tensor& grad_out, const Tensor& images, const Ten
   });
 }
 
+// Packed patch embedding: the (M, K) patches of every image times weight (E, K)^T, plus bias and the position
+// embedding gathered from the base grid (see PackedGeometry), each row written to its out_rows slot. Prefix rows
+// of `out` are left to the caller. The grid is converted to fp32 once, so the gather is a contiguous axpy per tap.
+void patch_embed_packed_fwd_cpu(const Tensor& patches, const Tensor& weight, const Tensor& bias,
+                                const Tensor& pos_grid, const Tensor& tap_ptr, const Tensor& tap_index,
+                                const Tensor& tap_weight, const Tensor& out_rows, const Tensor& out, int num_threads) {
+  const PackedGeometry g = packed_geometry(patches, weight, pos_grid, tap_ptr, tap_index, tap_weight, out_rows, out);
+  const int64_t E = g.embed_dim;
+  const int64_t* rows_to = out_rows.ptr<int64_t>();
+  const int64_t* tap_at = pos_grid.present ? tap_ptr.ptr<int64_t>() : nullptr;
+  const int32_t* tap_row = pos_grid.present ? tap_index.ptr<int32_t>() : nullptr;
+  const float* tap_w = pos_grid.present ? tap_weight.ptr<float>() : nullptr;
+  // Bad tables would write or read out of bounds: checked here, once, rather than trusted.
+  for (int64_t r = 0; r < g.rows; ++r) check(rows_to[r] >= 0 && rows_to[r] < g.out_rows, "out_rows: out of range");
+  if (tap_at) {
+    check(tap_at[0] == 0 && tap_at[g.rows] == g.taps, "tap_ptr: must run from 0 to the number of taps");
+    for (int64_t r = 0; r < g.rows; ++r) check(tap_at[r] <= tap_at[r + 1], "tap_ptr: must not decrease");
+    for (int64_t i = 0; i < g.taps; ++i) check(tap_row[i] >= 0 && tap_row[i] < g.grid_rows, "tap_index: out of range");
+  }
+
+  dispatch_float(patches.dtype, "patch_embed_packed", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    with_engine<scalar_t>([&](auto engine) {
+      using Eng = typename decltype(engine)::type;
+      using packed_t = typename Eng::packed_t;
+      const scalar_t* a = patches.ptr<scalar_t>();
+      const scalar_t* w = weight.ptr<scalar_t>();
+      scalar_t* o = out.ptr<scalar_t>();
+      const int64_t a_r = patches.stride(0), a_k = patches.stride(1), w_e = weight.stride(0), w_k = weight.stride(1);
+      const int64_t o_r = out.stride(0), o_e = out.stride(1);
+
+      std::vector<packed_t> packed_weight(Eng::packed_b_size(g.patch_dim, E));
+      auto w_elem = [&](int64_t k, int64_t e) { return Eng::load(w[e * w_e + k * w_k]); };
+      Eng::pack_b_all(w_elem, g.patch_dim, E, packed_weight.data());
+      std::vector<float> bias_f(E, 0.f), grid_f(g.grid_rows * E);
+      if (bias.present)
+        for (int64_t e = 0; e < E; ++e) bias_f[e] = to_float(bias.ptr<scalar_t>()[e * bias.stride(0)]);
+      for (int64_t t = 0; t < g.grid_rows; ++t)
+        for (int64_t e = 0; e < E; ++e)
+          grid_f[t * E + e] = to_float(pos_grid.ptr<scalar_t>()[t * pos_grid.stride(0) + e * pos_grid.stride(1)]);
+
+      const int64_t tasks = (g.rows + kRowsPerTask - 1) / kRowsPerTask;
+  #pragma omp parallel num_threads(num_threads)
+      {
+        std::vector<float> tile(kRowsPerTask * E);
+        std::vector<packed_t> panel(Eng::kPanelA);
+  #pragma omp for schedule(static)
+        for (int64_t task = 0; task < tasks; ++task) {
+          const int64_t r0 = task * kRowsPerTask;
+          const int64_t m = std::min(kRowsPerTask, g.rows - r0);
+          auto a_elem = [&](int64_t i, int64_t k) { return Eng::load(a[(r0 + i) * a_r + k * a_k]); };
+          Eng::gemm_packed_b(m, E, g.patch_dim, a_elem, packed_weight.data(), tile.data(), E, false, panel.data());
+          for (int64_t i = 0; i < m; ++i) {
+            const int64_t r = r0 + i;
+            float* acc = tile.data() + i * E;
+            for (int64_t e = 0; e < E; ++e) acc[e] += bias_f[e];
+            for (int64_t s = tap_at ? tap_at[r] : 0; s < (tap_at ? tap_at[r + 1] : 0); ++s) {
+              const float* src = grid_f.data() + static_cast<int64_t>(tap_row[s]) * E;
+              for (int64_t e = 0; e < E; ++e) acc[e] += tap_w[s] * src[e];
+            }
+            scalar_t* dst = o + rows_to[r] * o_r;
+            for (int64_t e = 0; e < E; ++e) dst[e * o_e] = from_float<scalar_t>(acc[e]);
+          }
+        }
+      }
+    });
+  });
+}
+
 MMKERN_CPU_END

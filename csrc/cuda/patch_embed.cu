@@ -149,4 +149,67 @@ int patch_embed_bwd_cuda(const Tensor& grad_out, const Tensor& images, const Ten
   });
 }
 
+namespace {
+
+template <typename T>
+struct MatrixLoad {  // a(i, k) = m[i, k] of a strided 2-d tensor
+  const T* m;
+  int64_t s0, s1;
+  __device__ float operator()(int64_t i, int64_t k) const { return cuda::load(m, i * s0 + k * s1); }
+};
+
+template <typename T>
+struct MatrixTLoad {  // b(k, e) = m[e, k]
+  MatrixLoad<T> inner;
+  __device__ float operator()(int64_t k, int64_t e) const { return inner(e, k); }
+};
+
+template <typename T>
+struct PackedEpilogue {  // see PackedGeometry in mmkern/patch_embed.h
+  T* out;
+  const T* bias;
+  const T* grid;
+  const int64_t* tap_ptr;
+  const int32_t* tap_index;
+  const float* tap_weight;
+  const int64_t* out_rows;
+  int64_t bias_stride, grid_s0, grid_s1, o_r, o_e;
+  __device__ void operator()(int64_t row, int64_t e, float acc) const {
+    if (bias) acc += cuda::load(bias, e * bias_stride);
+    if (grid)
+      for (int64_t s = tap_ptr[row]; s < tap_ptr[row + 1]; ++s)
+        acc += tap_weight[s] * cuda::load(grid, tap_index[s] * grid_s0 + e * grid_s1);
+    cuda::store(out, out_rows[row] * o_r + e * o_e, acc);
+  }
+};
+
+}  // namespace
+
+int patch_embed_packed_fwd_cuda(const Tensor& patches, const Tensor& weight, const Tensor& bias,
+                                const Tensor& pos_grid, const Tensor& tap_ptr, const Tensor& tap_index,
+                                const Tensor& tap_weight, const Tensor& out_rows, const Tensor& out,
+                                uintptr_t stream_handle) {
+  const PackedGeometry g = packed_geometry(patches, weight, pos_grid, tap_ptr, tap_index, tap_weight, out_rows, out);
+  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  return dispatch_float(patches.dtype, "patch_embed_packed", [&](auto tag) -> int {
+    using T = typename decltype(tag)::type;
+    const bool pos = pos_grid.present;
+    PackedEpilogue<T> epi{out.ptr<T>(),
+                          bias.present ? bias.ptr<T>() : nullptr,
+                          pos ? pos_grid.ptr<T>() : nullptr,
+                          pos ? tap_ptr.ptr<int64_t>() : nullptr,
+                          pos ? tap_index.ptr<int32_t>() : nullptr,
+                          pos ? tap_weight.ptr<float>() : nullptr,
+                          out_rows.ptr<int64_t>(),
+                          bias.present ? bias.stride(0) : 0,
+                          pos ? pos_grid.stride(0) : 0,
+                          pos ? pos_grid.stride(1) : 0,
+                          out.stride(0),
+                          out.stride(1)};
+    return cuda::tiled_gemm(g.rows, g.embed_dim, g.patch_dim,
+                            MatrixLoad<T>{patches.ptr<T>(), patches.stride(0), patches.stride(1)},
+                            MatrixTLoad<T>{{weight.ptr<T>(), weight.stride(0), weight.stride(1)}}, epi, stream);
+  });
+}
+
 }  // namespace mmkern

@@ -62,9 +62,12 @@ class CLIP(nn.Module):
         self.visual.set_grad_checkpointing(enable)
         self.text.set_grad_checkpointing(enable)
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """images / pixel_values (B, 3, H, W) -> (B, embed_dim)."""
-        x = self.visual(images)
+    def encode_image(
+        self, images: torch.Tensor | list[torch.Tensor], normalize: bool = False, **packed
+    ) -> torch.Tensor:
+        """images / pixel_values (B, 3, H, W), or a list of (3, H_i, W_i) of any sizes run packed at their own
+        resolution (VisionTransformer.forward_packed, whose keywords `packed` takes) -> (B, embed_dim)."""
+        x = self.visual.forward_packed(images, **packed) if isinstance(images, (list, tuple)) else self.visual(images)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(

@@ -6,15 +6,39 @@ norm_pre, blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm |
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mmkern import ops
 from mmkern.nn import Block, CrossAttention, Mlp, PatchEmbed
 from mmkern.nn.attention import layer_windows
 from mmkern.nn.blocks import run_pre_norm
+
+
+def _drop_tokens(
+    packed: ops.PackedPatches, num_prefix: int, keep_rate: float | Callable[[int, int], float]
+) -> ops.PackedPatches:
+    """Keeps each image's prefix tokens and a random share of its patch tokens, in their order (NaViT: the rate may
+    depend on the image's grid); at least one patch token per image."""
+    rows, sizes, start = [], [], 0
+    device = packed.tokens.device
+    for h, w in packed.grid_sizes:
+        rate = keep_rate(h, w) if callable(keep_rate) else keep_rate
+        if not 0.0 < rate <= 1.0:
+            raise ValueError(f"keep_rate: expected a fraction in (0, 1], got {rate} for a {h}x{w} grid")
+        n = h * w
+        keep = max(1, round(n * rate))
+        patches = torch.randperm(n, device=device)[:keep].sort().values + start + num_prefix
+        rows += [torch.arange(start, start + num_prefix, device=device), patches]
+        sizes.append(num_prefix + keep)
+        start += num_prefix + n
+    cu = torch.tensor([0, *sizes], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    tokens = packed.tokens.index_select(0, torch.cat(rows))
+    return ops.PackedPatches(tokens, cu, packed.grid_sizes, max(sizes))
 
 
 @dataclass
@@ -64,6 +88,17 @@ class AttentionPool(CrossAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(self.latent.expand(x.shape[0], -1, -1), x)
         return (out + self.mlp(self.norm(out)))[:, 0]
+
+    def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """Packed tokens (total, D), segment i = rows cu_seqlens[i]:cu_seqlens[i + 1] -> (N, D): the latent
+        attends to each segment's own tokens (varlen attention, one query per segment)."""
+        N, D, H = cu_seqlens.numel() - 1, x.shape[-1], self.num_heads
+        q = self.q(self.latent[0].expand(N, -1)).view(N, H, self.head_dim)
+        k, v = self.kv(x).view(-1, 2, H, self.head_dim).unbind(1)
+        cu_q = torch.arange(N + 1, dtype=torch.int32, device=x.device)
+        o = ops.varlen_attention(q, k, v, cu_q, cu_seqlens, 1, max_seqlen)
+        out = self.proj_drop(self.proj(o.reshape(N, D)))
+        return out + self.mlp(self.norm(out))
 
 
 class VisionTransformer(nn.Module):
@@ -151,6 +186,71 @@ class VisionTransformer(nn.Module):
         else:
             x = tokens
         return self.fc_norm(x)
+
+    def forward_features_packed(
+        self,
+        images: list[torch.Tensor],
+        keep_rate: float | Callable[[int, int], float] | None = None,
+        max_patches: int | None = None,
+        interpolation: str = "bicubic",
+        antialias: bool = True,
+        norm: bool = True,
+    ) -> ops.PackedPatches:
+        """Images of their own sizes (a list of (C, H_i, W_i), sides multiples of the patch size unless
+        `max_patches` resizes them, see ops.patch_embed_packed) packed into one sequence without padding (NaViT):
+        the position grid is resampled to each image's grid (`interpolation`, `antialias`: timm's bicubic by
+        default, "bilinear" for SigLIP 2 NaFlex) and every block attends within each image (varlen attention,
+        windows included). `keep_rate` (a fraction, or a function of the patch grid (h, w) giving one) keeps that
+        share of each image's patch tokens, drawn at random (NaViT token dropping; the prefix tokens stay).
+        Returns PackedPatches whose tokens are the final (normed) tokens (total, width)."""
+        weight, bias = self.patch_embed.proj.weight, self.patch_embed.proj.bias
+        packed = ops.patch_embed_packed(
+            [image.to(weight.dtype) for image in images],
+            weight,
+            bias,
+            pos_embed=self.pos_embed,
+            prefix_tokens=self._prefix_tokens(),
+            pos_grid=self.patch_embed.grid_size,
+            interpolation=interpolation,
+            antialias=antialias,
+            max_patches=max_patches,
+        )
+        if keep_rate is not None:
+            packed = _drop_tokens(packed, self.num_prefix_tokens, keep_rate)
+        x, cu, n = self.norm_pre(packed.tokens), packed.cu_seqlens, packed.max_seqlen
+        ckpt = self.grad_checkpointing and self.training
+
+        def call(blk, x, **kw):
+            if ckpt:
+                return checkpoint(blk, x, use_reentrant=False, cu_seqlens=cu, max_seqlen=n, **kw)
+            return blk(x, cu_seqlens=cu, max_seqlen=n, **kw)
+
+        return packed._replace(tokens=run_pre_norm(self.blocks, x, self.norm if norm else None, call))
+
+    def pool_packed(self, packed: ops.PackedPatches) -> torch.Tensor:
+        """Per-image pooling of packed tokens -> (N, width): the class token, the mean of the image's own patch
+        tokens, or attention pooling over the image's tokens (`map`); `none` is not defined for packed images."""
+        pool, x, cu = self.config.pool, packed.tokens, packed.cu_seqlens
+        if pool == "token":
+            x = x.index_select(0, cu[:-1].long())
+        elif pool == "avg":
+            T, starts = self.num_prefix_tokens, cu[:-1].long()
+            lengths = (cu[1:] - cu[:-1]).long()
+            segment = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), lengths)
+            keep = torch.arange(x.shape[0], device=x.device) - starts[segment] >= T  # the patch tokens only
+            sums = x.new_zeros(len(lengths), x.shape[1], dtype=torch.float32)
+            sums.index_add_(0, segment[keep], x[keep].float())
+            x = (sums / (lengths - T).clamp(min=1).unsqueeze(1)).to(x.dtype)
+        elif pool == "map":
+            x = self.attn_pool.forward_packed(x, cu, packed.max_seqlen)
+        else:
+            raise ValueError("pool: 'none' returns padded tokens; use forward_features_packed for packed tokens")
+        return self.fc_norm(x)
+
+    def forward_packed(self, images: list[torch.Tensor], **kwargs) -> torch.Tensor:
+        """images: a list of (C, H_i, W_i) of any sizes -> pooled features through the head (N, num_classes or
+        width), one row per image; keywords as forward_features_packed."""
+        return self.head(self.pool_packed(self.forward_features_packed(images, **kwargs)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # Class-token pooling reads token 0 only, so the last block runs for that token alone (see Block `rows`);

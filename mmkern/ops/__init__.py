@@ -11,8 +11,10 @@ from mmkern.ops.attention import (
 from mmkern.ops.contrastive import clip_loss, infonce, siglip_loss
 from mmkern.ops.fused import add_layer_norm, bias_gelu
 from mmkern.ops.patch_embed import patch_embed
+from mmkern.ops.patch_embed_packed import PackedPatches, patch_embed_packed
 
 __all__ = [
+    "PackedPatches",
     "add_layer_norm",
     "bias_gelu",
     "clip_loss",
@@ -20,6 +22,7 @@ __all__ = [
     "enable_sdpa_override",
     "infonce",
     "patch_embed",
+    "patch_embed_packed",
     "qkv_packed_attention",
     "scaled_dot_product_attention",
     "sdpa_override",

@@ -40,6 +40,9 @@ using PatchEmbedFwd = void(const Tensor& images, const Tensor& weight, const Ten
                            const Tensor& prefix_tokens, const Tensor& out, int num_threads);
 using PatchEmbedBwd = void(const Tensor& grad_out, const Tensor& images, const Tensor& weight,
                            const Tensor& grad_images, const Tensor& grad_weight, int64_t num_prefix, int num_threads);
+using PatchEmbedPackedFwd = void(const Tensor& patches, const Tensor& weight, const Tensor& bias,
+                                 const Tensor& pos_grid, const Tensor& tap_ptr, const Tensor& tap_index,
+                                 const Tensor& tap_weight, const Tensor& out_rows, const Tensor& out, int num_threads);
 using AttentionFwd = void(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& cu_q,
                           const Tensor& cu_k, const Tensor& out, const Tensor& lse, int64_t max_len_q,
                           int64_t max_len_k, double scale, bool causal, bool windowed, int64_t left, int64_t right,
@@ -64,6 +67,7 @@ struct CpuKernels {
   cpu_entry::AddLayerNormBwd* add_layer_norm_bwd;
   cpu_entry::PatchEmbedFwd* patch_embed_fwd;
   cpu_entry::PatchEmbedBwd* patch_embed_bwd;
+  cpu_entry::PatchEmbedPackedFwd* patch_embed_packed_fwd;
   cpu_entry::AttentionFwd* attention_fwd;
   cpu_entry::AttentionBwd* attention_bwd;
   cpu_entry::AttentionDropoutMask* attention_dropout_mask;
@@ -98,6 +102,7 @@ cpu_entry::AddLayerNormFwd add_layer_norm_fwd_cpu;
 cpu_entry::AddLayerNormBwd add_layer_norm_bwd_cpu;
 cpu_entry::PatchEmbedFwd patch_embed_fwd_cpu;
 cpu_entry::PatchEmbedBwd patch_embed_bwd_cpu;
+cpu_entry::PatchEmbedPackedFwd patch_embed_packed_fwd_cpu;
 cpu_entry::AttentionFwd attention_fwd_cpu;
 cpu_entry::AttentionBwd attention_bwd_cpu;
 cpu_entry::AttentionDropoutMask attention_dropout_mask_cpu;

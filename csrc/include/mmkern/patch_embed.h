@@ -57,4 +57,51 @@ inline std::vector<int64_t> patch_element_offsets(const PatchGeometry& g, int64_
   return offsets;
 }
 
+// Packed patch embedding (mmkern.ops.patch_embed_packed). The patches of every image arrive as one (M, K) matrix;
+// GEMM row r goes to output row out_rows[r] of the packed (R, E) tokens, and its position embedding is gathered
+// from the model's base grid (G, E) through the taps s in [tap_ptr[r], tap_ptr[r + 1]) (CSR):
+// sum_s tap_weight[s] * pos_grid[tap_index[s]], the base grid resampled to the image's own patch grid (a separable
+// interpolation is such a weighted sum; a downsampled image's antialiased rows have hundreds of taps, an
+// upsampled one's 16, so the rows do not share one tap count).
+struct PackedGeometry {
+  int64_t rows, patch_dim, embed_dim, grid_rows, out_rows, taps;
+};
+
+inline PackedGeometry packed_geometry(const Tensor& patches, const Tensor& weight, const Tensor& pos_grid,
+                                      const Tensor& tap_ptr, const Tensor& tap_index, const Tensor& tap_weight,
+                                      const Tensor& out_rows, const Tensor& out) {
+  check_dims(patches, 2, "patches");
+  check_dims(weight, 2, "weight");
+  check_dims(out_rows, 1, "out_rows");
+  check_dims(out, 2, "out");
+  PackedGeometry g;
+  g.rows = patches.size(0);
+  g.patch_dim = patches.size(1);
+  g.embed_dim = weight.size(0);
+  g.out_rows = out.size(0);
+  check(weight.size(1) == g.patch_dim, "weight: expected (E, K) with the patches' K");
+  check(out.size(1) == g.embed_dim && out_rows.size(0) == g.rows, "out: shape differs from (R, E) / out_rows (M,)");
+  check(out_rows.dtype == DType::i64, "out_rows: expected int64");
+  check_contiguous(out_rows, "out_rows");
+  g.grid_rows = 0;
+  g.taps = 0;
+  if (pos_grid.present) {
+    check_dims(pos_grid, 2, "pos_grid");
+    check_dims(tap_ptr, 1, "tap_ptr");
+    check_dims(tap_index, 1, "tap_index");
+    check_dims(tap_weight, 1, "tap_weight");
+    check(pos_grid.size(1) == g.embed_dim, "pos_grid: expected (G, E)");
+    check(tap_ptr.dtype == DType::i64 && tap_index.dtype == DType::i32 && tap_weight.dtype == DType::f32,
+          "tap_ptr / tap_index / tap_weight: expected int64 / int32 / float32");
+    check(tap_ptr.size(0) == g.rows + 1 && tap_weight.size(0) == tap_index.size(0),
+          "tap_ptr / tap_weight: expected (M + 1,) offsets and one weight per index");
+    check_contiguous(tap_ptr, "tap_ptr");
+    check_contiguous(tap_index, "tap_index");
+    check_contiguous(tap_weight, "tap_weight");
+    g.grid_rows = pos_grid.size(0);
+    g.taps = tap_index.size(0);
+  }
+  return g;
+}
+
 }  // namespace mmkern

@@ -243,3 +243,68 @@ def patch_embed_bwd(grad_out, images, weight, num_prefix, grad_images, grad_weig
                 grad_out, weight, grad_images, M, E, K, N, GW, num_prefix,
                 *grad_out.stride(), *weight.stride(), *grad_images.stride(), P=P,
             )  # fmt: skip
+
+
+@triton.autotune(configs=_configs(_SHAPES), key=["M", "E", "K"])
+@triton.jit
+def _patch_embed_packed_fwd_kernel(
+    a_ptr, w, bias, grid, tap_ptr, tap_index, tap_weight, out_rows, out,
+    M, E, K, MOST_TAPS,
+    s_am, s_ak, s_we, s_wk, s_bias, s_gt, s_ge, s_or, s_oe,
+    HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Packed patch rows (M, K) times weight (E, K)ᵀ; the epilogue adds bias and the position taps of each row
+    (CSR, at most MOST_TAPS per row) and stores row m at out_rows[m]."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < E
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_ok = k < K
+        a = tl.load(
+            a_ptr + rm.to(tl.int64)[:, None] * s_am + k[None, :] * s_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        b = tl.load(w + rn[None, :] * s_we + k[:, None] * s_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc)
+    mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias + rn * s_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_POS:
+        first = tl.load(tap_ptr + rm, mask=m_ok, other=0)
+        count = tl.load(tap_ptr + rm + 1, mask=m_ok, other=0) - first
+        for s in range(MOST_TAPS):
+            t_ok = m_ok & (s < count)
+            row = tl.load(tap_index + first + s, mask=t_ok, other=0).to(tl.int64)
+            tw = tl.load(tap_weight + first + s, mask=t_ok, other=0.0)
+            g = tl.load(grid + row[:, None] * s_gt + rn[None, :] * s_ge, mask=t_ok[:, None] & n_ok[None, :], other=0.0)
+            acc += tw[:, None] * g.to(tl.float32)
+    dst = tl.load(out_rows + rm, mask=m_ok, other=0)
+    tl.store(out + dst[:, None] * s_or + rn[None, :] * s_oe, acc.to(out.dtype.element_ty), mask=mask)
+
+
+def patch_embed_packed_fwd(
+    patches, weight, bias, grid_rows, tap_ptr, tap_index, tap_weight, out_rows, out, most_taps
+) -> None:
+    """Writes the patch rows of out (R, E) from patches (M, K), weight (E, K), bias (E,) or None, grid_rows (G, E)
+    or None with its CSR taps (tap_ptr (M + 1,) int64, tap_index int32, tap_weight fp32, at most `most_taps` per
+    row) and out_rows (M,) int64; see mmkern.ops.patch_embed_packed."""
+    M, K = patches.shape
+    E = weight.shape[0]
+    has_pos = grid_rows is not None
+    with torch.cuda.device(patches.device) if patches.is_cuda else contextlib.nullcontext():
+        if M > 0 and E > 0:
+            _patch_embed_packed_fwd_kernel[_grid(M, E)](
+                patches, weight, bias if bias is not None else out, grid_rows if has_pos else out,
+                tap_ptr if has_pos else out_rows, tap_index if has_pos else out_rows,
+                tap_weight if has_pos else out, out_rows, out,
+                M, E, K, most_taps if has_pos else 0,
+                *patches.stride(), *weight.stride(),
+                bias.stride(0) if bias is not None else 0,
+                *(grid_rows.stride() if has_pos else (0, 0)),
+                *out.stride(),
+                HAS_BIAS=bias is not None, HAS_POS=has_pos,
+            )  # fmt: skip
