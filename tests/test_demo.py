@@ -33,6 +33,9 @@ def test_run_demo_tiny_writes_metrics_plots_and_checkpoints(tmp_path):
     for k in KEYS - ratios - {"seconds"}:
         assert 0.0 <= saved[k] <= 1.0, k
     assert all(saved[k] > 0 for k in ratios) and m["seconds"] > 0
+    for key in ("native_resolution_top1", "native_resolution_resized_top1"):  # tiny: two test sizes, one unseen
+        assert set(saved[key]) == {"16x32", "12x36"} and all(0.0 <= v <= 1.0 for v in saved[key].values()), key
+    assert saved["native_resolution_unseen"] == ["12x36"]
     curve = saved["transfer_curve"]  # tiny: k = 1, 2 and one seed; the 16-shot keys hold the last k
     assert curve["shots"] == [1, 2] and saved["transfer_shots"] == 2 and len(curve["seeds"]) == 1
     assert set(curve["mean"]) == {"zero_shot", "coop", "cloze_zero_shot", "cloze", "linear_probe", "finetune"}

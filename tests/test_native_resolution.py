@@ -1,6 +1,6 @@
 """Native-resolution towers: VisionTransformer.forward_packed / CLIP.encode_image on a list of images of different
 sizes give, image by image, what the padded path gives each image alone at its own size (dynamic_img_size); token
-dropping, gradient checkpointing and windows keep working packed."""
+dropping, gradient checkpointing and windows keep working packed; the token-budget sampler and mixed-size batches."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmkern.data import WordTokenizer, digits
+from mmkern.data.native import MixedSizeCollator, TokenBudgetSampler, render_digits
 from mmkern.models import CLIP, CLIPConfig, TextConfig, VisionTransformer, ViTConfig
+from mmkern.train.loop import _split
 
 SIZES = [(16, 16), (4, 4), (8, 28), (32, 12), (4, 40)]  # 1×1 grids, strips, unequal sizes (patch 4)
 
@@ -94,3 +97,37 @@ def test_clip_encode_image_list():
         resized = model.encode_image([F.interpolate(i[None], size=(13, 50))[0] for i in images], max_patches=20)
     torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
     assert resized.shape == (len(images), 16)
+
+
+def test_token_budget_sampler():
+    lengths = [17, 5, 65, 2, 33, 9, 50, 17, 3, 65]
+    sampler = TokenBudgetSampler(lengths, max_tokens=80, seed=3)
+    epoch = sampler.packs(0)
+    assert sorted(i for pack in epoch for i in pack) == list(range(len(lengths)))  # every image once
+    assert all(sum(lengths[i] for i in pack) <= 80 for pack in epoch)
+    assert sampler.packs(0) == epoch and sampler.packs(1) != epoch  # seeded per epoch
+    first = [sampler.next() for _ in range(len(epoch) + 1)]
+    assert first[: len(epoch)] == epoch and first[-1] == sampler.packs(1)[0]
+    resumed = TokenBudgetSampler(lengths, max_tokens=80, seed=3)
+    resumed.load_state_dict(sampler.state_dict())
+    assert resumed.next() == sampler.next()
+    ranks = [TokenBudgetSampler(lengths, 80, seed=3, rank=r, world=2).next() for r in range(2)]
+    assert ranks == epoch[:2]
+    with pytest.raises(ValueError, match="max_tokens"):
+        TokenBudgetSampler(lengths, max_tokens=64)
+
+
+def test_render_digits_and_packed_batches():
+    data = digits(16).subset(range(6))
+    rendered = render_digits(data, [(8, 24), (32, 16)], seed=0)
+    assert [tuple(im.shape) for im in rendered.images[:3]] == [(3, 8, 24), (3, 32, 16), (3, 8, 24)]
+    assert rendered.tokens(4) == [1 + 12, 1 + 32] * 3
+    strip = rendered.images[0]
+    assert (strip == -1).all(dim=(0, 1)).sum() == 24 - 8  # the digit fills one 8x8 square of the strip
+    tok = WordTokenizer.from_texts(data.captions)
+    batch = MixedSizeCollator(tok, 8)([rendered[i] for i in range(5)])
+    assert isinstance(batch["images"], list) and len(batch["images"]) == 5
+    micro = _split(batch, 2)
+    assert [len(m["images"]) for m in micro] == [len(m["input_ids"]) for m in micro] == [3, 2]
+    resized = MixedSizeCollator(tok, 8, resize=(16, 16))([rendered[i] for i in range(5)])
+    assert resized["images"].shape == (5, 3, 16, 16)

@@ -84,7 +84,11 @@ def test_matches_reference(backend, dtype, grids, E, T, base, pos_kind, mode, an
     assert_close(out.tokens, ref.tokens, dtype, "tokens")
     ref_grads = list(ref_grads)
     # the reference backend is F.interpolate, with torch's own backward
-    if backend != "reference" and pos_kind is not None and not all(_torch_adjoint_ok(base, g, mode, antialias) for g in grids):
+    if (
+        backend != "reference"
+        and pos_kind is not None
+        and not all(_torch_adjoint_ok(base, g, mode, antialias) for g in grids)
+    ):
         ref_grads[len(grids) + 1 + has_bias] = _grid_grad(ref_inputs, base, mode, antialias, T, pos_kind, ref)
     for i, (g, r) in enumerate(zip(grads, ref_grads)):
         # grid rows sum many grad rows through signed bicubic weights: the error scales with the sum of magnitudes

@@ -67,6 +67,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from mmkern.train.cloze import ClozeConfig
     from mmkern.train.contrastive import ContrastiveConfig
     from mmkern.train.instruct import InstructConfig
+    from mmkern.train.native import NativeConfig
     from mmkern.train.prompt import PromptConfig
     from mmkern.train.transfer import TransferConfig
     from mmkern.train.vlp import VLPConfig
@@ -78,6 +79,7 @@ def train_main(argv: list[str] | None = None) -> int:
         "instruct": InstructConfig,
         "transfer": TransferConfig,
         "cloze": ClozeConfig,
+        "native": NativeConfig,
     }
     parser = argparse.ArgumentParser(
         prog="mmkern train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -86,7 +88,7 @@ def train_main(argv: list[str] | None = None) -> int:
     for name, cls in tasks.items():
         p = sub.add_parser(name, help=cls.__module__.rsplit(".", 1)[-1])
         p.add_argument("--config", help="JSON file with config fields")
-        if name in ("prompt", "instruct", "transfer", "cloze"):
+        if name in ("prompt", "instruct", "transfer", "cloze", "native"):
             p.add_argument("--clip", help="clip.safetensors from `mmkern train contrastive` (default: pretrain one)")
         if name in ("transfer", "cloze"):
             p.add_argument(
@@ -131,6 +133,13 @@ def _run(args, config) -> dict:
         if config.out_dir:
             save_checkpoint(r["model"], Path(config.out_dir) / "decoder.safetensors")
         return r["metrics"]
+    if args.task == "native":
+        from mmkern.data import digits
+        from mmkern.train.native import train_native
+
+        train, test = digits(clip.config.vision.img_size).split(0.2, seed=config.seed)
+        r = train_native(clip, tok, train, test, _templates(test.classnames), config)
+        return {k: v for k, v in r.items() if k != "models"}
     # prompt, cloze, transfer: shots from the training split of config.dataset, top-1 on its held-out split, both
     # faded when config.contrast < 1 (the cloze encoder's MLM pretraining reads the full-contrast training split)
     train, test = config.load(clip.config.vision.img_size, config.seed)

@@ -33,6 +33,7 @@ from mmkern.train.contrastive import HANDWRITTEN_TEMPLATES, ContrastiveConfig, c
 from mmkern.train.fewshot import curve_table, few_shot_curve, method_configs, plot_curve, rises
 from mmkern.train.instruct import InstructConfig, train_instruct
 from mmkern.train.loop import adamw, plot_metrics
+from mmkern.train.native import NativeConfig, native_table, train_native
 from mmkern.train.prompt import PromptConfig, train_prompts
 
 TARGETS = {"zero_shot_top1": 0.90, "instruction_exact_match": 0.80, "throughput_ratio_vs_pytorch": 1.3}
@@ -86,6 +87,16 @@ def cloze_config(size: str, out: Path, seed: int = 0, progress: bool = True) -> 
     if size == "gpu":
         return replace(c, pretrain_steps=300, pretrain_batch_size=256, precision="bf16")
     return c
+
+
+def native_config(size: str, seed: int = 0, progress: bool = True) -> NativeConfig:
+    """The native-resolution stage's config for the demo sizes (see demo_configs)."""
+    config = NativeConfig(seed=seed, progress=progress, log_every=10)
+    if size == "tiny":
+        return replace(config, steps=2, warmup_steps=1, test_sizes="16x32,12x36")
+    if size == "quick":
+        return replace(config, steps=60)
+    return config
 
 
 def fewshot_settings(size: str, seed: int = 0) -> dict:
@@ -185,6 +196,7 @@ def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 
     out.mkdir(parents=True, exist_ok=True)
     size = size or ("gpu" if torch.cuda.is_available() else "full")
     c_clip, c_prompt, c_inst, bench_steps = demo_configs(size, out, seed, progress)
+    c_native = native_config(size, seed, progress)
     # The few-shot images of prompt learning are kept out of pretraining: shots the CLIP was trained on are
     # already fitted, and tuning on them shows nothing. Stages 2-4 draw their shots from `held`.
     held, data = digits(c_clip.image_size).take_few_shot(HELD_PER_CLASS, seed)
@@ -198,7 +210,7 @@ def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 
     def say(msg):
         print(f"[demo {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
 
-    say("1/6 contrastive pretraining of a small CLIP on the digits")
+    say("1/7 contrastive pretraining of a small CLIP on the digits")
     t = time.perf_counter()
     pre = train_contrastive(c_clip, data)
     clip, tok, train, test = pre["model"], pre["tokenizer"], pre["train"], pre["test"]
@@ -208,7 +220,7 @@ def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 
     timings["pretrain"] = time.perf_counter() - t
     say(f"zero-shot top-1 {metrics['zero_shot_top1']:.3f}, image->text R@1 {metrics['retrieval_r1']:.3f}")
 
-    say("2/6 prompt learning: hand-written templates vs learned context (16 unseen shots per class, towers frozen)")
+    say("2/7 prompt learning: hand-written templates vs learned context (16 unseen shots per class, towers frozen)")
     t = time.perf_counter()
     with torch_threads(1):
         pr = train_prompts(clip, tok, held, test, HANDWRITTEN_TEMPLATES, c_prompt)
@@ -218,7 +230,7 @@ def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 
     timings["prompt"] = time.perf_counter() - t
     say(f"hand-written {metrics['prompt_handwritten_top1']:.3f}, learned {metrics['prompt_learned_top1']:.3f}")
 
-    say("3/6 cloze prompts: fusion encoder MLM-pretrained on the captions fills 'a photo of the digit [MASK].'")
+    say("3/7 cloze prompts: fusion encoder MLM-pretrained on the captions fills 'a photo of the digit [MASK].'")
     t = time.perf_counter()
     with torch_threads(1):
         cz = train_cloze(clip, tok, train, test, cloze_config(size, out, seed, progress), shots=held)
@@ -234,7 +246,7 @@ def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 
 
     fs = fewshot_settings(size, seed)
     say(
-        f"4/6 few-shot transfer to faint digits (intensity x{FEWSHOT_CONTRAST}, never seen in pretraining): "
+        f"4/7 few-shot transfer to faint digits (intensity x{FEWSHOT_CONTRAST}, never seen in pretraining): "
         f"k = {fs['shots']} shots per class, {len(fs['seeds'])} seeds, 5 methods"
     )
     t = time.perf_counter()
@@ -267,7 +279,7 @@ def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 
         f"fine-tuning {metrics['transfer_finetune_top1']:.3f}"
     )
 
-    say("5/6 instruction tuning of a vision-language decoder (stage 1 projector, stage 2 + LM)")
+    say("5/7 instruction tuning of a vision-language decoder (stage 1 projector, stage 2 + LM)")
     t = time.perf_counter()
     vis_state = {k[len("visual.") :]: v for k, v in clip.state_dict().items() if k.startswith("visual.")}
     inst = train_instruct(train, test, c_inst, vis_state, clip.visual.config)
@@ -276,7 +288,16 @@ def run_demo(out_dir: str = "mmkern_demo", size: str | None = None, seed: int = 
     timings["instruct"] = time.perf_counter() - t
     say(f"held-out exact match {metrics['instruction_exact_match']:.3f}")
 
-    say("6/6 training throughput: mmkern CLIP vs the same model on plain PyTorch ops")
+    say("6/7 native resolution: digits on canvases of 8x8 to 32x32 and 1:3 to 3:1, fine-tuned packed vs resized")
+    t = time.perf_counter()
+    with torch_threads(1):
+        nat = train_native(clip, tok, train, test, HANDWRITTEN_TEMPLATES, c_native)
+    for key in ("native_resolution_top1", "native_resolution_resized_top1", "native_resolution_unseen"):
+        metrics[key] = nat[key]
+    timings["native"] = time.perf_counter() - t
+    say(native_table(nat))
+
+    say("7/7 training throughput: mmkern CLIP vs the same model on plain PyTorch ops")
     t = time.perf_counter()
     metrics.update(throughput_comparison(clip, tok, train, c_clip, bench_steps))
     timings["throughput"] = time.perf_counter() - t

@@ -262,13 +262,14 @@ class Trainer:
         return metrics
 
     # ---- the loop -----------------------------------------------------------------------------------------
-    def fit(self, dataset, collate, eval_fn=None, eval_every: int = 0) -> list[dict]:
+    def fit(self, dataset, collate, eval_fn=None, eval_every: int = 0, sampler=None) -> list[dict]:
         """Runs until config.steps; eval_fn(model) -> dict of metrics, every eval_every steps and at the end.
-        -> the metrics history (one dict per logged step)."""
+        `sampler` (next() -> indices, state_dict, load_state_dict) chooses each step's samples; default: batches of
+        config.batch_size (BatchSampler). -> the metrics history (one dict per logged step)."""
         from tqdm.auto import tqdm
 
         c = self.config
-        self.sampler = BatchSampler(len(dataset), c.batch_size, c.seed, self.rank, self.world)
+        self.sampler = sampler or BatchSampler(len(dataset), c.batch_size, c.seed, self.rank, self.world)
         if c.resume and self.out is not None and ckpt.latest_checkpoint(self.out / "checkpoints"):
             self.load(ckpt.latest_checkpoint(self.out / "checkpoints"))
         log = None
@@ -281,9 +282,10 @@ class Trainer:
         window_t, window_n = time.perf_counter(), 0
         try:
             while self.step < c.steps:
-                batch = move(collate([dataset[i] for i in self.sampler.next()]), self.device)
+                indices = self.sampler.next()
+                batch = move(collate([dataset[i] for i in indices]), self.device)
                 metrics = self.train_step(batch)
-                window_n += c.batch_size * self.world
+                window_n += len(indices) * self.world
                 bar.update(1)
                 last = self.step == c.steps
                 evaluate = eval_fn is not None and ((eval_every and self.step % eval_every == 0) or last)
@@ -363,12 +365,19 @@ class Trainer:
 
 
 def _split(batch, k: int) -> list:
-    """A dict of tensors (leading dim B) -> k micro-batch dicts; non-tensor values are shared."""
+    """A dict of tensors or lists (leading dim B) -> k micro-batch dicts, split as tensor.chunk does; other values
+    are shared."""
     if k == 1:
         return [batch]
     out = [{} for _ in range(k)]
     for key, v in batch.items():
-        parts = v.chunk(k) if isinstance(v, torch.Tensor) and v.ndim > 0 else [v] * k
+        if isinstance(v, torch.Tensor) and v.ndim > 0:
+            parts = v.chunk(k)
+        elif isinstance(v, list):  # images of different sizes
+            n = -(-len(v) // k)
+            parts = [v[i : i + n] for i in range(0, len(v), n)]
+        else:
+            parts = [v] * k
         for d, p in zip(out, parts):
             d[key] = p
     return out
