@@ -20,7 +20,7 @@ step "GPU tests"
 timeout 180 python3 -m pytest tests -q -x -m "not slow" -k "not distributed and not demo and not train" \
   -p no:cacheprovider 2>&1 | tail -40 | tee -a "$log"
 
-for op in patch_embed attention contrastive models; do
+for op in patch_embed attention contrastive models native_resolution; do
   [ -f "benchmarks/bench_$op.py" ] || continue
   step "bench $op"
   timeout 90 python3 -m "benchmarks.bench_$op" 2>&1 | tail -40 | tee -a "$log"
