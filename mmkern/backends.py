@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -109,7 +110,7 @@ def resolve(
     """The backend to run an op on tensors on `device`.
 
     `cuda_default` is the op's own choice on CUDA devices (the faster of its triton and cuda kernels
-    where measured); on CPU tensors the default is `cpu` where `native_faster()` (the op's verdict from
+    where measured; where it cannot run, PyTorch's path with a RuntimeWarning that says so); on CPU tensors the default is `cpu` where `native_faster()` (the op's verdict from
     mmkern/ops/cpu_policy.py for this call; None: always) and `torch` otherwise or when the native module is
     missing; elsewhere `torch`.
     """
@@ -119,7 +120,17 @@ def resolve(
         return "cpu" if native_faster is None or native_faster() else "torch"
     if chosen is None:
         if device.type == "cuda":
-            chosen = cuda_default if unavailable_reason(cuda_default, "cuda") is None else "torch"
+            chosen = cuda_default
+            missing = unavailable_reason(cuda_default, "cuda")
+            if missing is not None:
+                chosen = "torch"
+                warnings.warn(
+                    f"mmkern: CUDA tensors run PyTorch's own ops instead of the {cuda_default} kernels ({missing}); "
+                    "for the contrastive losses that is the naive loss with its full B x B logit matrix. Install "
+                    "triton, or choose backend='cuda' (mmkern's CUDA C++ kernels).",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         elif device.type == "cpu" and _native.IMPORT_ERROR is None:
             chosen = "cpu"  # a bad MMKERN_CPU_CAPABILITY: the error below, not a silent fallback
         else:

@@ -349,6 +349,12 @@ def test_varlen_validation():
     with pytest.raises(ValueError, match="cu_seqlens"):
         cu = torch.tensor([0, 9], dtype=torch.int32)
         varlen_attention(q, q, q, cu, cu, 9, 9, backend="cpu")
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)  # a sequence of 4 tokens: a bound of 3 would leave a row 0
+    for backend in ("cpu", "reference"):
+        with pytest.raises(ValueError, match="max_seqlen_q: 3 is shorter than the longest sequence"):
+            varlen_attention(q, q, q, cu, cu, 3, 4, backend=backend)
+        with pytest.raises(ValueError, match="max_seqlen_k"):
+            varlen_attention(q, q, q, cu, cu, 4, 3, backend=backend)
 
 
 def test_sdpa_override_on_a_hugging_face_model():
@@ -375,6 +381,22 @@ def test_sdpa_override_on_a_hugging_face_model():
         assert attn_ops.override_calls - before == 2, "mmkern did not run the model's attention"
         assert F.scaled_dot_product_attention is attn_ops._torch_sdpa
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sdpa_override_leaves_plain_cuda_calls_to_torch():
+    q = torch.randn(2, 4, 64, 32, device="cuda", dtype=torch.float16)
+    mask = torch.rand(64, 64, device="cuda") > 0.2
+    before = attn_ops.override_calls
+    with attn_ops.sdpa_override():
+        F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+        assert attn_ops.override_calls == before, "a call torch runs itself went to mmkern"
+        F.scaled_dot_product_attention(q, q, q, attn_mask=mask, is_causal=True)  # torch raises here, mmkern runs it
+        assert attn_ops.override_calls == before + 1
+    with attn_ops.sdpa_override(backend="triton"):  # an explicit backend takes every call it can run
+        F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        assert attn_ops.override_calls == before + 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -28,6 +28,13 @@ def test_default_backend_on_cpu_is_cpu_where_the_op_measured_faster():
     assert backends.resolve("cpu", torch.device("cpu"), native_faster=lambda: False) == "cpu"  # explicit wins
 
 
+def test_cuda_default_without_triton_runs_torch_and_says_so(monkeypatch):
+    monkeypatch.delenv("MMKERN_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_triton_import_error", lambda: "triton is not importable (test)")
+    with pytest.warns(RuntimeWarning, match=r"PyTorch's own ops instead of the triton kernels \(triton is not"):
+        assert backends.resolve(None, torch.device("cuda")) == "torch"
+
+
 def test_use_backend_context_restores(monkeypatch):
     monkeypatch.delenv("MMKERN_BACKEND", raising=False)
     with mmkern.use_backend("reference"):

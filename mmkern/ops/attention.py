@@ -293,11 +293,19 @@ def varlen_attention(
     for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"{name}: expected a non-negative int, got {n!r}")
+    if not torch.compiler.is_compiling() and cu_seqlens_q.numel() > 1:
+        # The kernels cover max_seqlen rows and keys of each sequence: a longer one would silently keep zeros.
+        # One host sync for both bounds.
+        longest_q, longest_k = torch.stack([cu_seqlens_q.diff().max(), cu_seqlens_k.diff().max()]).tolist()
+        for name, n, longest in (("max_seqlen_q", max_seqlen_q, longest_q), ("max_seqlen_k", max_seqlen_k, longest_k)):
+            if longest > n:
+                raise ValueError(f"{name}: {n} is shorter than the longest sequence ({longest} tokens)")
     left, right, num_global = _window_args(window, num_global, max_seqlen_q, max_seqlen_k)
     chosen = backends.resolve(backend, q.device, cuda_default="triton")
     native_dtype(chosen, "q", q)
     if chosen == "torch":
-        raise ValueError("backend: 'torch' has no path for packed varlen attention; use backend='cpu'")
+        why = "" if q.device.type == "cpu" else f" (triton: {backends.unavailable_reason('triton', q.device.type)})"
+        raise ValueError(f"backend: packed varlen attention has no PyTorch path; use backend='cpu' or 'triton'{why}")
     if chosen == "reference":
         win = None if left < 0 else (left, right)
         compute = _reference_dtype(q)
@@ -590,7 +598,7 @@ _torch_sdpa = torch.nn.functional.scaled_dot_product_attention
 override_calls = 0  # calls that the override ran on mmkern kernels (the rest fell back to torch)
 
 
-def _override_supported(query, key, value, attn_mask, dropout_p, scale, enable_gqa, backend) -> bool:
+def _override_supported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, backend) -> bool:
     tensors = (query, key, value) + (() if attn_mask is None else (attn_mask,))
     if not all(isinstance(t, torch.Tensor) and not t.is_nested for t in tensors):
         return False
@@ -601,6 +609,10 @@ def _override_supported(query, key, value, attn_mask, dropout_p, scale, enable_g
     if query.dim() != key.dim() or query.shape[:-3] != key.shape[:-3]:
         return False
     chosen = backend or backends.selected_backend()
+    if chosen is None and query.device.type == "cuda" and not (is_causal and attn_mask is not None):
+        # A call torch can run goes to torch's flash / cuDNN / memory-efficient kernels, likely faster on an
+        # H100 / H200 until a GPU measurement says otherwise; mmkern takes what torch cannot (causal + mask).
+        return False
     try:
         chosen = backends.resolve(chosen, query.device, cuda_default="triton")
     except ValueError:
@@ -612,7 +624,7 @@ def _sdpa_override(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, backend=None
 ):
     global override_calls
-    if not _override_supported(query, key, value, attn_mask, dropout_p, scale, enable_gqa, backend):
+    if not _override_supported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, backend):
         return _torch_sdpa(
             query,
             key,
@@ -632,7 +644,9 @@ def _sdpa_override(
 def enable_sdpa_override(backend: str | None = None) -> None:
     """Routes every later `torch.nn.functional.scaled_dot_product_attention` call (timm, Hugging Face
     `attn_implementation="sdpa"`, ...) through mmkern; calls mmkern cannot run (nested tensors, fp64, head
-    dims > 256, dropout on the cuda backend) go to torch's own function. Undo with disable_sdpa_override()."""
+    dims > 256, dropout on the cuda backend) go to torch's own function, and so do, on CUDA tensors without an
+    explicit backend, the calls torch can run itself (all but causal + attn_mask): its flash / cuDNN kernels
+    are likely faster there until a GPU measurement says otherwise. Undo with disable_sdpa_override()."""
     import functools
 
     torch.nn.functional.scaled_dot_product_attention = functools.partial(_sdpa_override, backend=backend)

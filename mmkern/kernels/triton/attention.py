@@ -2,12 +2,21 @@
 
 Forward: one program per (query block, batch·head); key blocks stream past with an online softmax
 (running max m, sum l), out = acc / l and the row statistics (m, log l) are stored (the log-sum-exp as a
-pair: m + log l in fp32 would drop log l once |m| >= 2^24). Key blocks that no query of the
-block can see (causal, window) are never loaded.
+pair: m + log l in fp32 would drop log l once |m| >= 2^24).
 
 Backward, without atomics (so it is deterministic): delta = rowsum(dO ∘ O) is computed first; one kernel
 owns a key block and accumulates dK, dV over the query blocks of its head group; another owns a query block
 and accumulates dQ (and writes dS as the float mask's gradient). Both recompute P = exp((S - m) - log l).
+
+Compiler-facing choices (checked by `python -m benchmarks.triton_compile`):
+- Blocks that no pair of a tile can see (causal, window) are left out through the loop bounds, never by an
+  `if` inside the loop: a data-dependent branch in the loop body stops Triton's pipeliner, and the loads
+  lose cp.async double buffering. Causal attention splits off the diagonal blocks, so the blocks below it
+  skip the position mask.
+- Offsets are 64-bit: batch and head indices, token rows and mask rows become int64 before they meet a
+  stride, since b · stride or row · stride passes 2^31 for tensors past 2^31 elements (or strided views
+  into such storage) and int32 wraps silently.
+- The grid is 1-D (programs = blocks × batch·heads): grid axes 1 and 2 stop at 65,535.
 
 The visibility rules and the Philox dropout draw mirror csrc/include/mmkern/attention.h exactly, so this
 kernel drops the same elements as the CPU kernel for the same seed.
@@ -23,20 +32,64 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+# (BM, BN) tiles the autotuner tries; every config is tried with 4 and 8 warps and 2 and 3 stages.
+FWD_TILES = [(64, 64), (128, 64), (64, 32), (128, 32)]
+BWD_TILES = [(64, 64), (32, 64), (64, 32), (32, 32)]
+# fp32 with IEEE products (no TF32) holds 3x the registers per element of a dot: larger tiles spill
+# kilobytes per thread (the compile report), so only these run.
+IEEE_TILES = [(64, 32), (32, 32)]
 
-def _configs(bwd: bool):
+
+def _configs(bwd: bool) -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1)]
-    sizes = [(64, 64), (128, 64), (64, 32), (128, 32)] if not bwd else [(64, 64), (32, 64), (64, 32), (32, 32)]
+    tiles = BWD_TILES if bwd else FWD_TILES
+    tiles = tiles + [t for t in IEEE_TILES if t not in tiles]
     return [
         triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
-        for bm, bn in sizes
+        for bm, bn in tiles
         for w in (4, 8)
         for s in (2, 3)
     ]
 
 
-_KEY = ["D", "DV", "CAUSAL", "WINDOWED", "MASK_KIND", "VARLEN", "DROPOUT", "L", "S"]
+def shared_bytes_estimate(bm: int, bn: int, stages: int, bd: int, bdv: int, elem: int, bwd: bool) -> int:
+    """Shared memory a config needs, from the compile report's figures: each pipeline stage holds the
+    streamed tiles (K and V forward; Q and dO backward, for the larger of the two tile sides), plus the
+    tiles that the dots re-layout once."""
+    streamed = max(bm, bn) if bwd else bn
+    return (stages * streamed + (bm if not bwd else min(bm, bn))) * (bd + bdv) * elem
+
+
+def fitting_configs(configs: list[triton.Config], elem: int, meta: dict, shared_limit: int, bwd: bool):
+    """The configs a launch may run: those that fit shared_limit bytes of shared memory (a D = 256 config that
+    does not fit is otherwise compiled only to be rejected), and for fp32 with IEEE products the IEEE_TILES
+    (larger tiles spill), else the tiles of the pass."""
+    tiles = IEEE_TILES if meta["PREC"] == "ieee" else (BWD_TILES if bwd else FWD_TILES)
+    keep = [
+        c
+        for c in configs
+        if (c.kwargs["BM"], c.kwargs["BN"]) in tiles
+        and shared_bytes_estimate(c.kwargs["BM"], c.kwargs["BN"], c.num_stages, meta["BD"], meta["BDV"], elem, bwd)
+        <= shared_limit
+    ]
+    return keep or [min(configs, key=lambda c: (c.kwargs["BM"] * c.kwargs["BN"], c.num_stages))]
+
+
+def _prune(bwd: bool):
+    def prune(configs, named_args, **meta):
+        if _INTERPRET:
+            return configs
+        q = named_args["Q"]
+        limit = triton.runtime.driver.active.utils.get_device_properties(q.device.index)["max_shared_mem"]
+        return fitting_configs(configs, q.element_size(), meta, limit, bwd)
+
+    return prune
+
+
+# Lengths enter the key as power-of-two buckets: with exact lengths every new sequence length (varlen
+# batches, generation) re-benchmarks every config of all three kernels.
+_KEY = ["D", "DV", "CAUSAL", "WINDOWED", "MASK_KIND", "VARLEN", "DROPOUT", "PREC", "L_BUCKET", "S_BUCKET"]
 
 
 @triton.jit
@@ -65,14 +118,38 @@ def _dropout_keep(seed_lo, seed_hi, bh, offs_m, offs_n, p):
 
 
 @triton.jit
-def _block_any(i0, i1, j0, j1, left, right, num_global, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):
-    """attn::block_any_visible: False only if no (query, key) pair of the block is visible."""
-    ok = True
+def _visible(a0, a1, n, before, after, num_global, BLK: tl.constexpr, CAUSAL: tl.constexpr, KEYS: tl.constexpr,
+             WINDOWED: tl.constexpr):  # fmt: skip
+    """Which BLK-blocks of the other side (n positions) hold a visible pair with the block [a0, a1) of this
+    side, as loop bounds (attn::block_any_visible, turned into ranges). KEYS: the other side is the keys
+    (this block holds queries: causal keeps j <= i); else the queries (causal keeps i >= j). before / after:
+    how far the window reaches towards lower / higher positions of the other side.
+
+    Returns (g_lo, g_hi, lo, mid, hi): with a window, the other side's global positions below the band in
+    [g_lo, g_hi) and the band in [lo, hi); causal without a window, the blocks that need the position mask
+    are [mid, hi) for KEYS, [lo, mid) otherwise, and the rest see every pair."""
+    lo = 0
+    hi = n
     if CAUSAL:
-        ok = j0 <= i1 - 1
-    if WINDOWED:
-        ok = ok & ((i0 < num_global) | (j0 < num_global) | ((j1 - 1 >= i0 - left) & (j0 <= i1 - 1 + right)))
-    return ok
+        if KEYS:
+            hi = tl.minimum(hi, a1)
+        else:
+            lo = a0 // BLK * BLK
+    g_lo = lo
+    g_hi = lo
+    if WINDOWED:  # noqa: SIM102  (a compile-time test, kept apart from the run-time one)
+        if a0 >= num_global:  # a block holding a global position sees / is seen by everything
+            band = tl.maximum(lo, tl.maximum(a0 - before, 0) // BLK * BLK)
+            g_hi = tl.minimum(tl.minimum(tl.cdiv(num_global, BLK) * BLK, band), hi)
+            lo = band
+            hi = tl.minimum(hi, a1 + after)
+    mid = hi
+    if CAUSAL and not WINDOWED:
+        if KEYS:
+            mid = tl.minimum(tl.maximum((a0 + 1) // BLK * BLK, lo), hi)
+        else:
+            mid = tl.minimum(lo + tl.cdiv(a1 - 1 - lo, BLK) * BLK, hi)
+    return g_lo, g_hi, lo, mid, hi
 
 
 @triton.jit
@@ -120,7 +197,8 @@ def _seq(Cu, b, n, VARLEN: tl.constexpr):
 @triton.jit
 def _tile(base, t0, offs_t, n_t, st, offs_c, n_c, sc):
     """Pointers to rows t0 + offs_t, columns offs_c of a (token, dim) view, and the in-bounds mask."""
-    return base + (t0 + offs_t)[:, None] * st + offs_c[None, :] * sc, (offs_t < n_t)[:, None] & (offs_c < n_c)[None, :]
+    rows = (t0 + offs_t).to(tl.int64)
+    return base + rows[:, None] * st + offs_c[None, :] * sc, (offs_t < n_t)[:, None] & (offs_c < n_c)[None, :]
 
 
 @triton.jit
@@ -136,74 +214,71 @@ def _store_tile(base, x, t0, offs_t, n_t, st, offs_c, n_c, sc):
     tl.store(ptrs, x.to(base.dtype.element_ty), mask=ok)
 
 
-@triton.autotune(configs=_configs(False), key=_KEY)
+@triton.jit
+def _mask_ptrs(Mb, offs_m, sml, offs_n, sms):
+    return Mb + offs_m.to(tl.int64)[:, None] * sml + offs_n.to(tl.int64)[None, :] * sms
+
+
+@triton.jit
+def _program(n, BLK: tl.constexpr, heads, REVERSE: tl.constexpr):
+    """(block start, batch, head) of this program of the flat grid: cdiv(n, BLK) blocks of each batch·head,
+    batch and head as int64. REVERSE runs the blocks of a head last to first (causal: the longest first)."""
+    blocks = tl.cdiv(n, BLK)
+    pid = tl.program_id(0)
+    bh = pid // blocks
+    blk = pid % blocks
+    if REVERSE:
+        blk = blocks - 1 - blk
+    return blk * BLK, (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
+
+
+@triton.jit
+def _fwd_blocks(
+    acc, m_i, l_i, q, Kb, Vb, Mb, k0, lo, hi, offs_m, Lb, Sb, skt, skd, svt, svd, sml, sms, offs_d, D, offs_dv, DV,
+    scale, left, right, num_global, dropout_p, keep_scale, seed_lo, seed_hi, bh,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    PREC: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """The online-softmax update over the key blocks [lo, hi)."""
+    for j0 in range(lo, hi, BN):
+        offs_n = j0 + tl.arange(0, BN)
+        k = _load_tile(Kb, k0, offs_n, Sb, skt, offs_d, D, skd)
+        mptrs = _mask_ptrs(Mb, offs_m, sml, offs_n, sms)
+        s = _scores(
+            q, k, offs_m, offs_n, Lb, Sb, scale, mptrs, left, right, num_global, CAUSAL, WINDOWED, MASK_KIND, PREC
+        )
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # attn::softmax_shift
+        alpha = tl.exp(m_i - shift)
+        p = tl.exp(s - shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+        if DROPOUT:
+            keep = _dropout_keep(seed_lo, seed_hi, bh, offs_m, offs_n, dropout_p)
+            p = tl.where(keep, p * keep_scale, 0.0)
+        v = _load_tile(Vb, k0, offs_n, Sb, svt, offs_dv, DV, svd)
+        acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=_configs(False), key=_KEY, prune_configs_by={"early_config_prune": _prune(False)})
 @triton.jit
 def _attention_fwd_kernel(
-    Q,
-    K,
-    V,
-    Mask,
-    CuQ,
-    CuK,
-    Out,
-    Lse,
-    sqb,
-    sqh,
-    sqt,
-    sqd,
-    skb,
-    skh,
-    skt,
-    skd,
-    svb,
-    svh,
-    svt,
-    svd,
-    sob,
-    soh,
-    sot,
-    sod,
-    smb,
-    smh,
-    sml,
-    sms,
-    slb,
-    slh,
-    slt,
-    H,
-    group,
-    L,
-    S,
-    D,
-    DV,
-    scale,
-    left,
-    right,
-    num_global,
-    dropout_p,
-    keep_scale,
-    seed_lo,
-    seed_hi,
-    CAUSAL: tl.constexpr,
-    WINDOWED: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    VARLEN: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    PREC: tl.constexpr,
-    BD: tl.constexpr,
-    BDV: tl.constexpr,
-    BM: tl.constexpr,
+    Q, K, V, Mask, CuQ, CuK, Out, Lse,
+    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, smb, smh, sml, sms, slb, slh, slt,
+    H, group, L, S, D, DV, scale, left, right, num_global, dropout_p, keep_scale, seed_lo, seed_hi, L_BUCKET, S_BUCKET,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
+    DROPOUT: tl.constexpr, PREC: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr,
-):
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+):  # fmt: skip
+    i0, b, h = _program(L, BM, H, CAUSAL)
     hk = h // group
     q0, Lb = _seq(CuQ, b, L, VARLEN)
     k0, Sb = _seq(CuK, b, S, VARLEN)
-    i0 = tl.program_id(0) * BM
     if i0 >= Lb:
         return
+    bh = b * H + h
     offs_m = i0 + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
@@ -211,35 +286,30 @@ def _attention_fwd_kernel(
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BDV], tl.float32)
-    hi = Sb
-    if CAUSAL:
-        hi = tl.minimum(hi, i0 + BM)
-    for j0 in range(0, hi, BN):
-        if _block_any(i0, i0 + BM, j0, j0 + BN, left, right, num_global, CAUSAL, WINDOWED):
-            offs_n = j0 + tl.arange(0, BN)
-            k = _load_tile(K + b * skb + hk * skh, k0, offs_n, Sb, skt, offs_d, D, skd)
-            mptrs = Mask + b * smb + h * smh + offs_m[:, None] * sml + offs_n[None, :] * sms
-            s = _scores(
-                q, k, offs_m, offs_n, Lb, Sb, scale, mptrs, left, right, num_global, CAUSAL, WINDOWED, MASK_KIND, PREC
-            )
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # attn::softmax_shift
-            alpha = tl.exp(m_i - shift)
-            p = tl.exp(s - shift[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            m_i = m_new
-            if DROPOUT:
-                keep = _dropout_keep(seed_lo, seed_hi, bh, offs_m, offs_n, dropout_p)
-                p = tl.where(keep, p * keep_scale, 0.0)
-            v = _load_tile(V + b * svb + hk * svh, k0, offs_n, Sb, svt, offs_dv, DV, svd)
-            acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    Kb = K + b * skb + hk * skh
+    Vb = V + b * svb + hk * svh
+    Mb = Mask + b * smb + h * smh
+    g_lo, g_hi, lo, mid, hi = _visible(i0, i0 + BM, Sb, left, right, num_global, BN, CAUSAL, True, WINDOWED)
+    # fmt: off
+    if WINDOWED:
+        acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, Kb, Vb, Mb, k0, g_lo, g_hi, offs_m, Lb, Sb, skt, skd, svt, svd,
+                                    sml, sms, offs_d, D, offs_dv, DV, scale, left, right, num_global, dropout_p,
+                                    keep_scale, seed_lo, seed_hi, bh, CAUSAL, True, MASK_KIND, DROPOUT, PREC, BN)
+    # Causal without a window: the blocks below the diagonal [lo, mid) need no position mask.
+    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, Kb, Vb, Mb, k0, lo, mid, offs_m, Lb, Sb, skt, skd, svt, svd, sml,
+                                sms, offs_d, D, offs_dv, DV, scale, left, right, num_global, dropout_p, keep_scale,
+                                seed_lo, seed_hi, bh, CAUSAL and WINDOWED, WINDOWED, MASK_KIND, DROPOUT, PREC, BN)
+    if CAUSAL and not WINDOWED:
+        acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, Kb, Vb, Mb, k0, mid, hi, offs_m, Lb, Sb, skt, skd, svt, svd,
+                                    sml, sms, offs_d, D, offs_dv, DV, scale, left, right, num_global, dropout_p,
+                                    keep_scale, seed_lo, seed_hi, bh, True, False, MASK_KIND, DROPOUT, PREC, BN)
+    # fmt: on
     empty = l_i == 0.0  # rows that see no key give 0 and store (m, log l) = (+inf, 0): attn::row_stat_max
     safe_l = tl.where(empty, 1.0, l_i)
     inv = tl.where(empty, 0.0, 1.0 / safe_l)
     out = acc * inv[:, None]
     _store_tile(Out + b * sob + h * soh, out, q0, offs_m, Lb, sot, offs_dv, DV, sod)
-    stat = Lse + b * slb + h * slh + (q0 + offs_m) * slt
+    stat = Lse + b * slb + h * slh + (q0 + offs_m).to(tl.int64) * slt
     tl.store(stat, tl.where(empty, float("inf"), m_i), mask=offs_m < Lb)
     tl.store(stat + 1, tl.where(empty, 0.0, tl.log(safe_l)), mask=offs_m < Lb)
 
@@ -272,76 +342,49 @@ def _bwd_probs(
     return p, p * (dp - delta[:, None])
 
 
-@triton.autotune(configs=_configs(True), key=_KEY)
+@triton.jit
+def _dkdv_blocks(
+    dk, dv, k, v, Qb, DOb, Mb, stat, Delta, q0, lo, hi, offs_n, Lb, Sb, sqt, sqd, sot, sod, sml, sms, slt,
+    offs_d, D, offs_dv, DV, scale, left, right, num_global, dropout_p, keep_scale, seed_lo, seed_hi, bh,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    PREC: tl.constexpr, BM: tl.constexpr,
+):  # fmt: skip
+    """dK, dV of one key block, accumulated over the query blocks [lo, hi) of one head."""
+    for i0 in range(lo, hi, BM):
+        offs_m = i0 + tl.arange(0, BM)
+        rows = offs_m < Lb
+        q = _load_tile(Qb, q0, offs_m, Lb, sqt, offs_d, D, sqd)
+        do = _load_tile(DOb, q0, offs_m, Lb, sot, offs_dv, DV, sod)
+        row_off = (q0 + offs_m).to(tl.int64) * slt
+        m = tl.load(stat + row_off, mask=rows, other=float("inf"))
+        log_l = tl.load(stat + row_off + 1, mask=rows, other=0.0)
+        delta = tl.load(Delta + row_off, mask=rows, other=0.0)
+        mptrs = _mask_ptrs(Mb, offs_m, sml, offs_n, sms)
+        s = _scores(
+            q, k, offs_m, offs_n, Lb, Sb, scale, mptrs, left, right, num_global, CAUSAL, WINDOWED, MASK_KIND, PREC
+        )
+        pz, ds = _bwd_probs(
+            s, m, log_l, delta, do, v, offs_m, offs_n, bh, dropout_p, keep_scale, seed_lo, seed_hi, DROPOUT, PREC
+        )
+        dv += tl.dot(tl.trans(pz).to(do.dtype), do, input_precision=PREC)
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.autotune(configs=_configs(True), key=_KEY, prune_configs_by={"early_config_prune": _prune(True)})
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    Mask,
-    CuQ,
-    CuK,
-    DO,
-    Lse,
-    Delta,
-    DK,
-    DV_,
-    sqb,
-    sqh,
-    sqt,
-    sqd,
-    skb,
-    skh,
-    skt,
-    skd,
-    svb,
-    svh,
-    svt,
-    svd,
-    sob,
-    soh,
-    sot,
-    sod,
-    smb,
-    smh,
-    sml,
-    sms,
-    slb,
-    slh,
-    slt,
-    H,
-    group,
-    L,
-    S,
-    D,
-    DV,
-    scale,
-    left,
-    right,
-    num_global,
-    dropout_p,
-    keep_scale,
-    seed_lo,
-    seed_hi,
-    CAUSAL: tl.constexpr,
-    WINDOWED: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    VARLEN: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    PREC: tl.constexpr,
-    BD: tl.constexpr,
-    BDV: tl.constexpr,
-    BM: tl.constexpr,
+    Q, K, V, Mask, CuQ, CuK, DO, Lse, Delta, DK, DV_,
+    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, smb, smh, sml, sms, slb, slh, slt,
+    H, group, L, S, D, DV, scale, left, right, num_global, dropout_p, keep_scale, seed_lo, seed_hi, L_BUCKET, S_BUCKET,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
+    DROPOUT: tl.constexpr, PREC: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr,
-):
+):  # fmt: skip
     """dK, dV (laid out like K, V, strides sk*/sv*) of one key block, summed over its query heads."""
-    bhk = tl.program_id(1)
-    Hk = H // group
-    b = bhk // Hk
-    hk = bhk % Hk
+    j0, b, hk = _program(S, BN, H // group, False)
     q0, Lb = _seq(CuQ, b, L, VARLEN)
     k0, Sb = _seq(CuK, b, S, VARLEN)
-    j0 = tl.program_id(0) * BN
     if j0 >= Sb:
         return
     offs_n = j0 + tl.arange(0, BN)
@@ -351,132 +394,75 @@ def _attention_bwd_dkdv_kernel(
     v = _load_tile(V + b * svb + hk * svh, k0, offs_n, Sb, svt, offs_dv, DV, svd)
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BDV], tl.float32)
-    lo = 0
-    if CAUSAL:
-        lo = j0 // BM * BM
-    for h in range(hk * group, hk * group + group):
-        for i0 in range(lo, Lb, BM):
-            if _block_any(i0, i0 + BM, j0, j0 + BN, left, right, num_global, CAUSAL, WINDOWED):
-                offs_m = i0 + tl.arange(0, BM)
-                rows = offs_m < Lb
-                q = _load_tile(Q + b * sqb + h * sqh, q0, offs_m, Lb, sqt, offs_d, D, sqd)
-                do = _load_tile(DO + b * sob + h * soh, q0, offs_m, Lb, sot, offs_dv, DV, sod)
-                row_off = b * slb + h * slh + (q0 + offs_m) * slt
-                m = tl.load(Lse + row_off, mask=rows, other=float("inf"))
-                log_l = tl.load(Lse + row_off + 1, mask=rows, other=0.0)
-                delta = tl.load(Delta + row_off, mask=rows, other=0.0)
-                mptrs = Mask + b * smb + h * smh + offs_m[:, None] * sml + offs_n[None, :] * sms
-                s = _scores(
-                    q,
-                    k,
-                    offs_m,
-                    offs_n,
-                    Lb,
-                    Sb,
-                    scale,
-                    mptrs,
-                    left,
-                    right,
-                    num_global,
-                    CAUSAL,
-                    WINDOWED,
-                    MASK_KIND,
-                    PREC,
-                )
-                pz, ds = _bwd_probs(
-                    s,
-                    m,
-                    log_l,
-                    delta,
-                    do,
-                    v,
-                    offs_m,
-                    offs_n,
-                    b * H + h,
-                    dropout_p,
-                    keep_scale,
-                    seed_lo,
-                    seed_hi,
-                    DROPOUT,
-                    PREC,
-                )
-                dv += tl.dot(tl.trans(pz).to(do.dtype), do, input_precision=PREC)
-                dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
+    g_lo, g_hi, lo, mid, hi = _visible(j0, j0 + BN, Lb, right, left, num_global, BM, CAUSAL, False, WINDOWED)
+    for g in range(group):
+        h = hk * group + g  # int64 like hk (a loop counter is int32 whatever its bounds)
+        Qb = Q + b * sqb + h * sqh
+        DOb = DO + b * sob + h * soh
+        Mb = Mask + b * smb + h * smh
+        stat = Lse + b * slb + h * slh
+        Db = Delta + b * slb + h * slh
+        bh = b * H + h
+        # fmt: off
+        if WINDOWED:
+            dk, dv = _dkdv_blocks(dk, dv, k, v, Qb, DOb, Mb, stat, Db, q0, g_lo, g_hi, offs_n, Lb, Sb, sqt, sqd, sot,
+                                  sod, sml, sms, slt, offs_d, D, offs_dv, DV, scale, left, right, num_global,
+                                  dropout_p, keep_scale, seed_lo, seed_hi, bh, CAUSAL, True, MASK_KIND, DROPOUT,
+                                  PREC, BM)
+        # Causal without a window: the query blocks [lo, mid) hold the diagonal, those above it see every key.
+        dk, dv = _dkdv_blocks(dk, dv, k, v, Qb, DOb, Mb, stat, Db, q0, lo, mid, offs_n, Lb, Sb, sqt, sqd, sot, sod, sml,
+                              sms, slt, offs_d, D, offs_dv, DV, scale, left, right, num_global, dropout_p, keep_scale,
+                              seed_lo, seed_hi, bh, CAUSAL, WINDOWED, MASK_KIND, DROPOUT, PREC, BM)
+        if CAUSAL and not WINDOWED:
+            dk, dv = _dkdv_blocks(dk, dv, k, v, Qb, DOb, Mb, stat, Db, q0, mid, hi, offs_n, Lb, Sb, sqt, sqd, sot,
+                                  sod, sml, sms, slt, offs_d, D, offs_dv, DV, scale, left, right, num_global,
+                                  dropout_p, keep_scale, seed_lo, seed_hi, bh, False, False, MASK_KIND, DROPOUT,
+                                  PREC, BM)
+        # fmt: on
     _store_tile(DK + b * skb + hk * skh, dk * scale, k0, offs_n, Sb, skt, offs_d, D, skd)
     _store_tile(DV_ + b * svb + hk * svh, dv, k0, offs_n, Sb, svt, offs_dv, DV, svd)
 
 
-@triton.autotune(configs=_configs(True), key=_KEY)
+@triton.jit
+def _dq_blocks(
+    dq, q, do, m, log_l, delta, Kb, Vb, Mb, DMb, k0, lo, hi, offs_m, Lb, Sb, S, skt, skd, svt, svd, sml, sms,
+    offs_d, D, offs_dv, DV, scale, left, right, num_global, dropout_p, keep_scale, seed_lo, seed_hi, bh,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    PREC: tl.constexpr, BN: tl.constexpr, WRITE_DMASK: tl.constexpr,
+):  # fmt: skip
+    """dQ of one query block over the key blocks [lo, hi); dS into DMb (rows of S fp32) if asked."""
+    for j0 in range(lo, hi, BN):
+        offs_n = j0 + tl.arange(0, BN)
+        k = _load_tile(Kb, k0, offs_n, Sb, skt, offs_d, D, skd)
+        v = _load_tile(Vb, k0, offs_n, Sb, svt, offs_dv, DV, svd)
+        mptrs = _mask_ptrs(Mb, offs_m, sml, offs_n, sms)
+        s = _scores(
+            q, k, offs_m, offs_n, Lb, Sb, scale, mptrs, left, right, num_global, CAUSAL, WINDOWED, MASK_KIND, PREC
+        )
+        _, ds = _bwd_probs(
+            s, m, log_l, delta, do, v, offs_m, offs_n, bh, dropout_p, keep_scale, seed_lo, seed_hi, DROPOUT, PREC
+        )
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        if WRITE_DMASK:
+            tl.store(_mask_ptrs(DMb, offs_m, S, offs_n, 1), ds, mask=(offs_m < Lb)[:, None] & (offs_n < Sb)[None, :])
+    return dq
+
+
+@triton.autotune(configs=_configs(True), key=_KEY, prune_configs_by={"early_config_prune": _prune(True)})
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    Mask,
-    CuQ,
-    CuK,
-    DO,
-    Lse,
-    Delta,
-    DQ,
-    DMask,
-    sqb,
-    sqh,
-    sqt,
-    sqd,
-    skb,
-    skh,
-    skt,
-    skd,
-    svb,
-    svh,
-    svt,
-    svd,
-    sob,
-    soh,
-    sot,
-    sod,
-    smb,
-    smh,
-    sml,
-    sms,
-    slb,
-    slh,
-    slt,
-    H,
-    group,
-    L,
-    S,
-    D,
-    DV,
-    scale,
-    left,
-    right,
-    num_global,
-    dropout_p,
-    keep_scale,
-    seed_lo,
-    seed_hi,
-    CAUSAL: tl.constexpr,
-    WINDOWED: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    VARLEN: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    PREC: tl.constexpr,
-    BD: tl.constexpr,
-    BDV: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    WRITE_DMASK: tl.constexpr,
-):
+    Q, K, V, Mask, CuQ, CuK, DO, Lse, Delta, DQ, DMask,
+    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, smb, smh, sml, sms, slb, slh, slt,
+    H, group, L, S, D, DV, scale, left, right, num_global, dropout_p, keep_scale, seed_lo, seed_hi, L_BUCKET, S_BUCKET,
+    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, VARLEN: tl.constexpr,
+    DROPOUT: tl.constexpr, PREC: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, WRITE_DMASK: tl.constexpr,
+):  # fmt: skip
     """dQ (laid out like Q) of one query block; dS into DMask (contiguous (B, H, L, S) fp32) if asked."""
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    i0, b, h = _program(L, BM, H, CAUSAL)
     hk = h // group
     q0, Lb = _seq(CuQ, b, L, VARLEN)
     k0, Sb = _seq(CuK, b, S, VARLEN)
-    i0 = tl.program_id(0) * BM
     if i0 >= Lb:
         return
     offs_m = i0 + tl.arange(0, BM)
@@ -485,33 +471,30 @@ def _attention_bwd_dq_kernel(
     rows = offs_m < Lb
     q = _load_tile(Q + b * sqb + h * sqh, q0, offs_m, Lb, sqt, offs_d, D, sqd)
     do = _load_tile(DO + b * sob + h * soh, q0, offs_m, Lb, sot, offs_dv, DV, sod)
-    row_off = b * slb + h * slh + (q0 + offs_m) * slt
+    row_off = b * slb + h * slh + (q0 + offs_m).to(tl.int64) * slt
     m = tl.load(Lse + row_off, mask=rows, other=float("inf"))
     log_l = tl.load(Lse + row_off + 1, mask=rows, other=0.0)
     delta = tl.load(Delta + row_off, mask=rows, other=0.0)
     dq = tl.zeros([BM, BD], tl.float32)
-    hi = Sb
-    if CAUSAL:
-        hi = tl.minimum(hi, i0 + BM)
-    for j0 in range(0, hi, BN):
-        if _block_any(i0, i0 + BM, j0, j0 + BN, left, right, num_global, CAUSAL, WINDOWED):
-            offs_n = j0 + tl.arange(0, BN)
-            k = _load_tile(K + b * skb + hk * skh, k0, offs_n, Sb, skt, offs_d, D, skd)
-            v = _load_tile(V + b * svb + hk * svh, k0, offs_n, Sb, svt, offs_dv, DV, svd)
-            mptrs = Mask + b * smb + h * smh + offs_m[:, None] * sml + offs_n[None, :] * sms
-            s = _scores(
-                q, k, offs_m, offs_n, Lb, Sb, scale, mptrs, left, right, num_global, CAUSAL, WINDOWED, MASK_KIND, PREC
-            )
-            _, ds = _bwd_probs(
-                s, m, log_l, delta, do, v, offs_m, offs_n, bh, dropout_p, keep_scale, seed_lo, seed_hi, DROPOUT, PREC
-            )
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-            if WRITE_DMASK:
-                tl.store(
-                    DMask + ((b * H + h) * L + offs_m[:, None]) * S + offs_n[None, :],
-                    ds,
-                    mask=rows[:, None] & (offs_n < Sb)[None, :],
-                )
+    bh = b * H + h
+    Kb = K + b * skb + hk * skh
+    Vb = V + b * svb + hk * svh
+    Mb = Mask + b * smb + h * smh
+    DMb = DMask + bh * L * S
+    g_lo, g_hi, lo, mid, hi = _visible(i0, i0 + BM, Sb, left, right, num_global, BN, CAUSAL, True, WINDOWED)
+    # fmt: off
+    if WINDOWED:
+        dq = _dq_blocks(dq, q, do, m, log_l, delta, Kb, Vb, Mb, DMb, k0, g_lo, g_hi, offs_m, Lb, Sb, S, skt, skd, svt,
+                        svd, sml, sms, offs_d, D, offs_dv, DV, scale, left, right, num_global, dropout_p, keep_scale,
+                        seed_lo, seed_hi, bh, CAUSAL, True, MASK_KIND, DROPOUT, PREC, BN, WRITE_DMASK)
+    dq = _dq_blocks(dq, q, do, m, log_l, delta, Kb, Vb, Mb, DMb, k0, lo, mid, offs_m, Lb, Sb, S, skt, skd, svt, svd,
+                    sml, sms, offs_d, D, offs_dv, DV, scale, left, right, num_global, dropout_p, keep_scale, seed_lo,
+                    seed_hi, bh, CAUSAL and WINDOWED, WINDOWED, MASK_KIND, DROPOUT, PREC, BN, WRITE_DMASK)
+    if CAUSAL and not WINDOWED:
+        dq = _dq_blocks(dq, q, do, m, log_l, delta, Kb, Vb, Mb, DMb, k0, mid, hi, offs_m, Lb, Sb, S, skt, skd, svt,
+                        svd, sml, sms, offs_d, D, offs_dv, DV, scale, left, right, num_global, dropout_p, keep_scale,
+                        seed_lo, seed_hi, bh, True, False, MASK_KIND, DROPOUT, PREC, BN, WRITE_DMASK)
+    # fmt: on
     _store_tile(DQ + b * sqb + h * sqh, dq * scale, q0, offs_m, Lb, sqt, offs_d, D, sqd)
 
 
@@ -552,6 +535,8 @@ def _common(
         1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0,  # keep_scale; p = 1 keeps nothing
         seed & 0x7FFFFFFF,
         seed >> 32,
+        triton.next_power_of_2(max_q),
+        triton.next_power_of_2(max_k),
     ]
     meta = {
         "CAUSAL": causal,
@@ -559,11 +544,19 @@ def _common(
         "MASK_KIND": 0 if mask is None else (1 if mask.dtype == torch.bool else 2),
         "VARLEN": varlen,
         "DROPOUT": dropout_p > 0.0,
-        "PREC": "ieee" if q.dtype == torch.float32 else "tf32",
+        "PREC": precision(q.dtype),
         "BD": max(16, triton.next_power_of_2(D)),
         "BDV": max(16, triton.next_power_of_2(DV)),
     }
     return batch, H, Hk, args, meta
+
+
+def precision(dtype: torch.dtype) -> str:
+    """The dots' input precision. fp16 / bf16 run on tensor cores either way; fp32 uses TF32 where torch's
+    matmuls may (torch.backends.cuda.matmul.allow_tf32), else IEEE fp32 products on smaller tiles (IEEE_TILES)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def _optional(dummy: torch.Tensor, *ts: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -578,7 +571,7 @@ def attention_fwd(
     batch, H, _, args, meta = _common(
         q, k, v, mask, cu_q, out, lse, max_q, max_k, scale, causal, windowed, left, right, num_global, dropout_p, seed
     )
-    grid = lambda m: (triton.cdiv(max_q, m["BM"]), batch * H)
+    grid = lambda m: (triton.cdiv(max_q, m["BM"]) * batch * H,)
     _attention_fwd_kernel[grid](q, k, v, *_optional(lse, mask, cu_q, cu_k), out, lse, *args, **meta)
 
 
@@ -632,9 +625,9 @@ def attention_bwd(
     )
     ptrs = _optional(lse, mask, cu_q, cu_k)
     # dK/dV share q/k/v strides with their inputs only if those are contiguous too: pass contiguous inputs.
-    grid_kv = lambda m: (triton.cdiv(max_k, m["BN"]), batch * Hk)
+    grid_kv = lambda m: (triton.cdiv(max_k, m["BN"]) * batch * Hk,)
     _attention_bwd_dkdv_kernel[grid_kv](q, k, v, *ptrs, grad_out, lse, delta, dk, dv, *args, **meta)
-    grid_q = lambda m: (triton.cdiv(max_q, m["BM"]), batch * H)
+    grid_q = lambda m: (triton.cdiv(max_q, m["BM"]) * batch * H,)
     _attention_bwd_dq_kernel[grid_q](
         q, k, v, *ptrs, grad_out, lse, delta, dq, *_optional(lse, dmask), *args, **meta, WRITE_DMASK=dmask is not None
     )

@@ -65,6 +65,7 @@ def _bias_gelu_fwd_kernel(
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
+    rm = rm.to(tl.int64)  # row * stride passes 2^31 past 2^31 elements (ViT-B's GELU input at batch 4096)
     v = tl.load(x + rm[:, None] * sx_m + rn[None, :] * sx_n, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         v += tl.load(bias + rn * s_b, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -82,6 +83,7 @@ def _bias_gelu_bwd_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
+    rm = rm.to(tl.int64)
     v = tl.load(x + rm[:, None] * sx_m + rn[None, :] * sx_n, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         v += tl.load(bias + rn * s_b, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -89,7 +91,7 @@ def _bias_gelu_bwd_kernel(
     d = tl.where(mask, g * _gelu_grad(v, TANH), 0.0)
     tl.store(gx + rm[:, None] * sgx_m + rn[None, :], d.to(gx.dtype.element_ty), mask=mask)
     if NEED_BIAS:
-        tl.store(partial + pid_m * N + rn, tl.sum(d, axis=0), mask=rn < N)
+        tl.store(partial + pid_m.to(tl.int64) * N + rn, tl.sum(d, axis=0), mask=rn < N)
 
 
 def _tiles(M, N):
@@ -131,7 +133,7 @@ def _add_ln_fwd_kernel(
     x, r, w, b, s, out, mean, rstd, M, D, eps, sx_m, sx_d, sr_m, sr_d, s_w, s_b, ss_m, so_m,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rd = tl.arange(0, BLOCK_D)
     dmask = rd < D
     mask = (rm[:, None] < M) & dmask[None, :]
@@ -170,7 +172,7 @@ def _add_ln_bwd_kernel(
     acc_w = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(pid * rows_per_prog, (pid + 1) * rows_per_prog, BLOCK_M):
-        rm = start + tl.arange(0, BLOCK_M)
+        rm = (start + tl.arange(0, BLOCK_M)).to(tl.int64)
         rmask = (rm < M) & (rm < (pid + 1) * rows_per_prog)
         mask = rmask[:, None] & dmask[None, :]
         mu = tl.load(mean + rm, mask=rmask, other=0.0)
@@ -190,8 +192,8 @@ def _add_ln_bwd_kernel(
             acc_w += tl.sum(g_o * xh, axis=0)
             acc_b += tl.sum(g_o, axis=0)
     if NEED_PARAMS:
-        tl.store(pw + pid * D + rd, acc_w, mask=dmask)
-        tl.store(pb + pid * D + rd, acc_b, mask=dmask)
+        tl.store(pw + pid.to(tl.int64) * D + rd, acc_w, mask=dmask)
+        tl.store(pb + pid.to(tl.int64) * D + rd, acc_b, mask=dmask)
 
 
 def _ln_block(M, D):

@@ -54,8 +54,8 @@ def _dot(a, b, acc):
 
 @triton.jit
 def _patch_element_offsets(k, P: tl.constexpr, s_c, s_y, s_x):
-    """Offset of patch element k = (c, py, px) from the patch origin."""
-    c = k // (P * P)
+    """Offset of patch element k = (c, py, px) from the patch origin (int64: c * s_c can pass 2^31)."""
+    c = (k // (P * P)).to(tl.int64)
     r = k % (P * P)
     return c * s_c + (r // P) * s_y + (r % P) * s_x
 
