@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from benchmarks import harness
 from mmkern import reference
-from mmkern.ops import scaled_dot_product_attention
+from mmkern.ops import scaled_dot_product_attention, varlen_attention
 
 
 def _cases(quick: bool):
@@ -40,6 +40,7 @@ def _cases(quick: bool):
     ]
     for L in (4096, 16384):
         cases.append((f"window256_L{L}", 1, 4 // scale if scale > 1 else 4, L, 64, False, (256, 256)))
+    cases.append(("varlen_causal", 1, 12 // scale, sum(VARLEN_LENGTHS), 64, True, "varlen"))
     return cases
 
 
@@ -65,6 +66,39 @@ def _flops(B, H, L, D, causal, window) -> float:
     else:
         pairs = L * (L + 1) / 2 if causal else L * L
     return 4.0 * B * H * pairs * D
+
+
+# Packed causal sequences (a varlen batch of a decoder or a native-resolution ViT): lengths in tokens.
+VARLEN_LENGTHS = [2048, 1024, 1024, 512, 512, 512, 256, 256, 128, 128, 77, 33]
+
+
+def _varlen_contenders(device, H, D):
+    """(cu_seqlens, flops, contenders) for the packed case: mmkern's varlen_attention against what a user has
+    without it, torch SDPA run sequence by sequence (each torch backend)."""
+    lengths = VARLEN_LENGTHS
+    cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    spans = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    flops = sum(4.0 * H * D * n * (n + 1) / 2 for n in lengths)
+    most = max(lengths)
+    contenders = [
+        (
+            f"mmkern_{b}",
+            lambda q, k, v, b=b: varlen_attention(q, k, v, cu, cu, most, most, causal=True, backend=b),
+            contextlib.nullcontext,
+        )
+        for b in _mmkern_backends(device)
+        if b is not None
+    ]
+
+    def per_sequence(q, k, v):
+        one = lambda t, s, e: t[s:e].transpose(0, 1)[None]  # token rows -> (1, H, n, D)
+        outs = [
+            F.scaled_dot_product_attention(one(q, s, e), one(k, s, e), one(v, s, e), is_causal=True) for s, e in spans
+        ]
+        return torch.cat([o[0].transpose(0, 1) for o in outs])
+
+    contenders += [(label, per_sequence, ctx) for label, ctx in _torch_variants(device)]
+    return cu, flops, contenders
 
 
 def _torch_variants(device: torch.device):
@@ -182,7 +216,13 @@ def main(argv=None) -> list[dict]:
             continue
         gen = torch.Generator(device="cpu").manual_seed(0)
         demo_mask = None
-        if name.startswith("demo"):
+        if window == "varlen":
+            leaves = [torch.randn(L, H, D, generator=gen).to(device, dtype).requires_grad_() for _ in range(3)]
+            grad = torch.randn(L, H, D, generator=gen).to(device, dtype)
+            _, flops, contenders = _varlen_contenders(device, H, D)
+            window = None
+            make_inputs = lambda leaves=leaves: leaves
+        elif name.startswith("demo"):
             qkv, demo_mask = _demo_inputs(B, H, L, D, window == "padding", device, dtype, gen)
             leaves = [qkv]
 
@@ -196,12 +236,14 @@ def main(argv=None) -> list[dict]:
             def make_inputs(leaves=leaves):
                 return leaves
 
-        # The output gradient in the layout a Transformer block sends back through o.transpose(1, 2).reshape(B, L, -1):
-        # (B, L, H, D) memory. torch's SDPA copies a (B, H, L, D)-contiguous one first, so that would flatter mmkern.
-        grad = torch.randn(B, L, H, D, generator=gen).to(device, dtype).transpose(1, 2)
-        flops = _flops(B, H, L, D, causal or demo_mask is not None, window)
-        contenders = []
-        for backend in _mmkern_backends(device):
+        if not name.startswith("varlen"):
+            # The output gradient in the layout a Transformer block sends back through o.transpose(1, 2).reshape(B,
+            # L, -1): (B, L, H, D) memory. torch's SDPA copies a (B, H, L, D)-contiguous one first, which would flatter
+            # mmkern.
+            grad = torch.randn(B, L, H, D, generator=gen).to(device, dtype).transpose(1, 2)
+            flops = _flops(B, H, L, D, causal or demo_mask is not None, window)
+            contenders = []
+        for backend in _mmkern_backends(device) if not name.startswith("varlen") else []:
             contenders.append(
                 (
                     f"mmkern_{backend or 'default'}",
@@ -214,7 +256,7 @@ def main(argv=None) -> list[dict]:
         dense_mask = demo_mask
         if window is not None:
             dense_mask = reference.attention_allowed(L, L, window=window, device=device)
-        if window is None or L <= 4096 or device.type == "cuda":
+        if not name.startswith("varlen") and (window is None or L <= 4096 or device.type == "cuda"):
             for label, ctx in _torch_variants(device):
                 contenders.append(
                     (
@@ -225,7 +267,7 @@ def main(argv=None) -> list[dict]:
                         ctx,
                     )
                 )
-        if window is None and demo_mask is None:
+        if window is None and demo_mask is None and not name.startswith("varlen"):
             for label, fn in _external(device):
                 contenders.append((label, lambda q, k, v, fn=fn, c=causal: fn(q, k, v, c), contextlib.nullcontext))
         case_repeats = 10 * repeats if name.startswith("demo") else repeats

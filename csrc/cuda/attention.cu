@@ -101,6 +101,17 @@ __device__ void load_tile(T* dst, int R, int ld, const T* src, const Layout& lay
   }
 }
 
+// Grid: x = blocks along the sequence, (y, z) = batch·head split at 65,535 (the limit of axes y and z), so that
+// batch·heads up to 2^32 launch and the blocks of one head still run next to each other.
+constexpr int64_t kGridY = 65535;
+
+dim3 grid_of(int64_t blocks, int64_t batch_heads) {
+  return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(batch_heads < kGridY ? batch_heads : kGridY),
+              static_cast<unsigned>((batch_heads + kGridY - 1) / kGridY));
+}
+
+__device__ inline int64_t grid_batch_head() { return static_cast<int64_t>(blockIdx.z) * kGridY + blockIdx.y; }
+
 // Score s (already scaled) of query i, key j after the float / bool mask and visibility; -inf if hidden.
 __device__ inline float masked_score(const Params& p, float s, int64_t b, int64_t h, int64_t i, int64_t j,
                                      int64_t L, int64_t S) {
@@ -116,7 +127,9 @@ __device__ inline float masked_score(const Params& p, float s, int64_t b, int64_
 template <typename T, int BM, int BN>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
   const Problem& pb = p.pb;
-  const int64_t bh = blockIdx.y, b = bh / pb.heads_q, h = bh % pb.heads_q, hk = h / (pb.heads_q / pb.heads_k);
+  const int64_t bh = grid_batch_head();
+  if (bh >= pb.batch * pb.heads_q) return;
+  const int64_t b = bh / pb.heads_q, h = bh % pb.heads_q, hk = h / (pb.heads_q / pb.heads_k);
   const int64_t L = pb.len_q(b), S = pb.len_k(b), i0 = static_cast<int64_t>(blockIdx.x) * BM;
   if (i0 >= L) return;
   const int Dp = p.dp, DVp = p.dvp;
@@ -185,7 +198,9 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
 template <typename T>
 __global__ void attention_delta_kernel(Params p) {
   const Problem& pb = p.pb;
-  const int64_t bh = blockIdx.y, b = bh / pb.heads_q, h = bh % pb.heads_q;
+  const int64_t bh = grid_batch_head();
+  if (bh >= pb.batch * pb.heads_q) return;
+  const int64_t b = bh / pb.heads_q, h = bh % pb.heads_q;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= pb.len_q(b)) return;
   const int64_t t = pb.q_start(b) + i;
@@ -264,7 +279,9 @@ __device__ void load_query_rows(const Params& p, int64_t b, int64_t h, int64_t i
 template <typename T, int BM, int BN>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) {
   const Problem& pb = p.pb;
-  const int64_t group = pb.heads_q / pb.heads_k, bhk = blockIdx.y, b = bhk / pb.heads_k, hk = bhk % pb.heads_k;
+  const int64_t bhk = grid_batch_head();
+  if (bhk >= pb.batch * pb.heads_k) return;
+  const int64_t group = pb.heads_q / pb.heads_k, b = bhk / pb.heads_k, hk = bhk % pb.heads_k;
   const int64_t L = pb.len_q(b), S = pb.len_k(b), j0 = static_cast<int64_t>(blockIdx.x) * BN;
   if (j0 >= S) return;
   MMK_BWD_SMEM
@@ -299,7 +316,9 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) 
 template <typename T, int BM, int BN>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
   const Problem& pb = p.pb;
-  const int64_t bh = blockIdx.y, b = bh / pb.heads_q, h = bh % pb.heads_q, hk = h / (pb.heads_q / pb.heads_k);
+  const int64_t bh = grid_batch_head();
+  if (bh >= pb.batch * pb.heads_q) return;
+  const int64_t b = bh / pb.heads_q, h = bh % pb.heads_q, hk = h / (pb.heads_q / pb.heads_k);
   const int64_t L = pb.len_q(b), S = pb.len_k(b), i0 = static_cast<int64_t>(blockIdx.x) * BM;
   if (i0 >= L) return;
   MMK_BWD_SMEM
@@ -378,14 +397,14 @@ Params make_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
 template <typename T>
 cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
   const int64_t limit = max_smem();
-  const dim3 grid64((p.pb.max_len_q + 63) / 64, p.pb.batch * p.pb.heads_q);
+  const dim3 grid64 = grid_of((p.pb.max_len_q + 63) / 64, p.pb.batch * p.pb.heads_q);
   const size_t s64 = fwd_smem(sizeof(T), 64, 64, p.dp, p.dvp), s32 = fwd_smem(sizeof(T), 32, 32, p.dp, p.dvp);
   if (static_cast<int64_t>(s64) <= limit)
     return launch(attention_fwd_kernel<T, 64, 64>, grid64, s64, p, stream);
-  const dim3 grid32((p.pb.max_len_q + 31) / 32, p.pb.batch * p.pb.heads_q);
+  const dim3 grid32 = grid_of((p.pb.max_len_q + 31) / 32, p.pb.batch * p.pb.heads_q);
   if (static_cast<int64_t>(s32) <= limit)
     return launch(attention_fwd_kernel<T, 32, 32>, grid32, s32, p, stream);
-  const dim3 grid16((p.pb.max_len_q + 15) / 16, p.pb.batch * p.pb.heads_q);
+  const dim3 grid16 = grid_of((p.pb.max_len_q + 15) / 16, p.pb.batch * p.pb.heads_q);
   return launch(attention_fwd_kernel<T, 16, 16>, grid16, fwd_smem(sizeof(T), 16, 16, p.dp, p.dvp), p,
                                  stream);
 }
@@ -393,16 +412,16 @@ cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
 template <typename T, int B>
 cudaError_t run_bwd_tiles(const Params& p, cudaStream_t stream) {
   const size_t smem = BwdSmem::bytes<T>(B, B, p.dp, p.dvp);
-  const dim3 grid_kv((p.pb.max_len_k + B - 1) / B, p.pb.batch * p.pb.heads_k);
+  const dim3 grid_kv = grid_of((p.pb.max_len_k + B - 1) / B, p.pb.batch * p.pb.heads_k);
   cudaError_t err = launch(attention_bwd_dkdv_kernel<T, B, B>, grid_kv, smem, p, stream);
   if (err != cudaSuccess) return err;
-  const dim3 grid_q((p.pb.max_len_q + B - 1) / B, p.pb.batch * p.pb.heads_q);
+  const dim3 grid_q = grid_of((p.pb.max_len_q + B - 1) / B, p.pb.batch * p.pb.heads_q);
   return launch(attention_bwd_dq_kernel<T, B, B>, grid_q, smem, p, stream);
 }
 
 template <typename T>
 cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
-  const dim3 grid_delta((p.pb.max_len_q + kThreads - 1) / kThreads, p.pb.batch * p.pb.heads_q);
+  const dim3 grid_delta = grid_of((p.pb.max_len_q + kThreads - 1) / kThreads, p.pb.batch * p.pb.heads_q);
   attention_delta_kernel<T><<<grid_delta, kThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
