@@ -10,7 +10,8 @@ padded: the same tower and weights as a user runs it with timm-style dynamic_img
 Ratio = padded time / packed time (> 1: packing is faster). Memory: the CUDA allocator's peak on GPUs; on the CPU the
 bytes of the tensors autograd saves for backward (the activations; the RSS high-water mark is too coarse for this).
 Defaults are the issue's target: 64 images with sides drawn from 64-512 px and aspect ratios 1:3-3:1 (seed 0),
-ViT-B/16; on a CPU pass e.g. --size s --depth 1.
+ViT-B/16; on a CPU pass e.g. --size s --depth 1. Both towers run their last block over every token (the packed
+tower's class-token-only last block would add its own gain).
 
     python -m benchmarks.bench_native_resolution [--images 64] [--size b] [--depth N] [--threads N] [--repeats 3]
 """
@@ -73,6 +74,7 @@ def run(args) -> list[dict]:
     torch.manual_seed(0)
     config = vit_config(args.size, 16, 224, dynamic_img_size=True, **({"depth": args.depth} if args.depth else {}))
     model = VisionTransformer(config).to(device, dtype).train()
+    model.pooled_rows_only = False  # the packing alone: both last blocks over every token
     sizes = image_sizes(args.images, args.min_side, args.max_side, 16, args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     images = [torch.randn(3, h, w, generator=gen).to(device, dtype) for h, w in sizes]

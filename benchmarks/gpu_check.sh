@@ -39,7 +39,7 @@ step "GPU tests"
 if has pytest && has hypothesis; then
   timeout 120 "$PY" -m pytest -q -p no:cacheprovider -k "gpu or cuda or override" \
     tests/test_attention.py tests/test_attention_vs_torch.py tests/test_fused.py tests/test_contrastive.py \
-    tests/test_patch_embed.py tests/test_backends.py 2>&1 | tail -30 | tee -a "$log"
+    tests/test_patch_embed.py tests/test_patch_embed_packed.py tests/test_backends.py 2>&1 | tail -30 | tee -a "$log"
 else
   echo "pytest / hypothesis missing: tests skipped" | tee -a "$log"
 fi
@@ -55,4 +55,6 @@ for op in fused contrastive patch_embed; do
   step "bench $op"
   timeout 30 "$PY" -m "benchmarks.bench_$op" --quick 2>&1 | tail -20 | tee -a "$log"
 done
+step "bench native_resolution (the issue target: 64 images 64-512 px, ViT-B/16, packed vs padded)"
+timeout 60 "$PY" -m benchmarks.bench_native_resolution 2>&1 | tail -8 | tee -a "$log"
 step "done in $((SECONDS - start)) s"

@@ -28,9 +28,6 @@ import tempfile
 import time
 
 import torch
-
-os.environ.pop("TRITON_INTERPRET", None)  # the real kernels, not the interpreter's stand-ins
-
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -169,13 +166,10 @@ def _configs(kernel, kwargs, arch: int) -> list[triton.Config]:
         return [triton.Config({}, **opts)]
     configs = kernel.configs
     if kernel.fn.__name__.startswith("_attention"):
-        elem = torch.empty((), dtype=_elem_dtype(kernel, kwargs)).element_size()
-        configs = attention.fitting_configs(configs, elem, kwargs, SHARED_LIMIT[arch], "bwd" in kernel.fn.__name__)
+        elem = torch.empty((), dtype=kwargs["_dtype"]).element_size()
+        kind = kernel.fn.__name__.split("_")[-2]  # _attention_{fwd,bwd_dkdv,bwd_dq}_kernel
+        configs = attention.fitting_configs(configs, elem, kwargs, SHARED_LIMIT[arch], kind)
     return configs
-
-
-def _elem_dtype(kernel, kwargs):
-    return kwargs["_dtype"]
 
 
 def _signature(fn: JITFunction, values: dict):
@@ -293,9 +287,14 @@ def _run_task(i: int) -> dict:
 def report(archs=(90, 80), first_config=False, jobs=1, head_dims=(64, 128, 256), only=None) -> list[dict]:
     _TASKS[:] = tasks(archs, first_config, head_dims, only)
     if jobs <= 1:
-        return [_run_task(i) for i in range(len(_TASKS))]
+        return [_run_task(i) for i in range(len(_TASKS))]  # in this process: no fork
+    records = []
     with multiprocessing.get_context("fork").Pool(jobs) as pool:
-        return pool.map(_run_task, range(len(_TASKS)), chunksize=1)
+        for rec in pool.imap(_run_task, range(len(_TASKS))):
+            records.append(rec)
+            if len(records) % 50 == 0:
+                print(f"{len(records)}/{len(_TASKS)} compiled", file=sys.stderr, flush=True)
+    return records
 
 
 def check(records: list[dict]) -> list[str]:
@@ -353,6 +352,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", help="JSON file for the records")
     a = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        ap.error("TRITON_INTERPRET is set: the kernels were made for the interpreter; unset it to compile them")
     for arch in a.arch:
         if arch not in SHARED_LIMIT:
             ap.error(f"--arch: no shared-memory limit known for {arch}; known: {sorted(SHARED_LIMIT)}")

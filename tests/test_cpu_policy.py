@@ -52,7 +52,7 @@ def test_default_follows_the_policy_at_every_level(level, monkeypatch):
     s = torch.tensor(5.0)
     cases = [
         ("add_layer_norm", lambda: add_layer_norm(x, x), cpu_policy.add_layer_norm),
-        ("bias_gelu", lambda: bias_gelu(x), cpu_policy.bias_gelu),
+        ("bias_gelu", lambda: bias_gelu(x), lambda: cpu_policy.bias_gelu(x.numel(), False)),
         ("patch_embed", lambda: patch_embed(images, w), lambda: cpu_policy.patch_embed(False)),
         ("patch_embed", lambda: patch_embed(images.bfloat16(), w.bfloat16()), lambda: cpu_policy.patch_embed(True)),
         (
@@ -60,9 +60,9 @@ def test_default_follows_the_policy_at_every_level(level, monkeypatch):
             lambda: patch_embed_packed([images[0]], w),
             lambda: cpu_policy.patch_embed_packed(False),
         ),
-        ("clip_loss", lambda: clip_loss(x, x, s), lambda: cpu_policy.contrastive(True, 256, 256, 64)),
-        ("siglip_loss", lambda: siglip_loss(x, x, s, -s), lambda: cpu_policy.contrastive(True, 256, 256, 64)),
-        ("infonce", lambda: infonce(x, x, s), lambda: cpu_policy.contrastive(False, 256, 256, 64)),
+        ("clip_loss", lambda: clip_loss(x, x, s), lambda: cpu_policy.contrastive("clip", 256, 256, 64)),
+        ("siglip_loss", lambda: siglip_loss(x, x, s, -s), lambda: cpu_policy.contrastive("siglip", 256, 256, 64)),
+        ("infonce", lambda: infonce(x, x, s), lambda: cpu_policy.contrastive("infonce", 256, 256, 64)),
     ]
     with mmkern.use_cpu_capability(level):
         for name, call, native in cases:
@@ -82,9 +82,14 @@ def test_policy_regions():
             assert cpu_policy.patch_embed(True)  # bf16: native everywhere
             assert cpu_policy.patch_embed(False) == (level != "default")
             assert cpu_policy.patch_embed_packed(True) == cpu_policy.patch_embed_packed(False) == (level != "default")
-            assert cpu_policy.contrastive(True, 1 << 14, 1 << 14, 512)  # past the memory bound: always native
-            assert not cpu_policy.contrastive(True, 64, 64, 64)  # small batches: the naive loss
-            assert cpu_policy.bias_gelu()
+            for loss in ("clip", "siglip", "infonce"):
+                assert cpu_policy.contrastive(loss, 1 << 14, 1 << 14, 512)  # past the memory bound: always native
+                assert not cpu_policy.contrastive(loss, 64, 64, 64)  # small batches: the naive loss
+            assert cpu_policy.contrastive("clip", 1024, 1024, 64)  # CLIP's narrow large batches: native everywhere
+            assert cpu_policy.bias_gelu(1 << 20, grad=True) and not cpu_policy.bias_gelu(1 << 16, grad=True)
+            assert cpu_policy.bias_gelu(1 << 22, grad=False) and not cpu_policy.bias_gelu(1 << 20, grad=False)
+            assert cpu_policy.attention(4096, 4096, 128, False, True) == (level != "default")
+            assert cpu_policy.attention(17, 17, 16, False, True)  # the demo's tiny heads: native everywhere
             assert cpu_policy.add_layer_norm() == (level == "default")
 
 

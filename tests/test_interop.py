@@ -313,3 +313,18 @@ def test_all_minilm_l6_v2_matches_sentence_transformers():
     assert embeddings.shape == (8, 384)
     assert_match(embeddings, theirs, "all-MiniLM-L6-v2", cosine_min=0.9999)
     torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(8))
+
+
+def test_hf_clip_native_resolution_matches_interpolate_pos_encoding():
+    """Images of their own sizes, packed, against transformers' CLIP run one image at a time with
+    interpolate_pos_encoding=True (bicubic position resampling without antialiasing, align_corners=False)."""
+    hf = tiny_hf_clip()
+    ours = CLIP.from_hf(hf).eval()
+    gen = torch.Generator().manual_seed(0)
+    sizes = [(32, 32), (8, 8), (16, 48), (56, 24), (8, 64)]  # patch 8: the model's own grid, 1x1, strips
+    images = [torch.randn(3, h, w, generator=gen) for h, w in sizes]
+    with torch.no_grad():
+        packed = ours.encode_image(images, antialias=False)
+        for i, image in enumerate(images):
+            theirs = hf.get_image_features(pixel_values=image[None], interpolate_pos_encoding=True)
+            assert_match(packed[i : i + 1], _features(theirs), f"packed image {sizes[i]}")

@@ -52,8 +52,11 @@ def test_packed_matches_each_image_alone(kw):
     with torch.no_grad():
         packed = model.forward_packed(images)
         alone = torch.cat([model(image[None]) for image in images])
+        model.pooled_rows_only = False  # token pooling: the last block over every token, then the class rows
+        every_row = model.forward_packed(images)
     assert packed.shape == (len(images), 8)
     torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(every_row, alone, rtol=1e-4, atol=1e-5)
 
 
 def test_gradients_and_checkpointing():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from mmkern import backends
 from mmkern.ops.patch_embed_packed import _patch_embed_packed_op, fit_grid, patch_embed_packed, pos_taps
 from tests.checks import assert_close, backends_for, dtypes_for, kernel_backends
 
@@ -195,3 +196,24 @@ def test_compile_fullgraph():
     torch._dynamo.reset()
     got = torch.compile(fn, fullgraph=True)(*images)
     assert_close(got, fn(*images), torch.float32, "compiled")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_backends_match_reference(backend, dtype):
+    """The cuda and triton kernels on CUDA tensors, forward and backward, against the float64 reference on the CPU."""
+    if backends.unavailable_reason(backend, "cuda"):
+        pytest.skip(backends.unavailable_reason(backend, "cuda"))
+    grids, base = [(1, 1), (3, 17), (14, 14), (9, 2)], (14, 14)
+    inputs = _make(grids, 3, 4, 48, 1, base, "prefix", True, dtype, seed=7)
+    on_gpu = [[t.cuda() for t in x] if isinstance(x, list) else x.cuda() for x in inputs]
+    out, grads = _run(backend, on_gpu, base, "bicubic", True)
+    ref_inputs = [[t.double() for t in x] if isinstance(x, list) else x.double() for x in inputs]
+    ref, ref_grads = _run("reference", ref_inputs, base, "bicubic", True)
+    ref_grads = list(ref_grads)
+    if not all(_torch_adjoint_ok(base, g, "bicubic", True) for g in grids):
+        ref_grads[len(grids) + 2] = _grid_grad(ref_inputs, base, "bicubic", True, 1, "prefix", ref)
+    assert_close(out.tokens.cpu(), ref.tokens, dtype, "tokens")
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert_close(g.cpu(), r, dtype, f"grad {i}", factor=4)

@@ -195,6 +195,7 @@ class VisionTransformer(nn.Module):
         interpolation: str = "bicubic",
         antialias: bool = True,
         norm: bool = True,
+        pooled_rows: bool = False,
     ) -> ops.PackedPatches:
         """Images of their own sizes (a list of (C, H_i, W_i), sides multiples of the patch size unless
         `max_patches` resizes them, see ops.patch_embed_packed) packed into one sequence without padding (NaViT):
@@ -202,7 +203,8 @@ class VisionTransformer(nn.Module):
         default, "bilinear" for SigLIP 2 NaFlex) and every block attends within each image (varlen attention,
         windows included). `keep_rate` (a fraction, or a function of the patch grid (h, w) giving one) keeps that
         share of each image's patch tokens, drawn at random (NaViT token dropping; the prefix tokens stay).
-        Returns PackedPatches whose tokens are the final (normed) tokens (total, width)."""
+        Returns PackedPatches whose tokens are the final (normed) tokens (total, width); with `pooled_rows` the last
+        block computes each image's first token (its class token) only, and tokens is (N, width)."""
         weight, bias = self.patch_embed.proj.weight, self.patch_embed.proj.bias
         packed = ops.patch_embed_packed(
             [image.to(weight.dtype) for image in images],
@@ -225,7 +227,10 @@ class VisionTransformer(nn.Module):
                 return checkpoint(blk, x, use_reentrant=False, cu_seqlens=cu, max_seqlen=n, **kw)
             return blk(x, cu_seqlens=cu, max_seqlen=n, **kw)
 
-        return packed._replace(tokens=run_pre_norm(self.blocks, x, self.norm if norm else None, call))
+        rows = cu[:-1].long() if pooled_rows else None
+        if rows is not None and not len(self.blocks):  # no block to run for the rows alone
+            x, rows = x.index_select(0, rows), None
+        return packed._replace(tokens=run_pre_norm(self.blocks, x, self.norm if norm else None, call, rows))
 
     def pool_packed(self, packed: ops.PackedPatches) -> torch.Tensor:
         """Per-image pooling of packed tokens -> (N, width): the class token, the mean of the image's own patch
@@ -249,7 +254,10 @@ class VisionTransformer(nn.Module):
 
     def forward_packed(self, images: list[torch.Tensor], **kwargs) -> torch.Tensor:
         """images: a list of (C, H_i, W_i) of any sizes -> pooled features through the head (N, num_classes or
-        width), one row per image; keywords as forward_features_packed."""
+        width), one row per image; keywords as forward_features_packed. Class-token pooling runs the last block for
+        the class tokens alone, as forward does (pooled_rows_only)."""
+        if self.config.pool == "token" and self.pooled_rows_only:
+            return self.head(self.fc_norm(self.forward_features_packed(images, pooled_rows=True, **kwargs).tokens))
         return self.head(self.pool_packed(self.forward_features_packed(images, **kwargs)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

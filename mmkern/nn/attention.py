@@ -182,6 +182,21 @@ class Attention(nn.Module):
         o = ops.scaled_dot_product_attention(q, k, v, mask, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(B, 1, D)))
 
+    def forward_rows_packed(
+        self, x: torch.Tensor, rows: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+    ) -> torch.Tensor:
+        """forward(x, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen) for packed x (total, D) at `rows` ((N,) int64,
+        one row of each sequence, e.g. its class token) only -> (N, D); see forward_rows. Local layers run whole."""
+        if self.window is not None:
+            return self.forward(x, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).index_select(0, rows)
+        D, H, hd = x.shape[-1], self.num_heads, self.head_dim
+        w, b = self.qkv.weight, self.qkv.bias
+        q = F.linear(x.index_select(0, rows), w[:D], None if b is None else b[:D]).view(-1, H, hd)
+        k, v = F.linear(x, w[D:], None if b is None else b[D:]).view(-1, 2, H, hd).unbind(1)
+        cu_q = torch.arange(rows.shape[0] + 1, dtype=torch.int32, device=x.device)  # one query per sequence
+        o = ops.varlen_attention(q, k, v, cu_q, cu_seqlens, 1, max_seqlen)
+        return self.proj_drop(self.proj(o.reshape(-1, D)))
+
 
 class CrossAttention(nn.Module):
     """Multi-head attention from x (B, L, D) to context (B, S, kv_dim): `q`, `kv`, `proj` linears.

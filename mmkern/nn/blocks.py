@@ -112,7 +112,8 @@ class Block(nn.Module):
 
     forward(x (B, L, D) or packed (total, D), attn_mask=None, is_causal=False, context=None, context_mask=None,
     kv_cache=None, cu_seqlens=None, max_seqlen=None) -> same shape as x. With `rows` (an int, or (B,) int64 with
-    one position per sequence) it returns only those rows, (B, 1, D): the last layer of a token-pooled encoder
+    one position per sequence; packed: (N,) int64 row indices, one per sequence, giving (N, D)) it returns only
+    those rows, (B, 1, D): the last layer of a token-pooled encoder
     then attends from, and runs its MLP on, the pooled token alone (Attention.forward_rows).
 
     Under fused_elementwise() each residual add runs fused with the LayerNorm that follows it. Pre-norm
@@ -166,16 +167,20 @@ class Block(nn.Module):
         defer: bool = False,
         rows: int | torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if rows is not None and (kv_cache is not None or cu_seqlens is not None):
-            raise ValueError("rows: selecting output rows works on padded (B, L, D) batches without a kv_cache")
+        if rows is not None and (kv_cache is not None or (cu_seqlens is not None and is_causal)):
+            raise ValueError("rows: selecting output rows works without a kv_cache, and packed only when not causal")
 
         def attn(h):
+            if rows is not None and cu_seqlens is not None:
+                return self.attn.forward_rows_packed(h, rows, cu_seqlens, max_seqlen)
             if rows is not None:
                 return self.attn.forward_rows(h, rows, attn_mask, is_causal)
             return self.attn(h, attn_mask, is_causal, kv_cache, cu_seqlens, max_seqlen)
 
         def keep(x):  # the residual stream at the rows the attention output covers
-            return x if rows is None else select_rows(x, rows)
+            if rows is None:
+                return x
+            return x.index_select(0, rows) if cu_seqlens is not None else select_rows(x, rows)
 
         cross = self.cross_attn is not None and context is not None
         if not self.norm_first:  # post-norm: x = norm(x + f(x)), each add fused with its norm

@@ -81,7 +81,7 @@ def clip_loss(image_features, text_features, logit_scale, *, backend: str | None
     logit_scale = _as_scalar(logit_scale, "logit_scale", image_features)
     B, D = image_features.shape
     chosen = backends.resolve(
-        backend, image_features.device, native_faster=lambda: cpu_policy.contrastive(True, B, B, D)
+        backend, image_features.device, native_faster=lambda: cpu_policy.contrastive("clip", B, B, D)
     )
     native_dtype(chosen, "image_features", image_features)
     if chosen in ("reference", "torch"):  # the naive loss
@@ -117,7 +117,7 @@ def infonce(query, keys, logit_scale, *, labels=None, backend: str | None = None
             raise ValueError(f"labels: values must lie in [0, {K})")
     labels = None if labels is None else labels.long()
     D = query.shape[1]
-    chosen = backends.resolve(backend, query.device, native_faster=lambda: cpu_policy.contrastive(False, B, K, D))
+    chosen = backends.resolve(backend, query.device, native_faster=lambda: cpu_policy.contrastive("infonce", B, K, D))
     native_dtype(chosen, "query", query)
     if chosen in ("reference", "torch"):  # the naive loss
         return reference.infonce(query, keys, logit_scale, labels)
@@ -138,7 +138,7 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backe
     logit_bias = _as_scalar(logit_bias, "logit_bias", image_features)
     B, D = image_features.shape
     chosen = backends.resolve(
-        backend, image_features.device, native_faster=lambda: cpu_policy.contrastive(True, B, B, D)
+        backend, image_features.device, native_faster=lambda: cpu_policy.contrastive("siglip", B, B, D)
     )
     native_dtype(chosen, "image_features", image_features)
     if chosen in ("reference", "torch"):  # the naive loss

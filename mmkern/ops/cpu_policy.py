@@ -7,10 +7,12 @@ Only the default changes: backend="cpu" (or use_backend / MMKERN_BACKEND) always
 calls that PyTorch has no path for (windowed or global-token attention, varlen, dropout that must match the other
 backends' mask, causal combined with a mask) always run it.
 
-The regions come from single-thread sweeps of each op against its PyTorch path on an AMD EPYC (Zen 4) with both
-libraries held to each level (`--cpu-capability`; ATen, oneDNN and MKL limited alike), ratios torch time / mmkern
-time, then checked with the benchmarks on two threads (README, "Measured so far"). A case within ~5% of 1.0 counts
-as not faster.
+The regions come from sweeps of each op against its PyTorch path on a quiet 2-core AMD EPYC (Zen 4) VM, two threads,
+with both libraries held to each level (`--cpu-capability`; ATen, oneDNN and MKL limited alike), ratios torch time /
+mmkern time (the sweeps and their figures: the docstrings below), then checked with the benchmarks (README, "Measured
+so far"). A case within ~5% of 1.0 counts as not faster. An earlier single-thread sweep on the same machine under heavy
+load from other processes had sent long attention and mid-size losses to torch; on the quiet machine the native kernels
+win there at one thread and at two.
 """
 
 from __future__ import annotations
@@ -41,28 +43,37 @@ def patch_embed_packed(dtype_is_bf16: bool) -> bool:
     return level() != "default"
 
 
-def contrastive(rows_and_cols: bool, B: int, K: int, D: int) -> bool:
-    """CLIP / SigLIP (rows_and_cols) and InfoNCE. The native loss wins where the B·K logits' exp and memory traffic
-    outweigh its four B·K·D products (the naive loss makes three): large batches, narrow features.
-    Measured (fwd+bwd, clip / infonce): avx512 B=1024: D=64 3.1 / 1.15x, D=512 1.06 / 0.85x; B=4096 D=512 1.63 /
-    1.11x; B<=256 0.6-1.2x. avx2 B=1024: D=64 2.45 / 0.96x, D=512 1.16 / 0.99x; B=4096: D=64 4.5 / 2.15x, D=512
-    1.51 / 1.00x. default: clip D=64 B>=256 1.2-2.0x, D=512 0.46-0.59x; infonce 0.35-0.94x."""
+# log2 of the fewest logits (B·K) at which the native loss measured faster, by loss and feature width (D ≤ 128,
+# D > 128); None: only past CONTRASTIVE_MEMORY_LOGITS.
+_CONTRASTIVE_FROM = {
+    "avx512": {"clip": (18, 18), "siglip": (18, 18), "infonce": (20, 20)},
+    "avx2": {"clip": (18, 20), "siglip": (20, None), "infonce": (22, 24)},
+    "default": {"clip": (18, None), "siglip": (None, None), "infonce": (24, None)},
+}
+
+
+def contrastive(loss: str, B: int, K: int, D: int) -> bool:
+    """loss: "clip", "siglip" or "infonce" over B x K logits of width D. The native loss wins where the logits' exp
+    and memory traffic outweigh its four B·K·D products (the naive loss makes three): large batches, narrow features.
+    Measured fwd+bwd, torch / native, at logits 2^12 .. 2^22 (infonce K = 4B: 2^14 .. 2^24), D = 64 / 512:
+    avx512: clip 0.86-6.1x / 0.70-2.4x (>= 1.5x from 2^18), siglip 0.91-4.5x / 0.68-2.0x (>= 1.6x from 2^18),
+    infonce 0.64-6.6x / 0.68-2.5x (>= 1.5x from 2^20). avx2: clip D=64 1.38x at 2^18, D=512 0.89x at 2^18, 1.20-1.27x
+    from 2^20; siglip D=64 1.03x at 2^18, 1.29-1.61x from 2^20, D=512 0.65-0.99x throughout; infonce D=64 1.00x at
+    2^20, 1.69-3.9x from 2^22, D=512 1.04x at 2^22, 1.20x at 2^24. default: clip D=64 1.31-1.77x from 2^18, D=512
+    0.35-0.49x; siglip 0.30-0.89x; infonce D=64 0.53-0.79x up to 2^22, 1.53x at 2^24, D=512 0.31-0.52x."""
     logits = B * K
     if logits >= CONTRASTIVE_MEMORY_LOGITS:
         return True
     lv = level()
-    if lv == "default":
-        return rows_and_cols and D <= 128 and logits >= 1 << 16
-    if rows_and_cols:
-        return logits >= 1 << 18 and (D <= 128 or logits >= 1 << 20)
-    if lv in AVX512:
-        return logits >= 1 << 20 and (D <= 128 or logits >= 1 << 24)
-    return logits >= 1 << 24 and D <= 128
+    start = _CONTRASTIVE_FROM["avx512" if lv in AVX512 else lv][loss][0 if D <= 128 else 1]
+    return start is not None and logits >= 1 << start
 
 
-def bias_gelu() -> bool:
-    """1.27x (avx512), 1.52x (avx2), 1.28x (default) torch's GELU(x + b) at ViT-B widths, fwd+bwd."""
-    return True
+def bias_gelu(numel: int, grad: bool) -> bool:
+    """Against F.gelu(x + bias), numel 2^16 .. 2^24 (N = 256, 768, 3072): fwd+bwd 1.2-2.3x from 2^18 at every level
+    (2^16: 1.06x avx512, 1.00x avx2, 0.94x default); inference 0.79-0.94x up to 2^19 (the extra pass over x + bias
+    costs torch less than the threads' start-up), 0.77-1.33x at 2^20, 1.35-2.3x from 2^22."""
+    return numel >= (1 << 17 if grad else 1 << 21)
 
 
 def add_layer_norm() -> bool:
@@ -72,23 +83,11 @@ def add_layer_norm() -> bool:
 
 def attention(L: int, S: int, D: int, causal: bool, grad: bool) -> bool:
     """Dense attention (no window, no dropout) of L queries and S keys per head of width D.
-    Measured (fwd+bwd / fwd only), single thread: avx512: ViT-B/16 (197) 1.26 / 1.23x, CLIP text (77, causal)
-    1.34 / 1.31x, L=512 1.14 / 1.15x (causal 1.95 / 1.87x), L=1024 D=128 0.89 / 1.09x (causal 1.04 / 1.41x),
-    L=2048 0.94 / 1.22x. avx2: L=50 D=64 0.94 / 0.86x, 197: 1.05-1.21 / 1.10-1.18x, 77 causal 1.24-2.04 / 1.04-1.81x,
-    512: 0.96 / 1.05x (causal 1.73 / 1.61x), 1024 D=128 0.77 / 1.03x (causal 0.98 / 1.21x), 2048 0.73 / 0.98x.
-    default: 0.27-0.92x from L=77 up. The demo's heads (L=17, D=16, many of them, strided q/k/v): 1.16-1.30x at
-    default, 1.08-1.30x at avx2, 1.5-1.6x at avx512, where torch's per-head overhead dominates; with D=64 the same
-    lengths favour torch below AVX-512."""
-    lv = level()
-    pairs = L * S
-    if pairs < 1 << 12 and D <= 32:
+    Measured (B·H·L kept near 4k..75k rows; L = 17 .. 4096, D = 64 / 128, causal or not, with and without the
+    backward), two threads: avx512 1.5-3.8x torch's SDPA everywhere (ViT-B/16: 2.2x fwd+bwd, L=4096 D=128 1.9x);
+    avx2 1.03-2.4x (ViT-B/16 1.4x, L=4096 1.08x, causal 1.15-1.2x); one thread alike (avx512 1.9-3.7x, avx2
+    1.11-2.4x). default: L=17 .. 197 with D=64 0.76-1.5x (training non-causal 0.76-0.90x), so torch's SDPA except
+    the demo's tiny heads (L·S < 2^12, D <= 32: 1.16-1.30x, torch's per-head overhead dominating)."""
+    if level() != "default":
         return True
-    if lv in AVX512:
-        return not grad or causal or pairs < 1 << 20
-    if lv == "avx2":
-        if pairs < 1 << 12:
-            return False
-        if grad:
-            return pairs < (1 << 20 if causal else 1 << 17)
-        return causal or pairs < 1 << 21
-    return False
+    return L * S < 1 << 12 and D <= 32

@@ -51,7 +51,8 @@ def bias_gelu(
             raise ValueError(f"bias: expected ({x.shape[-1]},) to match the last dim of x, got {tuple(bias.shape)}")
     if approximate not in GELU_KINDS:
         raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
-    chosen = backends.resolve(backend, x.device, "triton", cpu_policy.bias_gelu)
+    grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    chosen = backends.resolve(backend, x.device, "triton", lambda: cpu_policy.bias_gelu(x.numel(), grad))
     native_dtype(chosen, "x", x)
     if chosen in ("reference", "torch"):  # F.gelu(x + bias)
         return reference.bias_gelu(x, bias, approximate)

@@ -32,57 +32,65 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-# (BM, BN) tiles the autotuner tries; every config is tried with 4 and 8 warps and 2 and 3 stages.
-FWD_TILES = [(64, 64), (128, 64), (64, 32), (128, 32)]
-BWD_TILES = [(64, 64), (32, 64), (64, 32), (32, 32)]
-# fp32 with IEEE products (no TF32) holds 3x the registers per element of a dot: larger tiles spill
-# kilobytes per thread (the compile report), so only these run.
-IEEE_TILES = [(64, 32), (32, 32)]
+
+def _grid_of(tiles, warps=(4, 8), stages=(2, 3)):
+    return [(bm, bn, w, st) for bm, bn in tiles for w in warps for st in stages]
 
 
-def _configs(bwd: bool) -> list[triton.Config]:
+# (BM, BN, warps, stages) the autotuner of each kernel tries for fp16 / bf16 and TF32: the configs that spill no
+# register on sm_90 and sm_80 at head dims 64 and 128 in the compile report (`python -m benchmarks.triton_compile`).
+# dK/dV keeps four (BN, D) tiles live across its query loop, and ptxas spills it in 14 of the 16 configs of the
+# (BM, BN) grid below on one of the two targets.
+CONFIGS = {
+    "fwd": _grid_of([(64, 64), (128, 64), (64, 32), (128, 32)]),
+    "dkdv": [(32, 64, 8, 2), (32, 64, 8, 3)],
+    "dq": [c for c in _grid_of([(64, 64), (32, 64), (64, 32), (32, 32)]) if c[:3] != (64, 64, 4)],
+}
+# fp32 with IEEE products (no TF32) needs 3x the registers per element of a dot: only small tiles run.
+IEEE_CONFIGS = _grid_of([(64, 32), (32, 32)])
+
+
+def _key(c: triton.Config) -> tuple[int, int, int, int]:
+    return c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages
+
+
+def _configs(kind: str) -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1)]
-    tiles = BWD_TILES if bwd else FWD_TILES
-    tiles = tiles + [t for t in IEEE_TILES if t not in tiles]
-    return [
-        triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s)
-        for bm, bn in tiles
-        for w in (4, 8)
-        for s in (2, 3)
-    ]
+    tuples = CONFIGS[kind] + [c for c in IEEE_CONFIGS if c not in CONFIGS[kind]]
+    return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in tuples]
 
 
 def shared_bytes_estimate(bm: int, bn: int, stages: int, bd: int, bdv: int, elem: int, bwd: bool) -> int:
-    """Shared memory a config needs, from the compile report's figures: each pipeline stage holds the
-    streamed tiles (K and V forward; Q and dO backward, for the larger of the two tile sides), plus the
-    tiles that the dots re-layout once."""
+    """Shared memory a config needs, an upper bound of the compile report's figures: each pipeline stage holds
+    the streamed tiles (K and V forward; Q and dO backward, for the larger of the two tile sides), plus the tiles
+    that the dots re-layout once."""
     streamed = max(bm, bn) if bwd else bn
     return (stages * streamed + (bm if not bwd else min(bm, bn))) * (bd + bdv) * elem
 
 
-def fitting_configs(configs: list[triton.Config], elem: int, meta: dict, shared_limit: int, bwd: bool):
-    """The configs a launch may run: those that fit shared_limit bytes of shared memory (a D = 256 config that
-    does not fit is otherwise compiled only to be rejected), and for fp32 with IEEE products the IEEE_TILES
-    (larger tiles spill), else the tiles of the pass."""
-    tiles = IEEE_TILES if meta["PREC"] == "ieee" else (BWD_TILES if bwd else FWD_TILES)
+def fitting_configs(configs: list[triton.Config], elem: int, meta: dict, shared_limit: int, kind: str):
+    """The configs of kernel `kind` ("fwd", "dkdv", "dq") a launch may run: its CONFIGS (IEEE_CONFIGS for fp32
+    without TF32) that fit shared_limit bytes of shared memory (a D = 256 config that does not fit is otherwise
+    compiled only to be rejected); the smallest config if none fits."""
+    allowed = IEEE_CONFIGS if meta["PREC"] == "ieee" else CONFIGS[kind]
     keep = [
         c
         for c in configs
-        if (c.kwargs["BM"], c.kwargs["BN"]) in tiles
-        and shared_bytes_estimate(c.kwargs["BM"], c.kwargs["BN"], c.num_stages, meta["BD"], meta["BDV"], elem, bwd)
+        if _key(c) in allowed
+        and shared_bytes_estimate(*_key(c)[:2], c.num_stages, meta["BD"], meta["BDV"], elem, kind != "fwd")
         <= shared_limit
     ]
     return keep or [min(configs, key=lambda c: (c.kwargs["BM"] * c.kwargs["BN"], c.num_stages))]
 
 
-def _prune(bwd: bool):
+def _prune(kind: str):
     def prune(configs, named_args, **meta):
         if _INTERPRET:
             return configs
         q = named_args["Q"]
         limit = triton.runtime.driver.active.utils.get_device_properties(q.device.index)["max_shared_mem"]
-        return fitting_configs(configs, q.element_size(), meta, limit, bwd)
+        return fitting_configs(configs, q.element_size(), meta, limit, kind)
 
     return prune
 
@@ -262,7 +270,7 @@ def _fwd_blocks(
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs(False), key=_KEY, prune_configs_by={"early_config_prune": _prune(False)})
+@triton.autotune(configs=_configs("fwd"), key=_KEY, prune_configs_by={"early_config_prune": _prune("fwd")})
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, Mask, CuQ, CuK, Out, Lse,
@@ -371,7 +379,7 @@ def _dkdv_blocks(
     return dk, dv
 
 
-@triton.autotune(configs=_configs(True), key=_KEY, prune_configs_by={"early_config_prune": _prune(True)})
+@triton.autotune(configs=_configs("dkdv"), key=_KEY, prune_configs_by={"early_config_prune": _prune("dkdv")})
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     Q, K, V, Mask, CuQ, CuK, DO, Lse, Delta, DK, DV_,
@@ -448,7 +456,7 @@ def _dq_blocks(
     return dq
 
 
-@triton.autotune(configs=_configs(True), key=_KEY, prune_configs_by={"early_config_prune": _prune(True)})
+@triton.autotune(configs=_configs("dq"), key=_KEY, prune_configs_by={"early_config_prune": _prune("dq")})
 @triton.jit
 def _attention_bwd_dq_kernel(
     Q, K, V, Mask, CuQ, CuK, DO, Lse, Delta, DQ, DMask,
