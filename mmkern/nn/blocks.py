@@ -200,12 +200,18 @@ class Block(nn.Module):
         return (x, branch) if defer else x + branch
 
 
+def _call_block(blk, x: torch.Tensor, **kw):
+    return blk(x, **kw)
+
+
 def run_pre_norm(blocks, x: torch.Tensor, final_norm: nn.Module | None, call=None, rows=None) -> torch.Tensor:
     """Runs pre-norm `blocks` over x with each block's last residual add fused into the next block's norm1 and
     the last one into `final_norm` (None: the plain add). `call(blk, x, **kw)` runs one block with the keywords
     (residual, defer=True, rows) and returns (x, branch); by default `blk(x, **kw)`. `rows` (see Block): the last
     block computes those rows only and the result is (B, 1, D)."""
-    pending, call = None, call or (lambda blk, x, **kw: blk(x, **kw))
+    # `is None`, not `call or ...`: torch.compile cannot take a function's truth value in every version (2.5).
+    call = _call_block if call is None else call
+    pending = None
     for i, blk in enumerate(blocks):
         x, pending = call(blk, x, residual=pending, defer=True, rows=rows if i == len(blocks) - 1 else None)
     if rows is not None and not len(blocks):

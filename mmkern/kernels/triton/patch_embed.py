@@ -245,10 +245,11 @@ def patch_embed_bwd(grad_out, images, weight, num_prefix, grad_images, grad_weig
             )  # fmt: skip
 
 
+# The position grid is `pos`: an argument named `grid` clashes with the launch keyword of triton 3.4.
 @triton.autotune(configs=_configs(_SHAPES), key=["M", "E", "K"])
 @triton.jit
 def _patch_embed_packed_fwd_kernel(
-    a_ptr, w, bias, grid, tap_ptr, tap_index, tap_weight, out_rows, out,
+    a_ptr, w, bias, pos, tap_ptr, tap_index, tap_weight, out_rows, out,
     M, E, K, MOST_TAPS,
     s_am, s_ak, s_we, s_wk, s_bias, s_gt, s_ge, s_or, s_oe,
     HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
@@ -280,7 +281,7 @@ def _patch_embed_packed_fwd_kernel(
             t_ok = m_ok & (s < count)
             row = tl.load(tap_index + first + s, mask=t_ok, other=0).to(tl.int64)
             tw = tl.load(tap_weight + first + s, mask=t_ok, other=0.0)
-            g = tl.load(grid + row[:, None] * s_gt + rn[None, :] * s_ge, mask=t_ok[:, None] & n_ok[None, :], other=0.0)
+            g = tl.load(pos + row[:, None] * s_gt + rn[None, :] * s_ge, mask=t_ok[:, None] & n_ok[None, :], other=0.0)
             acc += tw[:, None] * g.to(tl.float32)
     dst = tl.load(out_rows + rm, mask=m_ok, other=0)
     tl.store(out + dst[:, None] * s_or + rn[None, :] * s_oe, acc.to(out.dtype.element_ty), mask=mask)
