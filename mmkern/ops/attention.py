@@ -271,7 +271,9 @@ def varlen_attention(
     Args:
         q: (total_q, H, D); k: (total_k, H_kv, D); v: (total_k, H_kv, Dv); H % H_kv == 0 (GQA).
         cu_seqlens_q, cu_seqlens_k: int32 (num_seqs + 1,), non-decreasing, on the tensors' device.
-        max_seqlen_q, max_seqlen_k: the longest sequence lengths (upper bounds suffice).
+        max_seqlen_q, max_seqlen_k: the longest sequence lengths (upper bounds suffice). A shorter one is a
+            ValueError for CPU tensors; on a GPU, as with flash-attn, it is the caller's contract (checking would
+            stop the host for the device once per call, once per layer of a packed tower).
 
     Returns: (total_q, H, Dv); rows outside every sequence and rows that see no key are 0.
     """
@@ -293,9 +295,8 @@ def varlen_attention(
     for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"{name}: expected a non-negative int, got {n!r}")
-    if not torch.compiler.is_compiling() and cu_seqlens_q.numel() > 1:
+    if q.device.type == "cpu" and not torch.compiler.is_compiling() and cu_seqlens_q.numel() > 1:
         # The kernels cover max_seqlen rows and keys of each sequence: a longer one would silently keep zeros.
-        # One host sync for both bounds.
         longest_q, longest_k = torch.stack([cu_seqlens_q.diff().max(), cu_seqlens_k.diff().max()]).tolist()
         for name, n, longest in (("max_seqlen_q", max_seqlen_q, longest_q), ("max_seqlen_k", max_seqlen_k, longest_k)):
             if longest > n:
