@@ -148,8 +148,8 @@ print("ok")
 @pytest.mark.skipif(not X86 or shutil.which("qemu-x86_64") is None, reason="x86-64 with qemu-user (apt qemu-user)")
 @pytest.mark.parametrize("cpu", EMULATED)
 def test_runs_on_cpus_with_fewer_features(cpu, tmp_path):
-    # numpy's wheels (2.3.5, 2.4.6) die with SIGILL on a CPU without AVX, at import, before torch or mmkern runs; the smoke
-    # needs no numpy, and torch imports without it when it is missing, so the emulated run does not see it.
+    # numpy's wheels (2.3.5, 2.4.6) die with SIGILL on a CPU without AVX, at import, before torch or mmkern runs;
+    # the smoke needs no numpy, and torch imports without it when it is missing, so the emulated run does not see it.
     hidden = tmp_path / "numpy"
     hidden.mkdir()
     (hidden / "__init__.py").write_text('raise ModuleNotFoundError("numpy is hidden here", name="numpy")\n')
