@@ -18,6 +18,21 @@ from mmkern.ops._checks import check_like, check_tensor, native_dtype
 from mmkern.ops._eager import eager_function, plain_eager
 
 
+def check_prefix_and_bias(prefix_tokens, bias, E: int) -> int:
+    """Validates prefix_tokens (T, E) and bias (E,) (either may be None); returns T (0 without prefix tokens)."""
+    T = 0
+    if prefix_tokens is not None:
+        check_tensor(prefix_tokens, "prefix_tokens", ndim=2)
+        if prefix_tokens.shape[1] != E:
+            raise ValueError(f"prefix_tokens: expected (T, {E}), got {tuple(prefix_tokens.shape)}")
+        T = prefix_tokens.shape[0]
+    if bias is not None:
+        check_tensor(bias, "bias", ndim=1)
+        if bias.shape[0] != E:
+            raise ValueError(f"bias: expected ({E},), got {tuple(bias.shape)}")
+    return T
+
+
 def patch_embed(
     images: torch.Tensor,
     weight: torch.Tensor,
@@ -50,16 +65,7 @@ def patch_embed(
         raise ValueError(f"weight: has {C} input channels but images has {C_img}")
     if H % P or W % P:
         raise ValueError(f"images: H={H} and W={W} must be multiples of the patch size {P}")
-    T = 0
-    if prefix_tokens is not None:
-        check_tensor(prefix_tokens, "prefix_tokens", ndim=2)
-        if prefix_tokens.shape[1] != E:
-            raise ValueError(f"prefix_tokens: expected (T, {E}), got {tuple(prefix_tokens.shape)}")
-        T = prefix_tokens.shape[0]
-    if bias is not None:
-        check_tensor(bias, "bias", ndim=1)
-        if bias.shape[0] != E:
-            raise ValueError(f"bias: expected ({E},), got {tuple(bias.shape)}")
+    T = check_prefix_and_bias(prefix_tokens, bias, E)
     N = (H // P) * (W // P)
     if pos_embed is not None:
         check_tensor(pos_embed, "pos_embed", ndim=(2, 3))

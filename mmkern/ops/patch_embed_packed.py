@@ -26,7 +26,7 @@ from mmkern import _native, backends, reference
 from mmkern.ops import cpu_policy
 from mmkern.ops._checks import check_like, check_tensor, native_dtype
 from mmkern.ops._eager import eager_function, plain_eager
-from mmkern.ops.patch_embed import _backward_impl
+from mmkern.ops.patch_embed import _backward_impl, check_prefix_and_bias
 
 MODES = ("bicubic", "bilinear")
 
@@ -175,16 +175,7 @@ def patch_embed_packed(
         grids.append(grid)
         pixels.append(image)
     check_like("weight", weight, bias=bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens)
-    T = 0
-    if prefix_tokens is not None:
-        check_tensor(prefix_tokens, "prefix_tokens", ndim=2)
-        if prefix_tokens.shape[1] != E:
-            raise ValueError(f"prefix_tokens: expected (T, {E}), got {tuple(prefix_tokens.shape)}")
-        T = prefix_tokens.shape[0]
-    if bias is not None:
-        check_tensor(bias, "bias", ndim=1)
-        if bias.shape[0] != E:
-            raise ValueError(f"bias: expected ({E},), got {tuple(bias.shape)}")
+    T = check_prefix_and_bias(prefix_tokens, bias, E)
     grid_rows, base = None, None
     if pos_embed is not None:
         grid_rows, base, prefix_pos = _split_pos_embed(pos_embed, E, T, pos_grid)
