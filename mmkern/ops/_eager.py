@@ -25,6 +25,11 @@ def eager_function(name: str, forward_impl, setup_context, backward) -> type[tor
     return type(name, (torch.autograd.Function,), attrs)
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd will record this call: grad mode on and some given tensor requires a gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def plain_eager(*tensors) -> bool:
     """True when plain tensors run eagerly: nothing traces, compiles, fakes or transforms the call."""
     if torch.compiler.is_compiling():  # first: dynamo cannot trace the checks below

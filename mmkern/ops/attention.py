@@ -24,7 +24,7 @@ import torch
 from mmkern import _native, backends, reference
 from mmkern.ops import cpu_policy
 from mmkern.ops._checks import check_tensor, native_dtype
-from mmkern.ops._eager import eager_function, plain_eager
+from mmkern.ops._eager import eager_function, needs_grad, plain_eager
 
 MAX_HEAD_DIM = 256
 
@@ -188,13 +188,15 @@ def _sdpa(
         else "an empty key set" if S == 0
         else None
     )  # fmt: skip
-    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     native_dims = max(E, value.shape[-1]) <= MAX_HEAD_DIM
     chosen = backends.resolve(
         backend,
         query.device,
         "triton",
-        lambda: no_torch_path is not None or (native_dims and cpu_policy.attention(L, S, E, is_causal, grad)),
+        lambda: (
+            no_torch_path is not None
+            or (native_dims and cpu_policy.attention(L, S, E, is_causal, needs_grad(query, key, value)))
+        ),
     )
     native_dtype(chosen, "query", query)
     if chosen == "torch":

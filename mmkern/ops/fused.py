@@ -23,7 +23,7 @@ import torch
 from mmkern import _native, backends, reference
 from mmkern.ops import cpu_policy
 from mmkern.ops._checks import check_like, check_tensor, native_dtype
-from mmkern.ops._eager import eager_function, plain_eager
+from mmkern.ops._eager import eager_function, needs_grad, plain_eager
 
 GELU_KINDS = {"none": 0, "tanh": 1}  # must match csrc/include/mmkern/fused.h GeluKind
 
@@ -51,8 +51,7 @@ def bias_gelu(
             raise ValueError(f"bias: expected ({x.shape[-1]},) to match the last dim of x, got {tuple(bias.shape)}")
     if approximate not in GELU_KINDS:
         raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
-    grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    chosen = backends.resolve(backend, x.device, "triton", lambda: cpu_policy.bias_gelu(x.numel(), grad))
+    chosen = backends.resolve(backend, x.device, "triton", lambda: cpu_policy.bias_gelu(x.numel(), needs_grad(x, bias)))
     native_dtype(chosen, "x", x)
     if chosen in ("reference", "torch"):  # F.gelu(x + bias)
         return reference.bias_gelu(x, bias, approximate)
