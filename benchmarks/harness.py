@@ -183,9 +183,14 @@ def plot_bars(
     value_key: str = "median_ms",
     ylabel: str = "median time (ms)",
     out_dir: Path | None = None,
-) -> Path:
-    """Grouped bar chart: one group per record[group_key], one bar per record[label_key]."""
-    import matplotlib
+) -> Path | None:
+    """Grouped bar chart: one group per record[group_key], one bar per record[label_key]; None without matplotlib
+    (a GPU machine may lack it: the JSON is the result, the plot a convenience)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib missing: no plot for {name}")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

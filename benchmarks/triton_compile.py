@@ -141,6 +141,18 @@ def _patch_embed_calls(dtype, feature: str):
     patch_embed.patch_embed_bwd(out, images, weight, 1, torch.empty_like(images), _t(E, C, P, P, dtype=torch.float32))
 
 
+def _patch_embed_packed_calls(dtype):
+    """Packed native-resolution patches: 3 images of 12x14, 16x16 and 9x20 patches of 16x16x3, 256 of the base
+    grid's position rows resampled with up to 16 taps per row (mmkern.ops.patch_embed_packed)."""
+    M, K, E, G, taps = 12 * 14 + 16 * 16 + 9 * 20, 3 * 16 * 16, 768, 256, 16
+    out = _t(M + 3, E, dtype=dtype)
+    patch_embed.patch_embed_packed_fwd(
+        _t(M, K, dtype=dtype), _t(E, K, dtype=dtype), _t(E, dtype=dtype), _t(G, E, dtype=dtype),
+        _t(M + 1, dtype=torch.int64), _t(M * taps, dtype=torch.int32), _t(M * taps, dtype=torch.float32),
+        _t(M, dtype=torch.int64), out, taps,
+    )  # fmt: skip
+
+
 def variants(head_dims=(64, 128, 256)):
     """(op, variant name, call) for every variant the report covers."""
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -153,6 +165,7 @@ def variants(head_dims=(64, 128, 256)):
         for f in ("infonce", "clip", "siglip"):
             yield "contrastive", f"{dt}-{f}", lambda dtype=dtype, f=f: _contrastive_calls(dtype, f)
         yield "patch_embed", f"{dt}-vit_b16", lambda dtype=dtype: _patch_embed_calls(dtype, "")
+        yield "patch_embed", f"{dt}-packed", lambda dtype=dtype: _patch_embed_packed_calls(dtype)
 
 
 # ---- compiling one launch -----------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ int add_layer_norm_fwd_cuda(const Tensor& x, const Tensor& residual, const Tenso
                             uintptr_t stream);
 int add_layer_norm_bwd_cuda(const Tensor& grad_out, const Tensor& grad_sum, const Tensor& s, const Tensor& weight,
                             const Tensor& mean, const Tensor& rstd, const Tensor& grad_x, const Tensor& grad_weight,
-                            const Tensor& grad_bias, uintptr_t stream);
+                            const Tensor& grad_bias, const Tensor& partial, uintptr_t stream);
 int patch_embed_fwd_cuda(const Tensor& images, const Tensor& weight, const Tensor& bias, const Tensor& pos_embed,
                          const Tensor& prefix_tokens, const Tensor& out, uintptr_t stream);
 int patch_embed_bwd_cuda(const Tensor& grad_out, const Tensor& images, const Tensor& weight, const Tensor& grad_images,
@@ -262,14 +262,14 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("add_layer_norm_bwd_cuda", [](py::object grad_out, py::object grad_sum, py::object s, py::object weight,
                                       py::object mean, py::object rstd, py::object grad_x, py::object grad_weight,
-                                      py::object grad_bias, uintptr_t stream) {
+                                      py::object grad_bias, py::object partial, uintptr_t stream) {
     Tensor tg = to_tensor(grad_out), tgs = to_tensor(grad_sum), ts = to_tensor(s), tw = to_tensor(weight),
            tm = to_tensor(mean), trs = to_tensor(rstd), tgx = to_tensor(grad_x), tgw = to_tensor(grad_weight),
-           tgb = to_tensor(grad_bias);
+           tgb = to_tensor(grad_bias), tp = to_tensor(partial);
     int err;
     {
       py::gil_scoped_release release;
-      err = mmkern::add_layer_norm_bwd_cuda(tg, tgs, ts, tw, tm, trs, tgx, tgw, tgb, stream);
+      err = mmkern::add_layer_norm_bwd_cuda(tg, tgs, ts, tw, tm, trs, tgx, tgw, tgb, tp, stream);
     }
     check_cuda(err, "add_layer_norm_bwd_cuda");
   });

@@ -172,6 +172,25 @@ def test_triton_patch_embed_batch_offsets_past_2_31(huge):
         _assert_same(g, w, name)
 
 
+@needs_triton
+def test_triton_patch_embed_packed_row_offsets_past_2_31(huge):
+    from mmkern.kernels.triton import patch_embed as pe
+
+    M, K, E = 5, 16, 16  # patch rows, output rows and position-grid rows with row stride BIG: row 4 lies past 2^31
+    patches, out, grid_rows = huge((M, K), (BIG, 1)), huge((M, E), (BIG, 1)), huge((M, E), (BIG, 1))
+    weight, bias = torch.randn(E, K), torch.randn(E)
+    tap_ptr = torch.arange(0, 2 * M + 1, 2, dtype=torch.int64)
+    tap_index = torch.tensor([4, 0, 3, 4, 2, 1, 4, 4, 0, 3], dtype=torch.int32)
+    tap_weight = torch.rand(2 * M)
+    out_rows = torch.tensor([4, 2, 0, 3, 1], dtype=torch.int64)
+
+    def run(patches, grid_rows, out):
+        pe.patch_embed_packed_fwd(patches, weight, bias, grid_rows, tap_ptr, tap_index, tap_weight, out_rows, out, 2)
+        return out.clone()
+
+    _assert_same(run(patches, grid_rows, out), run(*map(_dense, (patches, grid_rows, out))), "out")
+
+
 # ---- CPU kernels, through the public ops ----------------------------------------------------------------
 
 

@@ -48,7 +48,8 @@ struct Params {
   float *lse, *delta, *dmask;
   Layout lq, lk, lv, lo, lgo, lrow, lmask, ldmask, ldq, ldk, ldv;
   bool mask_bool;
-  int dp, dvp;  // head dims rounded up to 16
+  bool chunked;  // q, k, v (and dO, when set for the backward) copy in 16-byte chunks (cp.async), see chunkable
+  int dp, dvp;   // head dims rounded up to 16
 };
 
 __host__ __device__ inline int round16(int64_t x) { return static_cast<int>((x + 15) / 16 * 16); }
@@ -91,14 +92,58 @@ __device__ void gemm_smem(int M, int N, int K, const T* A, int lda, const T* B, 
   __syncthreads();
 }
 
-// Copies rows [t0, t0 + rows) x [0, cols) of (b, h) into a (R x ld) tile, zero padding the rest.
+// cp.async (sm_80+): a 16-byte global -> shared copy that bypasses the registers and L1, zero-filling the 16 bytes
+// when !valid (src-size 0: nothing is read). Earlier architectures copy through registers.
+__device__ __forceinline__ void copy16_async(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
+#else
+  *static_cast<uint4*>(dst) = valid ? *static_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
+#endif
+}
+__device__ __forceinline__ void async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+// Waits until at most N committed groups of this thread's copies are in flight.
+template <int N>
+__device__ __forceinline__ void async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// Starts copying rows [t0, t0 + rows) x [0, cols) of (b, h) into a (R x ld) tile, zero padding the rest. Chunked
+// (the launcher checked alignment, see chunkable): 16-byte cp.async copies, complete after async_wait and a
+// barrier; else element by element, complete after a barrier.
 template <typename T>
-__device__ void load_tile(T* dst, int R, int ld, const T* src, const Layout& lay, int64_t b, int64_t h, int64_t t0,
-                          int64_t rows, int64_t cols) {
+__device__ void copy_tile(T* dst, int R, int ld, const T* src, const Layout& lay, int64_t b, int64_t h, int64_t t0,
+                          int64_t rows, int64_t cols, bool chunked) {
+  if (chunked) {
+    constexpr int C = 16 / sizeof(T);
+    const int chunks = ld / C;
+    for (int idx = threadIdx.x; idx < R * chunks; idx += blockDim.x) {
+      const int r = idx / chunks, c = idx % chunks * C;
+      const bool valid = r < rows && c < cols;
+      copy16_async(dst + r * ld + c, valid ? src + lay.offset(b, h, t0 + r, c) : src, valid);
+    }
+    return;
+  }
   for (int idx = threadIdx.x; idx < R * ld; idx += blockDim.x) {
     const int r = idx / ld, c = idx % ld;
     dst[idx] = (r < rows && c < cols) ? src[lay.offset(b, h, t0 + r, c)] : from_float<T>(0.f);
   }
+}
+
+// copy_tile, complete for this thread (a barrier still has to follow).
+template <typename T>
+__device__ void load_tile(T* dst, int R, int ld, const T* src, const Layout& lay, int64_t b, int64_t h, int64_t t0,
+                          int64_t rows, int64_t cols, bool chunked) {
+  copy_tile(dst, R, ld, src, lay, b, h, t0, rows, cols, chunked);
+  async_commit();
+  async_wait<0>();
 }
 
 // Grid: x = blocks along the sequence, (y, z) = batch·head split at 65,535 (the limit of axes y and z), so that
@@ -124,6 +169,10 @@ __device__ inline float masked_score(const Params& p, float s, int64_t b, int64_
   return s;
 }
 
+// K/V tiles are double buffered: the copy of the next visible key block (cp.async) runs while this one is
+// computed on. The softmax gives each warp whole rows, lanes along the keys: consecutive shared-memory words (no
+// bank conflicts; one thread per row walked a 64-float row stride, all 32 lanes in one bank) and coalesced mask
+// reads.
 template <typename T, int BM, int BN>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
   const Problem& pb = p.pb;
@@ -137,49 +186,70 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
   unsigned char* cur = smem;
   auto take = [&](size_t bytes) { unsigned char* r = cur; cur += align128(bytes); return r; };
   T* qs = reinterpret_cast<T*>(take(sizeof(T) * BM * Dp));
-  T* ks = reinterpret_cast<T*>(take(sizeof(T) * BN * Dp));
-  T* vs = reinterpret_cast<T*>(take(sizeof(T) * BN * DVp));
+  T* ks[2] = {reinterpret_cast<T*>(take(sizeof(T) * BN * Dp)), reinterpret_cast<T*>(take(sizeof(T) * BN * Dp))};
+  T* vs[2] = {reinterpret_cast<T*>(take(sizeof(T) * BN * DVp)), reinterpret_cast<T*>(take(sizeof(T) * BN * DVp))};
   T* ps = reinterpret_cast<T*>(take(sizeof(T) * BM * BN));
   float* ss = reinterpret_cast<float*>(take(sizeof(float) * BM * BN));
   float* os = reinterpret_cast<float*>(take(sizeof(float) * BM * DVp));
   float* m = reinterpret_cast<float*>(take(sizeof(float) * BM));
   float* l = reinterpret_cast<float*>(take(sizeof(float) * BM));
 
-  const T* Q = static_cast<const T*>(p.q);
-  load_tile(qs, BM, Dp, Q, p.lq, b, h, pb.q_start(b) + i0, L - i0, pb.dim);
+  const T *K = static_cast<const T*>(p.k), *V = static_cast<const T*>(p.v);
+  auto copy_kv = [&](int buf, int64_t j0) {
+    copy_tile(ks[buf], BN, Dp, K, p.lk, b, hk, pb.k_start(b) + j0, S - j0, pb.dim, p.chunked);
+    copy_tile(vs[buf], BN, DVp, V, p.lv, b, hk, pb.k_start(b) + j0, S - j0, pb.dim_v, p.chunked);
+  };
+  // The first key block at or after j that a query of this block sees (S if none).
+  auto next_visible = [&](int64_t j) {
+    while (j < S && !attn::block_any_visible(pb.vis, i0, i0 + BM, j, j + BN)) j += BN;
+    return j;
+  };
+  copy_tile(qs, BM, Dp, static_cast<const T*>(p.q), p.lq, b, h, pb.q_start(b) + i0, L - i0, pb.dim, p.chunked);
+  int64_t j0 = next_visible(0);
+  if (j0 < S) copy_kv(0, j0);
+  async_commit();  // group: Q and the first K/V tile
   for (int idx = threadIdx.x; idx < BM * DVp; idx += blockDim.x) os[idx] = 0.f;
   for (int r = threadIdx.x; r < BM; r += blockDim.x) {
     m[r] = -INFINITY;
     l[r] = 0.f;
   }
-  for (int64_t j0 = 0; j0 < S; j0 += BN) {
-    if (!attn::block_any_visible(pb.vis, i0, i0 + BM, j0, j0 + BN)) continue;
-    __syncthreads();  // the previous tile's readers are done
-    load_tile(ks, BN, Dp, static_cast<const T*>(p.k), p.lk, b, hk, pb.k_start(b) + j0, S - j0, pb.dim);
-    load_tile(vs, BN, DVp, static_cast<const T*>(p.v), p.lv, b, hk, pb.k_start(b) + j0, S - j0, pb.dim_v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int buf = 0; j0 < S; buf ^= 1) {
+    // The other buffer was last read by the previous block's products, each ending in a barrier.
+    const int64_t j_next = next_visible(j0 + BN);
+    if (j_next < S) copy_kv(buf ^ 1, j_next);
+    async_commit();
+    async_wait<1>();  // all but the copy just started: this block's tiles (and Q) are in
     __syncthreads();
-    gemm_smem<T, false, true>(BM, BN, Dp, qs, Dp, ks, Dp, ss, BN, false);
-    for (int r = threadIdx.x; r < BM; r += blockDim.x) {
+    gemm_smem<T, false, true>(BM, BN, Dp, qs, Dp, ks[buf], Dp, ss, BN, false);
+    for (int r = warp; r < BM; r += kThreads / 32) {
       float* row = ss + r * BN;
       float mx = -INFINITY;
-      for (int j = 0; j < BN; ++j) {
+      for (int j = lane; j < BN; j += 32) {
         row[j] = masked_score(p, row[j] * pb.scale, b, h, i0 + r, j0 + j, L, S);
         mx = fmaxf(mx, row[j]);
       }
+      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
       const float m_new = fmaxf(m[r], mx), shift = attn::softmax_shift(m_new), alpha = __expf(m[r] - shift);
       float sum = 0.f;
-      for (int j = 0; j < BN; ++j) {
+      for (int j = lane; j < BN; j += 32) {
         const float e = __expf(row[j] - shift);
         ps[r * BN + j] = from_float<T>(e);
         sum += e;
       }
-      l[r] = l[r] * alpha + sum;
-      m[r] = m_new;
-      for (int d = 0; d < DVp; ++d) os[r * DVp + d] *= alpha;
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      for (int d = lane; d < DVp; d += 32) os[r * DVp + d] *= alpha;
+      __syncwarp();  // every lane has read m[r]
+      if (lane == 0) {
+        l[r] = l[r] * alpha + sum;
+        m[r] = m_new;
+      }
     }
     __syncthreads();
-    gemm_smem<T, false, false>(BM, DVp, BN, ps, BN, vs, DVp, os, DVp, true);
+    gemm_smem<T, false, false>(BM, DVp, BN, ps, BN, vs[buf], DVp, os, DVp, true);
+    j0 = j_next;
   }
+  async_wait<0>();  // nothing may be in flight at exit (a query block that sees no key still copied Q)
   __syncthreads();
   T* out = static_cast<T*>(p.out);
   const int64_t t0 = pb.q_start(b) + i0;
@@ -244,8 +314,8 @@ template <typename T, int BM>
 __device__ void load_query_rows(const Params& p, int64_t b, int64_t h, int64_t i0, int64_t L, T* qs, T* dos,
                                 float* lse, float* log_l, float* delta) {
   const int64_t t0 = p.pb.q_start(b) + i0;
-  load_tile(qs, BM, p.dp, static_cast<const T*>(p.q), p.lq, b, h, t0, L - i0, p.pb.dim);
-  load_tile(dos, BM, p.dvp, static_cast<const T*>(p.go), p.lgo, b, h, t0, L - i0, p.pb.dim_v);
+  load_tile(qs, BM, p.dp, static_cast<const T*>(p.q), p.lq, b, h, t0, L - i0, p.pb.dim, p.chunked);
+  load_tile(dos, BM, p.dvp, static_cast<const T*>(p.go), p.lgo, b, h, t0, L - i0, p.pb.dim_v, p.chunked);
   for (int r = threadIdx.x; r < BM; r += blockDim.x) {
     const bool in = i0 + r < L;
     const float* stat = p.lse + p.lrow.offset(b, h, t0 + r, 0);
@@ -287,8 +357,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) 
   MMK_BWD_SMEM
   float* dk = acc;
   float* dv = acc + BN * p.dp;
-  load_tile(ks, BN, p.dp, static_cast<const T*>(p.k), p.lk, b, hk, pb.k_start(b) + j0, S - j0, pb.dim);
-  load_tile(vs, BN, p.dvp, static_cast<const T*>(p.v), p.lv, b, hk, pb.k_start(b) + j0, S - j0, pb.dim_v);
+  load_tile(ks, BN, p.dp, static_cast<const T*>(p.k), p.lk, b, hk, pb.k_start(b) + j0, S - j0, pb.dim, p.chunked);
+  load_tile(vs, BN, p.dvp, static_cast<const T*>(p.v), p.lv, b, hk, pb.k_start(b) + j0, S - j0, pb.dim_v, p.chunked);
   for (int idx = threadIdx.x; idx < BN * (p.dp + p.dvp); idx += blockDim.x) acc[idx] = 0.f;
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     for (int64_t i0 = 0; i0 < L; i0 += BM) {
@@ -328,8 +398,9 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
   for (int64_t j0 = 0; j0 < S; j0 += BN) {
     if (!attn::block_any_visible(pb.vis, i0, i0 + BM, j0, j0 + BN)) continue;
     __syncthreads();
-    load_tile(ks, BN, p.dp, static_cast<const T*>(p.k), p.lk, b, hk, pb.k_start(b) + j0, S - j0, pb.dim);
-    load_tile(vs, BN, p.dvp, static_cast<const T*>(p.v), p.lv, b, hk, pb.k_start(b) + j0, S - j0, pb.dim_v);
+    load_tile(ks, BN, p.dp, static_cast<const T*>(p.k), p.lk, b, hk, pb.k_start(b) + j0, S - j0, pb.dim, p.chunked);
+    load_tile(vs, BN, p.dvp, static_cast<const T*>(p.v), p.lv, b, hk, pb.k_start(b) + j0, S - j0, pb.dim_v,
+              p.chunked);
     __syncthreads();
     bwd_tile<T, BM, BN>(p, b, h, i0, j0, L, S, qs, dos, ks, vs, ss, dps, pt, dst, lse, log_l, delta,
                         p.dmask != nullptr);
@@ -344,8 +415,19 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
 }
 
 size_t fwd_smem(size_t elem, int BM, int BN, int Dp, int DVp) {
-  return align128(elem * BM * Dp) + align128(elem * BN * Dp) + align128(elem * BN * DVp) + align128(elem * BM * BN) +
-         align128(4 * BM * BN) + align128(4 * BM * DVp) + 2 * align128(4 * BM);
+  return align128(elem * BM * Dp) + 2 * align128(elem * BN * Dp) + 2 * align128(elem * BN * DVp) +
+         align128(elem * BM * BN) + align128(4 * BM * BN) + align128(4 * BM * DVp) + 2 * align128(4 * BM);
+}
+
+// True if t's (b, h, t) rows start on 16-byte boundaries with adjacent elements and a row length that is a whole
+// number of 16-byte chunks: then tiles of it copy in 16-byte chunks.
+bool chunkable(const Tensor& t, size_t elem) {
+  if (!t.present) return true;
+  const int64_t c = 16 / static_cast<int64_t>(elem);
+  if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0 || t.stride(-1) != 1 || t.size(-1) % c != 0) return false;
+  for (int d = 0; d < t.ndim - 1; ++d)
+    if (t.stride(d) % c != 0) return false;
+  return true;
 }
 
 int max_smem() {
@@ -390,6 +472,8 @@ Params make_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   }
   p.dp = round16(pb.dim);
   p.dvp = round16(pb.dim_v);
+  const size_t elem = q.dtype == DType::f32 ? 4 : 2;
+  p.chunked = chunkable(q, elem) && chunkable(k, elem) && chunkable(v, elem);
   return p;
 }
 
@@ -455,6 +539,7 @@ int attention_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const 
                          right, num_global);
   p.go = grad_out.data;
   p.lgo = attn::layout_of(grad_out);
+  p.chunked = p.chunked && chunkable(grad_out, q.dtype == DType::f32 ? 4 : 2);
   p.dq = dq.data;
   p.dk = dk.data;
   p.dv = dv.data;

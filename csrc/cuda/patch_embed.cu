@@ -40,24 +40,26 @@ struct FwdEpilogue {
   int64_t bias_stride, pos_s0, pos_s1, o_b, o_t, o_e;
   PatchGeometry g;
   __device__ void operator()(int64_t row, int64_t e, float acc) const {
-    const int64_t b = row / g.num_patches, token = g.num_prefix + row % g.num_patches;
+    const int64_t b = g.by_patches.div(row), token = g.num_prefix + row - b * g.num_patches;
     if (bias) acc += cuda::load(bias, e * bias_stride);
     if (pos) acc += cuda::load(pos, token * pos_s0 + e * pos_s1);
     cuda::store(out, b * o_b + token * o_t + e * o_e, acc);
   }
 };
 
+// Prefix tokens (+ their position embedding) into every image: blocks stride over the (image, prefix token) rows,
+// threads over the embedding, so the only divisions are one per row.
 template <typename T>
 __global__ void prefix_kernel(T* out, const T* prefix, const T* pos, int64_t pr_s0, int64_t pr_s1, int64_t pos_s0,
                               int64_t pos_s1, int64_t o_b, int64_t o_t, int64_t o_e, int64_t batch, int64_t num_prefix,
                               int64_t embed_dim) {
-  const int64_t total = batch * num_prefix * embed_dim;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t e = idx % embed_dim, t = (idx / embed_dim) % num_prefix, b = idx / (embed_dim * num_prefix);
-    float v = cuda::load(prefix, t * pr_s0 + e * pr_s1);
-    if (pos) v += cuda::load(pos, t * pos_s0 + e * pos_s1);
-    cuda::store(out, b * o_b + t * o_t + e * o_e, v);
+  for (int64_t row = blockIdx.x; row < batch * num_prefix; row += gridDim.x) {
+    const int64_t b = row / num_prefix, t = row - b * num_prefix;
+    for (int64_t e = threadIdx.x; e < embed_dim; e += blockDim.x) {
+      float v = cuda::load(prefix, t * pr_s0 + e * pr_s1);
+      if (pos) v += cuda::load(pos, t * pos_s0 + e * pos_s1);
+      cuda::store(out, b * o_b + t * o_t + e * o_e, v);
+    }
   }
 }
 
@@ -67,7 +69,8 @@ struct GradOutLoad {  // a(row, e) = grad_out[b, T + n, e]
   PatchGeometry g;
   int64_t s_b, s_t, s_e;
   __device__ float operator()(int64_t row, int64_t e) const {
-    return cuda::load(go, (row / g.num_patches) * s_b + (g.num_prefix + row % g.num_patches) * s_t + e * s_e);
+    const int64_t b = g.by_patches.div(row);
+    return cuda::load(go, b * s_b + (g.num_prefix + row - b * g.num_patches) * s_t + e * s_e);
   }
 };
 
@@ -116,8 +119,7 @@ int patch_embed_fwd_cuda(const Tensor& images, const Tensor& weight, const Tenso
                                        PatchLoad<T>{images.ptr<T>(), g, strides_of(images)},
                                        WeightLoad<T>{weight.ptr<T>(), g, strides_of(weight)}, epi, stream);
     if (err != cudaSuccess || g.num_prefix == 0 || g.batch == 0) return err;
-    const int64_t total = g.batch * g.num_prefix * g.embed_dim;
-    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 4096));
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(g.batch * g.num_prefix, 4096));
     prefix_kernel<<<blocks, 256, 0, stream>>>(out.ptr<T>(), prefix_tokens.ptr<T>(), pos, prefix_tokens.stride(0),
                                               prefix_tokens.stride(1), pos_s0, pos_s1, out.stride(0), out.stride(1),
                                               out.stride(2), g.batch, g.num_prefix, g.embed_dim);

@@ -172,6 +172,11 @@ def _add_layer_norm_fwd(x, residual, weight, bias, eps, backend):
     return s, out, mean, rstd
 
 
+# Blocks of the CUDA LayerNorm backward when it computes the parameter gradients: 1024 blocks of 128 threads keep
+# ~8 blocks per SM on a 132-SM H100/H200; the (blocks, 2, D) fp32 partials stay a few MB.
+_LN_PARTIAL_BLOCKS = 1024
+
+
 def _add_layer_norm_bwd(grad_out, grad_sum, s, weight, mean, rstd, need_params, backend):
     """(grad_x = grad_residual, grad_weight fp32, grad_bias fp32); the last two empty unless need_params."""
     D = s.shape[-1]
@@ -183,6 +188,10 @@ def _add_layer_norm_bwd(grad_out, grad_sum, s, weight, mean, rstd, need_params, 
         gs = _rows(grad_sum) if grad_sum is not None else None
         gw, gb = (grad_w, grad_b) if need_params else (None, None)
         tensors = (_rows(grad_out), gs, _rows(s), weight, mean, rstd, grad_x.view(-1, D), gw, gb)
+        if backend == "cuda":  # per-block partial sums of grad_weight / grad_bias, column-summed without atomics
+            blocks = min(s.numel() // D, _LN_PARTIAL_BLOCKS)
+            partial = torch.empty((blocks, 2, D), dtype=torch.float32, device=s.device) if need_params else None
+            tensors += (partial,)
         _run(backend, "add_layer_norm_bwd", tensors, device=s.device)
     elif need_params:
         grad_w.zero_(), grad_b.zero_()

@@ -4,15 +4,41 @@
 // element k (k in [0, C*P*P)) is (c, py, px) in the order of a Conv2d weight (E, C, P, P) flattened.
 #pragma once
 
+#include <algorithm>
 #include <vector>
 
 #include "mmkern/common.h"
 
 namespace mmkern {
 
+// n / d and n % d for 0 <= n < 2^31 and 1 <= d < 2^31 by a 32-bit multiply-high, an add and a shift
+// (Granlund & Montgomery 1994, with l = ceil(log2 d) and m = floor(2^32 (2^l - d) / d) + 1): the GPU has no
+// integer divider, and a 64-bit `/` or `%` there is a call to a ~70-instruction routine, once per gathered
+// element. n < 2^31 keeps n + mulhi(m, n) within 32 bits.
+struct FastDivmod {
+  uint32_t d = 1, mul = 1, shift = 0;
+  FastDivmod() = default;
+  explicit FastDivmod(int64_t divisor) : d(static_cast<uint32_t>(divisor)) {
+    while ((uint64_t{1} << shift) < d) ++shift;
+    mul = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1);
+  }
+  MMK_HD int64_t div(int64_t n) const {
+    const uint32_t u = static_cast<uint32_t>(n);
+#if defined(__CUDA_ARCH__)
+    const uint32_t hi = __umulhi(u, mul);
+#else
+    const uint32_t hi = static_cast<uint32_t>((static_cast<uint64_t>(u) * mul) >> 32);
+#endif
+    return (hi + u) >> shift;
+  }
+  MMK_HD int64_t mod(int64_t n) const { return n - div(n) * d; }
+};
+
+// Token rows and patch elements are below 2^31 (patch_geometry checks), so their divisions are FastDivmods.
 struct PatchGeometry {
   int64_t batch, channels, height, width, patch, embed_dim;
   int64_t grid_w, num_patches, patch_dim, num_prefix;
+  FastDivmod by_patches, by_grid_w, by_patch_area, by_patch;  // n / num_patches, grid_w, patch², patch
 };
 
 inline PatchGeometry patch_geometry(const Tensor& images, const Tensor& weight, int64_t num_prefix) {
@@ -32,22 +58,29 @@ inline PatchGeometry patch_geometry(const Tensor& images, const Tensor& weight, 
   g.num_patches = (g.height / g.patch) * g.grid_w;
   g.patch_dim = g.channels * g.patch * g.patch;
   g.num_prefix = num_prefix;
+  constexpr int64_t kMax32 = (int64_t{1} << 31) - 1;
+  check(g.batch * g.num_patches <= kMax32, "images: more than 2^31 - 1 patches in one call (split the batch)");
+  check(g.patch * g.patch <= kMax32 && g.patch_dim <= kMax32, "weight: more than 2^31 - 1 elements per patch");
+  g.by_patches = FastDivmod(std::max<int64_t>(g.num_patches, 1));
+  g.by_grid_w = FastDivmod(std::max<int64_t>(g.grid_w, 1));
+  g.by_patch_area = FastDivmod(g.patch * g.patch);
+  g.by_patch = FastDivmod(g.patch);
   return g;
 }
 
 // Offset of pixel (0, 0) of token row `row` in a (B, C, H, W) tensor with the given strides.
 MMK_HD int64_t patch_origin_offset(const PatchGeometry& g, int64_t row, const int64_t* strides) {
-  const int64_t b = row / g.num_patches, n = row % g.num_patches;
-  const int64_t gy = n / g.grid_w, gx = n % g.grid_w;
+  const int64_t b = g.by_patches.div(row), n = row - b * g.num_patches;
+  const int64_t gy = g.by_grid_w.div(n), gx = n - gy * g.grid_w;
   return b * strides[0] + gy * g.patch * strides[2] + gx * g.patch * strides[3];
 }
 
 // Offset of patch element k relative to the patch origin, for channel/row/column strides.
 MMK_HD int64_t patch_element_offset(const PatchGeometry& g, int64_t k, int64_t stride_c, int64_t stride_y,
                                     int64_t stride_x) {
-  const int64_t pp = g.patch * g.patch;
-  const int64_t c = k / pp, r = k % pp;
-  return c * stride_c + (r / g.patch) * stride_y + (r % g.patch) * stride_x;
+  const int64_t c = g.by_patch_area.div(k), r = k - c * g.patch * g.patch;
+  const int64_t y = g.by_patch.div(r), x = r - y * g.patch;
+  return c * stride_c + y * stride_y + x * stride_x;
 }
 
 inline std::vector<int64_t> patch_element_offsets(const PatchGeometry& g, int64_t stride_c, int64_t stride_y,

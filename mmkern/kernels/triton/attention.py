@@ -46,6 +46,14 @@ CONFIGS = {
     "dkdv": [(32, 64, 8, 2), (32, 64, 8, 3)],
     "dq": [c for c in _grid_of([(64, 64), (32, 64), (64, 32), (32, 32)]) if c[:3] != (64, 64, 4)],
 }
+# Head dims above 128 (BD = 256): the (BM, D) accumulators alone hold 64-128 fp32 registers per thread, and the
+# D <= 128 configs spill 8-680 B per thread on sm_90 and up to 3.3 KB on sm_80. These spill nothing in fp16 / bf16
+# on either target without dropout (with dropout at most 80 B) in the compile report at D = 256.
+CONFIGS_WIDE = {
+    "fwd": [(64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 3), (32, 32, 4, 2)],
+    "dkdv": [(32, 32, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)],
+    "dq": [(32, 32, 4, 2), (32, 32, 8, 2), (64, 32, 8, 2)],
+}
 # fp32 with IEEE products (no TF32) needs 3x the registers per element of a dot: only small tiles run.
 IEEE_CONFIGS = _grid_of([(64, 32), (32, 32)])
 
@@ -57,7 +65,7 @@ def _key(c: triton.Config) -> tuple[int, int, int, int]:
 def _configs(kind: str) -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1)]
-    tuples = CONFIGS[kind] + [c for c in IEEE_CONFIGS if c not in CONFIGS[kind]]
+    tuples = list(dict.fromkeys(CONFIGS[kind] + CONFIGS_WIDE[kind] + IEEE_CONFIGS))
     return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in tuples]
 
 
@@ -70,10 +78,13 @@ def shared_bytes_estimate(bm: int, bn: int, stages: int, bd: int, bdv: int, elem
 
 
 def fitting_configs(configs: list[triton.Config], elem: int, meta: dict, shared_limit: int, kind: str):
-    """The configs of kernel `kind` ("fwd", "dkdv", "dq") a launch may run: its CONFIGS (IEEE_CONFIGS for fp32
-    without TF32) that fit shared_limit bytes of shared memory (a D = 256 config that does not fit is otherwise
-    compiled only to be rejected); the smallest config if none fits."""
-    allowed = IEEE_CONFIGS if meta["PREC"] == "ieee" else CONFIGS[kind]
+    """The configs of kernel `kind` ("fwd", "dkdv", "dq") a launch may run: its CONFIGS (CONFIGS_WIDE for head
+    dims above 128, IEEE_CONFIGS for fp32 without TF32) that fit shared_limit bytes of shared memory (a D = 256
+    config that does not fit is otherwise compiled only to be rejected); the smallest config if none fits."""
+    if meta["PREC"] == "ieee":
+        allowed = IEEE_CONFIGS
+    else:
+        allowed = CONFIGS_WIDE[kind] if max(meta["BD"], meta["BDV"]) > 128 else CONFIGS[kind]
     keep = [
         c
         for c in configs
