@@ -9,6 +9,7 @@
 
 #include "mmkern/common.h"
 #include "mmkern/cpu_kernels.h"
+#include "mmkern/rms_norm.h"
 
 #ifdef MMKERN_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -451,5 +452,72 @@ PYBIND11_MODULE(_C, m) {
     }
     check_cuda(err, "contrastive_bwd_cuda");
   });
+#endif
+
+  // ---- rms_norm: keyword-only arguments, named as the fields of the params structs of mmkern/rms_norm.h ----
+  auto rms_fwd = [](py::object x, py::object residual, py::object weight, py::object sum_out, py::object out,
+                    py::object rstd, double eps) {
+    mmkern::RmsNormFwdParams p;
+    p.x = to_tensor(x), p.residual = to_tensor(residual), p.weight = to_tensor(weight);
+    p.sum_out = to_tensor(sum_out), p.out = to_tensor(out), p.rstd = to_tensor(rstd), p.eps = eps;
+    return p;
+  };
+  auto rms_bwd = [](py::object grad_out, py::object grad_sum, py::object s, py::object weight, py::object rstd,
+                    py::object grad_x, py::object grad_weight, py::object partial) {
+    mmkern::RmsNormBwdParams p;
+    p.grad_out = to_tensor(grad_out), p.grad_sum = to_tensor(grad_sum), p.s = to_tensor(s);
+    p.weight = to_tensor(weight), p.rstd = to_tensor(rstd), p.grad_x = to_tensor(grad_x);
+    p.grad_weight = to_tensor(grad_weight), p.partial = to_tensor(partial);
+    return p;
+  };
+  m.def(
+      "rms_norm_fwd_cpu",
+      [=](py::object x, py::object residual, py::object weight, py::object sum_out, py::object out, py::object rstd,
+          double eps, int num_threads) {
+        const auto p = rms_fwd(x, residual, weight, sum_out, out, rstd, eps);
+        py::gil_scoped_release release;
+        cpu().rms_norm_fwd(p, num_threads);
+      },
+      py::kw_only(), py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("sum_out"), py::arg("out"),
+      py::arg("rstd"), py::arg("eps"), py::arg("num_threads"));
+  m.def(
+      "rms_norm_bwd_cpu",
+      [=](py::object grad_out, py::object grad_sum, py::object s, py::object weight, py::object rstd,
+          py::object grad_x, py::object grad_weight, int num_threads) {
+        const auto p = rms_bwd(grad_out, grad_sum, s, weight, rstd, grad_x, grad_weight, py::none());
+        py::gil_scoped_release release;
+        cpu().rms_norm_bwd(p, num_threads);
+      },
+      py::kw_only(), py::arg("grad_out"), py::arg("grad_sum"), py::arg("s"), py::arg("weight"), py::arg("rstd"),
+      py::arg("grad_x"), py::arg("grad_weight"), py::arg("num_threads"));
+#ifdef MMKERN_WITH_CUDA
+  m.def(
+      "rms_norm_fwd_cuda",
+      [=](py::object x, py::object residual, py::object weight, py::object sum_out, py::object out, py::object rstd,
+          double eps, uintptr_t stream) {
+        const auto p = rms_fwd(x, residual, weight, sum_out, out, rstd, eps);
+        int err;
+        {
+          py::gil_scoped_release release;
+          err = mmkern::rms_norm_fwd_cuda(p, stream);
+        }
+        check_cuda(err, "rms_norm_fwd_cuda");
+      },
+      py::kw_only(), py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("sum_out"), py::arg("out"),
+      py::arg("rstd"), py::arg("eps"), py::arg("stream"));
+  m.def(
+      "rms_norm_bwd_cuda",
+      [=](py::object grad_out, py::object grad_sum, py::object s, py::object weight, py::object rstd,
+          py::object grad_x, py::object grad_weight, py::object partial, uintptr_t stream) {
+        const auto p = rms_bwd(grad_out, grad_sum, s, weight, rstd, grad_x, grad_weight, partial);
+        int err;
+        {
+          py::gil_scoped_release release;
+          err = mmkern::rms_norm_bwd_cuda(p, stream);
+        }
+        check_cuda(err, "rms_norm_bwd_cuda");
+      },
+      py::kw_only(), py::arg("grad_out"), py::arg("grad_sum"), py::arg("s"), py::arg("weight"), py::arg("rstd"),
+      py::arg("grad_x"), py::arg("grad_weight"), py::arg("partial"), py::arg("stream"));
 #endif
 }

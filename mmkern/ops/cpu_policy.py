@@ -91,3 +91,8 @@ def attention(L: int, S: int, D: int, causal: bool, grad: bool) -> bool:
     if level() != "default":
         return True
     return L * S < 1 << 12 and D <= 32
+
+
+def rms_norm(numel: int, grad: bool) -> bool:
+    """Placeholder until measured."""
+    return True

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "mmkern/common.h"
+#include "mmkern/rms_norm.h"
 
 namespace mmkern {
 
@@ -71,6 +72,8 @@ struct CpuKernels {
   cpu_entry::AttentionFwd* attention_fwd;
   cpu_entry::AttentionBwd* attention_bwd;
   cpu_entry::AttentionDropoutMask* attention_dropout_mask;
+  cpu_entry::RmsNormFwd* rms_norm_fwd;
+  cpu_entry::RmsNormBwd* rms_norm_bwd;
 };
 
 // The tables compiled in, lowest level first.
@@ -106,5 +109,7 @@ cpu_entry::PatchEmbedPackedFwd patch_embed_packed_fwd_cpu;
 cpu_entry::AttentionFwd attention_fwd_cpu;
 cpu_entry::AttentionBwd attention_bwd_cpu;
 cpu_entry::AttentionDropoutMask attention_dropout_mask_cpu;
+cpu_entry::RmsNormFwd rms_norm_fwd_cpu;
+cpu_entry::RmsNormBwd rms_norm_bwd_cpu;
 MMKERN_CPU_END
 #endif
