@@ -43,7 +43,7 @@ class Op:
     """A differentiable op made of a forward and a backward KernelOp. Calling it runs the custom op, or in plain
     eager mode the kernels directly (through an autograd.Function when autograd records the call)."""
 
-    def __init__(self, fwd: KernelOp, bwd: KernelOp, save: Callable, backward: Callable, non_differentiable=()):
+    def __init__(self, fwd: KernelOp, bwd: KernelOp, save: Callable, grads: Callable, non_differentiable=()):
         self.fwd, self.bwd = fwd, bwd
 
         def setup_context(ctx, inputs, output, eager=False):
@@ -53,8 +53,8 @@ class Op:
             # An unused output then arrives as None instead of a zero-filled tensor.
             ctx.set_materialize_grads(False)
 
-        def backward_fn(ctx, *grads):
-            return backward(ctx, bwd.run if ctx.eager else bwd.op, *grads)
+        def backward_fn(ctx, *grad_outputs):
+            return grads(ctx, bwd.run if ctx.eager else bwd.op, *grad_outputs)
 
         fwd.op.register_autograd(backward_fn, setup_context=setup_context)
         self.eager = eager_function(f"_{fwd.op._name}", fwd.run, setup_context, backward_fn)
@@ -67,24 +67,26 @@ class Op:
 
 
 def define_op(
-    name: str,
-    alloc: Callable,
-    launch: Callable,
-    *,
-    backward_alloc: Callable,
-    backward_launch: Callable,
-    save: Callable,
-    backward: Callable,
-    non_differentiable: tuple[int, ...] = (),
-) -> Op:
-    """Registers `mmkern::<name>` (alloc / launch), `mmkern::<name>_backward` (backward_alloc / backward_launch) and
-    the autograd formula: save(ctx, inputs, outputs) keeps what the backward needs (ctx.save_for_backward and
-    attributes), backward(ctx, run_backward, *grad_outputs) returns one gradient (or None) per input, calling
-    run_backward(...) for the backward kernel. Gradients of unused outputs arrive as None; the outputs at the
-    indices `non_differentiable` get none."""
-    fwd = KernelOp(name, alloc, launch)
-    bwd = KernelOp(f"{name}_backward", backward_alloc, backward_launch)
-    return Op(fwd, bwd, save, backward, non_differentiable)
+    name: str, forward: tuple[Callable, Callable], backward: tuple[Callable, Callable], save: Callable,
+    grads: Callable, non_differentiable: tuple[int, ...] = (),
+) -> Op:  # fmt: skip
+    """Registers `mmkern::<name>` from forward = (alloc, launch), `mmkern::<name>_backward` from backward = (alloc,
+    launch), and the autograd formula: save(ctx, inputs, outputs) keeps what the backward needs
+    (ctx.save_for_backward and attributes); grads(ctx, run_backward, *grad_outputs) returns one gradient (or None)
+    per input, calling run_backward(...) for the backward kernel. Gradients of unused outputs arrive as None; the
+    outputs at the indices `non_differentiable` get none."""
+    fwd, bwd = KernelOp(name, *forward), KernelOp(f"{name}_backward", *backward)
+    return Op(fwd, bwd, save, grads, non_differentiable)
+
+
+def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """(..., D) as (rows, D): a view where the strides allow one, else a contiguous copy; None stays None."""
+    return None if t is None else t.reshape(-1, t.shape[-1])
+
+
+def new_like(t: torch.Tensor) -> torch.Tensor:
+    """A new contiguous tensor of t's shape, dtype and device."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 def launch_kernel(backend: str, triton_module: str, name: str, device: torch.device, tensors: dict, **scalars):

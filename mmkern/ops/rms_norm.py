@@ -17,7 +17,7 @@ from mmkern import backends, reference
 from mmkern.ops import cpu_policy
 from mmkern.ops._checks import check_like, check_tensor, native_dtype
 from mmkern.ops._eager import needs_grad
-from mmkern.ops._register import define_op, launch_kernel
+from mmkern.ops._register import define_op, launch_kernel, new_like, rows
 
 
 def rms_norm(
@@ -69,27 +69,18 @@ def rms_norm(
 # ---- kernels, destination-passing (see mmkern/ops/_register.py) ----
 
 
-def _new_like(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(t, memory_format=torch.contiguous_format)
-
-
-def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
-    """(..., D) as (rows, D): a view where the strides allow one, else a contiguous copy."""
-    return None if t is None else t.reshape(-1, t.shape[-1])
-
-
 def _fwd_alloc(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(s = x + residual, or an empty tensor without a residual; out; rstd fp32 (...,))."""
-    s = _new_like(x) if residual is not None else x.new_empty((0,))
-    return s, _new_like(x), x.new_empty(x.shape[:-1], dtype=torch.float32)
+    s = new_like(x) if residual is not None else x.new_empty((0,))
+    return s, new_like(x), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 def _fwd_launch(x, residual, weight, eps, backend, s, out, rstd):
     if x.numel():
         sum_out = s.view(-1, x.shape[-1]) if residual is not None else None
-        tensors = {"x": _rows(x), "residual": _rows(residual), "weight": weight, "sum_out": sum_out,
+        tensors = {"x": rows(x), "residual": rows(residual), "weight": weight, "sum_out": sum_out,
                    "out": out.view(-1, x.shape[-1]), "rstd": rstd.view(-1)}  # fmt: skip
         launch_kernel(backend, "rms_norm", "rms_norm_fwd", x.device, tensors, eps=eps)
 
@@ -104,7 +95,7 @@ def _bwd_alloc(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x = grad_residual, grad_weight fp32 (D,) or an empty tensor unless need_weight)."""
-    return _new_like(s), s.new_empty((s.shape[-1],) if need_weight else (0,), dtype=torch.float32)
+    return new_like(s), s.new_empty((s.shape[-1],) if need_weight else (0,), dtype=torch.float32)
 
 
 def _bwd_launch(grad_out, grad_sum, s, weight, rstd, need_weight, backend, grad_x, grad_w):
@@ -112,7 +103,7 @@ def _bwd_launch(grad_out, grad_sum, s, weight, rstd, need_weight, backend, grad_
         grad_w.zero_()
         return
     D = s.shape[-1]
-    tensors = {"grad_out": _rows(grad_out), "grad_sum": _rows(grad_sum), "s": _rows(s), "weight": weight,
+    tensors = {"grad_out": rows(grad_out), "grad_sum": rows(grad_sum), "s": rows(s), "weight": weight,
                "rstd": rstd.view(-1), "grad_x": grad_x.view(-1, D), "grad_weight": grad_w if need_weight else None}  # fmt: skip
     if backend == "cuda" and need_weight:  # per-block partial weight gradients, summed without atomics
         tensors["partial"] = s.new_empty((min(s.numel() // D, 512), D), dtype=torch.float32)
@@ -126,7 +117,7 @@ def _save(ctx, inputs, outputs):
     ctx.save_for_backward(s if residual is not None else x, weight, rstd)
 
 
-def _backward(ctx, run_backward, grad_s, grad_out, _grad_rstd):
+def _grads(ctx, run_backward, grad_s, grad_out, _grad_rstd):
     s, weight, rstd = ctx.saved_tensors
     need_x, need_r, need_w = ctx.needs_input_grad[:3]
     if grad_out is None:
@@ -139,12 +130,5 @@ def _backward(ctx, run_backward, grad_s, grad_out, _grad_rstd):
 
 
 _rms_norm = define_op(
-    "rms_norm",
-    _fwd_alloc,
-    _fwd_launch,
-    backward_alloc=_bwd_alloc,
-    backward_launch=_bwd_launch,
-    save=_save,
-    backward=_backward,
-    non_differentiable=(2,),
+    "rms_norm", (_fwd_alloc, _fwd_launch), (_bwd_alloc, _bwd_launch), _save, _grads, non_differentiable=(2,)
 )
