@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import mmkern
 from mmkern import reference
 from mmkern.nn import fused_elementwise
-from mmkern.ops import rms_norm
+from mmkern.ops import cpu_policy, rms_norm
 from tests.checks import LAYOUTS, assert_close, backends_for, dtypes_for, kernel_backends, layout, randn
 
 # The cpu backend's cases run at every ISA level this CPU supports (see conftest.py).
@@ -160,6 +160,27 @@ def test_opcheck(backend):
     s, _, rstd = torch.ops.mmkern.rms_norm(x.detach(), r.detach(), w.detach(), 1e-6, backend)
     torch.library.opcheck(torch.ops.mmkern.rms_norm_backward.default, (g, g, s, w.detach(), rstd, True, backend))
     torch.library.opcheck(torch.ops.mmkern.rms_norm_backward.default, (g, None, s, None, rstd, False, backend))
+
+
+@pytest.mark.parametrize(
+    ("shape", "grad"), [((16, 64), False), ((2048, 64), False), ((16, 64), True), ((64, 768), True)]
+)
+def test_default_follows_the_policy(shape, grad, monkeypatch):
+    """The default on CPU tensors: the native kernel where cpu_policy.rms_norm says it measured faster (at the
+    level this module runs at), else the PyTorch path (F.rms_norm); backend="cpu" always runs the kernel."""
+    if "cpu" not in kernel_backends():
+        pytest.skip("the cpu backend is unavailable here")
+    monkeypatch.delenv("MMKERN_BACKEND", raising=False)
+    seen = []
+    original = torch.nn.functional.rms_norm
+    monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda *a, **k: seen.append(1) or original(*a, **k))
+    x = torch.randn(*shape, requires_grad=grad)
+    rms_norm(x, x.detach())
+    assert len(seen) == (0 if cpu_policy.rms_norm(x.numel(), grad) else 1)
+    assert cpu_policy.rms_norm(1 << 15, True) and not cpu_policy.rms_norm(1 << 16, False)
+    seen.clear()
+    rms_norm(x, x.detach(), backend="cpu")
+    assert not seen
 
 
 class _Stack(torch.nn.Module):

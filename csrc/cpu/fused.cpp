@@ -215,13 +215,14 @@ inline void ln_bwd_row(const float* go, const float* gs, const float* s, const f
 }  // namespace
 
 // out[i, j] = GELU(x[i, j] + bias[j]); x (rows, N) any strides, out (rows, N).
-void bias_gelu_fwd_cpu(const Tensor& x, const Tensor& bias, const Tensor& out, int kind, int num_threads) {
+void bias_gelu_fwd_cpu(const BiasGeluFwdParams& p, int num_threads) {
+  const Tensor &x = p.x, &bias = p.bias, &out = p.out;
   check_dims(x, 2, "x");
   check_dims(out, 2, "out");
   const int64_t rows = x.size(0), n = x.size(1);
   check(out.size(0) == rows && out.size(1) == n, "out: shape differs from x");
   check(!bias.present || (bias.ndim == 1 && bias.size(0) == n), "bias: expected (N,) with N the last dim of x");
-  with_gelu_kind(kind, [&](auto k) {
+  with_gelu_kind(p.kind, [&](auto k) {
     constexpr GeluKind kKind = decltype(k)::value;
     dispatch_float(x.dtype, "bias_gelu", [&](auto tag) {
       using scalar_t = typename decltype(tag)::type;
@@ -242,8 +243,8 @@ void bias_gelu_fwd_cpu(const Tensor& x, const Tensor& bias, const Tensor& out, i
 
 // grad_x[i, j] = grad_out[i, j] · GELU'(x[i, j] + bias[j]); grad_bias[j] = Σ_i grad_x[i, j] (fp32). grad_x is
 // rounded to the storage dtype; grad_bias sums the unrounded fp32 values.
-void bias_gelu_bwd_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& bias, const Tensor& grad_x,
-                       const Tensor& grad_bias, int kind, int num_threads) {
+void bias_gelu_bwd_cpu(const BiasGeluBwdParams& p, int num_threads) {
+  const Tensor &grad_out = p.grad_out, &x = p.x, &bias = p.bias, &grad_x = p.grad_x, &grad_bias = p.grad_bias;
   check_dims(x, 2, "x");
   check_dims(grad_out, 2, "grad_out");
   const int64_t rows = x.size(0), n = x.size(1);
@@ -251,7 +252,7 @@ void bias_gelu_bwd_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& bi
   check(!grad_x.present || (grad_x.size(0) == rows && grad_x.size(1) == n), "grad_x: shape differs from x");
   check(!grad_bias.present || (grad_bias.dtype == DType::f32 && grad_bias.size(0) == n),
         "grad_bias: expected fp32 (N,)");
-  with_gelu_kind(kind, [&](auto k) {
+  with_gelu_kind(p.kind, [&](auto k) {
     constexpr GeluKind kKind = decltype(k)::value;
     dispatch_float(x.dtype, "bias_gelu", [&](auto tag) {
       using scalar_t = typename decltype(tag)::type;
@@ -281,9 +282,8 @@ void bias_gelu_bwd_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& bi
 // s = x + residual (rounded to the storage dtype, as the unfused add would be), out = LN(s)·weight + bias,
 // mean / rstd (rows,) fp32 saved for backward. Without a residual, s is x and sum_out is absent. Two passes over
 // the row for the variance (Σ(s - mean)², no cancellation when |mean| >> std); the row is in L1 by then.
-void add_layer_norm_fwd_cpu(const Tensor& x, const Tensor& residual, const Tensor& weight, const Tensor& bias,
-                            const Tensor& sum_out, const Tensor& out, const Tensor& mean, const Tensor& rstd, double eps,
-                            int num_threads) {
+void add_layer_norm_fwd_cpu(const AddLayerNormFwdParams& p, int num_threads) {
+  const Tensor &x = p.x, &residual = p.residual, &sum_out = p.sum_out, &out = p.out, &mean = p.mean, &rstd = p.rstd;
   check_dims(x, 2, "x");
   const int64_t rows = x.size(0), d = x.size(1);
   check(!residual.present || (residual.size(0) == rows && residual.size(1) == d), "residual: shape differs from x");
@@ -291,8 +291,8 @@ void add_layer_norm_fwd_cpu(const Tensor& x, const Tensor& residual, const Tenso
   check(mean.dtype == DType::f32 && rstd.dtype == DType::f32, "mean, rstd: expected fp32");
   dispatch_float(x.dtype, "add_layer_norm", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    const std::vector<float> w = vector_or<scalar_t>(weight, d, 1.f);
-    const std::vector<float> b = vector_or<scalar_t>(bias, d, 0.f);
+    const std::vector<float> w = vector_or<scalar_t>(p.weight, d, 1.f);
+    const std::vector<float> b = vector_or<scalar_t>(p.bias, d, 0.f);
     const float inv_d = d ? 1.0f / static_cast<float>(d) : 0.f;
 #pragma omp parallel num_threads(threads_for(rows * d, num_threads))
     {
@@ -314,7 +314,7 @@ void add_layer_norm_fwd_cpu(const Tensor& x, const Tensor& residual, const Tenso
           s = sum;
         }
         const float mu = total * inv_d;
-        const float rs = 1.0f / std::sqrt(row_sq_dev(s, mu, d) * inv_d + static_cast<float>(eps));
+        const float rs = 1.0f / std::sqrt(row_sq_dev(s, mu, d) * inv_d + static_cast<float>(p.eps));
         float* o = output_row<scalar_t>(out, i, obuf.data());
         ln_out_row(s, mu, rs, w.data(), b.data(), o, d);
         finish_row<scalar_t>(out, i, d, o);
@@ -329,9 +329,9 @@ void add_layer_norm_fwd_cpu(const Tensor& x, const Tensor& residual, const Tenso
 //   grad_x = grad_residual = grad_sum + rstd·(g - mean(g) - x̂·mean(g·x̂))
 //   grad_weight = Σ_rows grad_out·x̂,  grad_bias = Σ_rows grad_out   (fp32)
 // s is the LayerNorm input (sum_out of the forward, or x without a residual); grad_sum may be absent (zero).
-void add_layer_norm_bwd_cpu(const Tensor& grad_out, const Tensor& grad_sum, const Tensor& s, const Tensor& weight,
-                            const Tensor& mean, const Tensor& rstd, const Tensor& grad_x, const Tensor& grad_weight,
-                            const Tensor& grad_bias, int num_threads) {
+void add_layer_norm_bwd_cpu(const AddLayerNormBwdParams& p, int num_threads) {
+  const Tensor &grad_out = p.grad_out, &grad_sum = p.grad_sum, &s = p.s, &mean = p.mean, &rstd = p.rstd;
+  const Tensor &grad_x = p.grad_x, &grad_weight = p.grad_weight, &grad_bias = p.grad_bias;
   check_dims(s, 2, "s");
   check_dims(grad_out, 2, "grad_out");
   const int64_t rows = s.size(0), d = s.size(1);
@@ -341,7 +341,7 @@ void add_layer_norm_bwd_cpu(const Tensor& grad_out, const Tensor& grad_sum, cons
   check(!grad_bias.present || grad_bias.dtype == DType::f32, "grad_bias: expected fp32");
   dispatch_float(s.dtype, "add_layer_norm", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    const std::vector<float> w = vector_or<scalar_t>(weight, d, 1.f);
+    const std::vector<float> w = vector_or<scalar_t>(p.weight, d, 1.f);
     const float inv_d = d ? 1.0f / static_cast<float>(d) : 0.f;
     const int parts = threads_for(rows * d, num_threads);
     const bool params = grad_weight.present || grad_bias.present;

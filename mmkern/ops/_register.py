@@ -15,6 +15,7 @@ eager mode the same kernels and formula without the dispatcher (mmkern/ops/_eage
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import torch
@@ -89,18 +90,11 @@ def new_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-def launch_kernel(backend: str, triton_module: str, name: str, device: torch.device, tensors: dict, **scalars):
-    """Runs kernel `name` on `backend` with named arguments: `<name>_cpu` / `<name>_cuda` of the native module (the
-    tensors passed as mmkern/_native.py's tensor_arg, plus num_threads or the CUDA stream), or the launcher `name` in
-    mmkern.kernels.triton.<triton_module>."""
+def launch_kernel(backend: str, triton_module: str, name: str, device: torch.device, tensors: dict, scalars: dict):
+    """Runs kernel `name` of `backend` with its parameters by name: the launcher `name` in
+    mmkern.kernels.triton.<triton_module>, or the native entry point (mmkern._native.launch)."""
     if backend == "triton":
-        import importlib
-
         module = importlib.import_module(f"mmkern.kernels.triton.{triton_module}")
         getattr(module, name)(**tensors, **scalars)
-        return
-    args = {k: _native.tensor_arg(t) for k, t in tensors.items()}
-    if backend == "cpu":
-        getattr(_native.native(), f"{name}_cpu")(**args, **scalars, num_threads=_native.num_threads())
     else:
-        getattr(_native.native(), f"{name}_cuda")(**args, **scalars, stream=_native.cuda_stream(device))
+        _native.launch(name, device, tensors, scalars)

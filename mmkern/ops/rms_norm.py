@@ -82,7 +82,7 @@ def _fwd_launch(x, residual, weight, eps, backend, s, out, rstd):
         sum_out = s.view(-1, x.shape[-1]) if residual is not None else None
         tensors = {"x": rows(x), "residual": rows(residual), "weight": weight, "sum_out": sum_out,
                    "out": out.view(-1, x.shape[-1]), "rstd": rstd.view(-1)}  # fmt: skip
-        launch_kernel(backend, "rms_norm", "rms_norm_fwd", x.device, tensors, eps=eps)
+        launch_kernel(backend, "rms_norm", "rms_norm_fwd", x.device, tensors, {"eps": eps})
 
 
 def _bwd_alloc(
@@ -105,9 +105,16 @@ def _bwd_launch(grad_out, grad_sum, s, weight, rstd, need_weight, backend, grad_
     D = s.shape[-1]
     tensors = {"grad_out": rows(grad_out), "grad_sum": rows(grad_sum), "s": rows(s), "weight": weight,
                "rstd": rstd.view(-1), "grad_x": grad_x.view(-1, D), "grad_weight": grad_w if need_weight else None}  # fmt: skip
-    if backend == "cuda" and need_weight:  # per-block partial weight gradients, summed without atomics
-        tensors["partial"] = s.new_empty((min(s.numel() // D, 512), D), dtype=torch.float32)
-    launch_kernel(backend, "rms_norm", "rms_norm_bwd", s.device, tensors)
+    if backend != "triton":  # cuda: per-warp weight-gradient partials, summed without atomics; none on the cpu
+        tensors["partial"] = _partials(s.numel() // D, D, s.device) if backend == "cuda" and need_weight else None
+    launch_kernel(backend, "rms_norm", "rms_norm_bwd", s.device, tensors, {})
+
+
+def _partials(rows: int, d: int, device: torch.device) -> torch.Tensor:
+    """(warps, D) fp32 scratch of the CUDA backward: a warp per 4 rows, at most 16 per multiprocessor (enough in
+    flight for a memory-bound kernel, while the partials' own traffic stays a fraction of the gradient's)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.empty((max(1, min(16 * sms, -(-rows // 4))), d), dtype=torch.float32, device=device)
 
 
 def _save(ctx, inputs, outputs):

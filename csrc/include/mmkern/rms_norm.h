@@ -17,36 +17,37 @@
 
 namespace mmkern {
 
-// All tensors are 2-D (rows, D) views but weight / rstd; an absent optional one has present == false.
+// ---- Entry points (the convention: see the top of csrc/bindings.cpp) ----
+// Tensors are 2-D (rows, D) views but weight / rstd; an absent optional tensor is !present.
+
+// s = x + residual (into sum_out; both absent without a residual), out = s · rstd · weight, rstd fp32 (rows,).
 struct RmsNormFwdParams {
-  Tensor x;         // (rows, D) any strides
-  Tensor residual;  // (rows, D) any strides, or absent
-  Tensor weight;    // (D,), or absent (ones)
-  Tensor sum_out;   // (rows, D) with unit column stride: x + residual; given exactly when residual is
-  Tensor out;       // (rows, D) with unit column stride
-  Tensor rstd;      // (rows,) fp32
-  double eps = 0.0;
+  Tensor x, residual;   // any strides
+  Tensor weight;        // (D,), or absent (ones)
+  Tensor sum_out, out;  // unit column stride
+  Tensor rstd;
+  double eps = 0;
+  template <class F>
+  void fields(F&& f) {
+    f("x", x), f("residual", residual), f("weight", weight), f("sum_out", sum_out), f("out", out);
+    f("rstd", rstd), f("eps", eps);
+  }
 };
 
+// Gradients of RmsNormFwdParams given the normalised input s (sum_out of the forward, or x) and rstd: grad_x (of x
+// and residual, grad_sum added when present; unit column stride) and grad_weight (fp32 (D,), when present). CUDA
+// only: `partial`, (warps, D) fp32 contiguous scratch for the per-warp weight-gradient partials when grad_weight is
+// present (its first dim sets the number of warps); absent on the CPU.
 struct RmsNormBwdParams {
-  Tensor grad_out;     // (rows, D) any strides
-  Tensor grad_sum;     // (rows, D) any strides, or absent (zero): the gradient reaching s directly
-  Tensor s;            // (rows, D): the normalised input (sum_out of the forward, or x)
-  Tensor weight;       // (D,) or absent
-  Tensor rstd;         // (rows,) fp32 from the forward
-  Tensor grad_x;       // (rows, D) with unit column stride
-  Tensor grad_weight;  // (D,) fp32, or absent (not computed)
-  // CUDA only: (blocks, D) fp32 scratch for the per-block partial weight gradients when grad_weight is given; its
-  // first dim sets the number of blocks.
-  Tensor partial;
+  Tensor grad_out, grad_sum, s, weight, rstd, grad_x, grad_weight, partial;
+  template <class F>
+  void fields(F&& f) {
+    f("grad_out", grad_out), f("grad_sum", grad_sum), f("s", s), f("weight", weight), f("rstd", rstd);
+    f("grad_x", grad_x), f("grad_weight", grad_weight), f("partial", partial);
+  }
 };
 
-// The CPU kernels, one build per ISA level (see cpu_kernels.h), and the CUDA kernels (csrc/cuda/rms_norm.cu; they
-// return a cudaError_t code and launch on `stream`).
-namespace cpu_entry {
-using RmsNormFwd = void(const RmsNormFwdParams& p, int num_threads);
-using RmsNormBwd = void(const RmsNormBwdParams& p, int num_threads);
-}  // namespace cpu_entry
+// CUDA (csrc/cuda/rms_norm.cu): a cudaError_t, 0 on success.
 int rms_norm_fwd_cuda(const RmsNormFwdParams& p, uintptr_t stream);
 int rms_norm_bwd_cuda(const RmsNormBwdParams& p, uintptr_t stream);
 
@@ -86,3 +87,10 @@ inline void check_rms_norm(const RmsNormBwdParams& p) {
 }
 
 }  // namespace mmkern
+
+#if defined(MMKERN_CPU_NS)  // CPU (csrc/cpu/rms_norm.cpp, once per ISA level)
+MMKERN_CPU_BEGIN
+void rms_norm_fwd_cpu(const RmsNormFwdParams& p, int num_threads);
+void rms_norm_bwd_cpu(const RmsNormBwdParams& p, int num_threads);
+MMKERN_CPU_END
+#endif
