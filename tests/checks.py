@@ -21,7 +21,7 @@ def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "transposed" and t.dim() >= 2:
         return t.transpose(0, 1).contiguous().transpose(0, 1)
     if kind == "strided":
-        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
         wide[..., ::2] = t
         return wide[..., ::2]
     return t.contiguous()
