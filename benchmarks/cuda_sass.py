@@ -42,10 +42,12 @@ def _division_calls(body: str) -> int:
     reciprocal (I2F / MUFU.RCP), unlike sm_80's loop-exit calls and the diverged-shuffle fallbacks."""
     code = {int(addr, 16): text for addr, text in _INSTR.findall(body)}
     calls = 0
-    for text in code.values():
+    for call_addr, text in code.items():
         if not (m := _CALL_TARGET.search(text)):
             continue
         addr = int(m.group(1), 16)
+        if 0 < addr - call_addr <= 32:  # sm_80's loop exit: a call just past the next branch, no routine
+            continue
         while addr in code and not code[addr].lstrip().startswith(("RET", "BRA", "EXIT")):
             if re.search(r"\b(MUFU\.RCP|I2F)", code[addr]):
                 calls += 1

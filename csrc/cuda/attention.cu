@@ -254,7 +254,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
   T* out = static_cast<T*>(p.out);
   const int64_t t0 = pb.q_start(b) + i0;
   for (int idx = threadIdx.x; idx < BM * pb.dim_v; idx += blockDim.x) {
-    const int r = idx / pb.dim_v, d = idx % pb.dim_v;
+    const int r = idx / static_cast<int>(pb.dim_v), d = idx - r * static_cast<int>(pb.dim_v);  // 32-bit: D <= 256
     if (i0 + r < L) out[p.lo.offset(b, h, t0 + r, d)] = from_float<T>(os[r * DVp + d] * attn::row_inv_sum(l[r]));
   }
   for (int r = threadIdx.x; r < BM; r += blockDim.x)
@@ -374,11 +374,11 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) 
   __syncthreads();
   const int64_t t0 = pb.k_start(b) + j0;
   for (int idx = threadIdx.x; idx < BN * pb.dim; idx += blockDim.x) {
-    const int r = idx / pb.dim, d = idx % pb.dim;
+    const int r = idx / static_cast<int>(pb.dim), d = idx - r * static_cast<int>(pb.dim);  // 32-bit: D <= 256
     if (j0 + r < S) static_cast<T*>(p.dk)[p.ldk.offset(b, hk, t0 + r, d)] = from_float<T>(dk[r * p.dp + d] * pb.scale);
   }
   for (int idx = threadIdx.x; idx < BN * pb.dim_v; idx += blockDim.x) {
-    const int r = idx / pb.dim_v, d = idx % pb.dim_v;
+    const int r = idx / static_cast<int>(pb.dim_v), d = idx - r * static_cast<int>(pb.dim_v);  // 32-bit: D <= 256
     if (j0 + r < S) static_cast<T*>(p.dv)[p.ldv.offset(b, hk, t0 + r, d)] = from_float<T>(dv[r * p.dvp + d]);
   }
 }
@@ -409,7 +409,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
   __syncthreads();
   const int64_t t0 = pb.q_start(b) + i0;
   for (int idx = threadIdx.x; idx < BM * pb.dim; idx += blockDim.x) {
-    const int r = idx / pb.dim, d = idx % pb.dim;
+    const int r = idx / static_cast<int>(pb.dim), d = idx - r * static_cast<int>(pb.dim);  // 32-bit: D <= 256
     if (i0 + r < L) static_cast<T*>(p.dq)[p.ldq.offset(b, h, t0 + r, d)] = from_float<T>(dq[r * p.dp + d] * pb.scale);
   }
 }
