@@ -1,14 +1,33 @@
-// The only native file that knows about Python. Tensors arrive as the tuples built by
-// mmkern/_native.py:tensor_arg — (data_ptr, dtype_code, sizes, strides, device_index) — or None for an
-// absent optional argument. Every kernel runs with the GIL released.
+// The only native file that knows about Python.
+//
+// How an entry point crosses the boundary (follow this for a new op):
+//  1. csrc/include/mmkern/<op>.h declares it, once: a parameter struct per entry point, `<Op>FwdParams`,
+//     `<Op>BwdParams`, ... (Tensor fields, an absent optional tensor being !present; scalars in their C++ types),
+//     whose `fields(f)` member names every field; then the entry points, `int <op>_fwd_cuda(const P&, uintptr_t
+//     stream)` (a cudaError_t) and, in the per-level CPU namespace (MMKERN_CPU_BEGIN), `void <op>_fwd_cpu(const
+//     P&, int num_threads)`. The CPU and CUDA sources include that header, so the compiler holds each definition
+//     to it. A CPU entry point also gets its slot in CpuKernels (mmkern/cpu_kernels.h, csrc/cpu/kernels.cpp).
+//  2. Here, one line each: def_cpu(m, "<op>_fwd_cpu", &CpuKernels::<op>_fwd) and def_cuda(m, "<op>_fwd_cuda",
+//     &mmkern::<op>_fwd_cuda).
+//  3. Python calls mmkern._native.launch("<op>_fwd", device, {tensor fields by name}, {scalar fields by name}):
+//     two dict displays with every field, tensors as torch tensors or None. launch turns each tensor into the
+//     tuple that to_tensor reads (_native.tensor_arg: (data_ptr, dtype_code, sizes, strides, device_index), None
+//     for an absent one) and adds num_threads or the stream. A missing, unknown or mistyped field is a TypeError
+//     that names it: nothing is matched by position. (Dicts, not **kwargs: a call with 24 keyword arguments
+//     builds a new dict at every Python level it passes, microseconds per call; a dict display is built once.)
+// Every kernel runs with the GIL released.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "mmkern/common.h"
 #include "mmkern/cpu_kernels.h"
+#include "mmkern/fused.h"
+#include "mmkern/rms_norm.h"
 
 #ifdef MMKERN_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -24,15 +43,6 @@ int contrastive_fwd_cuda(const Tensor& x, const Tensor& y, const Tensor& scale_b
 int contrastive_bwd_cuda(const Tensor& x, const Tensor& y, const Tensor& scale_bias, int mode, bool diagonal,
                          const Tensor& row_lse, const Tensor& col_lse, const Tensor& gr, const Tensor& gc,
                          const Tensor& dx, const Tensor& dy, uintptr_t stream);
-int bias_gelu_fwd_cuda(const Tensor& x, const Tensor& bias, const Tensor& out, int kind, uintptr_t stream);
-int bias_gelu_bwd_cuda(const Tensor& grad_out, const Tensor& x, const Tensor& bias, const Tensor& grad_x,
-                       const Tensor& grad_bias, int kind, uintptr_t stream);
-int add_layer_norm_fwd_cuda(const Tensor& x, const Tensor& residual, const Tensor& weight, const Tensor& bias,
-                            const Tensor& sum_out, const Tensor& out, const Tensor& mean, const Tensor& rstd, double eps,
-                            uintptr_t stream);
-int add_layer_norm_bwd_cuda(const Tensor& grad_out, const Tensor& grad_sum, const Tensor& s, const Tensor& weight,
-                            const Tensor& mean, const Tensor& rstd, const Tensor& grad_x, const Tensor& grad_weight,
-                            const Tensor& grad_bias, uintptr_t stream);
 int patch_embed_fwd_cuda(const Tensor& images, const Tensor& weight, const Tensor& bias, const Tensor& pos_embed,
                          const Tensor& prefix_tokens, const Tensor& out, uintptr_t stream);
 int patch_embed_bwd_cuda(const Tensor& grad_out, const Tensor& images, const Tensor& weight, const Tensor& grad_images,
@@ -54,7 +64,7 @@ int attention_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const 
 
 namespace {
 
-Tensor to_tensor(const py::object& obj) {
+Tensor to_tensor(py::handle obj) {
   Tensor t;
   if (obj.is_none()) return t;
   auto tup = obj.cast<py::tuple>();
@@ -75,12 +85,6 @@ Tensor to_tensor(const py::object& obj) {
   return t;
 }
 
-#ifdef MMKERN_WITH_CUDA
-void check_cuda(int err, const char* what) {
-  if (err != 0)
-    throw std::runtime_error(std::string(what) + ": CUDA error: " + cudaGetErrorString(static_cast<cudaError_t>(err)));
-}
-#endif
 
 std::string cpu_features() {
   std::string out;
@@ -163,6 +167,111 @@ void set_cpu_capability(const std::string& name) {
   throw std::invalid_argument("cpu capability: unknown level '" + name + "' (compiled in: " + known + ")");
 }
 
+#ifdef MMKERN_WITH_CUDA
+void check_cuda(int err, const char* what) {
+  if (err != 0)
+    throw std::runtime_error(std::string(what) + ": CUDA error: " + cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+#endif
+
+// ---- Parameter structs from Python, by name ----
+
+void from_py(py::handle value, Tensor& field) { field = to_tensor(value); }
+template <class T>
+void from_py(py::handle value, T& field) {
+  field = value.cast<T>();
+}
+
+// The names of P's tensor fields and of its scalar fields, interned once (so is a dict display's constant key,
+// so a lookup compares pointers). Kept for the life of the process.
+template <class P>
+struct FieldNames {
+  std::vector<PyObject*> tensors, scalars;
+  std::string list;  // "tensors q, k; scalars scale, causal", for the docstring and errors
+};
+template <class P>
+const FieldNames<P>& field_names() {
+  static const FieldNames<P> names = [] {
+    FieldNames<P> out;
+    std::string t, s;
+    P p{};
+    p.fields([&](const char* name, auto& field) {
+      const bool tensor = std::is_same_v<std::decay_t<decltype(field)>, Tensor>;
+      (tensor ? out.tensors : out.scalars).push_back(PyUnicode_InternFromString(name));
+      std::string& list = tensor ? t : s;
+      list += (list.empty() ? "" : ", ") + std::string(name);
+    });
+    out.list = "tensors {" + t + "}, scalars {" + s + "}";
+    return out;
+  }();
+  return names;
+}
+
+// Raises TypeError for the first key of `given` that is not in `known`.
+void reject_unknown(const char* entry, const char* what, const py::dict& given, const std::vector<PyObject*>& known) {
+  for (auto item : given)
+    if (std::find(known.begin(), known.end(), item.first.ptr()) == known.end())
+      throw py::type_error(std::string(entry) + ": unknown " + what + " '" + std::string(py::str(item.first)) + "'");
+}
+
+// P with every tensor field taken from `tensors` and every scalar field from `scalars`, by name: each must be
+// there, and nothing else may.
+template <class P>
+P params_from(const char* entry, const py::dict& tensors, const py::dict& scalars) {
+  const FieldNames<P>& names = field_names<P>();
+  P p{};
+  size_t t = 0, s = 0;
+  p.fields([&](const char* name, auto& field) {
+    const bool tensor = std::is_same_v<std::decay_t<decltype(field)>, Tensor>;
+    PyObject* key = tensor ? names.tensors[t++] : names.scalars[s++];
+    PyObject* value = PyDict_GetItem((tensor ? tensors : scalars).ptr(), key);
+    if (!value)
+      throw py::type_error(std::string(entry) + ": missing " + (tensor ? "tensor" : "scalar") + " '" + name + "'");
+    try {
+      from_py(value, field);
+    } catch (const py::cast_error&) {
+      throw py::type_error(std::string(entry) + ": '" + name + "' has the wrong type " +
+                           std::string(py::str(py::type::handle_of(value))));
+    }
+  });
+  // Every field was found, so any further key is unknown.
+  if (tensors.size() != names.tensors.size()) reject_unknown(entry, "tensor", tensors, names.tensors);
+  if (scalars.size() != names.scalars.size()) reject_unknown(entry, "scalar", scalars, names.scalars);
+  return p;
+}
+
+// `name`(tensors, scalars, num_threads): the CPU entry point at the selected ISA level.
+template <class P>
+void def_cpu(py::module_& m, const char* name, mmkern::CpuEntry<P>* mmkern::CpuKernels::*entry) {
+  m.def(
+      name,
+      [name, entry](const py::dict& tensors, const py::dict& scalars, int num_threads) {
+        const P p = params_from<P>(name, tensors, scalars);
+        py::gil_scoped_release release;
+        (cpu().*entry)(p, num_threads);
+      },
+      py::arg("tensors"), py::arg("scalars"), py::arg("num_threads"), field_names<P>().list.c_str());
+}
+
+#ifdef MMKERN_WITH_CUDA
+// `name`(tensors, scalars, stream): the CUDA entry point launched on `stream`; a CUDA error raises RuntimeError.
+template <class P>
+void def_cuda(py::module_& m, const char* name, int (*entry)(const P&, uintptr_t)) {
+  m.def(
+      name,
+      [name, entry](const py::dict& tensors, const py::dict& scalars, uintptr_t stream) {
+        const P p = params_from<P>(name, tensors, scalars);
+        int err;
+        {
+          py::gil_scoped_release release;
+          err = entry(p, stream);
+        }
+        check_cuda(err, name);
+      },
+      py::arg("tensors"), py::arg("scalars"), py::arg("stream"), field_names<P>().list.c_str());
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -197,82 +306,18 @@ PYBIND11_MODULE(_C, m) {
 #endif
   });
 
+  using mmkern::CpuKernels;
+
   // ---- fused ----
-  m.def("bias_gelu_fwd_cpu", [](py::object x, py::object bias, py::object out, int kind, int num_threads) {
-    Tensor tx = to_tensor(x), tb = to_tensor(bias), to = to_tensor(out);
-    py::gil_scoped_release release;
-    cpu().bias_gelu_fwd(tx, tb, to, kind, num_threads);
-  });
-  m.def("bias_gelu_bwd_cpu", [](py::object grad_out, py::object x, py::object bias, py::object grad_x,
-                                py::object grad_bias, int kind, int num_threads) {
-    Tensor tg = to_tensor(grad_out), tx = to_tensor(x), tb = to_tensor(bias), tgx = to_tensor(grad_x),
-           tgb = to_tensor(grad_bias);
-    py::gil_scoped_release release;
-    cpu().bias_gelu_bwd(tg, tx, tb, tgx, tgb, kind, num_threads);
-  });
-  m.def("add_layer_norm_fwd_cpu", [](py::object x, py::object residual, py::object weight, py::object bias,
-                                     py::object sum_out, py::object out, py::object mean, py::object rstd, double eps,
-                                     int num_threads) {
-    Tensor tx = to_tensor(x), tr = to_tensor(residual), tw = to_tensor(weight), tb = to_tensor(bias),
-           ts = to_tensor(sum_out), to = to_tensor(out), tm = to_tensor(mean), trs = to_tensor(rstd);
-    py::gil_scoped_release release;
-    cpu().add_layer_norm_fwd(tx, tr, tw, tb, ts, to, tm, trs, eps, num_threads);
-  });
-  m.def("add_layer_norm_bwd_cpu", [](py::object grad_out, py::object grad_sum, py::object s, py::object weight,
-                                     py::object mean, py::object rstd, py::object grad_x, py::object grad_weight,
-                                     py::object grad_bias, int num_threads) {
-    Tensor tg = to_tensor(grad_out), tgs = to_tensor(grad_sum), ts = to_tensor(s), tw = to_tensor(weight),
-           tm = to_tensor(mean), trs = to_tensor(rstd), tgx = to_tensor(grad_x), tgw = to_tensor(grad_weight),
-           tgb = to_tensor(grad_bias);
-    py::gil_scoped_release release;
-    cpu().add_layer_norm_bwd(tg, tgs, ts, tw, tm, trs, tgx, tgw, tgb, num_threads);
-  });
+  def_cpu(m, "bias_gelu_fwd_cpu", &CpuKernels::bias_gelu_fwd);
+  def_cpu(m, "bias_gelu_bwd_cpu", &CpuKernels::bias_gelu_bwd);
+  def_cpu(m, "add_layer_norm_fwd_cpu", &CpuKernels::add_layer_norm_fwd);
+  def_cpu(m, "add_layer_norm_bwd_cpu", &CpuKernels::add_layer_norm_bwd);
 #ifdef MMKERN_WITH_CUDA
-  m.def("bias_gelu_fwd_cuda", [](py::object x, py::object bias, py::object out, int kind, uintptr_t stream) {
-    Tensor tx = to_tensor(x), tb = to_tensor(bias), to = to_tensor(out);
-    int err;
-    {
-      py::gil_scoped_release release;
-      err = mmkern::bias_gelu_fwd_cuda(tx, tb, to, kind, stream);
-    }
-    check_cuda(err, "bias_gelu_fwd_cuda");
-  });
-  m.def("bias_gelu_bwd_cuda", [](py::object grad_out, py::object x, py::object bias, py::object grad_x,
-                                 py::object grad_bias, int kind, uintptr_t stream) {
-    Tensor tg = to_tensor(grad_out), tx = to_tensor(x), tb = to_tensor(bias), tgx = to_tensor(grad_x),
-           tgb = to_tensor(grad_bias);
-    int err;
-    {
-      py::gil_scoped_release release;
-      err = mmkern::bias_gelu_bwd_cuda(tg, tx, tb, tgx, tgb, kind, stream);
-    }
-    check_cuda(err, "bias_gelu_bwd_cuda");
-  });
-  m.def("add_layer_norm_fwd_cuda", [](py::object x, py::object residual, py::object weight, py::object bias,
-                                      py::object sum_out, py::object out, py::object mean, py::object rstd, double eps,
-                                      uintptr_t stream) {
-    Tensor tx = to_tensor(x), tr = to_tensor(residual), tw = to_tensor(weight), tb = to_tensor(bias),
-           ts = to_tensor(sum_out), to = to_tensor(out), tm = to_tensor(mean), trs = to_tensor(rstd);
-    int err;
-    {
-      py::gil_scoped_release release;
-      err = mmkern::add_layer_norm_fwd_cuda(tx, tr, tw, tb, ts, to, tm, trs, eps, stream);
-    }
-    check_cuda(err, "add_layer_norm_fwd_cuda");
-  });
-  m.def("add_layer_norm_bwd_cuda", [](py::object grad_out, py::object grad_sum, py::object s, py::object weight,
-                                      py::object mean, py::object rstd, py::object grad_x, py::object grad_weight,
-                                      py::object grad_bias, uintptr_t stream) {
-    Tensor tg = to_tensor(grad_out), tgs = to_tensor(grad_sum), ts = to_tensor(s), tw = to_tensor(weight),
-           tm = to_tensor(mean), trs = to_tensor(rstd), tgx = to_tensor(grad_x), tgw = to_tensor(grad_weight),
-           tgb = to_tensor(grad_bias);
-    int err;
-    {
-      py::gil_scoped_release release;
-      err = mmkern::add_layer_norm_bwd_cuda(tg, tgs, ts, tw, tm, trs, tgx, tgw, tgb, stream);
-    }
-    check_cuda(err, "add_layer_norm_bwd_cuda");
-  });
+  def_cuda(m, "bias_gelu_fwd_cuda", &mmkern::bias_gelu_fwd_cuda);
+  def_cuda(m, "bias_gelu_bwd_cuda", &mmkern::bias_gelu_bwd_cuda);
+  def_cuda(m, "add_layer_norm_fwd_cuda", &mmkern::add_layer_norm_fwd_cuda);
+  def_cuda(m, "add_layer_norm_bwd_cuda", &mmkern::add_layer_norm_bwd_cuda);
 #endif
 
   // ---- patch_embed ----
@@ -451,5 +496,13 @@ PYBIND11_MODULE(_C, m) {
     }
     check_cuda(err, "contrastive_bwd_cuda");
   });
+#endif
+
+  // ---- rms_norm ----
+  def_cpu(m, "rms_norm_fwd_cpu", &CpuKernels::rms_norm_fwd);
+  def_cpu(m, "rms_norm_bwd_cpu", &CpuKernels::rms_norm_bwd);
+#ifdef MMKERN_WITH_CUDA
+  def_cuda(m, "rms_norm_fwd_cuda", &mmkern::rms_norm_fwd_cuda);
+  def_cuda(m, "rms_norm_bwd_cuda", &mmkern::rms_norm_bwd_cuda);
 #endif
 }

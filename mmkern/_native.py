@@ -1,7 +1,8 @@
 """The bridge to the native module `mmkern._C`.
 
-`tensor_arg` is the one place that turns a torch tensor into the arguments native code takes: a data
-pointer, a dtype code, sizes, strides (in elements) and a device index. The native side never sees torch.
+`launch` runs a native entry point with its parameters by name; `tensor_arg`, which it calls, is the one place
+that turns a torch tensor into the arguments native code takes: a data pointer, a dtype code, sizes, strides (in
+elements) and a device index. The native side never sees torch.
 
 The CPU kernels are compiled once per ISA level and run at the best level the CPU supports;
 `MMKERN_CPU_CAPABILITY=default|avx2|avx512|avx512_bf16` (read at import) runs them at a lower one.
@@ -62,6 +63,20 @@ def tensor_arg(t: torch.Tensor | None):
     # Called ~20 times per attention forward + backward: the cheapest accessors (torch.Size is a tuple already;
     # get_device() is -1 on the CPU).
     return (t.data_ptr(), DTYPE_CODES[t.dtype], t.shape, t.stride(), t.get_device())
+
+
+_CPU = torch.device("cpu")
+
+
+def launch(name: str, device: torch.device, tensors: dict, scalars: dict) -> None:
+    """Runs the native entry point `name` (`<name>_cpu` with torch's thread count on the CPU, `<name>_cuda` on
+    `device`'s current stream) with every field of its parameter struct by name (see csrc/bindings.cpp): tensors
+    (or None) and scalars. A missing, unknown or mistyped field raises TypeError naming it."""
+    args = {key: tensor_arg(t) for key, t in tensors.items()}
+    if device == _CPU:  # not device.type, which costs ~0.3 us
+        getattr(native(), name + "_cpu")(args, scalars, torch.get_num_threads())
+    else:
+        getattr(native(), name + "_cuda")(args, scalars, cuda_stream(device))
 
 
 def num_threads() -> int:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mmkern import reference
 from mmkern.ops import attention as attn_ops
-from mmkern.ops import scaled_dot_product_attention, varlen_attention
+from mmkern.ops import scaled_dot_product_attention, sdpa_patch, varlen_attention
 
 # The cpu backend's cases run at every ISA level this CPU supports (see conftest.py).
 pytestmark = [pytest.mark.cpu_levels, pytest.mark.usefixtures("cpu_level")]
@@ -357,7 +357,15 @@ def test_varlen_validation():
             varlen_attention(q, q, q, cu, cu, 4, 3, backend=backend)
 
 
-def test_sdpa_override_on_a_hugging_face_model():
+def _count_mmkern_calls(monkeypatch) -> list:
+    """The calls that the override sends to mmkern's kernels from now on (the rest go to torch's own SDPA)."""
+    calls = []
+    run = sdpa_patch.scaled_dot_product_attention
+    monkeypatch.setattr(sdpa_patch, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or run(*a, **kw))
+    return calls
+
+
+def test_sdpa_override_on_a_hugging_face_model(monkeypatch):
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(
         vocab_size=50,
@@ -375,28 +383,28 @@ def test_sdpa_override_on_a_hugging_face_model():
     attention_mask[1, 9:] = 0  # key padding
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
-        before = attn_ops.override_calls
-        with attn_ops.sdpa_override():
+        calls = _count_mmkern_calls(monkeypatch)
+        with sdpa_patch.sdpa_override():
             got = model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
-        assert attn_ops.override_calls - before == 2, "mmkern did not run the model's attention"
-        assert F.scaled_dot_product_attention is attn_ops._torch_sdpa
+        assert len(calls) == 2, "mmkern did not run the model's attention"
+        assert F.scaled_dot_product_attention is sdpa_patch._torch_sdpa
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_sdpa_override_leaves_plain_cuda_calls_to_torch():
+def test_sdpa_override_leaves_plain_cuda_calls_to_torch(monkeypatch):
     q = torch.randn(2, 4, 64, 32, device="cuda", dtype=torch.float16)
     mask = torch.rand(64, 64, device="cuda") > 0.2
-    before = attn_ops.override_calls
-    with attn_ops.sdpa_override():
+    calls = _count_mmkern_calls(monkeypatch)
+    with sdpa_patch.sdpa_override():
         F.scaled_dot_product_attention(q, q, q, is_causal=True)
         F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
-        assert attn_ops.override_calls == before, "a call torch runs itself went to mmkern"
+        assert len(calls) == 0, "a call torch runs itself went to mmkern"
         F.scaled_dot_product_attention(q, q, q, attn_mask=mask, is_causal=True)  # torch raises here, mmkern runs it
-        assert attn_ops.override_calls == before + 1
-    with attn_ops.sdpa_override(backend="triton"):  # an explicit backend takes every call it can run
+        assert len(calls) == 1
+    with sdpa_patch.sdpa_override(backend="triton"):  # an explicit backend takes every call it can run
         F.scaled_dot_product_attention(q, q, q, is_causal=True)
-        assert attn_ops.override_calls == before + 2
+        assert len(calls) == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -21,6 +21,22 @@ def test_tensor_arg_describes_strides_and_dtype():
     assert _native.tensor_arg(None) is None
 
 
+def test_native_parameters_are_matched_by_name_only():
+    x = torch.randn(3, 8)
+    out = torch.empty_like(x)
+    tensors = {"x": x, "bias": None, "out": out}
+    with pytest.raises(TypeError, match="unknown tensor 'bais'"):
+        _native.launch("bias_gelu_fwd", x.device, {**tensors, "bais": None}, {"kind": 0})
+    with pytest.raises(TypeError, match="missing scalar 'kind'"):
+        _native.launch("bias_gelu_fwd", x.device, tensors, {})
+    with pytest.raises(TypeError, match="missing tensor 'out'"):
+        _native.launch("bias_gelu_fwd", x.device, {"x": x, "bias": None}, {"kind": 0})
+    with pytest.raises(TypeError, match="'kind' has the wrong type"):
+        _native.launch("bias_gelu_fwd", x.device, tensors, {"kind": "tanh"})
+    _native.launch("bias_gelu_fwd", x.device, tensors, {"kind": 0})
+    torch.testing.assert_close(out, torch.nn.functional.gelu(x))
+
+
 def test_default_backend_on_cpu_is_cpu_where_the_op_measured_faster():
     assert backends.resolve(None, torch.device("cpu")) == "cpu"
     assert backends.resolve(None, torch.device("cpu"), native_faster=lambda: True) == "cpu"

@@ -23,7 +23,8 @@ from mmkern.models import (
     retrieve,
     vit_config,
 )
-from mmkern.models.checkpoint import load_checkpoint, load_state_dict, read_checkpoint, save_checkpoint
+from mmkern.models.checkpoint import load_checkpoint, save_checkpoint
+from mmkern.models.state_dict import load_state_dict, read_weights
 from mmkern.nn import KVCache
 
 VIT = {"img_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 4}
@@ -439,7 +440,7 @@ def test_checkpoint_round_trip_bit_exact(name, tmp_path):
     assert type(loaded) is type(model) and loaded.config == model.config
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
-    _, meta = read_checkpoint(path)
+    _, meta = read_weights(path)
     assert meta["step"] == "7" and meta["config"] == json.dumps(model.config.to_dict())
     if name == "decoder":
         assert loaded.lm_head.weight is loaded.lm.token_embedding.weight

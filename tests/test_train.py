@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mmkern.data import ImageTextCollator, WordTokenizer, digits
+from mmkern.models import state_dict
 from mmkern.train import BatchSampler, TrainConfig, Trainer, lr_factor
 from mmkern.train import checkpoint as ckpt
 from mmkern.train.baseline import PlainCLIP, naive_clip_loss
@@ -153,7 +154,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch, data):
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", broken)
+    monkeypatch.setattr(state_dict, "save_file", broken)
     t.step = 3
     with pytest.raises(OSError):
         t.save()
@@ -161,6 +162,20 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch, data):
     assert latest.name == "step_00000002" and not (tmp_path / "checkpoints" / "step_00000003").exists()
     weights, state, rng = ckpt.load_checkpoint(latest)
     assert state["step"] == 2 and rng is not None and set(weights) == set(model.state_dict())
+
+
+def test_checkpoint_stores_tied_weights_once(tmp_path):
+    """The trainer's weights file follows the model checkpoints' rule: a tied weight is stored once and comes back
+    under both names; a tensor that only shares memory with another (a view of part of it) is stored as a copy."""
+    emb = torch.randn(5, 3)
+    weights = {"embed": emb, "head": emb, "first_rows": emb[:2], "bias": torch.zeros(3)}
+    folder = ckpt.save_checkpoint(tmp_path, 1, weights, {"step": 1})
+    stored, meta = state_dict.read_safetensors(folder / "model.safetensors")
+    assert set(stored) == {"embed", "first_rows", "bias"} and json.loads(meta["aliases"]) == {"head": "embed"}
+    loaded, state, _ = ckpt.load_checkpoint(folder)
+    assert set(loaded) == set(weights) and state["step"] == 1
+    for k, v in weights.items():
+        assert torch.equal(loaded[k], v), k
 
 
 def test_bf16_and_grad_checkpointing_run(data):

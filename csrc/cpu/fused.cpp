@@ -23,6 +23,7 @@
 
 #include "mmkern/common.h"
 #include "mmkern/cpu_kernels.h"
+#include "mmkern/cpu_rows.h"
 #include "mmkern/fused.h"
 #include "mmkern/simd_cpu.h"
 
@@ -30,86 +31,7 @@ MMKERN_CPU_BEGIN
 
 namespace {
 
-// Below this many elements a single thread is faster than waking the team.
-constexpr int64_t kMinElemsPerThread = 1 << 14;
-
-int threads_for(int64_t elems, int num_threads) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, elems / kMinElemsPerThread)));
-}
-
-// ---- rows as contiguous fp32 ----
-
-// Row `i` of a 2-D view into fp32 dst[0:n].
-template <typename T>
-inline void load_row(const Tensor& t, int64_t i, int64_t n, float* __restrict dst) {
-  const T* src = t.ptr<T>() + i * t.stride(0);
-  const int64_t s = t.stride(1);
-  if (s == 1) {
-    for (int64_t j = 0; j < n; ++j) dst[j] = to_float(src[j]);
-  } else {
-    for (int64_t j = 0; j < n; ++j) dst[j] = to_float(src[j * s]);
-  }
-}
-
-template <typename T>
-inline void store_row(const Tensor& t, int64_t i, int64_t n, const float* __restrict src) {
-  T* dst = t.ptr<T>() + i * t.stride(0);
-  const int64_t s = t.stride(1);
-  if (s == 1) {
-    for (int64_t j = 0; j < n; ++j) dst[j] = from_float<T>(src[j]);
-  } else {
-    for (int64_t j = 0; j < n; ++j) dst[j * s] = from_float<T>(src[j]);
-  }
-}
-
-template <typename T>
-inline bool direct(const Tensor& t) {
-  return std::is_same_v<T, float> && t.stride(1) == 1;
-}
-
-// Row `i` of t as contiguous fp32: the tensor's memory when it is fp32 with unit stride, else `buf` filled from it.
-template <typename T>
-inline const float* input_row(const Tensor& t, int64_t i, int64_t n, float* buf) {
-  if (direct<T>(t)) return t.ptr<float>() + i * t.stride(0);
-  load_row<T>(t, i, n, buf);
-  return buf;
-}
-
-// Where row `i` of t is computed: the tensor's memory when it is fp32 with unit stride, else `buf`, which
-// finish_row then writes to t.
-template <typename T>
-inline float* output_row(const Tensor& t, int64_t i, float* buf) {
-  return direct<T>(t) ? t.ptr<float>() + i * t.stride(0) : buf;
-}
-
-template <typename T>
-inline void finish_row(const Tensor& t, int64_t i, int64_t n, const float* row) {
-  if (!direct<T>(t)) store_row<T>(t, i, n, row);
-}
-
-template <typename T>
-std::vector<float> vector_or(const Tensor& t, int64_t n, float fill) {
-  std::vector<float> v(n, fill);
-  if (t.present)
-    for (int64_t j = 0; j < n; ++j) v[j] = to_float(t.ptr<T>()[j * t.stride(0)]);
-  return v;
-}
-
-// Rows [begin, end) of thread `part` out of `parts`.
-inline void row_range(int64_t rows, int part, int parts, int64_t& begin, int64_t& end) {
-  begin = rows * part / parts;
-  end = rows * (part + 1) / parts;
-}
-
-// Sums per-thread fp32 partials (parts, n) into dst (n,), fp32 with stride.
-void reduce_partials(const std::vector<float>& partials, int parts, int64_t n, const Tensor& dst) {
-  float* out = dst.ptr<float>();
-  for (int64_t j = 0; j < n; ++j) {
-    float acc = 0.f;
-    for (int p = 0; p < parts; ++p) acc += partials[p * n + j];
-    out[j * dst.stride(0)] = acc;
-  }
-}
+using namespace rows;
 
 template <class F>
 void with_gelu_kind(int kind, F&& f) {
@@ -132,8 +54,6 @@ using simd::vf;
 using simd::vi;
 constexpr float kLn2 = 0.69314718056f;
 
-inline vf load(const float* p, int w) { return simd::load_n(p, w); }  // lanes past w read 0
-inline void store(float* p, vf v, int w) { simd::store_n(p, v, w); }
 inline vf vmin(vf a, vf b) { return a < b ? a : b; }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 inline vf vabs(vf x) {
@@ -172,15 +92,6 @@ inline vf exp_in_range(vf c) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return ni < -126 ? vf{} : e * scale;  // no subnormal 2^n
 #endif
-}
-
-// Calls f(j, w) for the chunks of [0, n): full vectors (w = kLanes, a constant once inlined, so plain loads and
-// stores), then the tail.
-template <class F>
-inline void for_chunks(int64_t n, F&& f) {
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) f(j, kLanes);
-  if (j < n) f(j, static_cast<int>(n - j));
 }
 
 // normal_cdf_pdf of fused.h on vectors. The ½ of ½·erfc is folded into the exp (exp(-z² - ln2)); the clamp of
@@ -304,13 +215,14 @@ inline void ln_bwd_row(const float* go, const float* gs, const float* s, const f
 }  // namespace
 
 // out[i, j] = GELU(x[i, j] + bias[j]); x (rows, N) any strides, out (rows, N).
-void bias_gelu_fwd_cpu(const Tensor& x, const Tensor& bias, const Tensor& out, int kind, int num_threads) {
+void bias_gelu_fwd_cpu(const BiasGeluFwdParams& p, int num_threads) {
+  const Tensor &x = p.x, &bias = p.bias, &out = p.out;
   check_dims(x, 2, "x");
   check_dims(out, 2, "out");
   const int64_t rows = x.size(0), n = x.size(1);
   check(out.size(0) == rows && out.size(1) == n, "out: shape differs from x");
   check(!bias.present || (bias.ndim == 1 && bias.size(0) == n), "bias: expected (N,) with N the last dim of x");
-  with_gelu_kind(kind, [&](auto k) {
+  with_gelu_kind(p.kind, [&](auto k) {
     constexpr GeluKind kKind = decltype(k)::value;
     dispatch_float(x.dtype, "bias_gelu", [&](auto tag) {
       using scalar_t = typename decltype(tag)::type;
@@ -331,8 +243,8 @@ void bias_gelu_fwd_cpu(const Tensor& x, const Tensor& bias, const Tensor& out, i
 
 // grad_x[i, j] = grad_out[i, j] · GELU'(x[i, j] + bias[j]); grad_bias[j] = Σ_i grad_x[i, j] (fp32). grad_x is
 // rounded to the storage dtype; grad_bias sums the unrounded fp32 values.
-void bias_gelu_bwd_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& bias, const Tensor& grad_x,
-                       const Tensor& grad_bias, int kind, int num_threads) {
+void bias_gelu_bwd_cpu(const BiasGeluBwdParams& p, int num_threads) {
+  const Tensor &grad_out = p.grad_out, &x = p.x, &bias = p.bias, &grad_x = p.grad_x, &grad_bias = p.grad_bias;
   check_dims(x, 2, "x");
   check_dims(grad_out, 2, "grad_out");
   const int64_t rows = x.size(0), n = x.size(1);
@@ -340,7 +252,7 @@ void bias_gelu_bwd_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& bi
   check(!grad_x.present || (grad_x.size(0) == rows && grad_x.size(1) == n), "grad_x: shape differs from x");
   check(!grad_bias.present || (grad_bias.dtype == DType::f32 && grad_bias.size(0) == n),
         "grad_bias: expected fp32 (N,)");
-  with_gelu_kind(kind, [&](auto k) {
+  with_gelu_kind(p.kind, [&](auto k) {
     constexpr GeluKind kKind = decltype(k)::value;
     dispatch_float(x.dtype, "bias_gelu", [&](auto tag) {
       using scalar_t = typename decltype(tag)::type;
@@ -370,9 +282,8 @@ void bias_gelu_bwd_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& bi
 // s = x + residual (rounded to the storage dtype, as the unfused add would be), out = LN(s)·weight + bias,
 // mean / rstd (rows,) fp32 saved for backward. Without a residual, s is x and sum_out is absent. Two passes over
 // the row for the variance (Σ(s - mean)², no cancellation when |mean| >> std); the row is in L1 by then.
-void add_layer_norm_fwd_cpu(const Tensor& x, const Tensor& residual, const Tensor& weight, const Tensor& bias,
-                            const Tensor& sum_out, const Tensor& out, const Tensor& mean, const Tensor& rstd, double eps,
-                            int num_threads) {
+void add_layer_norm_fwd_cpu(const AddLayerNormFwdParams& p, int num_threads) {
+  const Tensor &x = p.x, &residual = p.residual, &sum_out = p.sum_out, &out = p.out, &mean = p.mean, &rstd = p.rstd;
   check_dims(x, 2, "x");
   const int64_t rows = x.size(0), d = x.size(1);
   check(!residual.present || (residual.size(0) == rows && residual.size(1) == d), "residual: shape differs from x");
@@ -380,8 +291,8 @@ void add_layer_norm_fwd_cpu(const Tensor& x, const Tensor& residual, const Tenso
   check(mean.dtype == DType::f32 && rstd.dtype == DType::f32, "mean, rstd: expected fp32");
   dispatch_float(x.dtype, "add_layer_norm", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    const std::vector<float> w = vector_or<scalar_t>(weight, d, 1.f);
-    const std::vector<float> b = vector_or<scalar_t>(bias, d, 0.f);
+    const std::vector<float> w = vector_or<scalar_t>(p.weight, d, 1.f);
+    const std::vector<float> b = vector_or<scalar_t>(p.bias, d, 0.f);
     const float inv_d = d ? 1.0f / static_cast<float>(d) : 0.f;
 #pragma omp parallel num_threads(threads_for(rows * d, num_threads))
     {
@@ -403,7 +314,7 @@ void add_layer_norm_fwd_cpu(const Tensor& x, const Tensor& residual, const Tenso
           s = sum;
         }
         const float mu = total * inv_d;
-        const float rs = 1.0f / std::sqrt(row_sq_dev(s, mu, d) * inv_d + static_cast<float>(eps));
+        const float rs = 1.0f / std::sqrt(row_sq_dev(s, mu, d) * inv_d + static_cast<float>(p.eps));
         float* o = output_row<scalar_t>(out, i, obuf.data());
         ln_out_row(s, mu, rs, w.data(), b.data(), o, d);
         finish_row<scalar_t>(out, i, d, o);
@@ -418,9 +329,9 @@ void add_layer_norm_fwd_cpu(const Tensor& x, const Tensor& residual, const Tenso
 //   grad_x = grad_residual = grad_sum + rstd·(g - mean(g) - x̂·mean(g·x̂))
 //   grad_weight = Σ_rows grad_out·x̂,  grad_bias = Σ_rows grad_out   (fp32)
 // s is the LayerNorm input (sum_out of the forward, or x without a residual); grad_sum may be absent (zero).
-void add_layer_norm_bwd_cpu(const Tensor& grad_out, const Tensor& grad_sum, const Tensor& s, const Tensor& weight,
-                            const Tensor& mean, const Tensor& rstd, const Tensor& grad_x, const Tensor& grad_weight,
-                            const Tensor& grad_bias, int num_threads) {
+void add_layer_norm_bwd_cpu(const AddLayerNormBwdParams& p, int num_threads) {
+  const Tensor &grad_out = p.grad_out, &grad_sum = p.grad_sum, &s = p.s, &mean = p.mean, &rstd = p.rstd;
+  const Tensor &grad_x = p.grad_x, &grad_weight = p.grad_weight, &grad_bias = p.grad_bias;
   check_dims(s, 2, "s");
   check_dims(grad_out, 2, "grad_out");
   const int64_t rows = s.size(0), d = s.size(1);
@@ -430,7 +341,7 @@ void add_layer_norm_bwd_cpu(const Tensor& grad_out, const Tensor& grad_sum, cons
   check(!grad_bias.present || grad_bias.dtype == DType::f32, "grad_bias: expected fp32");
   dispatch_float(s.dtype, "add_layer_norm", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    const std::vector<float> w = vector_or<scalar_t>(weight, d, 1.f);
+    const std::vector<float> w = vector_or<scalar_t>(p.weight, d, 1.f);
     const float inv_d = d ? 1.0f / static_cast<float>(d) : 0.f;
     const int parts = threads_for(rows * d, num_threads);
     const bool params = grad_weight.present || grad_bias.present;

@@ -138,12 +138,13 @@ int with_gelu_kind(int kind, F&& f) {
 
 }  // namespace
 
-int bias_gelu_fwd_cuda(const Tensor& x, const Tensor& bias, const Tensor& out, int kind, uintptr_t stream_handle) {
+int bias_gelu_fwd_cuda(const BiasGeluFwdParams& p, uintptr_t stream_handle) {
+  const Tensor &x = p.x, &bias = p.bias, &out = p.out;
   check_dims(x, 2, "x");
   const int64_t rows = x.size(0), n = x.size(1);
   check(!bias.present || (bias.ndim == 1 && bias.size(0) == n), "bias: expected (N,) with N the last dim of x");
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  return with_gelu_kind(kind, [&](auto k) -> int {
+  return with_gelu_kind(p.kind, [&](auto k) -> int {
     constexpr GeluKind kKind = decltype(k)::value;
     return dispatch_float(x.dtype, "bias_gelu", [&](auto tag) -> int {
       using T = typename decltype(tag)::type;
@@ -156,8 +157,8 @@ int bias_gelu_fwd_cuda(const Tensor& x, const Tensor& bias, const Tensor& out, i
   });
 }
 
-int bias_gelu_bwd_cuda(const Tensor& grad_out, const Tensor& x, const Tensor& bias, const Tensor& grad_x,
-                       const Tensor& grad_bias, int kind, uintptr_t stream_handle) {
+int bias_gelu_bwd_cuda(const BiasGeluBwdParams& p, uintptr_t stream_handle) {
+  const Tensor &grad_out = p.grad_out, &x = p.x, &bias = p.bias, &grad_x = p.grad_x, &grad_bias = p.grad_bias;
   check_dims(x, 2, "x");
   const int64_t rows = x.size(0), n = x.size(1);
   check(!grad_bias.present || (grad_bias.dtype == DType::f32 && grad_bias.stride(0) == 1),
@@ -167,7 +168,7 @@ int bias_gelu_bwd_cuda(const Tensor& grad_out, const Tensor& x, const Tensor& bi
     cudaError_t err = cudaMemsetAsync(grad_bias.data, 0, n * sizeof(float), stream);
     if (err != cudaSuccess) return err;
   }
-  return with_gelu_kind(kind, [&](auto k) -> int {
+  return with_gelu_kind(p.kind, [&](auto k) -> int {
     constexpr GeluKind kKind = decltype(k)::value;
     return dispatch_float(x.dtype, "bias_gelu", [&](auto tag) -> int {
       using T = typename decltype(tag)::type;
@@ -181,9 +182,9 @@ int bias_gelu_bwd_cuda(const Tensor& grad_out, const Tensor& x, const Tensor& bi
   });
 }
 
-int add_layer_norm_fwd_cuda(const Tensor& x, const Tensor& residual, const Tensor& weight, const Tensor& bias,
-                            const Tensor& sum_out, const Tensor& out, const Tensor& mean, const Tensor& rstd, double eps,
-                            uintptr_t stream_handle) {
+int add_layer_norm_fwd_cuda(const AddLayerNormFwdParams& p, uintptr_t stream_handle) {
+  const Tensor &x = p.x, &residual = p.residual, &weight = p.weight, &bias = p.bias, &sum_out = p.sum_out;
+  const Tensor &out = p.out, &mean = p.mean, &rstd = p.rstd;
   check_dims(x, 2, "x");
   check(residual.present == sum_out.present, "sum_out: given exactly when residual is");
   const int64_t rows = x.size(0), d = x.size(1);
@@ -194,7 +195,7 @@ int add_layer_norm_fwd_cuda(const Tensor& x, const Tensor& residual, const Tenso
     add_ln_fwd_kernel<T><<<static_cast<unsigned>(rows), kLnThreads, 0, stream>>>(
         x.ptr<T>(), residual.present ? residual.ptr<T>() : nullptr, weight.present ? weight.ptr<T>() : nullptr,
         bias.present ? bias.ptr<T>() : nullptr, sum_out.present ? sum_out.ptr<T>() : nullptr, out.ptr<T>(),
-        mean.ptr<float>(), rstd.ptr<float>(), d, static_cast<float>(eps), x.stride(0), x.stride(1),
+        mean.ptr<float>(), rstd.ptr<float>(), d, static_cast<float>(p.eps), x.stride(0), x.stride(1),
         residual.present ? residual.stride(0) : 0, residual.present ? residual.stride(1) : 0,
         weight.present ? weight.stride(0) : 0, bias.present ? bias.stride(0) : 0,
         sum_out.present ? sum_out.stride(0) : 0, out.stride(0));
@@ -202,9 +203,9 @@ int add_layer_norm_fwd_cuda(const Tensor& x, const Tensor& residual, const Tenso
   });
 }
 
-int add_layer_norm_bwd_cuda(const Tensor& grad_out, const Tensor& grad_sum, const Tensor& s, const Tensor& weight,
-                            const Tensor& mean, const Tensor& rstd, const Tensor& grad_x, const Tensor& grad_weight,
-                            const Tensor& grad_bias, uintptr_t stream_handle) {
+int add_layer_norm_bwd_cuda(const AddLayerNormBwdParams& p, uintptr_t stream_handle) {
+  const Tensor &grad_out = p.grad_out, &grad_sum = p.grad_sum, &s = p.s, &weight = p.weight, &mean = p.mean;
+  const Tensor &rstd = p.rstd, &grad_x = p.grad_x, &grad_weight = p.grad_weight, &grad_bias = p.grad_bias;
   check_dims(s, 2, "s");
   const int64_t rows = s.size(0), d = s.size(1);
   check(grad_weight.present == grad_bias.present, "grad_weight, grad_bias: computed together");

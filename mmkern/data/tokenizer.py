@@ -9,6 +9,8 @@ from collections.abc import Iterable
 
 import torch
 
+from mmkern._files import atomic_write
+
 SPECIALS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]", "[IMG]", "[SEP]")
 _WORD = re.compile(r"[a-z0-9]+|[^a-z0-9\s]")
 
@@ -68,14 +70,7 @@ class WordTokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """JSON {"vocab": [...]}, written to a temporary file and renamed, so a crash never leaves a torn one."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        try:
-            with open(tmp, "w") as f:
-                json.dump({"vocab": self.itos}, f)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps({"vocab": self.itos})))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> WordTokenizer:

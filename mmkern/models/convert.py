@@ -13,8 +13,8 @@ import re
 
 import torch
 
-from mmkern.models.checkpoint import load_state_dict
 from mmkern.models.clip import CLIP, CLIPConfig
+from mmkern.models.state_dict import load_state_dict
 from mmkern.models.text import TextConfig, TextTransformer
 from mmkern.models.vit import VisionTransformer, ViTConfig
 

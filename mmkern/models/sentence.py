@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmkern.models.checkpoint import load_torch_data, read_safetensors
 from mmkern.models.convert import text_from_bert
+from mmkern.models.state_dict import load_torch_data, read_safetensors
 from mmkern.models.text import TextTransformer
 
 _POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens")

@@ -64,11 +64,24 @@ def _fusable(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     return all(p is None or p.dtype == x.dtype for p in params)
 
 
+NORMS = ("layer", "rms")
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """nn.LayerNorm (kind "layer") or nn.RMSNorm ("rms": weight only, keys `weight`) over the last dim."""
+    if kind not in NORMS:
+        raise ValueError(f"norm: expected 'layer' or 'rms', got {kind!r}")
+    return nn.LayerNorm(dim, eps=eps) if kind == "layer" else nn.RMSNorm(dim, eps=eps)
+
+
 def add_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, norm(s)) with s = x + residual (x when residual is None): one fused mmkern.ops.add_layer_norm for a
-    LayerNorm over the last dim, else the plain add and module."""
-    fusable = _fuse_elementwise and isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
-    if fusable and _fusable(x, norm.weight, norm.bias):
+    """(s, norm(s)) with s = x + residual (x when residual is None): one fused mmkern.ops.add_layer_norm /
+    rms_norm for a LayerNorm / RMSNorm over the last dim, else the plain add and module."""
+    fusable = _fuse_elementwise and isinstance(norm, (nn.LayerNorm, nn.RMSNorm)) and len(norm.normalized_shape) == 1
+    if fusable and isinstance(norm, nn.RMSNorm) and _fusable(x, norm.weight):
+        eps = torch.finfo(x.dtype).eps if norm.eps is None else norm.eps  # nn.RMSNorm's default
+        return ops.rms_norm(x, residual, norm.weight, eps)
+    if fusable and isinstance(norm, nn.LayerNorm) and _fusable(x, norm.weight, norm.bias):
         return ops.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
     s = x if residual is None else x + residual
     return s, norm(s)
@@ -108,6 +121,7 @@ class Block(nn.Module):
     norm_first=True is the pre-norm layer of ViT / CLIP / GPT (x + f(norm(x))); False the post-norm layer of
     BERT (norm(x + f(x))). `cross_dim` adds `cross_attn` over a context (B, S, cross_dim) between the two.
     `window` / `num_global` make the self-attention local (see Attention); they are config, not parameters.
+    `norm` "rms" puts RMSNorm (weight only) where LayerNorm is by default.
     Keys: norm1, attn.{qkv,proj}, [norm_cross, cross_attn.{q,kv,proj}], norm2, mlp.{fc1,fc2}.
 
     forward(x (B, L, D) or packed (total, D), attn_mask=None, is_causal=False, context=None, context_mask=None,
@@ -136,20 +150,21 @@ class Block(nn.Module):
         attn_drop: float = 0.0,
         window: tuple[int, int] | None = None,
         num_global: int = 0,
+        norm: str = "layer",
     ):
         super().__init__()
         self.norm_first = norm_first
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.norm1 = make_norm(norm, dim, eps)
         self.attn = Attention(
             dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop, window=window, num_global=num_global
         )
         self.cross_attn = None
         if cross_dim is not None:
-            self.norm_cross = nn.LayerNorm(dim, eps=eps)
+            self.norm_cross = make_norm(norm, dim, eps)
             self.cross_attn = CrossAttention(
                 dim, num_heads, kv_dim=cross_dim, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop
             )
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.norm2 = make_norm(norm, dim, eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act, drop=drop)
 
     def forward(

@@ -115,18 +115,15 @@ def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-def _run(backend: str, name: str, tensors, *scalars, device=None):
-    """Calls `<name>_cpu` / `<name>_cuda` of the native module, or the Triton launcher of the same name."""
+def _run(backend: str, name: str, device: torch.device, tensors: dict, scalars: dict) -> None:
+    """Runs kernel `name` of `backend` (the Triton launcher of that name, or the native entry point) with its
+    parameters by name."""
     if backend == "triton":
         from mmkern.kernels.triton import fused
 
-        return getattr(fused, name)(*tensors, *scalars)
-    args = [_native.tensor_arg(t) for t in tensors]
-    if backend == "cpu":
-        getattr(_native.native(), f"{name}_cpu")(*args, *scalars, _native.num_threads())
+        getattr(fused, name)(**tensors, **scalars)
     else:
-        getattr(_native.native(), f"{name}_cuda")(*args, *scalars, _native.cuda_stream(device))
-    return None
+        _native.launch(name, device, tensors, scalars)
 
 
 # The kernels behind both entry points: destination-passing launches on 2-D (rows, N) views.
@@ -135,8 +132,8 @@ def _run(backend: str, name: str, tensors, *scalars, device=None):
 def _bias_gelu_fwd(x, bias, approximate, backend):
     out = _contiguous_like(x)
     if x.numel():
-        tensors = (_rows(x), bias, out.view(-1, x.shape[-1]))
-        _run(backend, "bias_gelu_fwd", tensors, GELU_KINDS[approximate], device=x.device)
+        tensors = {"x": _rows(x), "bias": bias, "out": out.view(-1, x.shape[-1])}
+        _run(backend, "bias_gelu_fwd", x.device, tensors, {"kind": GELU_KINDS[approximate]})
     return out
 
 
@@ -146,8 +143,14 @@ def _bias_gelu_bwd(grad_out, x, bias, approximate, need_bias, backend):
     grad_x = _contiguous_like(x)
     grad_bias = x.new_empty((N,) if need_bias else (0,), dtype=torch.float32)
     if x.numel():
-        tensors = (_rows(grad_out), _rows(x), bias, grad_x.view(-1, N), grad_bias if need_bias else None)
-        _run(backend, "bias_gelu_bwd", tensors, GELU_KINDS[approximate], device=x.device)
+        tensors = {
+            "grad_out": _rows(grad_out),
+            "x": _rows(x),
+            "bias": bias,
+            "grad_x": grad_x.view(-1, N),
+            "grad_bias": grad_bias if need_bias else None,
+        }
+        _run(backend, "bias_gelu_bwd", x.device, tensors, {"kind": GELU_KINDS[approximate]})
     elif need_bias:
         grad_bias.zero_()
     return grad_x, grad_bias
@@ -167,8 +170,17 @@ def _add_layer_norm_fwd(x, residual, weight, bias, eps, backend):
     if x.numel():
         s2 = s.view(-1, D) if residual is not None else None
         r2 = _rows(residual) if residual is not None else None
-        tensors = (_rows(x), r2, weight, bias, s2, out.view(-1, D), mean, rstd)
-        _run(backend, "add_layer_norm_fwd", tensors, eps, device=x.device)
+        tensors = {
+            "x": _rows(x),
+            "residual": r2,
+            "weight": weight,
+            "bias": bias,
+            "sum_out": s2,
+            "out": out.view(-1, D),
+            "mean": mean,
+            "rstd": rstd,
+        }
+        _run(backend, "add_layer_norm_fwd", x.device, tensors, {"eps": eps})
     return s, out, mean, rstd
 
 
@@ -182,8 +194,18 @@ def _add_layer_norm_bwd(grad_out, grad_sum, s, weight, mean, rstd, need_params, 
     if s.numel():
         gs = _rows(grad_sum) if grad_sum is not None else None
         gw, gb = (grad_w, grad_b) if need_params else (None, None)
-        tensors = (_rows(grad_out), gs, _rows(s), weight, mean, rstd, grad_x.view(-1, D), gw, gb)
-        _run(backend, "add_layer_norm_bwd", tensors, device=s.device)
+        tensors = {
+            "grad_out": _rows(grad_out),
+            "grad_sum": gs,
+            "s": _rows(s),
+            "weight": weight,
+            "mean": mean,
+            "rstd": rstd,
+            "grad_x": grad_x.view(-1, D),
+            "grad_weight": gw,
+            "grad_bias": gb,
+        }
+        _run(backend, "add_layer_norm_bwd", s.device, tensors, {})
     elif need_params:
         grad_w.zero_(), grad_b.zero_()
     return grad_x, grad_w, grad_b

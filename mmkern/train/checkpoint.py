@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from mmkern.models.checkpoint import load_torch_data, read_safetensors
+from mmkern._files import atomic_write
+from mmkern.models.state_dict import load_torch_data, read_weights, save_weights
 
 _STEP_DIR = re.compile(r"step_\d{8,}")  # the folders save_checkpoint writes
 _CONVERT = (
@@ -38,28 +38,6 @@ _CONVERT = (
     'python -c "import sys, torch; from mmkern.train.checkpoint import save_state; '
     'save_state(torch.load(sys.argv[1], weights_only=False), sys.argv[1])" {path}'
 )
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Calls write(tmp_path), then renames tmp_path to path (atomic on POSIX)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def save_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """safetensors file; every tensor is copied so tied weights (shared storage) are stored like any other."""
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-
-def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    return read_safetensors(path)[0]
 
 
 def plain_data(obj: Any, where: str = "state") -> Any:
@@ -135,7 +113,7 @@ def save_checkpoint(
         barrier()
     save_state(rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
-        save_weights(weights, tmp / "model.safetensors", {"step": str(step)})
+        save_weights(weights, tmp / "model.safetensors", {"step": str(step)})  # tied weights stored once
         save_state(state, tmp / "trainer_state.pt")
     if barrier:
         barrier()
@@ -172,7 +150,7 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
 def load_checkpoint(path: str | os.PathLike, rank: int = 0) -> tuple[dict, dict, dict | None]:
     """-> (weights, trainer state, this rank's RNG state or None if it was saved with fewer ranks)."""
     path = Path(path)
-    weights = load_weights(path / "model.safetensors")
+    weights = read_weights(path / "model.safetensors")[0]
     state = load_state(path / "trainer_state.pt")
     rng_file = path / f"rng_rank{rank}.pt"
     rng = load_state(rng_file) if rng_file.exists() else None

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mmkern._files import atomic_write
 from mmkern.train import checkpoint as ckpt
 
 
@@ -388,7 +389,7 @@ def _truncate_jsonl(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    ckpt.atomic_write(path, lambda p: Path(p).write_text("".join(line + "\n" for line in keep)))
+    atomic_write(path, lambda p: Path(p).write_text("".join(line + "\n" for line in keep)))
 
 
 def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike, keys: list[str] | None = None) -> Path:

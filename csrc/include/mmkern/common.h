@@ -171,3 +171,15 @@ inline void check_contiguous(const Tensor& t, const char* name) {
 }
 
 }  // namespace mmkern
+
+// In the CPU sources, which setup.py builds once per ISA level with MMKERN_CPU_NS=cpu_<level> (see
+// mmkern/cpu_kernels.h): that level's code, the op headers' declarations of the CPU entry points included, goes
+// between MMKERN_CPU_BEGIN and MMKERN_CPU_END, into the inline namespace mmkern::cpu_<level>.
+#if defined(MMKERN_CPU_NS)
+#define MMKERN_CPU_BEGIN \
+  namespace mmkern {     \
+  inline namespace MMKERN_CPU_NS {
+#define MMKERN_CPU_END \
+  }                    \
+  }
+#endif

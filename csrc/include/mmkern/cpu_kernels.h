@@ -14,8 +14,14 @@
 #include <cstdint>
 
 #include "mmkern/common.h"
+#include "mmkern/fused.h"
+#include "mmkern/rms_norm.h"
 
 namespace mmkern {
+
+// A CPU entry point: the op's parameter struct (declared in its header, mmkern/<op>.h) and a thread count.
+template <class P>
+using CpuEntry = void(const P& p, int num_threads);
 
 // Entry-point signatures (the definitions are in csrc/cpu/<op>.cpp). `num_threads` OpenMP threads each.
 namespace cpu_entry {
@@ -27,15 +33,6 @@ using ContrastiveBwd = void(const Tensor& x, const Tensor& y, double scale, doub
 using ContrastiveFused = void(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
                               const Tensor& row_stats, const Tensor& col_stats, const Tensor& dx, const Tensor& dy,
                               int num_threads);
-using BiasGeluFwd = void(const Tensor& x, const Tensor& bias, const Tensor& out, int kind, int num_threads);
-using BiasGeluBwd = void(const Tensor& grad_out, const Tensor& x, const Tensor& bias, const Tensor& grad_x,
-                         const Tensor& grad_bias, int kind, int num_threads);
-using AddLayerNormFwd = void(const Tensor& x, const Tensor& residual, const Tensor& weight, const Tensor& bias,
-                             const Tensor& sum_out, const Tensor& out, const Tensor& mean, const Tensor& rstd,
-                             double eps, int num_threads);
-using AddLayerNormBwd = void(const Tensor& grad_out, const Tensor& grad_sum, const Tensor& s, const Tensor& weight,
-                             const Tensor& mean, const Tensor& rstd, const Tensor& grad_x, const Tensor& grad_weight,
-                             const Tensor& grad_bias, int num_threads);
 using PatchEmbedFwd = void(const Tensor& images, const Tensor& weight, const Tensor& bias, const Tensor& pos_embed,
                            const Tensor& prefix_tokens, const Tensor& out, int num_threads);
 using PatchEmbedBwd = void(const Tensor& grad_out, const Tensor& images, const Tensor& weight,
@@ -61,16 +58,18 @@ struct CpuKernels {
   cpu_entry::ContrastiveFwd* contrastive_fwd;
   cpu_entry::ContrastiveBwd* contrastive_bwd;
   cpu_entry::ContrastiveFused* contrastive_fused;
-  cpu_entry::BiasGeluFwd* bias_gelu_fwd;
-  cpu_entry::BiasGeluBwd* bias_gelu_bwd;
-  cpu_entry::AddLayerNormFwd* add_layer_norm_fwd;
-  cpu_entry::AddLayerNormBwd* add_layer_norm_bwd;
+  CpuEntry<BiasGeluFwdParams>* bias_gelu_fwd;
+  CpuEntry<BiasGeluBwdParams>* bias_gelu_bwd;
+  CpuEntry<AddLayerNormFwdParams>* add_layer_norm_fwd;
+  CpuEntry<AddLayerNormBwdParams>* add_layer_norm_bwd;
   cpu_entry::PatchEmbedFwd* patch_embed_fwd;
   cpu_entry::PatchEmbedBwd* patch_embed_bwd;
   cpu_entry::PatchEmbedPackedFwd* patch_embed_packed_fwd;
   cpu_entry::AttentionFwd* attention_fwd;
   cpu_entry::AttentionBwd* attention_bwd;
   cpu_entry::AttentionDropoutMask* attention_dropout_mask;
+  CpuEntry<RmsNormFwdParams>* rms_norm_fwd;
+  CpuEntry<RmsNormBwdParams>* rms_norm_bwd;
 };
 
 // The tables compiled in, lowest level first.
@@ -83,23 +82,11 @@ extern const CpuKernels cpu_kernels_avx512_bf16;
 
 }  // namespace mmkern
 
-// In the files built per level: code of that level goes between MMKERN_CPU_BEGIN and MMKERN_CPU_END.
 #if defined(MMKERN_CPU_NS)
-#define MMKERN_CPU_BEGIN \
-  namespace mmkern {     \
-  inline namespace MMKERN_CPU_NS {
-#define MMKERN_CPU_END \
-  }                    \
-  }
-
 MMKERN_CPU_BEGIN
 cpu_entry::ContrastiveFwd contrastive_fwd_cpu;
 cpu_entry::ContrastiveBwd contrastive_bwd_cpu;
 cpu_entry::ContrastiveFused contrastive_fused_cpu;
-cpu_entry::BiasGeluFwd bias_gelu_fwd_cpu;
-cpu_entry::BiasGeluBwd bias_gelu_bwd_cpu;
-cpu_entry::AddLayerNormFwd add_layer_norm_fwd_cpu;
-cpu_entry::AddLayerNormBwd add_layer_norm_bwd_cpu;
 cpu_entry::PatchEmbedFwd patch_embed_fwd_cpu;
 cpu_entry::PatchEmbedBwd patch_embed_bwd_cpu;
 cpu_entry::PatchEmbedPackedFwd patch_embed_packed_fwd_cpu;

@@ -135,4 +135,66 @@ MMK_HD float gelu_derivative(float x) {
   }
 }
 
+// ---- Entry points (the convention: see the top of csrc/bindings.cpp) ----
+// Tensors are 2-D (rows, N) views, any strides unless said; an absent optional tensor is !present.
+
+// out = gelu(x + bias).
+struct BiasGeluFwdParams {
+  Tensor x, bias, out;  // x, out (rows, N); bias (N,) or absent
+  int kind = 0;         // GeluKind
+  template <class F>
+  void fields(F&& f) {
+    f("x", x), f("bias", bias), f("out", out), f("kind", kind);
+  }
+};
+
+// grad_x = grad_out * gelu'(x + bias); grad_bias = its column sums (fp32, contiguous), when present.
+struct BiasGeluBwdParams {
+  Tensor grad_out, x, bias, grad_x, grad_bias;
+  int kind = 0;  // GeluKind
+  template <class F>
+  void fields(F&& f) {
+    f("grad_out", grad_out), f("x", x), f("bias", bias), f("grad_x", grad_x), f("grad_bias", grad_bias);
+    f("kind", kind);
+  }
+};
+
+// s = x + residual (into sum_out; both absent without a residual), out = LayerNorm(s) * weight + bias, and the
+// row statistics mean, rstd (fp32, (rows,)).
+struct AddLayerNormFwdParams {
+  Tensor x, residual, weight, bias, sum_out, out, mean, rstd;
+  double eps = 0;
+  template <class F>
+  void fields(F&& f) {
+    f("x", x), f("residual", residual), f("weight", weight), f("bias", bias), f("sum_out", sum_out);
+    f("out", out), f("mean", mean), f("rstd", rstd), f("eps", eps);
+  }
+};
+
+// Gradients of AddLayerNormFwdParams given the saved sum s: grad_x (of x and residual, grad_sum added when
+// present), and grad_weight, grad_bias (fp32, contiguous; both present or both absent).
+struct AddLayerNormBwdParams {
+  Tensor grad_out, grad_sum, s, weight, mean, rstd, grad_x, grad_weight, grad_bias;
+  template <class F>
+  void fields(F&& f) {
+    f("grad_out", grad_out), f("grad_sum", grad_sum), f("s", s), f("weight", weight), f("mean", mean);
+    f("rstd", rstd), f("grad_x", grad_x), f("grad_weight", grad_weight), f("grad_bias", grad_bias);
+  }
+};
+
+// CUDA (csrc/cuda/fused.cu): a cudaError_t, 0 on success.
+int bias_gelu_fwd_cuda(const BiasGeluFwdParams& p, uintptr_t stream);
+int bias_gelu_bwd_cuda(const BiasGeluBwdParams& p, uintptr_t stream);
+int add_layer_norm_fwd_cuda(const AddLayerNormFwdParams& p, uintptr_t stream);
+int add_layer_norm_bwd_cuda(const AddLayerNormBwdParams& p, uintptr_t stream);
+
 }  // namespace mmkern
+
+#if defined(MMKERN_CPU_NS)  // CPU (csrc/cpu/fused.cpp, once per ISA level)
+MMKERN_CPU_BEGIN
+void bias_gelu_fwd_cpu(const BiasGeluFwdParams& p, int num_threads);
+void bias_gelu_bwd_cpu(const BiasGeluBwdParams& p, int num_threads);
+void add_layer_norm_fwd_cpu(const AddLayerNormFwdParams& p, int num_threads);
+void add_layer_norm_bwd_cpu(const AddLayerNormBwdParams& p, int num_threads);
+MMKERN_CPU_END
+#endif

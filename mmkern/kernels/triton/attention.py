@@ -575,7 +575,7 @@ def _optional(dummy: torch.Tensor, *ts: torch.Tensor | None) -> tuple[torch.Tens
 def attention_fwd(
     q, k, v, mask, cu_q, cu_k, out, lse, max_q, max_k, scale, causal, windowed, left, right, num_global, dropout_p, seed
 ):
-    """Fills out and lse (see mmkern.ops.attention._attention_op)."""
+    """Fills out and lse (see mmkern.ops._attention_op._attention_op)."""
     batch, H, _, args, meta = _common(
         q, k, v, mask, cu_q, out, lse, max_q, max_k, scale, causal, windowed, left, right, num_global, dropout_p, seed
     )
