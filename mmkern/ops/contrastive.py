@@ -207,21 +207,21 @@ class _Loss(torch.autograd.Function):
         B, k = x.shape[0], 2 if mode == ROWS_COLS else 1
         if mode == SIGMOID:
             ctx.save_for_backward(x, y, scale, bias, labels, rows, cols, None, None, gx, gy)
-            return (rows[0].sum() / B).to(x.dtype)
+            return _own(rows[0].sum() / B, x.dtype)
         if labels is not None:
             pos = (x.float() * y[labels].float()).sum()
             if fused:
                 gx.sub_(y[labels], alpha=k)
                 gy.index_add_(0, labels, x.float(), alpha=-k)
             ctx.save_for_backward(x, y, scale, bias, labels, rows, cols, pos, None, gx, gy)
-            return torch.addcmul(rows[0].sum(), scale.float(), pos, value=-k).div_(k * B).to(x.dtype)
+            return _own(torch.addcmul(rows[0].sum(), scale.float(), pos, value=-k).div_(k * B), x.dtype)
         d = _pair_dot(x, _head(y, B))
         t = (torch.stack([rows[0], cols[0]]) if k == 2 else rows[:1]) - torch.addcmul(bias.float(), scale.float(), d)
         w = torch.sigmoid(t)  # (k, B): the weights of the negatives, see the class doc
         if fused:
             _add_positives(gx, gy, x, y, w.sum(0) if k == 2 else w[0])
         ctx.save_for_backward(x, y, scale, bias, labels, rows, cols, d, w, gx, gy)
-        return F.softplus(t).sum().div_(k * B).to(x.dtype)
+        return _own(F.softplus(t).sum().div_(k * B), x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -258,6 +258,14 @@ class _Loss(torch.autograd.Function):
             db = torch.zeros_like(g) if w is not None else rows[2].sum()
             grad_bias = db.mul_(g).div_(B).to(bias.dtype)
         return grad_x, grad_y, grad_scale, grad_bias, None, None, None, None, None
+
+
+def _own(loss, dtype):
+    """The fp32 loss in `dtype`, always a new tensor. torch 2.11's dynamo routes the gradient of an
+    autograd.Function's output to the wrong slot, so the whole backward sees 0, when the output is also an
+    intermediate of its forward: `.to` to the same dtype returns its input, an in-place op its target
+    (pytorch/pytorch#180642; 2.13 and 2.15 are right)."""
+    return loss.to(dtype, copy=True)
 
 
 def _add_positives(gx, gy, x, y, weight):
