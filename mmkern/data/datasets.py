@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,8 +272,3 @@ def load_dataset(name: str, image_size: int, **kwargs) -> ImageTextDataset:
     if os.path.isdir(name):
         return from_folder(name, image_size=image_size)
     raise ValueError(f"dataset: expected 'digits', 'shapes' or a folder of images + captions, got {name!r}")
-
-
-def grid_shape(n: int) -> tuple[int, int]:
-    cols = math.ceil(math.sqrt(n))
-    return math.ceil(n / cols), cols

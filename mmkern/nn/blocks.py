@@ -37,11 +37,9 @@ def activation(name: str):
 _FUSED_GELU = {"gelu": "none", "gelu_tanh": "tanh"}
 
 
-# Whether Block / Mlp run the fused element-wise ops. Off by default: the kernels beat torch's (GELU 1.3-1.9x,
-# LayerNorm 1.3-1.8x alone), but each fused call costs ~40 us more in Python than a torch op, and inside the models
-# that cancels the gain (1 thread, CPU time: the demo's training step 26.4 ms unfused vs 27.0 fused, ViT-B/16
-# inference B=8 2031 vs 2040 ms; `python -m benchmarks.bench_fused --models`). No GPU measurement exists yet.
-# fused_elementwise() turns them on.
+# Whether Block / Mlp run the fused element-wise ops. Off by default: the kernels beat torch's alone, but each fused
+# call costs more in Python than a torch op, and inside the models that cancels the gain (figures in the README,
+# from `python -m benchmarks.bench_fused --models`). No GPU measurement exists yet. fused_elementwise() turns them on.
 _fuse_elementwise = False
 
 

@@ -147,9 +147,8 @@ class KeepBest:
 
 
 def adamw(params, lr: float, device: torch.device, fused: bool = True) -> torch.optim.AdamW:
-    """torch's AdamW, fused (one multi-threaded kernel over every parameter) where torch has that for the device:
-    on the 2-core CPU it steps the demo CLIP's 61 tensors in 0.47 ms against 2.1 ms for the default per-tensor
-    loop. fused=False keeps the default (FSDP's sharded parameters)."""
+    """torch's AdamW, fused (one multi-threaded kernel over every parameter) where torch has that for the device
+    (several times faster than the default per-tensor loop; README). fused=False keeps the default (FSDP's sharded parameters)."""
     fused = fused and device.type in ("cpu", "cuda")
     return torch.optim.AdamW(params, lr=lr, fused=fused or None)
 
