@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmkern._extras import train_module
+
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGIT_CAPTIONS = [
     "a photo of the digit {}.",
@@ -124,9 +126,7 @@ def _normalise(images: torch.Tensor, image_size: int) -> torch.Tensor:
 def digits(image_size: int = 16) -> ImageTextDataset:
     """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels), upsampled bilinearly to image_size, with
     captions from DIGIT_CAPTIONS (the template cycles with the index) and labels 0..9."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
+    d = train_module("sklearn.datasets").load_digits()
     images = _normalise(torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0, image_size)
     labels = torch.tensor(d.target, dtype=torch.long)
     captions = [DIGIT_CAPTIONS[i % len(DIGIT_CAPTIONS)].format(DIGIT_NAMES[y]) for i, y in enumerate(d.target)]

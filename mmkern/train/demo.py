@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from mmkern._extras import pyplot
 from mmkern.data import ImageTextCollator, faded
 from mmkern.models.checkpoint import save_checkpoint
 from mmkern.train.baseline import PlainCLIP, every_row_copy, plain_loss_fn
@@ -386,10 +387,7 @@ def summary_table(metrics: dict, checks: list[tuple[str, str, bool]], rising: di
 
 
 def _plots(out: Path, metrics: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     def series(path, key):
         if not path.exists():

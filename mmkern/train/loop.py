@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mmkern._extras import pyplot, train_module
 from mmkern._files import atomic_write
 from mmkern.train import checkpoint as ckpt
 
@@ -266,7 +267,7 @@ class Trainer:
         """Runs until config.steps; eval_fn(model) -> dict of metrics, every eval_every steps and at the end.
         `sampler` (next() -> indices, state_dict, load_state_dict) chooses each step's samples; default: batches of
         config.batch_size (BatchSampler). -> the metrics history (one dict per logged step)."""
-        from tqdm.auto import tqdm
+        tqdm = train_module("tqdm.auto").tqdm
 
         c = self.config
         self.sampler = sampler or BatchSampler(len(dataset), c.batch_size, c.seed, self.rank, self.world)
@@ -393,10 +394,7 @@ def _truncate_jsonl(path: Path, step: int) -> None:
 
 def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike, keys: list[str] | None = None) -> Path:
     """One panel per numeric metric (loss, accuracies, lr, ...) against the step, saved as PNG (Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     records = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip()]
     names = keys or sorted({k for r in records for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
