@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from mmkern import _native
+from mmkern._extras import MissingExtra, pyplot
 from mmkern.cli import cpu_model
 
 RESULTS_DIR = Path(os.environ.get("MMKERN_BENCH_DIR", "bench_results"))
@@ -187,13 +188,10 @@ def plot_bars(
     """Grouped bar chart: one group per record[group_key], one bar per record[label_key]; None without matplotlib
     (a GPU machine may lack it: the JSON is the result, the plot a convenience)."""
     try:
-        import matplotlib
-    except ImportError:
-        print(f"matplotlib missing: no plot for {name}")
+        plt = pyplot()
+    except MissingExtra as e:
+        print(f"no plot for {name}: {e}")
         return None
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     groups = list(dict.fromkeys(r[group_key] for r in records))
     labels = list(dict.fromkeys(r[label_key] for r in records))

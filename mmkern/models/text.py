@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmkern.nn import Block
 from mmkern.nn.attention import layer_windows, select_rows
-from mmkern.nn.blocks import make_norm, run_pre_norm
+from mmkern.nn.blocks import make_norm, run_blocks
 
 
 @dataclass
@@ -135,8 +135,8 @@ class TextTransformer(nn.Module):
         final_norm: nn.Module | None = None,
         rows: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        """Runs `blocks` (all by default) over embedded tokens x (B, L, D), then `final_norm` if given (in a
-        pre-norm stack fused with the last residual add). With `rows` (see Block) -> (B, 1, D) at those rows."""
+        """Runs `blocks` (all by default) over embedded tokens x (B, L, D), then `final_norm` if given. With `rows`
+        (see Block) -> (B, 1, D) at those rows."""
         mask, is_causal = padding_mask(attention_mask, self.config.causal)
         ckpt = self.grad_checkpointing and self.training
         blocks = self.blocks if blocks is None else blocks
@@ -145,13 +145,7 @@ class TextTransformer(nn.Module):
             args = (x, mask, is_causal, context, context_mask)
             return checkpoint(blk, *args, use_reentrant=False, **kw) if ckpt else blk(*args, **kw)
 
-        if self.config.norm_first:
-            return run_pre_norm(blocks, x, final_norm, call, rows)
-        for i, blk in enumerate(blocks):
-            x = call(blk, x, rows=rows if i == len(blocks) - 1 else None)
-        if rows is not None and not len(blocks):
-            x = select_rows(x, rows)
-        return x if final_norm is None else final_norm(x)
+        return run_blocks(blocks, x, final_norm, call, rows)
 
     def forward_features(
         self,

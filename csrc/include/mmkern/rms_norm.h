@@ -64,6 +64,9 @@ inline void check_rms_norm(const RmsNormFwdParams& p) {
   check(!p.residual.present || (p.residual.ndim == 2 && p.residual.size(0) == rows && p.residual.size(1) == d),
         "residual: shape differs from x");
   check(p.residual.present == p.sum_out.present, "sum_out: given exactly when residual is");
+  check(!p.sum_out.present || (p.sum_out.ndim == 2 && p.sum_out.size(0) == rows && p.sum_out.size(1) == d &&
+                               p.sum_out.stride(1) == 1),
+        "sum_out: expected (rows, D), unit stride");
   check(!p.weight.present || (p.weight.ndim == 1 && p.weight.size(0) == d), "weight: expected (D,)");
   check(p.rstd.present && p.rstd.dtype == DType::f32 && p.rstd.ndim == 1 && p.rstd.size(0) == rows,
         "rstd: expected fp32 (rows,)");
