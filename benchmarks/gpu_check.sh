@@ -38,7 +38,7 @@ fi
 step "GPU tests"
 if has pytest && has hypothesis; then
   timeout 120 "$PY" -m pytest -q -p no:cacheprovider -k "gpu or cuda or override" \
-    tests/test_attention.py tests/test_attention_vs_torch.py tests/test_fused.py tests/test_contrastive.py \
+    tests/test_attention.py tests/test_attention_vs_torch.py tests/test_fused.py tests/test_rms_norm.py tests/test_contrastive.py \
     tests/test_patch_embed.py tests/test_patch_embed_packed.py tests/test_backends.py 2>&1 | tail -30 | tee -a "$log"
 else
   echo "pytest / hypothesis missing: tests skipped" | tee -a "$log"

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from mmkern import _native
+from mmkern._extras import pyplot
 from mmkern.cli import cpu_model
 
 RESULTS_DIR = Path(os.environ.get("MMKERN_BENCH_DIR", "bench_results"))
@@ -185,10 +186,7 @@ def plot_bars(
     out_dir: Path | None = None,
 ) -> Path:
     """Grouped bar chart: one group per record[group_key], one bar per record[label_key]."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups = list(dict.fromkeys(r[group_key] for r in records))
     labels = list(dict.fromkeys(r[label_key] for r in records))

@@ -30,6 +30,7 @@
 #include "mmkern/cpu_kernels.h"
 #include "mmkern/fused.h"
 #include "mmkern/patch_embed.h"
+#include "mmkern/rms_norm.h"
 
 #ifdef MMKERN_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -323,5 +324,13 @@ PYBIND11_MODULE(_C, m) {
 #ifdef MMKERN_WITH_CUDA
   def_cuda(m, "contrastive_fwd_cuda", &mmkern::contrastive_fwd_cuda);
   def_cuda(m, "contrastive_bwd_cuda", &mmkern::contrastive_bwd_cuda);
+#endif
+
+  // ---- rms_norm ----
+  def_cpu(m, "rms_norm_fwd_cpu", &CpuKernels::rms_norm_fwd);
+  def_cpu(m, "rms_norm_bwd_cpu", &CpuKernels::rms_norm_bwd);
+#ifdef MMKERN_WITH_CUDA
+  def_cuda(m, "rms_norm_fwd_cuda", &mmkern::rms_norm_fwd_cuda);
+  def_cuda(m, "rms_norm_bwd_cuda", &mmkern::rms_norm_bwd_cuda);
 #endif
 }

@@ -8,7 +8,16 @@ import platform
 import sys
 from pathlib import Path
 
+from mmkern._extras import MissingExtra
+
+# The benchmarks are not part of the installed package (a harness, plots, JSON under bench_results/): they sit
+# beside it in a source checkout, which `pip install -e .` runs from.
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+NO_BENCHMARKS = (
+    "mmkern bench: the benchmarks are not part of the installed package; they run from a source checkout. Clone "
+    'the mmkern repository, `pip install -e ".[train]"` in it, then `mmkern bench <op>` or, from its root, '
+    "`python -m benchmarks.bench_<op>`."
+)
 
 
 def info() -> str:
@@ -58,14 +67,11 @@ def cpu_model() -> str:
 
 
 def _load_benchmark(op: str):
+    if not (BENCHMARKS_DIR / "harness.py").exists():
+        raise SystemExit(NO_BENCHMARKS)
     path = BENCHMARKS_DIR / f"bench_{op}.py"
     if not path.exists():
         known = sorted(p.stem[len("bench_") :] for p in BENCHMARKS_DIR.glob("bench_*.py"))
-        if not BENCHMARKS_DIR.exists():
-            raise SystemExit(
-                f"mmkern bench: no benchmarks/ folder at {BENCHMARKS_DIR} (run from a source checkout "
-                "installed with `pip install -e .`)"
-            )
         raise SystemExit(f"mmkern bench: unknown benchmark {op!r}; choose from {', '.join(known)}")
     if str(BENCHMARKS_DIR.parent) not in sys.path:
         sys.path.insert(0, str(BENCHMARKS_DIR.parent))
@@ -79,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmkern", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, backends and hardware")
-    bench = sub.add_parser("bench", help="run benchmarks/bench_<op>.py (e.g. `mmkern bench patch_embed --quick`)")
+    bench = sub.add_parser(
+        "bench", help="run benchmarks/bench_<op>.py of a source checkout (e.g. `mmkern bench patch_embed --quick`)"
+    )
     bench.add_argument("op")
     demo = sub.add_parser("demo", help="the end-to-end demo", add_help=False)
     train = sub.add_parser("train", help="training tasks (see `mmkern train --help`)", add_help=False)
@@ -91,15 +99,18 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         print(info())
         return 0
-    if args.command == "bench":
-        return _load_benchmark(args.op).main(rest) or 0
-    if args.command == "demo":
-        from mmkern.train.cli import demo_main
+    try:
+        if args.command == "bench":
+            return _load_benchmark(args.op).main(rest) or 0
+        if args.command == "demo":
+            from mmkern.train.cli import demo_main
 
-        return demo_main(rest) or 0
-    from mmkern.train.cli import train_main
+            return demo_main(rest) or 0
+        from mmkern.train.cli import train_main
 
-    return train_main(rest) or 0
+        return train_main(rest) or 0
+    except MissingExtra as e:  # a clear line instead of a traceback
+        raise SystemExit(f"mmkern {args.command}: {e}") from None
 
 
 if __name__ == "__main__":

@@ -183,3 +183,14 @@ def add_layer_norm(x, residual=None, weight=None, bias=None, eps=1e-5):
     """(s, LayerNorm(s)) with s = x + residual (x without one); see mmkern.ops.add_layer_norm."""
     s = x if residual is None else x + residual
     return s, F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+
+
+def rms_norm(x, residual=None, weight=None, eps=1e-6):
+    """(s, s · rsqrt(mean(s²) + eps) · weight) with s = x + residual (x without one); see mmkern.ops.rms_norm. The
+    formula itself (the oracle), where the `torch` backend calls F.rms_norm. fp16 / bf16 compute in fp32 (as
+    F.rms_norm does): rstd³ in the backward overflows fp16 for rows of small values."""
+    s = x if residual is None else x + residual
+    t = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
+    out = t * torch.rsqrt(t.square().mean(-1, keepdim=True) + eps)
+    out = out if weight is None else out * weight
+    return s, out.to(s.dtype)

@@ -11,6 +11,26 @@ from mmkern import backends
 # 2^-24, 2^-11 and 2^-8 in fp32, fp16 and bf16; the table leaves room for fp32 accumulation order.
 RTOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10}
 
+# Memory layouts the op tests draw inputs in (see layout()).
+LAYOUTS = ["contiguous", "transposed", "strided"]
+
+
+def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """The same values stored contiguously, with the two leading dims swapped in memory, or every other
+    element of a wider tensor (a non-unit stride on the last dim)."""
+    if kind == "transposed" and t.dim() >= 2:
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    if kind == "strided":
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.contiguous()
+
+
+def randn(gen, shape, dtype, scale=1.0, shift=0.0):
+    """N(shift, scale²) drawn in float64 from `gen`, then rounded to dtype."""
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(dtype)
+
 
 def backends_for(device: str = "cpu") -> list[str]:
     """Every backend that can run tensors on `device` here, but `torch`: PyTorch's own ops, which for patch

@@ -1,10 +1,12 @@
-"""Backend selection, the native bridge and the CLI's info."""
+"""Backend selection, the native bridge and the CLI's info, bench and missing-extra messages."""
+
+import sys
 
 import pytest
 import torch
 
 import mmkern
-from mmkern import _native, backends
+from mmkern import _native, backends, cli
 from mmkern.cli import info, main
 
 
@@ -82,3 +84,20 @@ def test_info_lists_every_backend(capsys):
         assert name in text
     assert main(["info"]) == 0
     assert "torch" in capsys.readouterr().out
+
+
+def test_missing_train_extra_is_named(monkeypatch, tmp_path):
+    """Without a package of the train extra the dataset, and `mmkern demo`, say which extra to install."""
+    from mmkern.data import digits
+
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # what an uninstalled package looks like to import
+    with pytest.raises(ImportError, match=r"scikit-learn is not installed.*pip install 'mmkern\[train\]'"):
+        digits()
+    with pytest.raises(SystemExit, match=r"mmkern demo: scikit-learn is not installed.*mmkern\[train\]"):
+        main(["demo", "--size", "tiny", "--no-progress", "--out", str(tmp_path / "demo")])
+
+
+def test_bench_outside_a_source_checkout_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "BENCHMARKS_DIR", tmp_path / "benchmarks")
+    with pytest.raises(SystemExit, match=r"not part of the installed package.*pip install -e"):
+        main(["bench", "attention"])

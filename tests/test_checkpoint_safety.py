@@ -97,11 +97,17 @@ def test_pickle_payload_as_weights_does_not_run(run, tmp_path):
     assert not marker.exists()
 
 
-def test_pickle_payload_in_a_model_checkpoint_or_sentence_folder_does_not_run(tmp_path):
+def test_pickle_payload_in_a_model_checkpoint_does_not_run(tmp_path):
     marker = tmp_path / "ran"
     write_payload(tmp_path / "vit.safetensors", marker, "torch")
     with pytest.raises(ValueError, match=r"vit\.safetensors: not a readable safetensors file"):
         load_checkpoint(tmp_path / "vit.safetensors")
+    assert not marker.exists()
+
+
+def test_pickle_payload_in_a_sentence_folder_does_not_run(tmp_path):
+    pytest.importorskip("tokenizers")  # load_sentence_encoder's dependency (the interop extra)
+    marker = tmp_path / "ran"
     folder = tmp_path / "st"  # a sentence-transformers folder whose weights are a pickle
     (folder / "1_Pooling").mkdir(parents=True)
     (folder / "modules.json").write_text(

@@ -14,30 +14,15 @@ import mmkern
 from mmkern import reference
 from mmkern.nn import Block, Mlp, fused_elementwise
 from mmkern.ops.fused import add_layer_norm, bias_gelu
-from tests.checks import RTOL, assert_close, backends_for, dtypes_for, kernel_backends, relative_error
+from tests.checks import LAYOUTS, RTOL, assert_close, backends_for, dtypes_for, kernel_backends, relative_error
+from tests.checks import layout as _layout
+from tests.checks import randn as _rand
 
 # The cpu backend's cases run at every ISA level this CPU supports (see conftest.py).
 pytestmark = [pytest.mark.cpu_levels, pytest.mark.usefixtures("cpu_level")]
 
 CASES = [(b, d) for b in backends_for("cpu") for d in dtypes_for(b)]
 IDS = [f"{b}-{str(d)[6:]}" for b, d in CASES]
-LAYOUTS = ["contiguous", "transposed", "strided"]
-
-
-def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values stored contiguously, with the two leading dims swapped in memory, or every other
-    element of a wider tensor (a non-unit stride on the last dim)."""
-    if layout == "transposed" and t.dim() >= 2:
-        return t.transpose(0, 1).contiguous().transpose(0, 1)
-    if layout == "strided":
-        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
-        wide[..., ::2] = t
-        return wide[..., ::2]
-    return t.contiguous()
-
-
-def _rand(gen, shape, dtype, scale=1.0, shift=0.0):
-    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(dtype)
 
 
 def _grads(out, leaves, grad_outs):

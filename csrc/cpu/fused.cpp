@@ -23,6 +23,7 @@
 
 #include "mmkern/common.h"
 #include "mmkern/cpu_kernels.h"
+#include "mmkern/cpu_rows.h"
 #include "mmkern/fused.h"
 #include "mmkern/simd_cpu.h"
 
@@ -30,86 +31,7 @@ MMKERN_CPU_BEGIN
 
 namespace {
 
-// Below this many elements a single thread is faster than waking the team.
-constexpr int64_t kMinElemsPerThread = 1 << 14;
-
-int threads_for(int64_t elems, int num_threads) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, elems / kMinElemsPerThread)));
-}
-
-// ---- rows as contiguous fp32 ----
-
-// Row `i` of a 2-D view into fp32 dst[0:n].
-template <typename T>
-inline void load_row(const Tensor& t, int64_t i, int64_t n, float* __restrict dst) {
-  const T* src = t.ptr<T>() + i * t.stride(0);
-  const int64_t s = t.stride(1);
-  if (s == 1) {
-    for (int64_t j = 0; j < n; ++j) dst[j] = to_float(src[j]);
-  } else {
-    for (int64_t j = 0; j < n; ++j) dst[j] = to_float(src[j * s]);
-  }
-}
-
-template <typename T>
-inline void store_row(const Tensor& t, int64_t i, int64_t n, const float* __restrict src) {
-  T* dst = t.ptr<T>() + i * t.stride(0);
-  const int64_t s = t.stride(1);
-  if (s == 1) {
-    for (int64_t j = 0; j < n; ++j) dst[j] = from_float<T>(src[j]);
-  } else {
-    for (int64_t j = 0; j < n; ++j) dst[j * s] = from_float<T>(src[j]);
-  }
-}
-
-template <typename T>
-inline bool direct(const Tensor& t) {
-  return std::is_same_v<T, float> && t.stride(1) == 1;
-}
-
-// Row `i` of t as contiguous fp32: the tensor's memory when it is fp32 with unit stride, else `buf` filled from it.
-template <typename T>
-inline const float* input_row(const Tensor& t, int64_t i, int64_t n, float* buf) {
-  if (direct<T>(t)) return t.ptr<float>() + i * t.stride(0);
-  load_row<T>(t, i, n, buf);
-  return buf;
-}
-
-// Where row `i` of t is computed: the tensor's memory when it is fp32 with unit stride, else `buf`, which
-// finish_row then writes to t.
-template <typename T>
-inline float* output_row(const Tensor& t, int64_t i, float* buf) {
-  return direct<T>(t) ? t.ptr<float>() + i * t.stride(0) : buf;
-}
-
-template <typename T>
-inline void finish_row(const Tensor& t, int64_t i, int64_t n, const float* row) {
-  if (!direct<T>(t)) store_row<T>(t, i, n, row);
-}
-
-template <typename T>
-std::vector<float> vector_or(const Tensor& t, int64_t n, float fill) {
-  std::vector<float> v(n, fill);
-  if (t.present)
-    for (int64_t j = 0; j < n; ++j) v[j] = to_float(t.ptr<T>()[j * t.stride(0)]);
-  return v;
-}
-
-// Rows [begin, end) of thread `part` out of `parts`.
-inline void row_range(int64_t rows, int part, int parts, int64_t& begin, int64_t& end) {
-  begin = rows * part / parts;
-  end = rows * (part + 1) / parts;
-}
-
-// Sums per-thread fp32 partials (parts, n) into dst (n,), fp32 with stride.
-void reduce_partials(const std::vector<float>& partials, int parts, int64_t n, const Tensor& dst) {
-  float* out = dst.ptr<float>();
-  for (int64_t j = 0; j < n; ++j) {
-    float acc = 0.f;
-    for (int p = 0; p < parts; ++p) acc += partials[p * n + j];
-    out[j * dst.stride(0)] = acc;
-  }
-}
+using namespace rows;
 
 template <class F>
 void with_gelu_kind(int kind, F&& f) {
@@ -132,8 +54,6 @@ using simd::vf;
 using simd::vi;
 constexpr float kLn2 = 0.69314718056f;
 
-inline vf load(const float* p, int w) { return simd::load_n(p, w); }  // lanes past w read 0
-inline void store(float* p, vf v, int w) { simd::store_n(p, v, w); }
 inline vf vmin(vf a, vf b) { return a < b ? a : b; }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 inline vf vabs(vf x) {
@@ -172,15 +92,6 @@ inline vf exp_in_range(vf c) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return ni < -126 ? vf{} : e * scale;  // no subnormal 2^n
 #endif
-}
-
-// Calls f(j, w) for the chunks of [0, n): full vectors (w = kLanes, a constant once inlined, so plain loads and
-// stores), then the tail.
-template <class F>
-inline void for_chunks(int64_t n, F&& f) {
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) f(j, kLanes);
-  if (j < n) f(j, static_cast<int>(n - j));
 }
 
 // normal_cdf_pdf of fused.h on vectors. The ½ of ½·erfc is folded into the exp (exp(-z² - ln2)); the clamp of

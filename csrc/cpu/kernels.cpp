@@ -16,7 +16,7 @@ const CpuKernels MMKERN_CAT(cpu_kernels_, MMKERN_CPU_LEVEL) = {
     MMKERN_STR(MMKERN_CPU_LEVEL), &contrastive_fwd_cpu,   &contrastive_bwd_cpu,    &contrastive_fused_cpu,
     &bias_gelu_fwd_cpu,           &bias_gelu_bwd_cpu,     &add_layer_norm_fwd_cpu, &add_layer_norm_bwd_cpu,
     &patch_embed_fwd_cpu,         &patch_embed_bwd_cpu,   &patch_embed_packed_fwd_cpu, &attention_fwd_cpu,
-    &attention_bwd_cpu,           &attention_dropout_mask_cpu,
+    &attention_bwd_cpu,           &attention_dropout_mask_cpu,  &rms_norm_fwd_cpu,       &rms_norm_bwd_cpu,
 };
 
 }  // namespace mmkern

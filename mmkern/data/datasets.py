@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from mmkern._extras import train_module
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGIT_CAPTIONS = [
@@ -125,9 +126,7 @@ def _normalise(images: torch.Tensor, image_size: int) -> torch.Tensor:
 def digits(image_size: int = 16) -> ImageTextDataset:
     """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels), upsampled bilinearly to image_size, with
     captions from DIGIT_CAPTIONS (the template cycles with the index) and labels 0..9."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
+    d = train_module("sklearn.datasets").load_digits()
     images = _normalise(torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0, image_size)
     labels = torch.tensor(d.target, dtype=torch.long)
     captions = [DIGIT_CAPTIONS[i % len(DIGIT_CAPTIONS)].format(DIGIT_NAMES[y]) for i, y in enumerate(d.target)]
@@ -273,8 +272,3 @@ def load_dataset(name: str, image_size: int, **kwargs) -> ImageTextDataset:
     if os.path.isdir(name):
         return from_folder(name, image_size=image_size)
     raise ValueError(f"dataset: expected 'digits', 'shapes' or a folder of images + captions, got {name!r}")
-
-
-def grid_shape(n: int) -> tuple[int, int]:
-    cols = math.ceil(math.sqrt(n))
-    return math.ceil(n / cols), cols

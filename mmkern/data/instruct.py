@@ -23,16 +23,6 @@ TASKS = {
 }
 
 
-def instructions_for(item_meta: dict) -> list[tuple[str, str, str]]:
-    """All (task, instruction, response) triples one image supports (its meta has the task's attribute; the
-    "describe" answer is meta["describe"]), first template of each task."""
-    out = []
-    for task, (prompts, response) in TASKS.items():
-        if task in item_meta:
-            out.append((task, prompts[0], response.format(item_meta[task])))
-    return out
-
-
 def instruction_data(dataset: ImageTextDataset, per_image: int = 2, seed: int = 0) -> list[dict]:
     """-> list of {"image_index", "task", "instruction", "response"}: `per_image` tasks per image, each with a
     randomly chosen template (deterministic in seed)."""

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmkern.nn import Block
 from mmkern.nn.attention import layer_windows, select_rows
-from mmkern.nn.blocks import run_pre_norm
+from mmkern.nn.blocks import make_norm, run_blocks
 
 
 @dataclass
@@ -32,6 +32,7 @@ class TextConfig:
     norm_first: bool = True  # pre-norm (CLIP, GPT); False = post-norm (BERT)
     embed_norm: bool = False  # LayerNorm on the embeddings (BERT)
     final_norm: bool = True  # LayerNorm after the blocks (CLIP's ln_final)
+    norm: str = "layer"  # every norm of the tower: "layer" (LayerNorm) or "rms" (RMSNorm, LLaMA-style: no bias)
     type_vocab_size: int = 0  # token type (segment) embeddings, BERT
     pool: str = "eot"  # eot | cls | mean | last | none
     eot_token_id: int | None = None  # None: the EOT token is the largest id (OpenAI CLIP's argmax rule)
@@ -76,7 +77,7 @@ class TextTransformer(nn.Module):
         self.token_embedding = nn.Embedding(c.vocab_size, D)
         self.pos_embed = nn.Parameter(torch.randn(c.context_length, D) * 0.01)
         self.type_embedding = nn.Embedding(c.type_vocab_size, D) if c.type_vocab_size else None
-        self.embed_norm = nn.LayerNorm(D, eps=c.eps) if c.embed_norm else nn.Identity()
+        self.embed_norm = make_norm(c.norm, D, c.eps) if c.embed_norm else nn.Identity()
         self.blocks = nn.ModuleList(
             Block(
                 D,
@@ -90,10 +91,11 @@ class TextTransformer(nn.Module):
                 cross_dim=c.cross_dim if i >= c.cross_from else None,
                 window=c.windows[i] if c.windows else None,
                 num_global=c.num_global,
+                norm=c.norm,
             )
             for i in range(c.depth)
         )
-        self.norm = nn.LayerNorm(D, eps=c.eps) if c.final_norm else nn.Identity()
+        self.norm = make_norm(c.norm, D, c.eps) if c.final_norm else nn.Identity()
         self.proj = nn.Linear(D, c.output_dim, bias=False) if c.output_dim else nn.Identity()
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         self.grad_checkpointing = False
@@ -133,8 +135,8 @@ class TextTransformer(nn.Module):
         final_norm: nn.Module | None = None,
         rows: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        """Runs `blocks` (all by default) over embedded tokens x (B, L, D), then `final_norm` if given (in a
-        pre-norm stack fused with the last residual add). With `rows` (see Block) -> (B, 1, D) at those rows."""
+        """Runs `blocks` (all by default) over embedded tokens x (B, L, D), then `final_norm` if given. With `rows`
+        (see Block) -> (B, 1, D) at those rows."""
         mask, is_causal = padding_mask(attention_mask, self.config.causal)
         ckpt = self.grad_checkpointing and self.training
         blocks = self.blocks if blocks is None else blocks
@@ -143,13 +145,7 @@ class TextTransformer(nn.Module):
             args = (x, mask, is_causal, context, context_mask)
             return checkpoint(blk, *args, use_reentrant=False, **kw) if ckpt else blk(*args, **kw)
 
-        if self.config.norm_first:
-            return run_pre_norm(blocks, x, final_norm, call, rows)
-        for i, blk in enumerate(blocks):
-            x = call(blk, x, rows=rows if i == len(blocks) - 1 else None)
-        if rows is not None and not len(blocks):
-            x = select_rows(x, rows)
-        return x if final_norm is None else final_norm(x)
+        return run_blocks(blocks, x, final_norm, call, rows)
 
     def forward_features(
         self,

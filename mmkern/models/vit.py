@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from mmkern import ops
 from mmkern.nn import Block, CrossAttention, Mlp, PatchEmbed
 from mmkern.nn.attention import layer_windows
-from mmkern.nn.blocks import run_pre_norm
+from mmkern.nn.blocks import run_blocks
 
 
 def _drop_tokens(
@@ -172,7 +172,7 @@ class VisionTransformer(nn.Module):
                 return checkpoint(blk, x, use_reentrant=False, **kw)
             return blk(x, **kw)
 
-        return run_pre_norm(self.blocks[:num_layers], x, self.norm if norm else None, call, rows)
+        return run_blocks(self.blocks[:num_layers], x, self.norm if norm else None, call, rows)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T + N, D) -> (B, D) by the configured pooling (`none` returns the tokens)."""
@@ -230,7 +230,7 @@ class VisionTransformer(nn.Module):
         rows = cu[:-1].long() if pooled_rows else None
         if rows is not None and not len(self.blocks):  # no block to run for the rows alone
             x, rows = x.index_select(0, rows), None
-        return packed._replace(tokens=run_pre_norm(self.blocks, x, self.norm if norm else None, call, rows))
+        return packed._replace(tokens=run_blocks(self.blocks, x, self.norm if norm else None, call, rows))
 
     def pool_packed(self, packed: ops.PackedPatches) -> torch.Tensor:
         """Per-image pooling of packed tokens -> (N, width): the class token, the mean of the image's own patch

@@ -37,11 +37,9 @@ def activation(name: str):
 _FUSED_GELU = {"gelu": "none", "gelu_tanh": "tanh"}
 
 
-# Whether Block / Mlp run the fused element-wise ops. Off by default: the kernels beat torch's (GELU 1.3-1.9x,
-# LayerNorm 1.3-1.8x alone), but each fused call costs ~40 us more in Python than a torch op, and inside the models
-# that cancels the gain (1 thread, CPU time: the demo's training step 26.4 ms unfused vs 27.0 fused, ViT-B/16
-# inference B=8 2031 vs 2040 ms; `python -m benchmarks.bench_fused --models`). No GPU measurement exists yet.
-# fused_elementwise() turns them on.
+# Whether Block / Mlp run the fused element-wise ops. Off by default: the kernels beat torch's alone, but each fused
+# call costs more in Python than a torch op, and inside the models that cancels the gain (figures in the README,
+# from `python -m benchmarks.bench_fused --models`). No GPU measurement exists yet. fused_elementwise() turns them on.
 _fuse_elementwise = False
 
 
@@ -64,14 +62,32 @@ def _fusable(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     return all(p is None or p.dtype == x.dtype for p in params)
 
 
+NORMS = ("layer", "rms")
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """nn.LayerNorm (kind "layer") or nn.RMSNorm ("rms": weight only, keys `weight`) over the last dim."""
+    if kind not in NORMS:
+        raise ValueError(f"norm: expected 'layer' or 'rms', got {kind!r}")
+    return nn.LayerNorm(dim, eps=eps) if kind == "layer" else nn.RMSNorm(dim, eps=eps)
+
+
 def add_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, norm(s)) with s = x + residual (x when residual is None): one fused mmkern.ops.add_layer_norm for a
-    LayerNorm over the last dim, else the plain add and module."""
-    fusable = _fuse_elementwise and isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
-    if fusable and _fusable(x, norm.weight, norm.bias):
+    """(s, norm(s)) with s = x + residual (x when residual is None): one fused mmkern.ops.add_layer_norm /
+    rms_norm for a LayerNorm / RMSNorm over the last dim, else the plain add and module."""
+    fusable = _fuse_elementwise and isinstance(norm, (nn.LayerNorm, nn.RMSNorm)) and len(norm.normalized_shape) == 1
+    if fusable and isinstance(norm, nn.RMSNorm) and _fusable(x, norm.weight):
+        eps = torch.finfo(x.dtype).eps if norm.eps is None else norm.eps  # nn.RMSNorm's default
+        return ops.rms_norm(x, residual, norm.weight, eps)
+    if fusable and isinstance(norm, nn.LayerNorm) and _fusable(x, norm.weight, norm.bias):
         return ops.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
     s = x if residual is None else x + residual
     return s, norm(s)
+
+
+def apply_norm(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """module(x), on the fused kernel under fused_elementwise() (add_norm without a residual)."""
+    return add_norm(x, None, module)[1]
 
 
 class Mlp(nn.Module):
@@ -108,6 +124,7 @@ class Block(nn.Module):
     norm_first=True is the pre-norm layer of ViT / CLIP / GPT (x + f(norm(x))); False the post-norm layer of
     BERT (norm(x + f(x))). `cross_dim` adds `cross_attn` over a context (B, S, cross_dim) between the two.
     `window` / `num_global` make the self-attention local (see Attention); they are config, not parameters.
+    `norm` "rms" puts RMSNorm (weight only) where LayerNorm is by default.
     Keys: norm1, attn.{qkv,proj}, [norm_cross, cross_attn.{q,kv,proj}], norm2, mlp.{fc1,fc2}.
 
     forward(x (B, L, D) or packed (total, D), attn_mask=None, is_causal=False, context=None, context_mask=None,
@@ -116,10 +133,7 @@ class Block(nn.Module):
     those rows, (B, 1, D): the last layer of a token-pooled encoder
     then attends from, and runs its MLP on, the pooled token alone (Attention.forward_rows).
 
-    Under fused_elementwise() each residual add runs fused with the LayerNorm that follows it. Pre-norm
-    stacks also fuse across blocks: `defer=True` returns (x, branch) instead of x + branch, and the next block
-    takes that branch as `residual` (its input is x + residual) and adds it inside its norm1; the stack's
-    final norm takes the last one (see `run_pre_norm`).
+    Under fused_elementwise() each residual add runs fused with the norm that follows it in the block.
     """
 
     def __init__(
@@ -136,20 +150,21 @@ class Block(nn.Module):
         attn_drop: float = 0.0,
         window: tuple[int, int] | None = None,
         num_global: int = 0,
+        norm: str = "layer",
     ):
         super().__init__()
         self.norm_first = norm_first
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.norm1 = make_norm(norm, dim, eps)
         self.attn = Attention(
             dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop, window=window, num_global=num_global
         )
         self.cross_attn = None
         if cross_dim is not None:
-            self.norm_cross = nn.LayerNorm(dim, eps=eps)
+            self.norm_cross = make_norm(norm, dim, eps)
             self.cross_attn = CrossAttention(
                 dim, num_heads, kv_dim=cross_dim, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop
             )
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.norm2 = make_norm(norm, dim, eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act, drop=drop)
 
     def forward(
@@ -163,10 +178,8 @@ class Block(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         *,
-        residual: torch.Tensor | None = None,
-        defer: bool = False,
         rows: int | torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor:
         if rows is not None and (kv_cache is not None or (cu_seqlens is not None and is_causal)):
             raise ValueError("rows: selecting output rows works without a kv_cache, and packed only when not causal")
 
@@ -183,39 +196,23 @@ class Block(nn.Module):
             return x.index_select(0, rows) if cu_seqlens is not None else select_rows(x, rows)
 
         cross = self.cross_attn is not None and context is not None
-        if not self.norm_first:  # post-norm: x = norm(x + f(x)), each add fused with its norm
-            if residual is not None or defer:
-                raise ValueError("residual: deferred residuals are for pre-norm (norm_first) blocks only")
+        if not self.norm_first:  # post-norm (BERT): x = norm(x + f(x))
             x = add_norm(keep(x), attn(x), self.norm1)[1]
             if cross:
                 x = add_norm(x, self.cross_attn(x, context, context_mask), self.norm_cross)[1]
             return add_norm(x, self.mlp(x), self.norm2)[1]
-        x, h = add_norm(x, residual, self.norm1)
-        branch, x = attn(h), keep(x)
+        # pre-norm, timm's x = x + attn(norm1(x)); x = x + mlp(norm2(x)), the add that a norm follows run with it
+        x, h = add_norm(keep(x), attn(apply_norm(x, self.norm1)), self.norm_cross if cross else self.norm2)
         if cross:
-            x, h = add_norm(x, branch, self.norm_cross)
-            branch = self.cross_attn(h, context, context_mask)
-        x, h = add_norm(x, branch, self.norm2)
-        branch = self.mlp(h)
-        return (x, branch) if defer else x + branch
+            x, h = add_norm(x, self.cross_attn(h, context, context_mask), self.norm2)
+        return x + self.mlp(h)
 
 
-def _call_block(blk, x: torch.Tensor, **kw):
-    return blk(x, **kw)
-
-
-def run_pre_norm(blocks, x: torch.Tensor, final_norm: nn.Module | None, call=None, rows=None) -> torch.Tensor:
-    """Runs pre-norm `blocks` over x with each block's last residual add fused into the next block's norm1 and
-    the last one into `final_norm` (None: the plain add). `call(blk, x, **kw)` runs one block with the keywords
-    (residual, defer=True, rows) and returns (x, branch); by default `blk(x, **kw)`. `rows` (see Block): the last
-    block computes those rows only and the result is (B, 1, D)."""
-    # `is None`, not `call or ...`: torch.compile cannot take a function's truth value in every version (2.5).
-    call = _call_block if call is None else call
-    pending = None
+def run_blocks(blocks, x: torch.Tensor, final_norm: nn.Module | None, call, rows=None) -> torch.Tensor:
+    """final_norm(blocks(x)) (no norm when None), `call(blk, x, rows=...)` running one block (e.g. under gradient
+    checkpointing). `rows` (see Block): the last block computes those rows only and the result is (B, 1, D)."""
     for i, blk in enumerate(blocks):
-        x, pending = call(blk, x, residual=pending, defer=True, rows=rows if i == len(blocks) - 1 else None)
+        x = call(blk, x, rows=rows if i == len(blocks) - 1 else None)
     if rows is not None and not len(blocks):
         x = select_rows(x, rows)
-    if final_norm is None:
-        return x if pending is None else x + pending
-    return add_norm(x, pending, final_norm)[1]
+    return x if final_norm is None else apply_norm(x, final_norm)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,11 +87,3 @@ class PatchEmbed(nn.Module):
 
     def extra_repr(self) -> str:
         return f"img_size={self.img_size}, patch_size={self.patch_size}, dynamic_img_size={self.dynamic_img_size}"
-
-
-def grid_from_tokens(num_patches: int) -> tuple[int, int]:
-    """Square grid (G, G) of a checkpoint's position embedding with G·G patches."""
-    g = math.isqrt(num_patches)
-    if g * g != num_patches:
-        raise ValueError(f"pos_embed: {num_patches} patch positions do not form a square grid")
-    return g, g

@@ -61,8 +61,8 @@ def _reference_dtype(query: torch.Tensor) -> torch.dtype:
 
 
 def _broadcasts_to(shape, full) -> bool:
-    """Whether `shape` broadcasts to `full` (torch.broadcast_shapes costs ~40 us a call, as much as the
-    kernel of a small layer)."""
+    """Whether `shape` broadcasts to `full` (torch.broadcast_shapes costs as much as the kernel of a
+    small layer)."""
     return len(shape) <= len(full) and all(n in (1, m) for n, m in zip(reversed(shape), reversed(full)))
 
 
@@ -130,8 +130,7 @@ def qkv_packed_attention(
 
     The same as scaled_dot_product_attention on the (B, H, L, D) views of q, k and v (every other argument
     alike), but the cpu backend in eager mode writes dq, dk and dv into one (B, L, 3, H, D) gradient, where
-    autograd would stack three and copy them into the projection's layout (~3 ms of the 63 ms forward + backward
-    of a ViT-S attention layer at batch 16).
+    autograd would stack three and copy them into the projection's layout.
     """
     check_tensor(qkv, "qkv")
     if qkv.dim() != 5 or qkv.shape[2] != 3:
@@ -231,7 +230,7 @@ def _sdpa(
     if dropout_p > 0.0 and chosen == "cuda":
         raise ValueError("dropout_p: the cuda backend has no dropout; use backend='triton' or dropout_p=0")
     B = math.prod(batch)
-    if query.dim() == 4:  # already (B, H, L, E): skip three reshape calls (~5 us, as much as a small kernel)
+    if query.dim() == 4:  # already (B, H, L, E): skip three reshape calls (as costly as a small kernel)
         q4, k4, v4 = query, key, value
     else:
         q4 = query.reshape(B, Hq, L, E)

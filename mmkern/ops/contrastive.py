@@ -156,8 +156,8 @@ def _loss(x, y, scale, bias, labels, mode: int, backend: str) -> torch.Tensor:
     """The loss of `mode` (ROWS: infonce, ROWS_COLS: clip, SIGMOID: siglip) as one autograd node.
 
     A small batch costs little more than its Python: composing the loss from the statistics with autograd-tracked
-    torch ops, and dispatching the kernels as custom ops, made B = 128, D = 64 take 0.66 ms forward + backward,
-    ~0.13 ms of it in the kernels (measured on 1 thread). So the loss and its gradients are written out here,
+    torch ops, and dispatching the kernels as custom ops, made a small batch (B = 128, D = 64) cost several times its
+    kernels' time. So the loss and its gradients are written out here,
     around the kernels, and in plain eager mode (see _eager.py) the kernels are called without the dispatcher.
     """
     if bias is None:
@@ -188,8 +188,8 @@ class _Loss(torch.autograd.Function):
     saturated pairs at s = 100). The kernel's G weighs row i's negatives by w_i (column j's by w'_j), so that
     e^(z_ij − r_i)·w_i = e^(z_ij − LSE_j z_ij); the positive's part of G, −(w_i + w'_i) (−k with labels), is added
     here: dx = f·(G·Y + (G_ii)·y_i), dy = f·(Gᵀ·X + (G_ii)·x_i) with f = dL·s / (k·B); dL/ds and dL/db are sums over
-    the kernel's ∂/∂s and ∂/∂b planes. Few torch ops on purpose: at B = 128 each one costs about as much as 1% of
-    the kernels. The loss comes back in x's dtype; gradients are summed in fp32. `fused` (see FUSED_MAX_LOGITS)
+    the kernel's ∂/∂s and ∂/∂b planes. Few torch ops on purpose: at small B each one costs a share of the kernels'
+    time. The loss comes back in x's dtype; gradients are summed in fp32. `fused` (see FUSED_MAX_LOGITS)
     computes G·Y and Gᵀ·X in forward.
     """
 
@@ -207,21 +207,21 @@ class _Loss(torch.autograd.Function):
         B, k = x.shape[0], 2 if mode == ROWS_COLS else 1
         if mode == SIGMOID:
             ctx.save_for_backward(x, y, scale, bias, labels, rows, cols, None, None, gx, gy)
-            return (rows[0].sum() / B).to(x.dtype)
+            return _own(rows[0].sum() / B, x.dtype)
         if labels is not None:
             pos = (x.float() * y[labels].float()).sum()
             if fused:
                 gx.sub_(y[labels], alpha=k)
                 gy.index_add_(0, labels, x.float(), alpha=-k)
             ctx.save_for_backward(x, y, scale, bias, labels, rows, cols, pos, None, gx, gy)
-            return torch.addcmul(rows[0].sum(), scale.float(), pos, value=-k).div_(k * B).to(x.dtype)
+            return _own(torch.addcmul(rows[0].sum(), scale.float(), pos, value=-k).div_(k * B), x.dtype)
         d = _pair_dot(x, _head(y, B))
         t = (torch.stack([rows[0], cols[0]]) if k == 2 else rows[:1]) - torch.addcmul(bias.float(), scale.float(), d)
         w = torch.sigmoid(t)  # (k, B): the weights of the negatives, see the class doc
         if fused:
             _add_positives(gx, gy, x, y, w.sum(0) if k == 2 else w[0])
         ctx.save_for_backward(x, y, scale, bias, labels, rows, cols, d, w, gx, gy)
-        return F.softplus(t).sum().div_(k * B).to(x.dtype)
+        return _own(F.softplus(t).sum().div_(k * B), x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -260,6 +260,14 @@ class _Loss(torch.autograd.Function):
         return grad_x, grad_y, grad_scale, grad_bias, None, None, None, None, None
 
 
+def _own(loss, dtype):
+    """The fp32 loss in `dtype`, always a new tensor. torch 2.11's dynamo routes the gradient of an
+    autograd.Function's output to the wrong slot, so the whole backward sees 0, when the output is also an
+    intermediate of its forward: `.to` to the same dtype returns its input, an in-place op its target
+    (pytorch/pytorch#180642; 2.13 and 2.15 are right)."""
+    return loss.to(dtype, copy=True)
+
+
 def _add_positives(gx, gy, x, y, weight):
     """Adds the positive pairs' part of G, -weight_i at (i, i) (B,), to G·Y and Gᵀ·X in place."""
     B = x.shape[0]
@@ -268,7 +276,7 @@ def _add_positives(gx, gy, x, y, weight):
 
 
 def _head(t, B):
-    """Rows [0, B) of t; t itself when that is all of it (a slice costs ~1 µs at B = 128)."""
+    """Rows [0, B) of t; t itself when that is all of it (a slice is one more op on the small-batch path)."""
     return t if t.shape[0] == B else t[:B]
 
 

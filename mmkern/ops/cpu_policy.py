@@ -91,3 +91,12 @@ def attention(L: int, S: int, D: int, causal: bool, grad: bool) -> bool:
     if level() != "default":
         return True
     return L * S < 1 << 12 and D <= 32
+
+
+def rms_norm(numel: int, grad: bool) -> bool:
+    """Against x + residual then F.rms_norm (torch 2.13 on the CPU: a composite of ~6 ops, more in its backward),
+    widths 64 / 768 / 2048 at 16 / 256 / 2048 rows, one thread, both held to each level (bench_rms_norm --threads 1
+    --cpu-capability ..., the machine loaded by other processes): fwd+bwd 0.85-0.92x at 2^10, 1.04-1.73x at
+    2^13.6-2^14, 1.17-1.58x at 2^15, 4-13x from 2^17, alike at every level; inference 0.50-0.85x up to 2^14 (the
+    ~25 us more per call in Python), 0.66-2.6x at 2^15, 1.2-8.3x from 2^17."""
+    return numel >= (1 << 15 if grad else 1 << 17)

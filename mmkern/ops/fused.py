@@ -10,10 +10,9 @@ fp32 for every storage dtype; `s` is rounded to the storage dtype before it is n
 keeps relative precision (1e-5 relative far into the negative tail), tanh through the equivalent x·σ(2u) form (see
 csrc/include/mmkern/fused.h).
 
-Speed on the 2-core CPU (benchmarks/bench_fused.py): the kernels beat torch's ops at ViT-B/16 widths (LayerNorm
-1576x768 and GELU 1576x3072, ~1.3x single-thread) but each call costs ~40 us more in Python than a native torch op
-(validation, autograd.Function, allocation, argument marshalling), which at the demo's widths (64 / 256) eats the
-gain; hence mmkern.nn.fused_elementwise() stays opt-in.
+Speed on the CPU (benchmarks/bench_fused.py, figures in the README): the kernels beat torch's ops at ViT-B/16
+widths, but each call costs more in Python than a native torch op (validation, autograd.Function, allocation,
+argument marshalling), which at the demo's widths eats the gain; hence mmkern.nn.fused_elementwise() stays opt-in.
 """
 
 from __future__ import annotations

@@ -213,10 +213,11 @@ def _split_pos_embed(pos_embed, E, T, pos_grid):
         if min(base) < 1 or L not in (base[0] * base[1], T + base[0] * base[1]):
             raise ValueError(f"pos_embed: {L} rows do not hold a {base} grid (plus {T} prefix rows)")
     else:
-        side = next((math.isqrt(n) for n in (L - T, L) if n > 0 and math.isqrt(n) ** 2 == n), None)
-        if side is None:
+        # A list, not next(generator, None): torch 2.8's dynamo does not take next()'s default.
+        squares = [math.isqrt(n) for n in (L - T, L) if n > 0 and math.isqrt(n) ** 2 == n]
+        if not squares:
             raise ValueError(f"pos_embed: {L} rows hold no square grid (plus {T} prefix rows); pass pos_grid")
-        base = (side, side)
+        base = (squares[0], squares[0])
     Tp = L - base[0] * base[1]
     return pos_embed[Tp:], base, (pos_embed[:Tp] if Tp else None)
 

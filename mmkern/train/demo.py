@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from mmkern._extras import pyplot
 from mmkern.data import ImageTextCollator, faded
 from mmkern.models.checkpoint import save_checkpoint
 from mmkern.train.baseline import PlainCLIP, every_row_copy, plain_loss_fn
@@ -118,10 +119,8 @@ def fewshot_settings(size: str, seed: int = 0) -> dict:
 @contextlib.contextmanager
 def torch_threads(n: int):
     """torch, and with it mmkern's CPU kernels, on at most n threads inside the block. Stages 2-4 tune tiny models
-    (width 64, batches of <= 128 sequences of <= 17 tokens), whose ops are too small to split; on the shared 2-core
-    VM, with other processes on the cores, two threads mostly waited on each other (same results either way):
-    stage 2 took 1.9-3.4 s on one thread and 12-36 s on two, stage 3 12-22 s against 38-189 s, one 16-shot run of
-    stage 4's four tuned methods 2.4 s against 6.2-44 s."""
+    (width 64, batches of <= 128 sequences of <= 17 tokens), whose ops are too small to split; on a shared 2-core
+    machine two threads mostly waited on each other (same results either way; figures in the README)."""
     before = torch.get_num_threads()
     torch.set_num_threads(min(n, before))
     try:
@@ -388,10 +387,7 @@ def summary_table(metrics: dict, checks: list[tuple[str, str, bool]], rising: di
 
 
 def _plots(out: Path, metrics: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     def series(path, key):
         if not path.exists():

@@ -20,6 +20,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+from mmkern._extras import pyplot, train_module
 from mmkern.data import ImageTextDataset, WordTokenizer
 from mmkern.models import CLIP, FusionEncoder
 from mmkern.train.cloze import ClozeConfig, cloze_accuracy, tune_cloze
@@ -83,7 +84,7 @@ def few_shot_curve(
     cloze_encoder are optional, together). -> {"shots", "seeds", "top1": {method: [[top-1 per seed] per k]},
     "mean": {method: [per k]}, "std": {method: [per k]}, "labels": {method: legend text}} with the zero-shot
     methods repeated over k."""
-    from tqdm.auto import tqdm
+    tqdm = train_module("tqdm.auto").tqdm
 
     if (cloze is None) != (cloze_encoder is None):
         raise ValueError("cloze_encoder: pass both cloze and cloze_encoder, or neither")
@@ -156,10 +157,7 @@ def curve_table(curve: dict) -> str:
 def plot_curve(curve: dict, png: str | Path, title: str = "few-shot transfer") -> Path:
     """Held-out top-1 against shots per class (log2 axis), one line per method with a ±std band; the zero-shot
     methods are dashed horizontal lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
     k = curve["shots"]

@@ -19,6 +19,7 @@
 #include "mmkern/contrastive.h"
 #include "mmkern/fused.h"
 #include "mmkern/patch_embed.h"
+#include "mmkern/rms_norm.h"
 
 namespace mmkern {
 
@@ -42,6 +43,8 @@ struct CpuKernels {
   CpuEntry<AttentionFwdParams>* attention_fwd;
   CpuEntry<AttentionBwdParams>* attention_bwd;
   CpuEntry<AttentionDropoutMaskParams>* attention_dropout_mask;
+  CpuEntry<RmsNormFwdParams>* rms_norm_fwd;
+  CpuEntry<RmsNormBwdParams>* rms_norm_bwd;
 };
 
 // The tables compiled in, lowest level first.
