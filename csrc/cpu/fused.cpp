@@ -45,7 +45,7 @@ void with_gelu_kind(int kind, F&& f) {
 
 // ---- row kernels on contiguous fp32, on the level's vectors (simd_cpu.h) ----
 // gelu_fwd_row: out = GELU(x + b).  gelu_bwd_row: d = go·GELU'(x + b) into gx, and acc += d when acc is given.
-// add_row_sum: s = x + r and Σ s.  row_sq_dev: Σ (s - mu)².  ln_out_row: out = (s - mu)·rs·w + b.
+// add_row_sum: s = x + r and Σ s.  row_sq_dev: Σ (s - mu)², mu corrected.  ln_out_row: out = (s - mu)·rs·w + b.
 // ln_bwd_row: the LayerNorm backward of one row (see add_layer_norm_bwd_cpu).
 
 using simd::kLanes;
@@ -172,13 +172,20 @@ inline float add_row_sum(const float* x, const float* r, float* s, int64_t d) {
   return simd::hsum(acc);
 }
 
-inline float row_sq_dev(const float* s, float mu, int64_t d) {
-  vf acc = vf{};
+// Σ (s - mu)² about the row's mean, with mu (the first-pass Σ s / d) corrected on the way: mu += Σ (s - mu) / d
+// and Σ (s - mu')² = Σ (s - mu)² - (Σ (s - mu))² / d. The first pass's rounding (several ulp of |mean|) would
+// otherwise reach x̂ multiplied by rstd, which is large when |mean| >> std.
+inline float row_sq_dev(const float* s, float& mu, int64_t d) {
+  if (d == 0) return 0.0f;
+  vf acc = vf{}, dev = vf{};
   for_chunks(d, [&](int64_t j, int w) {
     const vf c = simd::lanes_below(w) ? load(s + j, w) - mu : vf{};  // 0 in the tail lanes
     acc = c * c + acc;
+    dev = dev + c;
   });
-  return simd::hsum(acc);
+  const float sum_dev = simd::hsum(dev);
+  mu += sum_dev / static_cast<float>(d);
+  return std::max(simd::hsum(acc) - sum_dev * sum_dev / static_cast<float>(d), 0.0f);
 }
 
 inline void ln_out_row(const float* s, float mu, float rs, const float* w, const float* b, float* out, int64_t d) {
@@ -313,7 +320,7 @@ void add_layer_norm_fwd_cpu(const AddLayerNormFwdParams& p, int num_threads) {
           }
           s = sum;
         }
-        const float mu = total * inv_d;
+        float mu = total * inv_d;
         const float rs = 1.0f / std::sqrt(row_sq_dev(s, mu, d) * inv_d + static_cast<float>(p.eps));
         float* o = output_row<scalar_t>(out, i, obuf.data());
         ln_out_row(s, mu, rs, w.data(), b.data(), o, d);
