@@ -24,9 +24,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "mmkern/attention.h"
 #include "mmkern/common.h"
+#include "mmkern/contrastive.h"
 #include "mmkern/cpu_kernels.h"
 #include "mmkern/fused.h"
+#include "mmkern/patch_embed.h"
 #include "mmkern/rms_norm.h"
 
 #ifdef MMKERN_WITH_CUDA
@@ -36,31 +39,6 @@
 namespace py = pybind11;
 using mmkern::Tensor;
 
-#ifdef MMKERN_WITH_CUDA
-namespace mmkern {
-int contrastive_fwd_cuda(const Tensor& x, const Tensor& y, const Tensor& scale_bias, int mode, bool diagonal,
-                         const Tensor& row_stats, const Tensor& col_stats, uintptr_t stream);
-int contrastive_bwd_cuda(const Tensor& x, const Tensor& y, const Tensor& scale_bias, int mode, bool diagonal,
-                         const Tensor& row_lse, const Tensor& col_lse, const Tensor& gr, const Tensor& gc,
-                         const Tensor& dx, const Tensor& dy, uintptr_t stream);
-int patch_embed_fwd_cuda(const Tensor& images, const Tensor& weight, const Tensor& bias, const Tensor& pos_embed,
-                         const Tensor& prefix_tokens, const Tensor& out, uintptr_t stream);
-int patch_embed_bwd_cuda(const Tensor& grad_out, const Tensor& images, const Tensor& weight, const Tensor& grad_images,
-                         const Tensor& grad_weight, int64_t num_prefix, uintptr_t stream);
-int patch_embed_packed_fwd_cuda(const Tensor& patches, const Tensor& weight, const Tensor& bias,
-                                const Tensor& pos_grid, const Tensor& tap_ptr, const Tensor& tap_index,
-                                const Tensor& tap_weight, const Tensor& out_rows, const Tensor& out, uintptr_t stream);
-int attention_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& cu_q,
-                       const Tensor& cu_k, const Tensor& out, const Tensor& lse, int64_t max_len_q, int64_t max_len_k,
-                       double scale, bool causal, bool windowed, int64_t left, int64_t right, int64_t num_global,
-                       uintptr_t stream);
-int attention_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& cu_q,
-                       const Tensor& cu_k, const Tensor& out, const Tensor& grad_out, const Tensor& lse,
-                       const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dmask, const Tensor& delta,
-                       int64_t max_len_q, int64_t max_len_k, double scale, bool causal, bool windowed, int64_t left,
-                       int64_t right, int64_t num_global, uintptr_t stream);
-}  // namespace mmkern
-#endif
 
 namespace {
 
@@ -320,182 +298,32 @@ PYBIND11_MODULE(_C, m) {
   def_cuda(m, "add_layer_norm_bwd_cuda", &mmkern::add_layer_norm_bwd_cuda);
 #endif
 
-  // ---- patch_embed ----
-  m.def("patch_embed_fwd_cpu", [](py::object images, py::object weight, py::object bias, py::object pos_embed,
-                                  py::object prefix_tokens, py::object out, int num_threads) {
-    Tensor i = to_tensor(images), w = to_tensor(weight), b = to_tensor(bias), p = to_tensor(pos_embed),
-           t = to_tensor(prefix_tokens), o = to_tensor(out);
-    py::gil_scoped_release release;
-    cpu().patch_embed_fwd(i, w, b, p, t, o, num_threads);
-  });
-  m.def("patch_embed_bwd_cpu", [](py::object grad_out, py::object images, py::object weight, py::object grad_images,
-                                  py::object grad_weight, int64_t num_prefix, int num_threads) {
-    Tensor go = to_tensor(grad_out), i = to_tensor(images), w = to_tensor(weight), gi = to_tensor(grad_images),
-           gw = to_tensor(grad_weight);
-    py::gil_scoped_release release;
-    cpu().patch_embed_bwd(go, i, w, gi, gw, num_prefix, num_threads);
-  });
+  // ---- patch_embed, patch_embed_packed (whose backward is patch_embed's, over the patches as 1-patch images) ----
+  def_cpu(m, "patch_embed_fwd_cpu", &CpuKernels::patch_embed_fwd);
+  def_cpu(m, "patch_embed_bwd_cpu", &CpuKernels::patch_embed_bwd);
+  def_cpu(m, "patch_embed_packed_fwd_cpu", &CpuKernels::patch_embed_packed_fwd);
 #ifdef MMKERN_WITH_CUDA
-  m.def("patch_embed_fwd_cuda", [](py::object images, py::object weight, py::object bias, py::object pos_embed,
-                                   py::object prefix_tokens, py::object out, uintptr_t stream) {
-    Tensor i = to_tensor(images), w = to_tensor(weight), b = to_tensor(bias), p = to_tensor(pos_embed),
-           t = to_tensor(prefix_tokens), o = to_tensor(out);
-    int err;
-    {
-      py::gil_scoped_release release;
-      err = mmkern::patch_embed_fwd_cuda(i, w, b, p, t, o, stream);
-    }
-    check_cuda(err, "patch_embed_fwd_cuda");
-  });
-  m.def("patch_embed_bwd_cuda", [](py::object grad_out, py::object images, py::object weight, py::object grad_images,
-                                   py::object grad_weight, int64_t num_prefix, uintptr_t stream) {
-    Tensor go = to_tensor(grad_out), i = to_tensor(images), w = to_tensor(weight), gi = to_tensor(grad_images),
-           gw = to_tensor(grad_weight);
-    int err;
-    {
-      py::gil_scoped_release release;
-      err = mmkern::patch_embed_bwd_cuda(go, i, w, gi, gw, num_prefix, stream);
-    }
-    check_cuda(err, "patch_embed_bwd_cuda");
-  });
-#endif
-
-  // ---- patch_embed_packed (backward: patch_embed's, over the patches as 1-patch images) ----
-  m.def("patch_embed_packed_fwd_cpu", [](py::object patches, py::object weight, py::object bias, py::object pos_grid,
-                                         py::object tap_ptr, py::object tap_index, py::object tap_weight,
-                                         py::object out_rows, py::object out, int num_threads) {
-    Tensor a = to_tensor(patches), w = to_tensor(weight), b = to_tensor(bias), p = to_tensor(pos_grid),
-           tp = to_tensor(tap_ptr), ti = to_tensor(tap_index), tw = to_tensor(tap_weight), r = to_tensor(out_rows),
-           o = to_tensor(out);
-    py::gil_scoped_release release;
-    cpu().patch_embed_packed_fwd(a, w, b, p, tp, ti, tw, r, o, num_threads);
-  });
-#ifdef MMKERN_WITH_CUDA
-  m.def("patch_embed_packed_fwd_cuda", [](py::object patches, py::object weight, py::object bias, py::object pos_grid,
-                                          py::object tap_ptr, py::object tap_index, py::object tap_weight,
-                                          py::object out_rows, py::object out, uintptr_t stream) {
-    Tensor a = to_tensor(patches), w = to_tensor(weight), b = to_tensor(bias), p = to_tensor(pos_grid),
-           tp = to_tensor(tap_ptr), ti = to_tensor(tap_index), tw = to_tensor(tap_weight), r = to_tensor(out_rows),
-           o = to_tensor(out);
-    int err;
-    {
-      py::gil_scoped_release release;
-      err = mmkern::patch_embed_packed_fwd_cuda(a, w, b, p, tp, ti, tw, r, o, stream);
-    }
-    check_cuda(err, "patch_embed_packed_fwd_cuda");
-  });
+  def_cuda(m, "patch_embed_fwd_cuda", &mmkern::patch_embed_fwd_cuda);
+  def_cuda(m, "patch_embed_bwd_cuda", &mmkern::patch_embed_bwd_cuda);
+  def_cuda(m, "patch_embed_packed_fwd_cuda", &mmkern::patch_embed_packed_fwd_cuda);
 #endif
 
   // ---- attention ----
-  // Scalars: max_len_q, max_len_k, scale, causal, windowed, left, right, num_global[, dropout_p, seed].
-  m.def("attention_fwd_cpu", [](py::object q, py::object k, py::object v, py::object mask, py::object cu_q,
-                                py::object cu_k, py::object out, py::object lse, int64_t max_len_q, int64_t max_len_k,
-                                double scale, bool causal, bool windowed, int64_t left, int64_t right,
-                                int64_t num_global, double dropout_p, int64_t seed, int num_threads) {
-    Tensor tq = to_tensor(q), tk = to_tensor(k), tv = to_tensor(v), tm = to_tensor(mask), tcq = to_tensor(cu_q),
-           tck = to_tensor(cu_k), to = to_tensor(out), tl = to_tensor(lse);
-    py::gil_scoped_release release;
-    cpu().attention_fwd(tq, tk, tv, tm, tcq, tck, to, tl, max_len_q, max_len_k, scale, causal, windowed, left,
-                              right, num_global, dropout_p, seed, num_threads);
-  });
-  m.def("attention_bwd_cpu", [](py::object q, py::object k, py::object v, py::object mask, py::object cu_q,
-                                py::object cu_k, py::object out, py::object grad_out, py::object lse, py::object dq,
-                                py::object dk, py::object dv, py::object dmask, int64_t max_len_q, int64_t max_len_k,
-                                double scale, bool causal, bool windowed, int64_t left, int64_t right,
-                                int64_t num_global, double dropout_p, int64_t seed, int num_threads) {
-    Tensor tq = to_tensor(q), tk = to_tensor(k), tv = to_tensor(v), tm = to_tensor(mask), tcq = to_tensor(cu_q),
-           tck = to_tensor(cu_k), to = to_tensor(out), tgo = to_tensor(grad_out), tl = to_tensor(lse),
-           tdq = to_tensor(dq), tdk = to_tensor(dk), tdv = to_tensor(dv), tdm = to_tensor(dmask);
-    py::gil_scoped_release release;
-    cpu().attention_bwd(tq, tk, tv, tm, tcq, tck, to, tgo, tl, tdq, tdk, tdv, tdm, max_len_q, max_len_k, scale,
-                              causal, windowed, left, right, num_global, dropout_p, seed, num_threads);
-  });
-  m.def("attention_dropout_mask_cpu", [](py::object keep, double dropout_p, int64_t seed, int num_threads) {
-    Tensor t = to_tensor(keep);
-    py::gil_scoped_release release;
-    cpu().attention_dropout_mask(t, dropout_p, seed, num_threads);
-  });
+  def_cpu(m, "attention_fwd_cpu", &CpuKernels::attention_fwd);
+  def_cpu(m, "attention_bwd_cpu", &CpuKernels::attention_bwd);
+  def_cpu(m, "attention_dropout_mask_cpu", &CpuKernels::attention_dropout_mask);
 #ifdef MMKERN_WITH_CUDA
-  m.def("attention_fwd_cuda", [](py::object q, py::object k, py::object v, py::object mask, py::object cu_q,
-                                 py::object cu_k, py::object out, py::object lse, int64_t max_len_q, int64_t max_len_k,
-                                 double scale, bool causal, bool windowed, int64_t left, int64_t right,
-                                 int64_t num_global, uintptr_t stream) {
-    Tensor tq = to_tensor(q), tk = to_tensor(k), tv = to_tensor(v), tm = to_tensor(mask), tcq = to_tensor(cu_q),
-           tck = to_tensor(cu_k), to = to_tensor(out), tl = to_tensor(lse);
-    int err;
-    {
-      py::gil_scoped_release release;
-      err = mmkern::attention_fwd_cuda(tq, tk, tv, tm, tcq, tck, to, tl, max_len_q, max_len_k, scale, causal, windowed,
-                                       left, right, num_global, stream);
-    }
-    check_cuda(err, "attention_fwd_cuda");
-  });
-  m.def("attention_bwd_cuda", [](py::object q, py::object k, py::object v, py::object mask, py::object cu_q,
-                                 py::object cu_k, py::object out, py::object grad_out, py::object lse, py::object dq,
-                                 py::object dk, py::object dv, py::object dmask, py::object delta,
-                                 int64_t max_len_q, int64_t max_len_k, double scale, bool causal, bool windowed,
-                                 int64_t left, int64_t right, int64_t num_global, uintptr_t stream) {
-    Tensor tq = to_tensor(q), tk = to_tensor(k), tv = to_tensor(v), tm = to_tensor(mask), tcq = to_tensor(cu_q),
-           tck = to_tensor(cu_k), to = to_tensor(out), tgo = to_tensor(grad_out), tl = to_tensor(lse),
-           tdq = to_tensor(dq), tdk = to_tensor(dk), tdv = to_tensor(dv), tdm = to_tensor(dmask),
-           tde = to_tensor(delta);
-    int err;
-    {
-      py::gil_scoped_release release;
-      err = mmkern::attention_bwd_cuda(tq, tk, tv, tm, tcq, tck, to, tgo, tl, tdq, tdk, tdv, tdm, tde, max_len_q,
-                                       max_len_k, scale, causal, windowed, left, right, num_global, stream);
-    }
-    check_cuda(err, "attention_bwd_cuda");
-  });
+  def_cuda(m, "attention_fwd_cuda", &mmkern::attention_fwd_cuda);
+  def_cuda(m, "attention_bwd_cuda", &mmkern::attention_bwd_cuda);
 #endif
 
   // ---- contrastive ----
-  m.def("contrastive_fwd_cpu", [](py::object x, py::object y, double scale, double bias, int mode,
-                                  bool diagonal, py::object row_stats, py::object col_stats, int num_threads) {
-    Tensor xt = to_tensor(x), yt = to_tensor(y), rs = to_tensor(row_stats), cs = to_tensor(col_stats);
-    py::gil_scoped_release release;
-    cpu().contrastive_fwd(xt, yt, scale, bias, mode, diagonal, rs, cs, num_threads);
-  });
-  m.def("contrastive_bwd_cpu", [](py::object x, py::object y, double scale, double bias, int mode, bool diagonal,
-                                  py::object row_lse, py::object col_lse, py::object gr, py::object gc, py::object dx,
-                                  py::object dy, int num_threads) {
-    Tensor xt = to_tensor(x), yt = to_tensor(y), rl = to_tensor(row_lse), cl = to_tensor(col_lse), g1 = to_tensor(gr),
-           g2 = to_tensor(gc), dxt = to_tensor(dx), dyt = to_tensor(dy);
-    py::gil_scoped_release release;
-    cpu().contrastive_bwd(xt, yt, scale, bias, mode, diagonal, rl, cl, g1, g2, dxt, dyt, num_threads);
-  });
-  m.def("contrastive_fused_cpu", [](py::object x, py::object y, double scale, double bias, int mode, bool diagonal,
-                                    py::object row_stats, py::object col_stats, py::object dx, py::object dy,
-                                    int num_threads) {
-    Tensor xt = to_tensor(x), yt = to_tensor(y), rs = to_tensor(row_stats), cs = to_tensor(col_stats),
-           dxt = to_tensor(dx), dyt = to_tensor(dy);
-    py::gil_scoped_release release;
-    cpu().contrastive_fused(xt, yt, scale, bias, mode, diagonal, rs, cs, dxt, dyt, num_threads);
-  });
+  def_cpu(m, "contrastive_fwd_cpu", &CpuKernels::contrastive_fwd);
+  def_cpu(m, "contrastive_bwd_cpu", &CpuKernels::contrastive_bwd);
+  def_cpu(m, "contrastive_fused_cpu", &CpuKernels::contrastive_fused);
 #ifdef MMKERN_WITH_CUDA
-  m.def("contrastive_fwd_cuda", [](py::object x, py::object y, py::object scale_bias, int mode, bool diagonal,
-                                   py::object row_stats, py::object col_stats, uintptr_t stream) {
-    Tensor xt = to_tensor(x), yt = to_tensor(y), sb = to_tensor(scale_bias), rs = to_tensor(row_stats),
-           cs = to_tensor(col_stats);
-    int err;
-    {
-      py::gil_scoped_release release;
-      err = mmkern::contrastive_fwd_cuda(xt, yt, sb, mode, diagonal, rs, cs, stream);
-    }
-    check_cuda(err, "contrastive_fwd_cuda");
-  });
-  m.def("contrastive_bwd_cuda", [](py::object x, py::object y, py::object scale_bias, int mode, bool diagonal,
-                                   py::object row_lse, py::object col_lse, py::object gr, py::object gc, py::object dx,
-                                   py::object dy, uintptr_t stream) {
-    Tensor xt = to_tensor(x), yt = to_tensor(y), sb = to_tensor(scale_bias), rl = to_tensor(row_lse),
-           cl = to_tensor(col_lse), g1 = to_tensor(gr), g2 = to_tensor(gc), dxt = to_tensor(dx), dyt = to_tensor(dy);
-    int err;
-    {
-      py::gil_scoped_release release;
-      err = mmkern::contrastive_bwd_cuda(xt, yt, sb, mode, diagonal, rl, cl, g1, g2, dxt, dyt, stream);
-    }
-    check_cuda(err, "contrastive_bwd_cuda");
-  });
+  def_cuda(m, "contrastive_fwd_cuda", &mmkern::contrastive_fwd_cuda);
+  def_cuda(m, "contrastive_bwd_cuda", &mmkern::contrastive_bwd_cuda);
 #endif
 
   // ---- rms_norm ----

@@ -69,19 +69,15 @@ _CPU = torch.device("cpu")
 
 
 def launch(name: str, device: torch.device, tensors: dict, scalars: dict) -> None:
-    """Runs the native entry point `name` (`<name>_cpu` with torch's thread count on the CPU, `<name>_cuda` on
-    `device`'s current stream) with every field of its parameter struct by name (see csrc/bindings.cpp): tensors
-    (or None) and scalars. A missing, unknown or mistyped field raises TypeError naming it."""
+    """Runs the native entry point `name` (`<name>_cpu` with torch's thread count on the CPU, so that one knob
+    controls torch and mmkern alike; `<name>_cuda` on `device`'s current stream) with every field of its parameter
+    struct by name (see csrc/bindings.cpp): tensors (or None) and scalars. A missing, unknown or mistyped field
+    raises TypeError naming it."""
     args = {key: tensor_arg(t) for key, t in tensors.items()}
     if device == _CPU:  # cheaper than comparing device.type
         getattr(native(), name + "_cpu")(args, scalars, torch.get_num_threads())
     else:
         getattr(native(), name + "_cuda")(args, scalars, cuda_stream(device))
-
-
-def num_threads() -> int:
-    """CPU kernels use torch's thread count, so one knob controls torch and mmkern alike."""
-    return torch.get_num_threads()
 
 
 def cuda_stream(device: torch.device) -> int:

@@ -310,10 +310,11 @@ void backward_tile(const Problem& p, float* S, int64_t i0, int64_t im, int64_t j
   tile_grad(p.sh, GT, jn, im, Xrt, im, 0, dyp, p.sh.K, j0);
 }
 
-Problem make_problem(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal) {
-  const Shape sh = check_shapes(x, y);
-  check(mode == kRows || mode == kRowsCols || mode == kSigmoid, "mode: unknown contrastive mode");
-  return Problem{sh, mode, diagonal, static_cast<float>(scale), static_cast<float>(bias)};
+Problem make_problem(const ContrastiveParams& p) {
+  const Shape sh = check_shapes(p.x, p.y);
+  check(p.mode == kRows || p.mode == kRowsCols || p.mode == kSigmoid, "mode: unknown contrastive mode");
+  check_scale_bias(p.scale_bias);
+  return Problem{sh, p.mode, p.diagonal, p.scale_bias.ptr<float>()[0], p.scale_bias.ptr<float>()[1]};
 }
 
 void check_stats(const Problem& p, const Tensor& row_stats, const Tensor& col_stats) {
@@ -394,9 +395,9 @@ void check_grads(const Problem& p, const Tensor& dx, const Tensor& dy) {
 
 }  // namespace
 
-void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
-                         const Tensor& row_stats, const Tensor& col_stats, int num_threads) {
-  const Problem p = make_problem(x, y, scale, bias, mode, diagonal);
+void contrastive_fwd_cpu(const ContrastiveFwdParams& params, int num_threads) {
+  const Tensor &x = params.x, &y = params.y, &row_stats = params.row_stats, &col_stats = params.col_stats;
+  const Problem p = make_problem(params);
   check_stats(p, row_stats, col_stats);
   const Shape& sh = p.sh;
   Buffer Yb(sh.D * sh.K_pad);
@@ -419,42 +420,41 @@ void contrastive_fwd_cpu(const Tensor& x, const Tensor& y, double scale, double 
       });
     }
   });
-  st.finish(p, row_stats.ptr<float>(), mode == kRowsCols ? col_stats.ptr<float>() : nullptr);
+  st.finish(p, row_stats.ptr<float>(), p.mode == kRowsCols ? col_stats.ptr<float>() : nullptr);
 }
 
 // dX (B x D fp32) = G Y and dY (K x D fp32) = G^T X (both overwritten) with G_ij = dL/dz_ij from grad_logit (the logit
 // scale is applied by the caller). row_lse / col_lse: plane 0 of the forward statistics; gr (B), gc (K).
-void contrastive_bwd_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
-                         const Tensor& row_lse, const Tensor& col_lse, const Tensor& gr, const Tensor& gc,
-                         const Tensor& dx, const Tensor& dy, int num_threads) {
-  const Problem p = make_problem(x, y, scale, bias, mode, diagonal);
+void contrastive_bwd_cpu(const ContrastiveBwdParams& params, int num_threads) {
+  const Tensor &row_lse = params.row_lse, &col_lse = params.col_lse, &gr = params.gr, &gc = params.gc;
+  const Tensor &dx = params.dx, &dy = params.dy;
+  const Problem p = make_problem(params);
   const int64_t B = p.sh.B, K = p.sh.K;
   check(row_lse.present && gr.present && row_lse.numel() >= B && gr.numel() == B, "gr: expected (B,) fp32");
-  check(mode != kRowsCols || (col_lse.present && gc.present && col_lse.numel() >= K && gc.numel() == K),
+  check(p.mode != kRowsCols || (col_lse.present && gc.present && col_lse.numel() >= K && gc.numel() == K),
         "gc: expected (K,) fp32");
   check_grads(p, dx, dy);
-  const bool cols = mode == kRowsCols;
+  const bool cols = p.mode == kRowsCols;
   const GradWeights w{row_lse.ptr<float>(), cols ? col_lse.ptr<float>() : nullptr, gr.ptr<float>(),
                       cols ? gc.ptr<float>() : nullptr};
-  gradients(p, x, y, w, dx.ptr<float>(), dy.ptr<float>(), num_threads, nullptr);
+  gradients(p, params.x, params.y, w, dx.ptr<float>(), dy.ptr<float>(), num_threads, nullptr);
 }
 
 // Forward statistics and the unit-weight gradients (gr = gc = 1; sigmoid(lse_neg - z_ii) where `diagonal` leaves
 // softmax positives out, see Fused) in one call, for batches whose logits
 // (B K <= kFusedMaxLogits) can stay in memory between the two: one product X Y^T instead of two.
-void contrastive_fused_cpu(const Tensor& x, const Tensor& y, double scale, double bias, int mode, bool diagonal,
-                           const Tensor& row_stats, const Tensor& col_stats, const Tensor& dx, const Tensor& dy,
-                           int num_threads) {
-  const Problem p = make_problem(x, y, scale, bias, mode, diagonal);
+void contrastive_fused_cpu(const ContrastiveFusedParams& params, int num_threads) {
+  const Tensor &row_stats = params.row_stats, &col_stats = params.col_stats, &dx = params.dx, &dy = params.dy;
+  const Problem p = make_problem(params);
   check_stats(p, row_stats, col_stats);
   check_grads(p, dx, dy);
   check(p.sh.B * p.sh.K <= kFusedMaxLogits, "x: too many logits for the fused path");
-  const bool cols = mode == kRowsCols;
+  const bool cols = p.mode == kRowsCols;
   std::vector<float> weights(p.sh.B + p.sh.K, 1.f);
   Fused fused{Stats(p), row_stats.ptr<float>(), cols ? col_stats.ptr<float>() : nullptr, weights.data(),
               cols ? weights.data() + p.sh.B : nullptr};
   const GradWeights w{fused.rs, fused.cs, fused.wr, fused.wc};
-  gradients(p, x, y, w, dx.ptr<float>(), dy.ptr<float>(), num_threads, &fused);
+  gradients(p, params.x, params.y, w, dx.ptr<float>(), dy.ptr<float>(), num_threads, &fused);
 }
 
 MMKERN_CPU_END

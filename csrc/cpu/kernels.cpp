@@ -9,7 +9,8 @@
 namespace mmkern {
 
 // Constant-initialised (no code runs at load time, which matters: this object may hold instructions that the
-// CPU importing the module lacks).
+// CPU importing the module lacks). In the order of CpuKernels; every slot has its own parameter struct, so an
+// entry point in the wrong slot does not compile.
 extern const CpuKernels MMKERN_CAT(cpu_kernels_, MMKERN_CPU_LEVEL);
 const CpuKernels MMKERN_CAT(cpu_kernels_, MMKERN_CPU_LEVEL) = {
     MMKERN_STR(MMKERN_CPU_LEVEL), &contrastive_fwd_cpu,   &contrastive_bwd_cpu,    &contrastive_fused_cpu,

@@ -41,14 +41,13 @@ struct WmmaType<BFloat16> {
   using type = __nv_bfloat16;
 };
 
-struct Params {
-  Problem pb;
-  const void *q, *k, *v, *o, *go, *mask;
+// The forward's operands (attn::Operands: q, k, v, o, mask, lse and their layouts) and the backward's.
+struct Params : attn::Operands {
+  const void* go;
   void *out, *dq, *dk, *dv;
-  float *lse, *delta, *dmask;
-  Layout lq, lk, lv, lo, lgo, lrow, lmask, ldmask, ldq, ldk, ldv;
-  bool mask_bool;
-  bool chunked;  // q, k, v (and dO, when set for the backward) copy in 16-byte chunks (cp.async), see chunkable
+  float *delta, *dmask;
+  Layout lgo, ldmask, ldq, ldk, ldv;
+  bool chunked;  // q, k, v (and dO in a backward) copy in 16-byte chunks (cp.async), see chunkable
   int dp, dvp;   // head dims rounded up to 16
 };
 
@@ -444,36 +443,34 @@ cudaError_t launch(void (*kernel)(Params), dim3 grid, size_t smem, const Params&
   return cudaGetLastError();
 }
 
-Params make_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& cu_q,
-                   const Tensor& cu_k, const Tensor& out, const Tensor& lse, int64_t max_len_q, int64_t max_len_k,
-                   double scale, bool causal, bool windowed, int64_t left, int64_t right, int64_t num_global) {
-  const bool packed = cu_q.present;
-  check(q.dtype == out.dtype, "out: dtype differs from query");
+// The parameters of a forward (bwd null) or of a backward (bwd the same parameters, with the gradients).
+Params make_params(const AttentionFwdParams& fwd, const AttentionBwdParams* bwd) {
+  check(fwd.dropout_p == 0, "dropout_p: the CUDA kernels have no dropout");
   Params p{};
-  p.pb = attn::make_problem(q, k, v, cu_q, cu_k, max_len_q, max_len_k, scale, causal, windowed, left, right,
-                            num_global);  // cu_seqlens are device pointers here: read only inside kernels
-  const Problem& pb = p.pb;
-  p.q = q.data;
-  p.k = k.data;
-  p.v = v.data;
-  p.o = out.data;
-  p.out = out.data;
-  p.lq = attn::layout_of(q);
-  p.lk = attn::layout_of(k);
-  p.lv = attn::layout_of(v);
-  p.lo = attn::layout_of(out);
-  p.lrow = attn::row_layout_of(lse, packed);
-  p.lse = lse.ptr<float>();
-  if (mask.present) {
-    check(mask.dtype == DType::b8 || mask.dtype == DType::f32, "attn_mask: expected bool or float32");
-    p.mask = mask.data;
-    p.mask_bool = mask.dtype == DType::b8;
-    p.lmask = attn::layout_of(mask);
+  // cu_seqlens are device pointers here: read only inside kernels
+  static_cast<attn::Operands&>(p) = attn::make_operands(fwd);
+  p.out = fwd.out.data;
+  p.dp = round16(p.pb.dim);
+  p.dvp = round16(p.pb.dim_v);
+  if (bwd) {
+    check(bwd->delta.present, "delta: the CUDA backward's workspace is missing");
+    p.go = bwd->grad_out.data;
+    p.lgo = attn::layout_of(bwd->grad_out);
+    p.dq = bwd->dq.data;
+    p.dk = bwd->dk.data;
+    p.dv = bwd->dv.data;
+    p.ldq = attn::layout_of(bwd->dq);
+    p.ldk = attn::layout_of(bwd->dk);
+    p.ldv = attn::layout_of(bwd->dv);
+    p.delta = bwd->delta.ptr<float>();
+    if (bwd->dmask.present) {
+      p.dmask = bwd->dmask.ptr<float>();
+      p.ldmask = attn::layout_of(bwd->dmask);
+    }
   }
-  p.dp = round16(pb.dim);
-  p.dvp = round16(pb.dim_v);
-  const size_t elem = q.dtype == DType::f32 ? 4 : 2;
-  p.chunked = chunkable(q, elem) && chunkable(k, elem) && chunkable(v, elem);
+  const size_t elem = fwd.q.dtype == DType::f32 ? 4 : 2;
+  p.chunked = chunkable(fwd.q, elem) && chunkable(fwd.k, elem) && chunkable(fwd.v, elem) &&
+              (!bwd || chunkable(bwd->grad_out, elem));
   return p;
 }
 
@@ -517,42 +514,19 @@ cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
 
 }  // namespace
 
-int attention_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& cu_q,
-                       const Tensor& cu_k, const Tensor& out, const Tensor& lse, int64_t max_len_q, int64_t max_len_k,
-                       double scale, bool causal, bool windowed, int64_t left, int64_t right, int64_t num_global,
-                       uintptr_t stream) {
-  const Params p = make_params(q, k, v, mask, cu_q, cu_k, out, lse, max_len_q, max_len_k, scale, causal, windowed,
-                               left, right, num_global);
+int attention_fwd_cuda(const AttentionFwdParams& fwd, uintptr_t stream) {
+  const Params p = make_params(fwd, nullptr);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  return dispatch_float(q.dtype, "query", [&](auto tag) {
+  return dispatch_float(fwd.q.dtype, "query", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     return static_cast<int>(run_fwd<scalar_t>(p, s));
   });
 }
 
-int attention_bwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& cu_q,
-                       const Tensor& cu_k, const Tensor& out, const Tensor& grad_out, const Tensor& lse,
-                       const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dmask, const Tensor& delta,
-                       int64_t max_len_q, int64_t max_len_k, double scale, bool causal, bool windowed, int64_t left,
-                       int64_t right, int64_t num_global, uintptr_t stream) {
-  Params p = make_params(q, k, v, mask, cu_q, cu_k, out, lse, max_len_q, max_len_k, scale, causal, windowed, left,
-                         right, num_global);
-  p.go = grad_out.data;
-  p.lgo = attn::layout_of(grad_out);
-  p.chunked = p.chunked && chunkable(grad_out, q.dtype == DType::f32 ? 4 : 2);
-  p.dq = dq.data;
-  p.dk = dk.data;
-  p.dv = dv.data;
-  p.ldq = attn::layout_of(dq);
-  p.ldk = attn::layout_of(dk);
-  p.ldv = attn::layout_of(dv);
-  p.delta = delta.ptr<float>();
-  if (dmask.present) {
-    p.dmask = dmask.ptr<float>();
-    p.ldmask = attn::layout_of(dmask);
-  }
+int attention_bwd_cuda(const AttentionBwdParams& bwd, uintptr_t stream) {
+  const Params p = make_params(bwd, &bwd);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  return dispatch_float(q.dtype, "query", [&](auto tag) {
+  return dispatch_float(bwd.q.dtype, "query", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     return static_cast<int>(run_bwd<scalar_t>(p, s));
   });

@@ -183,15 +183,18 @@ int blocks_for(int64_t rows) { return static_cast<int>((rows + kTile - 1) / kTil
 
 }  // namespace
 
-int contrastive_fwd_cuda(const Tensor& x, const Tensor& y, const Tensor& scale_bias, int mode, bool diagonal,
-                         const Tensor& row_stats, const Tensor& col_stats, uintptr_t stream_handle) {
+int contrastive_fwd_cuda(const ContrastiveFwdParams& p, uintptr_t stream_handle) {
+  const Tensor &x = p.x, &y = p.y, &row_stats = p.row_stats, &col_stats = p.col_stats;
+  const int mode = p.mode;
+  const bool diagonal = p.diagonal;
   check(x.ndim == 2 && y.ndim == 2 && x.size(1) == y.size(1) && x.stride(1) == 1 && y.stride(1) == 1,
         "x: expected (B, D) and (K, D) row-major features");
   check(mode == kRows || mode == kRowsCols || mode == kSigmoid, "mode: unknown contrastive mode");
   check(mode != kRowsCols || col_stats.present, "col_stats: required for the CLIP loss");
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const int64_t B = x.size(0), K = y.size(0), D = x.size(1);
-  const float* sb = scale_bias.ptr<float>();
+  check_scale_bias(p.scale_bias);
+  const float* sb = p.scale_bias.ptr<float>();
   dispatch_float(x.dtype, "contrastive", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     const scalar_t *xp = x.ptr<scalar_t>(), *yp = y.ptr<scalar_t>();
@@ -206,16 +209,19 @@ int contrastive_fwd_cuda(const Tensor& x, const Tensor& y, const Tensor& scale_b
   return static_cast<int>(cudaGetLastError());
 }
 
-int contrastive_bwd_cuda(const Tensor& x, const Tensor& y, const Tensor& scale_bias, int mode, bool diagonal,
-                         const Tensor& row_lse, const Tensor& col_lse, const Tensor& gr, const Tensor& gc,
-                         const Tensor& dx, const Tensor& dy, uintptr_t stream_handle) {
+int contrastive_bwd_cuda(const ContrastiveBwdParams& p, uintptr_t stream_handle) {
+  const Tensor &x = p.x, &y = p.y, &row_lse = p.row_lse, &col_lse = p.col_lse, &gr = p.gr, &gc = p.gc;
+  const Tensor &dx = p.dx, &dy = p.dy;
+  const int mode = p.mode;
+  const bool diagonal = p.diagonal;
   check(x.ndim == 2 && y.ndim == 2 && x.size(1) == y.size(1) && x.stride(1) == 1 && y.stride(1) == 1,
         "x: expected (B, D) and (K, D) row-major features");
   check(mode == kRows || mode == kRowsCols || mode == kSigmoid, "mode: unknown contrastive mode");
   check(mode != kRowsCols || (col_lse.present && gc.present), "gc: required for the CLIP loss");
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const int64_t B = x.size(0), K = y.size(0), D = x.size(1);
-  const float* sb = scale_bias.ptr<float>();
+  check_scale_bias(p.scale_bias);
+  const float* sb = p.scale_bias.ptr<float>();
   const float* rl = mode == kSigmoid ? nullptr : row_lse.ptr<float>();
   const float* cl = mode == kRowsCols ? col_lse.ptr<float>() : nullptr;
   const float* gcp = mode == kRowsCols ? gc.ptr<float>() : nullptr;

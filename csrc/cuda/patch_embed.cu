@@ -104,8 +104,9 @@ struct F32Store {  // fp32 (E, K) contiguous
 
 }  // namespace
 
-int patch_embed_fwd_cuda(const Tensor& images, const Tensor& weight, const Tensor& bias, const Tensor& pos_embed,
-                         const Tensor& prefix_tokens, const Tensor& out, uintptr_t stream_handle) {
+int patch_embed_fwd_cuda(const PatchEmbedFwdParams& p, uintptr_t stream_handle) {
+  const Tensor &images = p.images, &weight = p.weight, &bias = p.bias, &pos_embed = p.pos_embed;
+  const Tensor &prefix_tokens = p.prefix_tokens, &out = p.out;
   const PatchGeometry g = patch_geometry(images, weight, prefix_tokens.present ? prefix_tokens.size(0) : 0);
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   return dispatch_float(images.dtype, "patch_embed", [&](auto tag) -> int {
@@ -115,7 +116,7 @@ int patch_embed_fwd_cuda(const Tensor& images, const Tensor& weight, const Tenso
     const int64_t pos_s0 = pos ? pos_embed.stride(0) : 0, pos_s1 = pos ? pos_embed.stride(1) : 0;
     FwdEpilogue<T> epi{out.ptr<T>(), bias.present ? bias.ptr<T>() : nullptr, pos, bias.present ? bias.stride(0) : 0,
                        pos_s0, pos_s1, out.stride(0), out.stride(1), out.stride(2), g};
-    cudaError_t err = cuda::tiled_gemm(g.batch * g.num_patches, g.embed_dim, g.patch_dim,
+    cudaError_t err = cuda::tiled_gemm(g.rows, g.embed_dim, g.patch_dim,
                                        PatchLoad<T>{images.ptr<T>(), g, strides_of(images)},
                                        WeightLoad<T>{weight.ptr<T>(), g, strides_of(weight)}, epi, stream);
     if (err != cudaSuccess || g.num_prefix == 0 || g.batch == 0) return err;
@@ -127,11 +128,12 @@ int patch_embed_fwd_cuda(const Tensor& images, const Tensor& weight, const Tenso
   });
 }
 
-int patch_embed_bwd_cuda(const Tensor& grad_out, const Tensor& images, const Tensor& weight, const Tensor& grad_images,
-                         const Tensor& grad_weight, int64_t num_prefix, uintptr_t stream_handle) {
-  const PatchGeometry g = patch_geometry(images, weight, num_prefix);
+int patch_embed_bwd_cuda(const PatchEmbedBwdParams& p, uintptr_t stream_handle) {
+  const Tensor &grad_out = p.grad_out, &images = p.images, &weight = p.weight, &grad_images = p.grad_images;
+  const Tensor& grad_weight = p.grad_weight;
+  const PatchGeometry g = patch_geometry(images, weight, p.num_prefix);
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  const int64_t rows = g.batch * g.num_patches;
+  const int64_t rows = g.rows;
   return dispatch_float(images.dtype, "patch_embed", [&](auto tag) -> int {
     using scalar_t = typename decltype(tag)::type;
     using T = scalar_t;
@@ -167,7 +169,7 @@ struct MatrixTLoad {  // b(k, e) = m[e, k]
 };
 
 template <typename T>
-struct PackedEpilogue {  // see PackedGeometry in mmkern/patch_embed.h
+struct PackedEpilogue {  // see PatchEmbedPackedFwdParams in mmkern/patch_embed.h
   T* out;
   const T* bias;
   const T* grid;
@@ -187,11 +189,10 @@ struct PackedEpilogue {  // see PackedGeometry in mmkern/patch_embed.h
 
 }  // namespace
 
-int patch_embed_packed_fwd_cuda(const Tensor& patches, const Tensor& weight, const Tensor& bias,
-                                const Tensor& pos_grid, const Tensor& tap_ptr, const Tensor& tap_index,
-                                const Tensor& tap_weight, const Tensor& out_rows, const Tensor& out,
-                                uintptr_t stream_handle) {
-  const PackedGeometry g = packed_geometry(patches, weight, pos_grid, tap_ptr, tap_index, tap_weight, out_rows, out);
+int patch_embed_packed_fwd_cuda(const PatchEmbedPackedFwdParams& p, uintptr_t stream_handle) {
+  const Tensor &patches = p.patches, &weight = p.weight, &bias = p.bias, &pos_grid = p.pos_grid, &out = p.out;
+  const Tensor &tap_ptr = p.tap_ptr, &tap_index = p.tap_index, &tap_weight = p.tap_weight, &out_rows = p.out_rows;
+  const PatchGeometry g = packed_geometry(p);
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   return dispatch_float(patches.dtype, "patch_embed_packed", [&](auto tag) -> int {
     using T = typename decltype(tag)::type;

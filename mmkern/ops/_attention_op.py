@@ -31,8 +31,20 @@ def _new_out(q, v, cu_q, zero: bool = False) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def _scalars(max_q, max_k, scale, causal, left, right, num_global):
-    return (max_q, max_k, scale, causal, left >= 0, max(left, 0), max(right, 0), num_global)
+def _scalars(max_q, max_k, scale, causal, left, right, num_global, dropout_p, seed):
+    """The kernels' scalar parameters by name (csrc/include/mmkern/attention.h AttentionFwdParams)."""
+    return {
+        "max_len_q": max_q,
+        "max_len_k": max_k,
+        "scale": scale,
+        "causal": causal,
+        "windowed": left >= 0,
+        "left": max(left, 0),
+        "right": max(right, 0),
+        "num_global": num_global,
+        "dropout_p": dropout_p,
+        "seed": seed,
+    }
 
 
 def _forward_impl(q, k, v, mask, cu_q, cu_k, *params):
@@ -47,17 +59,14 @@ def _forward_impl(q, k, v, mask, cu_q, cu_k, *params):
         lse = q.new_full(_lse_shape(q, cu_q, max_q), float("inf"), dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    scalars = _scalars(max_q, max_k, scale, causal, left, right, num_global)
+    tensors = {"q": q, "k": k, "v": v, "mask": mask, "cu_q": cu_q, "cu_k": cu_k, "out": out, "lse": lse}
+    scalars = _scalars(max_q, max_k, scale, causal, left, right, num_global, dropout_p, seed)
     if backend == "triton":
         from mmkern.kernels.triton.attention import attention_fwd
 
-        attention_fwd(q, k, v, mask, cu_q, cu_k, out, lse, *scalars, dropout_p, seed)
-        return out, lse
-    args = [_native.tensor_arg(t) for t in (q, k, v, mask, cu_q, cu_k, out, lse)]
-    if backend == "cpu":
-        _native.native().attention_fwd_cpu(*args, *scalars, dropout_p, seed, _native.num_threads())
+        attention_fwd(**tensors, **scalars)
     else:
-        _native.native().attention_fwd_cuda(*args, *scalars, _native.cuda_stream(q.device))
+        _native.launch("attention_fwd", q.device, tensors, scalars)
     return out, lse
 
 
@@ -105,19 +114,30 @@ def _backward_impl(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, *params, grads
     dmask = q.new_zeros(mask.shape if need_mask_grad else (0,), dtype=torch.float32)
     if out.numel() == 0 or k.shape[-3 if cu_q is None else 0] == 0:
         return dq, dk, dv, dmask
-    scalars = _scalars(max_q, max_k, scale, causal, left, right, num_global)
-    dm = dmask if need_mask_grad else None
+    tensors = {
+        "q": q,
+        "k": k,
+        "v": v,
+        "mask": mask,
+        "cu_q": cu_q,
+        "cu_k": cu_k,
+        "out": out,
+        "lse": lse,
+        "grad_out": grad_out,
+        "dq": dq,
+        "dk": dk,
+        "dv": dv,
+        "dmask": dmask if need_mask_grad else None,
+    }
+    scalars = _scalars(max_q, max_k, scale, causal, left, right, num_global, dropout_p, seed)
     if backend == "triton":
         from mmkern.kernels.triton.attention import attention_bwd
 
-        attention_bwd(grad_out, q, k, v, out, lse, mask, cu_q, cu_k, dq, dk, dv, dm, *scalars, dropout_p, seed)
-    elif backend == "cpu":
-        args = [_native.tensor_arg(t) for t in (q, k, v, mask, cu_q, cu_k, out, grad_out, lse, dq, dk, dv, dm)]
-        _native.native().attention_bwd_cpu(*args, *scalars, dropout_p, seed, _native.num_threads())
+        attention_bwd(**tensors, **scalars)
     else:
-        delta = torch.empty_like(lse)  # the kernels address it like lse, one value per row in the first slot
-        args = [_native.tensor_arg(t) for t in (q, k, v, mask, cu_q, cu_k, out, grad_out, lse, dq, dk, dv, dm, delta)]
-        _native.native().attention_bwd_cuda(*args, *scalars, _native.cuda_stream(q.device))
+        # CUDA's workspace, addressed like lse: one value per row in the first slot.
+        tensors["delta"] = torch.empty_like(lse) if backend == "cuda" else None
+        _native.launch("attention_bwd", q.device, tensors, scalars)
     return dq, dk, dv, dmask
 
 

@@ -75,7 +75,7 @@ def draw_seed() -> int:
 def dropout_keep_mask(shape: tuple[int, int, int, int], dropout_p: float, seed: int) -> torch.Tensor:
     """The keep-mask (B, H, L, S) bool that every backend draws for `seed` (True = kept)."""
     keep = torch.empty(shape, dtype=torch.bool)
-    _native.native().attention_dropout_mask_cpu(_native.tensor_arg(keep), float(dropout_p), seed, _native.num_threads())
+    _native.launch("attention_dropout_mask", keep.device, {"keep": keep}, {"dropout_p": float(dropout_p), "seed": seed})
     return keep
 
 

@@ -298,33 +298,22 @@ def _stat_shapes(x, y, mode):
     return (3, x.shape[0]), (2, y.shape[0] if mode == ROWS_COLS else 0)
 
 
-def _scale_bias(scale, bias) -> tuple[float, float]:
-    return float(scale), float(bias)
-
-
-def _scale_bias_tensor(scale, bias) -> torch.Tensor:
-    """[s, b] as fp32 on the device: GPU kernels read them there, so no host sync."""
-    return torch.stack([scale.float(), bias.float()]).contiguous()
+def _logit_tensors(x, y, scale, bias) -> dict:
+    """The native kernels' x, y and scale_bias: [s, b] as fp32 on the device (GPU kernels read them there, so no
+    host sync)."""
+    return {"x": x, "y": y, "scale_bias": torch.stack([scale.float(), bias.float()]).contiguous()}
 
 
 def _forward_impl(x, y, scale, bias, mode, diagonal, backend):
     row_shape, col_shape = _stat_shapes(x, y, mode)
     rows = x.new_empty(row_shape, dtype=torch.float32)
     cols = x.new_zeros(col_shape, dtype=torch.float32)
-    if backend == "cpu":
-        s, b = _scale_bias(scale, bias)
-        args = [_native.tensor_arg(t) for t in (x, y)]
-        cols_arg = _native.tensor_arg(cols) if mode == ROWS_COLS else None
-        _native.native().contrastive_fwd_cpu(
-            *args, s, b, mode, diagonal, _native.tensor_arg(rows), cols_arg, _native.num_threads()
-        )
-    elif backend == "cuda":
-        x, y, sb = x.contiguous(), y.contiguous(), _scale_bias_tensor(scale, bias)
-        args = [_native.tensor_arg(t) for t in (x, y, sb, rows)]
-        cols_arg = _native.tensor_arg(cols) if mode == ROWS_COLS else None
-        _native.native().contrastive_fwd_cuda(
-            *args[:3], mode, diagonal, args[3], cols_arg, _native.cuda_stream(x.device)
-        )
+    if backend in ("cpu", "cuda"):
+        if backend == "cuda":
+            x, y = x.contiguous(), y.contiguous()
+        tensors = _logit_tensors(x, y, scale, bias)
+        tensors.update(row_stats=rows, col_stats=cols if mode == ROWS_COLS else None)
+        _native.launch("contrastive_fwd", x.device, tensors, {"mode": mode, "diagonal": diagonal})
     else:
         from mmkern.kernels.triton.contrastive import contrastive_fwd
 
@@ -354,16 +343,12 @@ def _backward_impl(grad_rows, grad_cols, x, y, scale, bias, rows, cols, mode, di
     gc = grad_cols.float().contiguous() if mode == ROWS_COLS else None
     row_lse = rows[0].contiguous()
     col_lse = cols[0].contiguous() if mode == ROWS_COLS else None
-    if backend == "cpu":
-        s, b = _scale_bias(scale, bias)
-        args = [_native.tensor_arg(t) for t in (x, y)]
-        rest = [_native.tensor_arg(t) for t in (row_lse, col_lse, gr, gc, dx, dy)]
-        _native.native().contrastive_bwd_cpu(*args, s, b, mode, diagonal, *rest, _native.num_threads())
-    elif backend == "cuda":
-        x, y, sb = x.contiguous(), y.contiguous(), _scale_bias_tensor(scale, bias)
-        args = [_native.tensor_arg(t) for t in (x, y, sb)]
-        rest = [_native.tensor_arg(t) for t in (row_lse, col_lse, gr, gc, dx, dy)]
-        _native.native().contrastive_bwd_cuda(*args, mode, diagonal, *rest, _native.cuda_stream(x.device))
+    if backend in ("cpu", "cuda"):
+        if backend == "cuda":
+            x, y = x.contiguous(), y.contiguous()
+        tensors = _logit_tensors(x, y, scale, bias)
+        tensors.update(row_lse=row_lse, col_lse=col_lse, gr=gr, gc=gc, dx=dx, dy=dy)
+        _native.launch("contrastive_bwd", x.device, tensors, {"mode": mode, "diagonal": diagonal})
     else:
         from mmkern.kernels.triton.contrastive import contrastive_bwd
 
@@ -399,9 +384,9 @@ def _fused_impl(x, y, scale, bias, mode, diagonal):
     cols = x.new_empty((2, y.shape[0] if mode == ROWS_COLS else 0), dtype=torch.float32)
     dx = x.new_empty(x.shape, dtype=torch.float32)
     dy = y.new_empty(y.shape, dtype=torch.float32)
-    args = [_native.tensor_arg(t) for t in (x, y, rows, cols if mode == ROWS_COLS else None, dx, dy)]
-    s, b = _scale_bias(scale, bias)
-    _native.native().contrastive_fused_cpu(*args[:2], s, b, mode, diagonal, *args[2:], _native.num_threads())
+    tensors = _logit_tensors(x, y, scale, bias)
+    tensors.update(row_stats=rows, col_stats=cols if mode == ROWS_COLS else None, dx=dx, dy=dy)
+    _native.launch("contrastive_fused", x.device, tensors, {"mode": mode, "diagonal": diagonal})
     return rows, cols, dx, dy
 
 

@@ -96,11 +96,16 @@ def _output_shape(images, weight, prefix_tokens):
 def _forward_impl(images, weight, bias, pos_embed, prefix_tokens, backend):
     """The body of mmkern::patch_embed."""
     out = images.new_empty(_output_shape(images, weight, prefix_tokens))
-    args = [_native.tensor_arg(t) for t in (images, weight, bias, pos_embed, prefix_tokens, out)]
-    if backend == "cpu":
-        _native.native().patch_embed_fwd_cpu(*args, _native.num_threads())
-    elif backend == "cuda":
-        _native.native().patch_embed_fwd_cuda(*args, _native.cuda_stream(images.device))
+    if backend in ("cpu", "cuda"):
+        tensors = {
+            "images": images,
+            "weight": weight,
+            "bias": bias,
+            "pos_embed": pos_embed,
+            "prefix_tokens": prefix_tokens,
+            "out": out,
+        }
+        _native.launch("patch_embed_fwd", images.device, tensors, {})
     else:
         from mmkern.kernels.triton.patch_embed import patch_embed_fwd
 
@@ -130,11 +135,15 @@ def _backward_impl(grad_out, images, weight, num_prefix, need_images, need_weigh
     tensor)."""
     grad_images = torch.empty_like(images, memory_format=torch.contiguous_format) if need_images else None
     grad_weight = weight.new_empty(weight.shape, dtype=torch.float32) if need_weight else None
-    args = [_native.tensor_arg(t) for t in (grad_out, images, weight, grad_images, grad_weight)]
-    if backend == "cpu":
-        _native.native().patch_embed_bwd_cpu(*args, num_prefix, _native.num_threads())
-    elif backend == "cuda":
-        _native.native().patch_embed_bwd_cuda(*args, num_prefix, _native.cuda_stream(images.device))
+    if backend in ("cpu", "cuda"):
+        tensors = {
+            "grad_out": grad_out,
+            "images": images,
+            "weight": weight,
+            "grad_images": grad_images,
+            "grad_weight": grad_weight,
+        }
+        _native.launch("patch_embed_bwd", images.device, tensors, {"num_prefix": num_prefix})
     else:
         from mmkern.kernels.triton.patch_embed import patch_embed_bwd
 

@@ -238,16 +238,23 @@ def _forward_impl(patches, weight, bias, grid_rows, prefix_tokens, grids, base, 
         out.index_copy_(0, prefix_rows, prefix_tokens.expand(len(pairs), T, E).reshape(-1, E))
     tap_ptr, tap_index, tap_weight, most = taps or (None, None, None, 0)
     w2 = weight.reshape(E, -1)
-    tensors = (patches, w2, bias, grid_rows, tap_ptr, tap_index, tap_weight, out_rows, out)
-    if backend == "cpu":
-        _native.native().patch_embed_packed_fwd_cpu(*map(_native.tensor_arg, tensors), _native.num_threads())
-    elif backend == "cuda":
-        stream = _native.cuda_stream(patches.device)
-        _native.native().patch_embed_packed_fwd_cuda(*map(_native.tensor_arg, tensors), stream)
+    tensors = {
+        "patches": patches,
+        "weight": w2,
+        "bias": bias,
+        "pos_grid": grid_rows,
+        "tap_ptr": tap_ptr,
+        "tap_index": tap_index,
+        "tap_weight": tap_weight,
+        "out_rows": out_rows,
+        "out": out,
+    }
+    if backend in ("cpu", "cuda"):
+        _native.launch("patch_embed_packed_fwd", patches.device, tensors, {})
     else:
         from mmkern.kernels.triton.patch_embed import patch_embed_packed_fwd
 
-        patch_embed_packed_fwd(*tensors, most)
+        patch_embed_packed_fwd(**tensors, most_taps=most)
     return out
 
 

@@ -11,6 +11,72 @@
 
 #include "mmkern/common.h"
 
+namespace mmkern {
+
+// ---- Entry points (the convention: see the top of csrc/bindings.cpp) ----
+// Dense tensors are (B, H, T, D) views, any strides; packed (varlen) ones (total, H, D) with sequence b at rows
+// cu[b]:cu[b+1]. Query heads are a multiple of key heads (grouped-query attention).
+
+// out = softmax(scale q k^T + mask, visibility, dropout) v, and the row statistics lse.
+struct AttentionFwdParams {
+  Tensor q, k, v;
+  Tensor mask;        // dense only: a (B, H, L, S) view, bool (true = visible) or fp32 (added); or absent
+  Tensor cu_q, cu_k;  // packed: int32 (B + 1,) sequence offsets (device memory on CUDA); dense: absent
+  Tensor out;         // like q with v's head dim
+  Tensor lse;         // fp32 (m, log l) pairs: dense (B, H, L, 2), packed (H, total_q, 2); see row_stat_max
+  int64_t max_len_q = 0, max_len_k = 0;  // the sequence lengths (dense) or their bound (packed)
+  double scale = 1;
+  bool causal = false;
+  bool windowed = false;                    // keys [i - left, i + right] only, but for the first num_global
+  int64_t left = 0, right = 0, num_global = 0;  // clamped by Python to the sequence lengths
+  double dropout_p = 0;  // CPU only (the CUDA kernels have none)
+  int64_t seed = 0;      // of the dropout mask (dropout_keep)
+  template <class F>
+  void fields(F&& f) {
+    f("q", q), f("k", k), f("v", v), f("mask", mask), f("cu_q", cu_q), f("cu_k", cu_k), f("out", out);
+    f("lse", lse), f("max_len_q", max_len_q), f("max_len_k", max_len_k), f("scale", scale), f("causal", causal);
+    f("windowed", windowed), f("left", left), f("right", right), f("num_global", num_global);
+    f("dropout_p", dropout_p), f("seed", seed);
+  }
+};
+
+// dq, dk, dv (like q, k, v) from grad_out, the forward's tensors and its out and lse; dmask (fp32, like mask)
+// when present gets dS, the gradient of the scores.
+struct AttentionBwdParams : AttentionFwdParams {
+  Tensor grad_out, dq, dk, dv, dmask;
+  Tensor delta;  // CUDA's workspace, fp32 laid out like lse; absent on the CPU
+  template <class F>
+  void fields(F&& f) {
+    AttentionFwdParams::fields(f);
+    f("grad_out", grad_out), f("dq", dq), f("dk", dk), f("dv", dv), f("dmask", dmask), f("delta", delta);
+  }
+};
+
+// The dropout keep-mask (B, H, L, S) (bool, contiguous) that the kernels draw for `seed`.
+struct AttentionDropoutMaskParams {
+  Tensor keep;
+  double dropout_p = 0;
+  int64_t seed = 0;
+  template <class F>
+  void fields(F&& f) {
+    f("keep", keep), f("dropout_p", dropout_p), f("seed", seed);
+  }
+};
+
+// CUDA (csrc/cuda/attention.cu): a cudaError_t, 0 on success.
+int attention_fwd_cuda(const AttentionFwdParams& p, uintptr_t stream);
+int attention_bwd_cuda(const AttentionBwdParams& p, uintptr_t stream);
+
+}  // namespace mmkern
+
+#if defined(MMKERN_CPU_NS)  // CPU (csrc/cpu/attention.cpp, once per ISA level)
+MMKERN_CPU_BEGIN
+void attention_fwd_cpu(const AttentionFwdParams& p, int num_threads);
+void attention_bwd_cpu(const AttentionBwdParams& p, int num_threads);
+void attention_dropout_mask_cpu(const AttentionDropoutMaskParams& p, int num_threads);
+MMKERN_CPU_END
+#endif
+
 namespace mmkern::attn {
 
 struct Visibility {
@@ -109,12 +175,10 @@ struct Problem {
   MMK_HD int64_t len_k(int64_t b) const { return cu_k ? cu_k[b + 1] - cu_k[b] : max_len_k; }
 };
 
-// The problem both launchers (cpu, cuda) describe from the call's tensors and scalars (host only; dropout is
-// set by the CPU launcher). Checks shapes and dtypes; the contents of cu_seqlens, device memory on CUDA, are
-// left to the caller.
-inline Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q, const Tensor& cu_k,
-                            int64_t max_len_q, int64_t max_len_k, double scale, bool causal, bool windowed,
-                            int64_t left, int64_t right, int64_t num_global) {
+// The problem both launchers (cpu, cuda) describe from the call's parameters (host only). Checks shapes and
+// dtypes; the contents of cu_seqlens, device memory on CUDA, are left to the caller.
+inline Problem make_problem(const AttentionFwdParams& p) {
+  const Tensor &q = p.q, &k = p.k, &v = p.v, &cu_q = p.cu_q, &cu_k = p.cu_k;
   const bool packed = cu_q.present;
   check(q.ndim == (packed ? 3 : 4), "query: expected (B, H, L, D) or packed (total, H, D)");
   check(k.ndim == q.ndim && v.ndim == q.ndim, "key/value: rank differs from query");
@@ -138,14 +202,16 @@ inline Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, c
     check(k.size(0) == pb.batch && v.size(0) == pb.batch, "key: batch differs from query");
     check(v.size(2) == k.size(2), "value: length differs from key");
   }
-  pb.max_len_q = max_len_q;
-  pb.max_len_k = max_len_k;
-  pb.scale = static_cast<float>(scale);
-  pb.vis.causal = causal;
-  pb.vis.windowed = windowed;
-  pb.vis.left = left;
-  pb.vis.right = right;
-  pb.vis.num_global = num_global;
+  pb.max_len_q = p.max_len_q;
+  pb.max_len_k = p.max_len_k;
+  pb.scale = static_cast<float>(p.scale);
+  pb.vis.causal = p.causal;
+  pb.vis.windowed = p.windowed;
+  pb.vis.left = p.left;
+  pb.vis.right = p.right;
+  pb.vis.num_global = p.num_global;
+  pb.dropout_p = static_cast<float>(p.dropout_p);
+  pb.seed = static_cast<uint64_t>(p.seed);
   return pb;
 }
 
@@ -167,6 +233,41 @@ inline Layout row_layout_of(const Tensor& t, bool packed) {
         "lse: expected fp32 (B, H, L, 2) or packed (H, total, 2) with adjacent pairs");
   if (packed) return {0, t.stride(0), t.stride(1), 0};
   return {t.stride(0), t.stride(1), t.stride(2), 0};
+}
+
+// The forward's tensors as both launchers' kernels read them: the problem, data pointers and layouts.
+struct Operands {
+  Problem pb;
+  const void *q, *k, *v, *o;
+  const void* mask;  // (B, Hq, L, S) view, bool or fp32, or null
+  bool mask_bool;
+  float* lse;  // (m, log l) pairs, rows laid out by lrow
+  Layout lq, lk, lv, lo, lrow, lmask;
+};
+
+inline Operands make_operands(const AttentionFwdParams& p) {
+  const bool packed = p.cu_q.present;
+  check(p.q.dtype == p.out.dtype, "out: dtype differs from query");
+  Operands o{};
+  o.pb = make_problem(p);
+  o.q = p.q.data;
+  o.k = p.k.data;
+  o.v = p.v.data;
+  o.o = p.out.data;
+  o.lq = layout_of(p.q);
+  o.lk = layout_of(p.k);
+  o.lv = layout_of(p.v);
+  o.lo = layout_of(p.out);
+  o.lrow = row_layout_of(p.lse, packed);
+  o.lse = p.lse.ptr<float>();
+  if (p.mask.present) {
+    check(!packed && p.mask.ndim == 4, "attn_mask: expected a (B, H, L, S) view");
+    check(p.mask.dtype == DType::b8 || p.mask.dtype == DType::f32, "attn_mask: expected bool or float32");
+    o.mask = p.mask.data;
+    o.mask_bool = p.mask.dtype == DType::b8;
+    o.lmask = layout_of(p.mask);
+  }
+  return o;
 }
 
 }  // namespace mmkern::attn

@@ -15,11 +15,78 @@
 
 #include "mmkern/common.h"
 
+namespace mmkern {
+
+// ---- Entry points (the convention: see the top of csrc/bindings.cpp) ----
+
+// The logits every contrastive kernel sees: z_ij = s x_i . y_j + b.
+struct ContrastiveParams {
+  Tensor x, y;         // (B, D), (K, D) features
+  Tensor scale_bias;   // fp32 (2,) [s, b]; device memory on CUDA, read there (no host sync)
+  int mode = 0;        // contrastive::Mode
+  bool diagonal = false;  // the positives (i, i) are left out of the softmax statistics
+  template <class F>
+  void fields(F&& f) {
+    f("x", x), f("y", y), f("scale_bias", scale_bias), f("mode", mode), f("diagonal", diagonal);
+  }
+};
+
+// The statistics: row_stats (3, B) and, for kRowsCols, col_stats (2, K) fp32 (else absent); see kRowPlanes.
+struct ContrastiveFwdParams : ContrastiveParams {
+  Tensor row_stats, col_stats;
+  template <class F>
+  void fields(F&& f) {
+    ContrastiveParams::fields(f);
+    f("row_stats", row_stats), f("col_stats", col_stats);
+  }
+};
+
+// dx (B, D) = G y and dy (K, D) = G^T x (fp32, contiguous) for G_ij = gr_i d(row stat i)/dz_ij + gc_j d(col stat
+// j)/dz_ij (grad_logit); row_lse (B,), col_lse (K,): plane 0 of the statistics; gr (B,), gc (K,) fp32. The column
+// tensors are absent unless mode is kRowsCols.
+struct ContrastiveBwdParams : ContrastiveParams {
+  Tensor row_lse, col_lse, gr, gc, dx, dy;
+  template <class F>
+  void fields(F&& f) {
+    ContrastiveParams::fields(f);
+    f("row_lse", row_lse), f("col_lse", col_lse), f("gr", gr), f("gc", gc), f("dx", dx), f("dy", dy);
+  }
+};
+
+// The forward's statistics and the unit-weight gradients (gr = gc = 1) in one call (CPU only).
+struct ContrastiveFusedParams : ContrastiveParams {
+  Tensor row_stats, col_stats, dx, dy;
+  template <class F>
+  void fields(F&& f) {
+    ContrastiveParams::fields(f);
+    f("row_stats", row_stats), f("col_stats", col_stats), f("dx", dx), f("dy", dy);
+  }
+};
+
+// CUDA (csrc/cuda/contrastive.cu): a cudaError_t, 0 on success.
+int contrastive_fwd_cuda(const ContrastiveFwdParams& p, uintptr_t stream);
+int contrastive_bwd_cuda(const ContrastiveBwdParams& p, uintptr_t stream);
+
+}  // namespace mmkern
+
+#if defined(MMKERN_CPU_NS)  // CPU (csrc/cpu/contrastive.cpp, once per ISA level)
+MMKERN_CPU_BEGIN
+void contrastive_fwd_cpu(const ContrastiveFwdParams& p, int num_threads);
+void contrastive_bwd_cpu(const ContrastiveBwdParams& p, int num_threads);
+void contrastive_fused_cpu(const ContrastiveFusedParams& p, int num_threads);
+MMKERN_CPU_END
+#endif
+
 namespace mmkern::contrastive {
 
 // Which statistics a kernel keeps: row softmax only (InfoNCE), row and column softmax (CLIP), or row sums
 // of the sigmoid loss (SigLIP). Must match mmkern/ops/contrastive.py.
 enum Mode : int { kRows = 0, kRowsCols = 1, kSigmoid = 2 };
+
+inline void check_scale_bias(const Tensor& sb) {
+  check(sb.present && sb.dtype == DType::f32 && sb.ndim == 1 && sb.size(0) == 2 && sb.stride(0) == 1,
+        "scale_bias: expected contiguous fp32 (2,)");
+}
 
 // Row statistics are stored as 3 planes of length n (value, d/ds, d/db), column statistics as 2 planes.
 constexpr int kRowPlanes = 3;

@@ -34,11 +34,63 @@ struct FastDivmod {
   MMK_HD int64_t mod(int64_t n) const { return n - div(n) * d; }
 };
 
-// Token rows and patch elements are below 2^31 (patch_geometry checks), so their divisions are FastDivmods.
+// ---- Entry points (the convention: see the top of csrc/bindings.cpp) ----
+
+// out (B, T + N, E) = [prefix_tokens; patches of images x weight^T + bias] + pos_embed, for images (B, C, H, W), a
+// Conv2d weight (E, C, P, P), bias (E,), pos_embed (T + N, E), prefix_tokens (T, E) (class / register tokens);
+// bias, pos_embed and prefix_tokens may be absent.
+struct PatchEmbedFwdParams {
+  Tensor images, weight, bias, pos_embed, prefix_tokens, out;
+  template <class F>
+  void fields(F&& f) {
+    f("images", images), f("weight", weight), f("bias", bias), f("pos_embed", pos_embed);
+    f("prefix_tokens", prefix_tokens), f("out", out);
+  }
+};
+
+// grad_images (like images) and grad_weight (fp32 (E, C*P*P), contiguous) from grad_out's patch rows (those
+// after the num_prefix prefix tokens); either may be absent (not computed).
+struct PatchEmbedBwdParams {
+  Tensor grad_out, images, weight, grad_images, grad_weight;
+  int64_t num_prefix = 0;
+  template <class F>
+  void fields(F&& f) {
+    f("grad_out", grad_out), f("images", images), f("weight", weight), f("grad_images", grad_images);
+    f("grad_weight", grad_weight), f("num_prefix", num_prefix);
+  }
+};
+
+// Packed patch embedding (mmkern.ops.patch_embed_packed). The patches of every image arrive as one (M, K) matrix;
+// GEMM row r goes to output row out_rows[r] (int64 (M,)) of the packed (R, E) tokens `out`, and its position
+// embedding is gathered from the model's base grid pos_grid (G, E) through the taps s in [tap_ptr[r],
+// tap_ptr[r + 1]) (CSR, int64 (M + 1,)): sum_s tap_weight[s] * pos_grid[tap_index[s]] (int32, fp32), the base
+// grid resampled to the image's own patch grid (a separable interpolation is such a weighted sum; a downsampled
+// image's antialiased rows have hundreds of taps, an upsampled one's 16, so the rows do not share one tap count).
+// Without pos_grid the tap tensors are absent; bias (E,) may be. Prefix rows of `out` are left to the caller.
+struct PatchEmbedPackedFwdParams {
+  Tensor patches, weight, bias, pos_grid, tap_ptr, tap_index, tap_weight, out_rows, out;
+  template <class F>
+  void fields(F&& f) {
+    f("patches", patches), f("weight", weight), f("bias", bias), f("pos_grid", pos_grid), f("tap_ptr", tap_ptr);
+    f("tap_index", tap_index), f("tap_weight", tap_weight), f("out_rows", out_rows), f("out", out);
+  }
+};
+
+// CUDA (csrc/cuda/patch_embed.cu): a cudaError_t, 0 on success.
+int patch_embed_fwd_cuda(const PatchEmbedFwdParams& p, uintptr_t stream);
+int patch_embed_bwd_cuda(const PatchEmbedBwdParams& p, uintptr_t stream);
+int patch_embed_packed_fwd_cuda(const PatchEmbedPackedFwdParams& p, uintptr_t stream);
+
+// The GEMM of either patch embedding, rows x patch_dim patches times the (embed_dim, patch_dim) weight^T, and
+// where its rows come from: images (patch_geometry; rows = batch * num_patches) or a packed patch matrix
+// (packed_geometry; the image fields are 0 there, the packed ones 0 here).
 struct PatchGeometry {
-  int64_t batch, channels, height, width, patch, embed_dim;
-  int64_t grid_w, num_patches, patch_dim, num_prefix;
-  FastDivmod by_patches, by_grid_w, by_patch_area, by_patch;  // n / num_patches, grid_w, patch², patch
+  int64_t rows = 0, patch_dim = 0, embed_dim = 0;
+  int64_t batch = 0, channels = 0, height = 0, width = 0, patch = 0, grid_w = 0, num_patches = 0, num_prefix = 0;
+  int64_t grid_rows = 0, out_rows = 0, taps = 0;  // packed: base grid rows, output rows, taps
+  // Token rows and patch elements are below 2^31 (patch_geometry checks), so their divisions are FastDivmods:
+  // n / num_patches, grid_w, patch², patch.
+  FastDivmod by_patches, by_grid_w, by_patch_area, by_patch;
 };
 
 inline PatchGeometry patch_geometry(const Tensor& images, const Tensor& weight, int64_t num_prefix) {
@@ -56,6 +108,7 @@ inline PatchGeometry patch_geometry(const Tensor& images, const Tensor& weight, 
   check(g.height % g.patch == 0 && g.width % g.patch == 0, "images: H and W must be multiples of the patch size");
   g.grid_w = g.width / g.patch;
   g.num_patches = (g.height / g.patch) * g.grid_w;
+  g.rows = g.batch * g.num_patches;
   g.patch_dim = g.channels * g.patch * g.patch;
   g.num_prefix = num_prefix;
   constexpr int64_t kMax32 = (int64_t{1} << 31) - 1;
@@ -90,24 +143,14 @@ inline std::vector<int64_t> patch_element_offsets(const PatchGeometry& g, int64_
   return offsets;
 }
 
-// Packed patch embedding (mmkern.ops.patch_embed_packed). The patches of every image arrive as one (M, K) matrix;
-// GEMM row r goes to output row out_rows[r] of the packed (R, E) tokens, and its position embedding is gathered
-// from the model's base grid (G, E) through the taps s in [tap_ptr[r], tap_ptr[r + 1]) (CSR):
-// sum_s tap_weight[s] * pos_grid[tap_index[s]], the base grid resampled to the image's own patch grid (a separable
-// interpolation is such a weighted sum; a downsampled image's antialiased rows have hundreds of taps, an
-// upsampled one's 16, so the rows do not share one tap count).
-struct PackedGeometry {
-  int64_t rows, patch_dim, embed_dim, grid_rows, out_rows, taps;
-};
-
-inline PackedGeometry packed_geometry(const Tensor& patches, const Tensor& weight, const Tensor& pos_grid,
-                                      const Tensor& tap_ptr, const Tensor& tap_index, const Tensor& tap_weight,
-                                      const Tensor& out_rows, const Tensor& out) {
+inline PatchGeometry packed_geometry(const PatchEmbedPackedFwdParams& p) {
+  const Tensor &patches = p.patches, &weight = p.weight, &pos_grid = p.pos_grid, &out_rows = p.out_rows, &out = p.out;
+  const Tensor &tap_ptr = p.tap_ptr, &tap_index = p.tap_index, &tap_weight = p.tap_weight;
   check_dims(patches, 2, "patches");
   check_dims(weight, 2, "weight");
   check_dims(out_rows, 1, "out_rows");
   check_dims(out, 2, "out");
-  PackedGeometry g;
+  PatchGeometry g;
   g.rows = patches.size(0);
   g.patch_dim = patches.size(1);
   g.embed_dim = weight.size(0);
@@ -116,8 +159,6 @@ inline PackedGeometry packed_geometry(const Tensor& patches, const Tensor& weigh
   check(out.size(1) == g.embed_dim && out_rows.size(0) == g.rows, "out: shape differs from (R, E) / out_rows (M,)");
   check(out_rows.dtype == DType::i64, "out_rows: expected int64");
   check_contiguous(out_rows, "out_rows");
-  g.grid_rows = 0;
-  g.taps = 0;
   if (pos_grid.present) {
     check_dims(pos_grid, 2, "pos_grid");
     check_dims(tap_ptr, 1, "tap_ptr");
@@ -138,3 +179,11 @@ inline PackedGeometry packed_geometry(const Tensor& patches, const Tensor& weigh
 }
 
 }  // namespace mmkern
+
+#if defined(MMKERN_CPU_NS)  // CPU (csrc/cpu/patch_embed.cpp, once per ISA level)
+MMKERN_CPU_BEGIN
+void patch_embed_fwd_cpu(const PatchEmbedFwdParams& p, int num_threads);
+void patch_embed_bwd_cpu(const PatchEmbedBwdParams& p, int num_threads);
+void patch_embed_packed_fwd_cpu(const PatchEmbedPackedFwdParams& p, int num_threads);
+MMKERN_CPU_END
+#endif

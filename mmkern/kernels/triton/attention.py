@@ -586,13 +586,46 @@ def _optional(dummy: torch.Tensor, *ts: torch.Tensor | None) -> tuple[torch.Tens
 
 
 def attention_fwd(
-    q, k, v, mask, cu_q, cu_k, out, lse, max_q, max_k, scale, causal, windowed, left, right, num_global, dropout_p, seed
+    q,
+    k,
+    v,
+    mask,
+    cu_q,
+    cu_k,
+    out,
+    lse,
+    max_len_q,
+    max_len_k,
+    scale,
+    causal,
+    windowed,
+    left,
+    right,
+    num_global,
+    dropout_p,
+    seed,
 ):
     """Fills out and lse (see mmkern.ops._attention_op._attention_op)."""
     batch, H, _, args, meta = _common(
-        q, k, v, mask, cu_q, out, lse, max_q, max_k, scale, causal, windowed, left, right, num_global, dropout_p, seed
+        q,
+        k,
+        v,
+        mask,
+        cu_q,
+        out,
+        lse,
+        max_len_q,
+        max_len_k,
+        scale,
+        causal,
+        windowed,
+        left,
+        right,
+        num_global,
+        dropout_p,
+        seed,
     )
-    grid = lambda m: (triton.cdiv(max_q, m["BM"]) * batch * H,)
+    grid = lambda m: (triton.cdiv(max_len_q, m["BM"]) * batch * H,)
     _attention_fwd_kernel[grid](q, k, v, *_optional(lse, mask, cu_q, cu_k), out, lse, *args, **meta)
 
 
@@ -610,8 +643,8 @@ def attention_bwd(
     dk,
     dv,
     dmask,
-    max_q,
-    max_k,
+    max_len_q,
+    max_len_k,
     scale,
     causal,
     windowed,
@@ -633,8 +666,8 @@ def attention_bwd(
         cu_q,
         grad_out,
         lse,
-        max_q,
-        max_k,
+        max_len_q,
+        max_len_k,
         scale,
         causal,
         windowed,
@@ -646,9 +679,9 @@ def attention_bwd(
     )
     ptrs = _optional(lse, mask, cu_q, cu_k)
     # dK/dV share q/k/v strides with their inputs only if those are contiguous too: pass contiguous inputs.
-    grid_kv = lambda m: (triton.cdiv(max_k, m["BN"]) * batch * Hk,)
+    grid_kv = lambda m: (triton.cdiv(max_len_k, m["BN"]) * batch * Hk,)
     _attention_bwd_dkdv_kernel[grid_kv](q, k, v, *ptrs, grad_out, lse, delta, dk, dv, *args, **meta)
-    grid_q = lambda m: (triton.cdiv(max_q, m["BM"]) * batch * H,)
+    grid_q = lambda m: (triton.cdiv(max_len_q, m["BM"]) * batch * H,)
     _attention_bwd_dq_kernel[grid_q](
         q, k, v, *ptrs, grad_out, lse, delta, dq, *_optional(lse, dmask), *args, **meta, WRITE_DMASK=dmask is not None
     )

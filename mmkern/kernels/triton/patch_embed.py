@@ -292,24 +292,24 @@ def _patch_embed_packed_fwd_kernel(
 
 
 def patch_embed_packed_fwd(
-    patches, weight, bias, grid_rows, tap_ptr, tap_index, tap_weight, out_rows, out, most_taps
+    patches, weight, bias, pos_grid, tap_ptr, tap_index, tap_weight, out_rows, out, most_taps
 ) -> None:
-    """Writes the patch rows of out (R, E) from patches (M, K), weight (E, K), bias (E,) or None, grid_rows (G, E)
+    """Writes the patch rows of out (R, E) from patches (M, K), weight (E, K), bias (E,) or None, pos_grid (G, E)
     or None with its CSR taps (tap_ptr (M + 1,) int64, tap_index int32, tap_weight fp32, at most `most_taps` per
     row) and out_rows (M,) int64; see mmkern.ops.patch_embed_packed."""
     M, K = patches.shape
     E = weight.shape[0]
-    has_pos = grid_rows is not None
+    has_pos = pos_grid is not None
     with torch.cuda.device(patches.device) if patches.is_cuda else contextlib.nullcontext():
         if M > 0 and E > 0:
             _patch_embed_packed_fwd_kernel[_grid(M, E)](
-                patches, weight, bias if bias is not None else out, grid_rows if has_pos else out,
+                patches, weight, bias if bias is not None else out, pos_grid if has_pos else out,
                 tap_ptr if has_pos else out_rows, tap_index if has_pos else out_rows,
                 tap_weight if has_pos else out, out_rows, out,
                 M, E, K, most_taps if has_pos else 0,
                 *patches.stride(), *weight.stride(),
                 bias.stride(0) if bias is not None else 0,
-                *(grid_rows.stride() if has_pos else (0, 0)),
+                *(pos_grid.stride() if has_pos else (0, 0)),
                 *out.stride(),
                 HAS_BIAS=bias is not None, HAS_POS=has_pos,
             )  # fmt: skip
