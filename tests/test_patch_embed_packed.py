@@ -217,3 +217,33 @@ def test_gpu_backends_match_reference(backend, dtype):
     assert_close(out.tokens.cpu(), ref.tokens, dtype, "tokens")
     for i, (g, r) in enumerate(zip(grads, ref_grads)):
         assert_close(g.cpu(), r, dtype, f"grad {i}", factor=4)
+
+
+@pytest.mark.skipif(
+    backends.unavailable_reason("triton", "cpu") is not None,
+    reason="Triton runs CPU tensors only under the interpreter",
+)
+@pytest.mark.parametrize("with_pos", [True, False])
+def test_triton_packed_kernel_matches_the_formula(with_pos):
+    """The Triton kernel under the interpreter: rows with 0 to 5 position taps, scattered output rows."""
+    from mmkern.kernels.triton.patch_embed import patch_embed_packed_fwd
+
+    gen = torch.Generator().manual_seed(0)
+    M, K, E, G = 37, 48, 40, 23
+    patches, weight, bias = torch.randn(M, K, generator=gen), torch.randn(E, K, generator=gen), torch.randn(E)
+    counts = torch.randint(0, 6, (M,), generator=gen)
+    tap_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    tap_index = torch.randint(0, G, (int(tap_ptr[-1]),), generator=gen, dtype=torch.int32)
+    tap_weight, grid = torch.rand(int(tap_ptr[-1]), generator=gen), torch.randn(G, E, generator=gen)
+    out_rows = torch.randperm(M + 5, generator=gen)[:M]
+    out = torch.zeros(M + 5, E)
+    taps = (grid, tap_ptr, tap_index, tap_weight) if with_pos else (None, None, None, None)
+    patch_embed_packed_fwd(patches, weight, bias, *taps, out_rows, out, int(counts.max()) if with_pos else 0)
+    want = torch.zeros(M + 5, E, dtype=torch.float64)
+    rows = patches.double() @ weight.double().T + bias.double()
+    if with_pos:
+        for m in range(M):
+            taken = slice(int(tap_ptr[m]), int(tap_ptr[m + 1]))
+            rows[m] += (tap_weight[taken, None].double() * grid[tap_index[taken].long()].double()).sum(0)
+    want[out_rows] = rows
+    assert_close(out, want, torch.float32, "out")

@@ -279,14 +279,16 @@ def _patch_embed_packed_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(bias + rn * s_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_POS:
-        first = tl.load(tap_ptr + rm, mask=m_ok, other=0)
-        count = tl.load(tap_ptr + rm + 1, mask=m_ok, other=0) - first
+        # (BLOCK_M, 1) columns, not (BLOCK_M,) vectors: with vectors triton 3.6's layout pass breaks this loop
+        # ("'tt.load' op failed to verify that mask type matches ptr type").
+        first = tl.load(tap_ptr + rm[:, None], mask=m_ok[:, None], other=0)
+        count = tl.load(tap_ptr + rm[:, None] + 1, mask=m_ok[:, None], other=0) - first
         for s in range(MOST_TAPS):
-            t_ok = m_ok & (s < count)
+            t_ok = m_ok[:, None] & (s < count)
             row = tl.load(tap_index + first + s, mask=t_ok, other=0).to(tl.int64)
             tw = tl.load(tap_weight + first + s, mask=t_ok, other=0.0)
-            g = tl.load(pos + row[:, None] * s_gt + rn[None, :] * s_ge, mask=t_ok[:, None] & n_ok[None, :], other=0.0)
-            acc += tw[:, None] * g.to(tl.float32)
+            g = tl.load(pos + row * s_gt + rn[None, :] * s_ge, mask=t_ok & n_ok[None, :], other=0.0)
+            acc += tw * g.to(tl.float32)
     dst = tl.load(out_rows + rm, mask=m_ok, other=0)
     tl.store(out + dst[:, None] * s_or + rn[None, :] * s_oe, acc.to(out.dtype.element_ty), mask=mask)
 
