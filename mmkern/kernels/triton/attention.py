@@ -158,12 +158,14 @@ def _visible(a0, a1, n, before, after, num_global, BLK: tl.constexpr, CAUSAL: tl
             lo = a0 // BLK * BLK
     g_lo = lo
     g_hi = lo
-    if WINDOWED:  # noqa: SIM102  (a compile-time test, kept apart from the run-time one)
-        if a0 >= num_global:  # a block holding a global position sees / is seen by everything
-            band = tl.maximum(lo, tl.maximum(a0 - before, 0) // BLK * BLK)
-            g_hi = tl.minimum(tl.minimum(tl.cdiv(num_global, BLK) * BLK, band), hi)
-            lo = band
-            hi = tl.minimum(hi, a1 + after)
+    if WINDOWED:
+        # A block holding a global position sees / is seen by everything. Selects, not a run-time `if`: triton 3.4's
+        # TritonGPUCoalesce pass crashes (an LLVM assertion) on that branch.
+        banded = a0 >= num_global
+        band = tl.maximum(lo, tl.maximum(a0 - before, 0) // BLK * BLK)
+        g_hi = tl.where(banded, tl.minimum(tl.minimum(tl.cdiv(num_global, BLK) * BLK, band), hi), g_hi)
+        lo = tl.where(banded, band, lo)
+        hi = tl.where(banded, tl.minimum(hi, a1 + after), hi)
     mid = hi
     if CAUSAL and not WINDOWED:
         if KEYS:
