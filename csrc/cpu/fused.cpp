@@ -45,7 +45,7 @@ void with_gelu_kind(int kind, F&& f) {
 
 // ---- row kernels on contiguous fp32, on the level's vectors (simd_cpu.h) ----
 // gelu_fwd_row: out = GELU(x + b).  gelu_bwd_row: d = go·GELU'(x + b) into gx, and acc += d when acc is given.
-// add_row_sum: s = x + r and Σ s.  row_sq_dev: Σ (s - mu)², mu corrected.  ln_out_row: out = (s - mu)·rs·w + b.
+// add_row_reduce (cpu_rows.h): s = x + r and Σ s.  row_sq_dev: Σ (s - mu)², mu corrected.  ln_out_row: out = (s - mu)·rs·w + b.
 // ln_bwd_row: the LayerNorm backward of one row (see add_layer_norm_bwd_cpu).
 
 using simd::kLanes;
@@ -156,20 +156,6 @@ inline void gelu_bwd_row(const float* go, const float* x, const float* b, float*
     if (acc) store(acc + j, load(acc + j, w) + d, w);
     store(gx + j, d, w);
   });
-}
-
-// s = x + r (r may be null: s is x and is not written); returns Σ s.
-inline float add_row_sum(const float* x, const float* r, float* s, int64_t d) {
-  vf acc = vf{};
-  for_chunks(d, [&](int64_t j, int w) {
-    vf v = load(x + j, w);
-    if (r) {
-      v = v + load(r + j, w);
-      store(s + j, v, w);
-    }
-    acc = acc + v;
-  });
-  return simd::hsum(acc);
 }
 
 // Σ (s - mu)² about the row's mean, with mu (the first-pass Σ s / d) corrected on the way: mu += Σ (s - mu) / d
@@ -309,14 +295,14 @@ void add_layer_norm_fwd_cpu(const AddLayerNormFwdParams& p, int num_threads) {
         const float* s = input_row<scalar_t>(x, i, d, xbuf.data());
         float total;
         if (!residual.present) {
-          total = add_row_sum(s, nullptr, nullptr, d);
+          total = add_row_reduce<false>(s, nullptr, nullptr, d);
         } else {
           float* sum = output_row<scalar_t>(sum_out, i, sbuf.data());
-          total = add_row_sum(s, input_row<scalar_t>(residual, i, d, rbuf.data()), sum, d);
+          total = add_row_reduce<false>(s, input_row<scalar_t>(residual, i, d, rbuf.data()), sum, d);
           if (!direct<scalar_t>(sum_out)) {  // normalise s as stored
             store_row<scalar_t>(sum_out, i, d, sum);
             load_row<scalar_t>(sum_out, i, d, sum);
-            total = add_row_sum(sum, nullptr, nullptr, d);
+            total = add_row_reduce<false>(sum, nullptr, nullptr, d);
           }
           s = sum;
         }

@@ -21,20 +21,6 @@ namespace {
 using namespace rows;
 using simd::vf;
 
-// s = x + r (r null: s is x and is not written); returns Σ s².
-inline float add_row_sum_sq(const float* x, const float* r, float* s, int64_t d) {
-  vf acc = vf{};
-  for_chunks(d, [&](int64_t j, int w) {
-    vf v = load(x + j, w);
-    if (r) {
-      v = v + load(r + j, w);
-      store(s + j, v, w);
-    }
-    acc = v * v + acc;
-  });
-  return simd::hsum(acc);
-}
-
 inline void rms_out_row(const float* s, float rs, const float* w, float* out, int64_t d) {
   for_chunks(d, [&](int64_t j, int n) { store(out + j, load(s + j, n) * rs * load(w + j, n), n); });
 }
@@ -73,14 +59,14 @@ void rms_norm_fwd_cpu(const RmsNormFwdParams& p, int num_threads) {
         const float* s = input_row<scalar_t>(p.x, i, d, xbuf.data());
         float sum_sq;
         if (!p.residual.present) {
-          sum_sq = add_row_sum_sq(s, nullptr, nullptr, d);
+          sum_sq = add_row_reduce<true>(s, nullptr, nullptr, d);
         } else {
           float* sum = output_row<scalar_t>(p.sum_out, i, sbuf.data());
-          sum_sq = add_row_sum_sq(s, input_row<scalar_t>(p.residual, i, d, rbuf.data()), sum, d);
+          sum_sq = add_row_reduce<true>(s, input_row<scalar_t>(p.residual, i, d, rbuf.data()), sum, d);
           if (!direct<scalar_t>(p.sum_out)) {  // normalise s as stored
             store_row<scalar_t>(p.sum_out, i, d, sum);
             load_row<scalar_t>(p.sum_out, i, d, sum);
-            sum_sq = add_row_sum_sq(sum, nullptr, nullptr, d);
+            sum_sq = add_row_reduce<true>(sum, nullptr, nullptr, d);
           }
           s = sum;
         }

@@ -107,5 +107,21 @@ inline void for_chunks(int64_t n, F&& f) {
   if (j < n) f(j, static_cast<int>(n - j));
 }
 
+// s = x + r (r null: s is x and is not written); returns Σ s, or Σ s² with kSquares (LayerNorm's mean, RMSNorm's
+// mean square).
+template <bool kSquares>
+inline float add_row_reduce(const float* x, const float* r, float* s, int64_t d) {
+  simd::vf acc = simd::vf{};
+  for_chunks(d, [&](int64_t j, int w) {
+    simd::vf v = load(x + j, w);
+    if (r) {
+      v = v + load(r + j, w);
+      store(s + j, v, w);
+    }
+    acc = kSquares ? v * v + acc : acc + v;
+  });
+  return simd::hsum(acc);
+}
+
 }  // namespace rows
 MMKERN_CPU_END
