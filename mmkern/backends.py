@@ -3,7 +3,9 @@ oracle), `torch` (PyTorch's own ops as a user would call them: F.scaled_dot_prod
 losses).
 
 Choice, first match wins: an explicit `backend=` argument; `mmkern.use_backend(...)` (also a context
-manager); the `MMKERN_BACKEND` environment variable; else the op's default for the tensors' device. On CPU tensors
+manager); the `MMKERN_BACKEND` environment variable, read once when mmkern is imported (as MMKERN_CPU_CAPABILITY
+is: reading the environment cost 0.6 µs of every op call; set it before starting Python, or use use_backend at run
+time); else the op's default for the tensors' device. On CPU tensors
 that default is the native kernel where it measured faster than PyTorch for that kind of call at the ISA level the
 kernels run at, and `torch` elsewhere (mmkern/ops/cpu_policy.py). Asking for a backend that cannot run the given
 tensors is a ValueError that says why.
@@ -24,6 +26,11 @@ from mmkern import _native
 BACKENDS = ("cpu", "cuda", "triton", "reference", "torch")
 
 _selected: str | None = None
+# MMKERN_BACKEND as read at import ("" or unset: None); an unknown name is an error at the first op call.
+_environment: str | None = os.environ.get("MMKERN_BACKEND") or None
+# The backend every op call is held to: use_backend's choice, else _environment; None: the per-device default.
+# Kept in one variable because the ops' default path reads it on every call.
+_forced: str | None = _environment
 
 
 def _triton_interpret() -> bool:
@@ -75,30 +82,36 @@ def use_backend(backend: str | None):
 
     `None` returns to the default choice.
     """
-    global _selected
+    global _selected, _forced
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     previous, _selected = _selected, backend
+    _forced = backend if backend is not None else _environment
 
     @contextlib.contextmanager
     def restore():
-        global _selected
+        global _selected, _forced
         try:
             yield
         finally:
             _selected = previous
+            _forced = previous if previous is not None else _environment
 
     return restore()
 
 
 def selected_backend() -> str | None:
     """The backend chosen by use_backend or MMKERN_BACKEND, or None for the per-device default."""
-    if _selected is not None:
-        return _selected
-    env = os.environ.get("MMKERN_BACKEND") or None
-    if env is not None and env not in BACKENDS:
-        raise ValueError(f"MMKERN_BACKEND: unknown backend {env!r}; choose one of {', '.join(BACKENDS)}")
-    return env
+    if _forced is not None and _forced not in BACKENDS:
+        raise ValueError(f"MMKERN_BACKEND: unknown backend {_forced!r}; choose one of {', '.join(BACKENDS)}")
+    return _forced
+
+
+def cpu_default(backend: str | None, t: torch.Tensor) -> bool:
+    """Whether a call on `t` with this `backend=` argument takes the CPU default (no backend named, none chosen by
+    use_backend or MMKERN_BACKEND, CPU tensors, the native module loaded): then the op picks "cpu" or "torch" by
+    its cpu_policy verdict, as resolve would, without resolve's cost on every small call."""
+    return backend is None and _forced is None and t.is_cpu and _native.CPU_ERROR is None
 
 
 def resolve(
@@ -114,10 +127,10 @@ def resolve(
     mmkern/ops/cpu_policy.py for this call; None: always) and `torch` otherwise or when the native module is
     missing; elsewhere `torch`.
     """
-    chosen = backend if backend is not None else selected_backend()
-    if chosen is None and device.type == "cpu" and _native.CPU_ERROR is None:
+    if backend is None and _forced is None and device.type == "cpu" and _native.CPU_ERROR is None:
         # The common case, first: this runs on every op call.
         return "cpu" if native_faster is None or native_faster() else "torch"
+    chosen = backend if backend is not None else selected_backend()
     if chosen is None:
         if device.type == "cuda":
             chosen = cuda_default

@@ -1,5 +1,7 @@
 """Backend selection, the native bridge and the CLI's info, bench and missing-extra messages."""
 
+import os
+import subprocess
 import sys
 
 import pytest
@@ -47,25 +49,34 @@ def test_default_backend_on_cpu_is_cpu_where_the_op_measured_faster():
 
 
 def test_cuda_default_without_triton_runs_torch_and_says_so(monkeypatch):
-    monkeypatch.delenv("MMKERN_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_forced", None)  # the default path, whatever MMKERN_BACKEND was at import
     monkeypatch.setattr(backends, "_triton_import_error", lambda: "triton is not importable (test)")
     with pytest.warns(RuntimeWarning, match=r"PyTorch's own ops instead of the triton kernels \(triton is not"):
         assert backends.resolve(None, torch.device("cuda")) == "torch"
 
 
 def test_use_backend_context_restores(monkeypatch):
-    monkeypatch.delenv("MMKERN_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_forced", None)  # the default path, whatever MMKERN_BACKEND was at import
     with mmkern.use_backend("reference"):
         assert backends.resolve(None, torch.device("cpu")) == "reference"
     assert backends.resolve(None, torch.device("cpu")) == "cpu"
 
 
-def test_environment_variable_selects_backend(monkeypatch):
-    monkeypatch.setenv("MMKERN_BACKEND", "reference")
-    assert backends.resolve(None, torch.device("cpu")) == "reference"
-    monkeypatch.setenv("MMKERN_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="MMKERN_BACKEND"):
-        backends.resolve(None, torch.device("cpu"))
+def test_environment_variable_selects_backend():
+    """MMKERN_BACKEND is read when mmkern is imported: a fresh interpreter, as a user sets it."""
+    resolve = "print(backends.resolve(None, torch.device('cpu')))\n"
+    code = "import torch, mmkern\nfrom mmkern import backends, ops\n" + resolve
+    code += "with mmkern.use_backend('torch'):\n    " + resolve + resolve
+    code += "try:\n    ops.bias_gelu(torch.ones(2, 3))\nexcept ValueError as e:\n    print(e)\n"
+
+    def run(value: str) -> list[str]:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "MMKERN_BACKEND": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+        return out.stdout.splitlines() or out.stderr.splitlines()[-1:]
+
+    assert run("reference") == ["reference", "torch", "reference"]
+    # An unknown name: import works, and the first call that needs the choice says what is wrong.
+    assert "MMKERN_BACKEND: unknown backend 'nonsense'" in run("nonsense")[-1]
 
 
 def test_explicit_backend_wins_and_unavailable_is_a_clear_error():

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import mmkern
-from mmkern import _native, reference
+from mmkern import _native, backends, reference
 from mmkern.ops import (
     add_layer_norm,
     bias_gelu,
@@ -29,22 +29,23 @@ LEVELS = mmkern.cpu_capabilities() if _native.CPU_ERROR is None else []
 
 
 def _calls(monkeypatch, name: str) -> list:
-    """Records the calls of reference.<name>, which the torch backend runs for patch_embed, the losses and the
-    fused ops (they are PyTorch's own ops written as a user would)."""
+    """Records the calls of reference.<name>, which the torch backend runs for patch_embed, the losses and
+    bias_gelu (they are PyTorch's own ops written as a user would), or of torch.layer_norm for add_layer_norm."""
     seen = []
-    original = getattr(reference, name)
+    owner, attr = (torch, "layer_norm") if name == "add_layer_norm" else (reference, name)
+    original = getattr(owner, attr)
 
     def spy(*args, **kwargs):
         seen.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(reference, name, spy)
+    monkeypatch.setattr(owner, attr, spy)
     return seen
 
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_default_follows_the_policy_at_every_level(level, monkeypatch):
-    monkeypatch.delenv("MMKERN_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_forced", None)  # the default path, whatever MMKERN_BACKEND was at import
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(256, 64, generator=gen)
     w = torch.randn(8, 3, 4, 4, generator=gen)
@@ -88,8 +89,9 @@ def test_policy_regions():
             assert cpu_policy.contrastive("clip", 1024, 1024, 64)  # CLIP's narrow large batches: native everywhere
             assert cpu_policy.bias_gelu(1 << 20, grad=True) and not cpu_policy.bias_gelu(1 << 16, grad=True)
             assert cpu_policy.bias_gelu(1 << 22, grad=False) and not cpu_policy.bias_gelu(1 << 20, grad=False)
-            assert cpu_policy.attention(4096, 4096, 128, False, True) == (level != "default")
-            assert cpu_policy.attention(17, 17, 16, False, True)  # the demo's tiny heads: native everywhere
+            assert cpu_policy.attention(12, 4096, 4096, 128, False, True) == (level != "default")
+            assert cpu_policy.attention(12, 197, 197, 64, False, False) == (level != "default")  # ViT-B/16
+            assert not cpu_policy.attention(4, 17, 17, 16, False, True)  # tiny heads: the fixed cost dominates
             assert cpu_policy.add_layer_norm() == (level == "default")
 
 
@@ -118,7 +120,7 @@ def test_attention_default_follows_the_policy(level, monkeypatch):
     """Dense calls go to torch's SDPA where cpu_policy.attention says so; calls torch has no path for stay native."""
     from mmkern.ops import attention as attn_ops
 
-    monkeypatch.delenv("MMKERN_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_forced", None)  # the default path, whatever MMKERN_BACKEND was at import
     seen = []
     monkeypatch.setattr(
         attn_ops, "_torch_sdpa", lambda *a, **kw: seen.append(1) or F.scaled_dot_product_attention(*a, **kw)
@@ -129,7 +131,7 @@ def test_attention_default_follows_the_policy(level, monkeypatch):
             qq = torch.randn(1, 2, L, 16)
             seen.clear()
             mmkern.ops.scaled_dot_product_attention(qq, qq, qq, is_causal=causal)
-            assert len(seen) == (0 if cpu_policy.attention(L, L, 16, causal, False) else 1), (level, L, causal)
+            assert len(seen) == (0 if cpu_policy.attention(2, L, L, 16, causal, False) else 1), (level, L, causal)
         seen.clear()
         mmkern.ops.scaled_dot_product_attention(q, q, q, window=(4, 4))  # no torch path: native
         mmkern.ops.scaled_dot_product_attention(q, q, q, torch.ones(40, 40, dtype=torch.bool), is_causal=True)

@@ -2,15 +2,17 @@
 //
 // Each op reads its inputs once, computes in fp32 and writes its outputs once, where the unfused PyTorch sequence
 // makes a pass per op (add residual, LayerNorm; GELU backward, bias-gradient sum). Work is split over rows. The
-// element loops run on contiguous fp32 rows: the tensor's own memory when it is fp32 with unit stride, else a row
-// converted into an fp32 buffer. They are written on whole vectors and a masked tail (GCC's auto-vectorised loops
+// element loops run on contiguous rows of the storage type (the tensor's own memory, or a strided row gathered into
+// a buffer), converting a vector at a time to fp32 and back (cpu_rows.h). They are written on whole vectors and a
+// masked tail (GCC's auto-vectorised loops
 // spent more time in peeling and remainder code than in the math on 64-wide rows, and could not vectorise the row
 // sums at all); AVX-512 has better instructions for two of the primitives: rcp14 plus a Newton step for a division,
 // scalef for 2^n. Parameter gradients are reduced into per-thread fp32 partials and summed at the end (deterministic
 // for a given thread count).
-// GCC 12 reports the _mm512_undefined_ps() inside AVX-512 intrinsics (min, rcp14, scalef, ...) as maybe-uninitialised
-// (a compiler bug, fixed in GCC 13); the pragma must precede the first include of immintrin.h (via common.h).
+// GCC 12 reports the _mm512_undefined_ps() inside AVX-512 intrinsics (min, rcp14, scalef, ...) as (maybe-)
+// uninitialised (a compiler bug, fixed in GCC 13); the pragmas must precede the first include of immintrin.h.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include <omp.h>
 
@@ -43,19 +45,14 @@ void with_gelu_kind(int kind, F&& f) {
   }
 }
 
-// ---- row kernels on contiguous fp32, on the level's vectors (simd_cpu.h) ----
-// gelu_fwd_row: out = GELU(x + b).  gelu_bwd_row: d = go·GELU'(x + b) into gx, and acc += d when acc is given.
-// add_row_reduce (cpu_rows.h): s = x + r and Σ s.  row_sq_dev: Σ (s - mu)², mu corrected.  ln_out_row: out = (s - mu)·rs·w + b.
-// ln_bwd_row: the LayerNorm backward of one row (see add_layer_norm_bwd_cpu).
+// ---- row kernels on contiguous rows of the storage type T, on the level's fp32 vectors (cpu_rows.h) ----
+// gelu_fwd_row: out = GELU(x + b).  gelu_bwd_row: d = go·GELU'(x + b) into gx (when given), and acc += d (when
+// given). add_row_reduce (cpu_rows.h): s = x + r and Σ s.  row_sq_dev: Σ (s - mu)², mu corrected.  ln_out_row:
+// out = (s - mu)·rs·w + b.  ln_bwd_row: the LayerNorm backward of one row (see add_layer_norm_bwd_cpu).
 
-using simd::kLanes;
 using simd::splat;
-using simd::vf;
-using simd::vi;
-constexpr float kLn2 = 0.69314718056f;
+using simd::vmin;
 
-inline vf vmin(vf a, vf b) { return a < b ? a : b; }
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 inline vf vabs(vf x) {
   vi bits;
   std::memcpy(&bits, &x, sizeof(bits));
@@ -75,42 +72,24 @@ inline vf reciprocal(vf d) {
 #endif
 }
 
-// exp(c) for c in [-110, 88] (callers clamp): c = n·ln2 + r with exp_reduced(r) from fused.h, times 2^n, which
-// underflows to 0 below c ~ -87 (AVX-512's scalef: ~ -104) as the fp32 exp does. One FMA for r on AVX-512: the
-// fp32 ln2 is 1.9e-9 off, so r is off by at most 159 · 1.9e-9 = 3e-7, a relative error in exp(c) that the GELUs'
-// tolerances absorb; elsewhere ln2 split in two.
-inline vf exp_in_range(vf c) {
-#if defined(__AVX512F__)
-  const __m512 n = _mm512_roundscale_ps((__m512)(c * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return (vf)_mm512_scalef_ps((__m512)exp_reduced(c - (vf)n * kLn2), n);
-#else
-  const vf n = (c * 1.44269504088896341f + 12582912.f) - 12582912.f;  // nearest integer
-  const vf e = exp_reduced((c - n * kLn2Hi) - n * kLn2Lo);
-  const vi ni = __builtin_convertvector(n, vi);
-  const vi bits = ((ni < -126 ? vi{} - 126 : ni) + 127) << 23;
-  vf scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return ni < -126 ? vf{} : e * scale;  // no subnormal 2^n
-#endif
-}
-
-// normal_cdf_pdf of fused.h on vectors. The ½ of ½·erfc is folded into the exp (exp(-z² - ln2)); the clamp of
-// 1 + 0.4z keeps the Newton step finite at |x| = inf (NaN reaches the callers' results through x).
+// normal_cdf_pdf of fused.h on vectors. ½·exp(-x²/2) as one exp2v (simd_cpu.h) of -x²·log2(e)/2 - 1 (an exp of
+// its own, with the argument reduced in two parts and clamps, cost ~4 vector operations more per vector of a GELU
+// that is bound by its ~30 arithmetic operations). The clamp of 1 + 0.4z keeps the Newton step finite at
+// |x| = inf (NaN reaches the callers' results through x).
 inline void normal_cdf_pdf_v(vf x, vf& cdf, vf& pdf) {
-  const vf z = vabs(x) * kSqrtHalf;
-  const vf t = reciprocal(vmin(z * kErfcT + 1.0f, splat(1e30f)));
-  const vf half_e = exp_in_range(vmax(-z * z - kLn2, splat(-110.0f)));
+  const vf t = reciprocal(vmin(vabs(x) * (kErfcT * kSqrtHalf) + 1.0f, splat(1e30f)));
+  const vf half_e = simd::exp2v(x * x * (-0.5f * simd::kLog2e) - 1.0f);
   const vf half_erfc = t * half_e * erfc_poly(t);
   cdf = x >= 0.0f ? 1.0f - half_erfc : half_erfc;
   pdf = half_e * (2.0f * kInvSqrt2Pi);
 }
 
-// For the tanh GELU: w = -v = -2√(2/π)(x + 0.044715x³) and σ(v) = 1 / (1 + exp(w)), exp(w) clamped finite so that
-// the reciprocal's Newton step is, and σ = 0 where exp(w) overflows (as 1 / (1 + inf): GELU(-inf) = -inf·0 = NaN).
+// For the tanh GELU: w = -v = -2√(2/π)(x + 0.044715x³) and σ(v) = 1 / (1 + exp(w)), with σ = 0 where exp(w) is
+// past 1.6e38 (the reciprocal's Newton step needs it finite; as 1 / (1 + inf): GELU(-inf) = -inf·0 = NaN).
 inline void tanh_sigmoid_v(vf x, vf x2, vf& w, vf& e, vf& s) {
   constexpr float k = 2.0f * kSqrt2OverPi;
   w = x * (x2 * (-k * kTanhCubic) - k);
-  e = exp_in_range(vmax(vmin(w, splat(88.0f)), splat(-110.0f)));
+  e = simd::exp2v(w * simd::kLog2e);
   s = w <= 88.0f ? reciprocal(e + 1.0f) : vf{};
 }
 
@@ -144,64 +123,63 @@ inline vf gelu_grad_v(vf x) {
   }
 }
 
-template <GeluKind kKind>
-inline void gelu_fwd_row(const float* x, const float* b, float* out, int64_t n) {
-  for_chunks(n, [&](int64_t j, int w) { store(out + j, gelu_v<kKind>(load(x + j, w) + load(b + j, w)), w); });
+template <GeluKind kKind, typename T>
+inline void gelu_fwd_row(const T* x, const float* b, T* out, int64_t n) {
+  for_chunks(n, [&](int64_t j, int w) { store_as(out + j, gelu_v<kKind>(load_as(x + j, w) + load_as(b + j, w)), w); });
 }
 
-template <GeluKind kKind>
-inline void gelu_bwd_row(const float* go, const float* x, const float* b, float* gx, float* acc, int64_t n) {
+template <GeluKind kKind, typename T>
+inline void gelu_bwd_row(const T* go, const T* x, const float* b, T* gx, float* acc, int64_t n) {
   for_chunks(n, [&](int64_t j, int w) {
-    const vf d = load(go + j, w) * gelu_grad_v<kKind>(load(x + j, w) + load(b + j, w));
-    if (acc) store(acc + j, load(acc + j, w) + d, w);
-    store(gx + j, d, w);
+    const vf d = load_as(go + j, w) * gelu_grad_v<kKind>(load_as(x + j, w) + load_as(b + j, w));
+    if (acc) store_as(acc + j, load_as(acc + j, w) + d, w);
+    if (gx) store_as(gx + j, d, w);
   });
 }
 
 // Σ (s - mu)² about the row's mean, with mu (the first-pass Σ s / d) corrected on the way: mu += Σ (s - mu) / d
 // and Σ (s - mu')² = Σ (s - mu)² - (Σ (s - mu))² / d. The first pass's rounding (several ulp of |mean|) would
 // otherwise reach x̂ multiplied by rstd, which is large when |mean| >> std.
-inline float row_sq_dev(const float* s, float& mu, int64_t d) {
+template <typename T>
+inline float row_sq_dev(const T* s, float& mu, int64_t d) {
   if (d == 0) return 0.0f;
-  vf acc = vf{}, dev = vf{};
-  for_chunks(d, [&](int64_t j, int w) {
-    const vf c = simd::lanes_below(w) ? load(s + j, w) - mu : vf{};  // 0 in the tail lanes
-    acc = c * c + acc;
-    dev = dev + c;
+  const Sum2 t = sum_chunks<Sum2>(d, [&](int64_t j, int w) {
+    const vf c = simd::lanes_below(w) ? load_as(s + j, w) - mu : vf{};  // 0 in the tail lanes
+    return Sum2{c * c, c};
   });
-  const float sum_dev = simd::hsum(dev);
+  const float sum_dev = simd::hsum(t.b);
   mu += sum_dev / static_cast<float>(d);
-  return std::max(simd::hsum(acc) - sum_dev * sum_dev / static_cast<float>(d), 0.0f);
+  return std::max(simd::hsum(t.a) - sum_dev * sum_dev / static_cast<float>(d), 0.0f);
 }
 
-inline void ln_out_row(const float* s, float mu, float rs, const float* w, const float* b, float* out, int64_t d) {
+template <typename T>
+inline void ln_out_row(const T* s, float mu, float rs, const float* w, const float* b, T* out, int64_t d) {
   for_chunks(d, [&](int64_t j, int n) {
-    const vf xh = (load(s + j, n) - mu) * rs;
-    store(out + j, xh * load(w + j, n) + load(b + j, n), n);
+    const vf xh = (load_as(s + j, n) - mu) * rs;
+    store_as(out + j, xh * load_as(w + j, n) + load_as(b + j, n), n);
   });
 }
 
 // Pass 1: the two row means and the parameter-gradient terms; pass 2 recomputes x̂ and g (cheaper than storing
 // them) for grad_x.
-inline void ln_bwd_row(const float* go, const float* gs, const float* s, const float* w, float mu, float rs,
-                       float inv_d, float* gx, float* accw, float* accb, int64_t d) {
-  vf sum_g = vf{}, sum_gx = vf{};
-  for_chunks(d, [&](int64_t j, int n) {
-    const vf xh = simd::lanes_below(n) ? (load(s + j, n) - mu) * rs : vf{}, o = load(go + j, n);
-    const vf g = o * load(w + j, n);
-    sum_g = sum_g + g;
-    sum_gx = g * xh + sum_gx;
+template <typename T>
+inline void ln_bwd_row(const T* go, const T* gs, const T* s, const float* w, float mu, float rs, float inv_d, T* gx,
+                       float* accw, float* accb, int64_t d) {
+  const Sum2 t = sum_chunks<Sum2>(d, [&](int64_t j, int n) {
+    const vf xh = simd::lanes_below(n) ? (load_as(s + j, n) - mu) * rs : vf{}, o = load_as(go + j, n);
+    const vf g = o * load_as(w + j, n);
     if (accw) {
-      store(accw + j, o * xh + load(accw + j, n), n);
-      store(accb + j, load(accb + j, n) + o, n);
+      store_as(accw + j, o * xh + load_as(accw + j, n), n);
+      store_as(accb + j, load_as(accb + j, n) + o, n);
     }
+    return Sum2{g, g * xh};
   });
   if (!gx) return;
-  const float mg = simd::hsum(sum_g) * inv_d, mgx = simd::hsum(sum_gx) * inv_d;
+  const float mg = simd::hsum(t.a) * inv_d, mgx = simd::hsum(t.b) * inv_d;
   for_chunks(d, [&](int64_t j, int n) {
-    const vf xh = (load(s + j, n) - mu) * rs, g = load(go + j, n) * load(w + j, n);
-    const vf base = gs ? load(gs + j, n) : vf{};
-    store(gx + j, ((g - xh * mgx) - mg) * rs + base, n);
+    const vf xh = (load_as(s + j, n) - mu) * rs, g = load_as(go + j, n) * load_as(w + j, n);
+    const vf base = gs ? load_as(gs + j, n) : vf{};
+    store_as(gx + j, ((g - xh * mgx) - mg) * rs + base, n);
   });
 }
 
@@ -218,16 +196,16 @@ void bias_gelu_fwd_cpu(const BiasGeluFwdParams& p, int num_threads) {
   with_gelu_kind(p.kind, [&](auto k) {
     constexpr GeluKind kKind = decltype(k)::value;
     dispatch_float(x.dtype, "bias_gelu", [&](auto tag) {
-      using scalar_t = typename decltype(tag)::type;
-      const std::vector<float> b = vector_or<scalar_t>(bias, n, 0.f);
+      using T = typename decltype(tag)::type;
+      const std::vector<float> b = vector_or<T>(bias, n, 0.f);
 #pragma omp parallel num_threads(threads_for(rows * n, num_threads))
       {
-        std::vector<float> xbuf(n), obuf(n);
+        std::vector<T> xbuf = row_buffer<T>(x, n), obuf = row_buffer<T>(out, n);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < rows; ++i) {
-          float* o = output_row<scalar_t>(out, i, obuf.data());
-          gelu_fwd_row<kKind>(input_row<scalar_t>(x, i, n, xbuf.data()), b.data(), o, n);
-          finish_row<scalar_t>(out, i, n, o);
+          T* o = output_row<T>(out, i, obuf.data());
+          gelu_fwd_row<kKind>(input_row<T>(x, i, n, xbuf.data()), b.data(), o, n);
+          finish_row<T>(out, i, n, o);
         }
       }
     });
@@ -248,8 +226,8 @@ void bias_gelu_bwd_cpu(const BiasGeluBwdParams& p, int num_threads) {
   with_gelu_kind(p.kind, [&](auto k) {
     constexpr GeluKind kKind = decltype(k)::value;
     dispatch_float(x.dtype, "bias_gelu", [&](auto tag) {
-      using scalar_t = typename decltype(tag)::type;
-      const std::vector<float> b = vector_or<scalar_t>(bias, n, 0.f);
+      using T = typename decltype(tag)::type;
+      const std::vector<float> b = vector_or<T>(bias, n, 0.f);
       const int parts = threads_for(rows * n, num_threads);
       std::vector<float> partials(grad_bias.present ? parts * n : 0, 0.f);
 #pragma omp parallel num_threads(parts)
@@ -258,13 +236,13 @@ void bias_gelu_bwd_cpu(const BiasGeluBwdParams& p, int num_threads) {
         const int part = omp_get_thread_num(), team = omp_get_num_threads();
         int64_t begin, end;
         row_range(rows, part, team, begin, end);
-        std::vector<float> xbuf(n), gbuf(n), dbuf(n);
+        std::vector<T> xbuf = row_buffer<T>(x, n), gbuf = row_buffer<T>(grad_out, n), dbuf = row_buffer<T>(grad_x, n);
         float* acc = grad_bias.present ? partials.data() + part * n : nullptr;
         for (int64_t i = begin; i < end; ++i) {
-          float* d = grad_x.present ? output_row<scalar_t>(grad_x, i, dbuf.data()) : dbuf.data();
-          gelu_bwd_row<kKind>(input_row<scalar_t>(grad_out, i, n, gbuf.data()),
-                              input_row<scalar_t>(x, i, n, xbuf.data()), b.data(), d, acc, n);
-          if (grad_x.present) finish_row<scalar_t>(grad_x, i, n, d);
+          T* d = grad_x.present ? output_row<T>(grad_x, i, dbuf.data()) : nullptr;
+          gelu_bwd_row<kKind>(input_row<T>(grad_out, i, n, gbuf.data()), input_row<T>(x, i, n, xbuf.data()), b.data(),
+                              d, acc, n);
+          if (d) finish_row<T>(grad_x, i, n, d);
         }
       }
       if (grad_bias.present) reduce_partials(partials, parts, n, grad_bias);
@@ -283,34 +261,31 @@ void add_layer_norm_fwd_cpu(const AddLayerNormFwdParams& p, int num_threads) {
   check(residual.present == sum_out.present, "sum_out: given exactly when residual is");
   check(mean.dtype == DType::f32 && rstd.dtype == DType::f32, "mean, rstd: expected fp32");
   dispatch_float(x.dtype, "add_layer_norm", [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    const std::vector<float> w = vector_or<scalar_t>(p.weight, d, 1.f);
-    const std::vector<float> b = vector_or<scalar_t>(p.bias, d, 0.f);
+    using T = typename decltype(tag)::type;
+    const std::vector<float> w = vector_or<T>(p.weight, d, 1.f);
+    const std::vector<float> b = vector_or<T>(p.bias, d, 0.f);
     const float inv_d = d ? 1.0f / static_cast<float>(d) : 0.f;
 #pragma omp parallel num_threads(threads_for(rows * d, num_threads))
     {
-      std::vector<float> xbuf(d), rbuf(d), sbuf(d), obuf(d);
+      std::vector<T> xbuf = row_buffer<T>(x, d), rbuf = row_buffer<T>(residual, d);
+      std::vector<T> sbuf = row_buffer<T>(sum_out, d), obuf = row_buffer<T>(out, d);
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < rows; ++i) {
-        const float* s = input_row<scalar_t>(x, i, d, xbuf.data());
+        const T* s = input_row<T>(x, i, d, xbuf.data());
         float total;
         if (!residual.present) {
-          total = add_row_reduce<false>(s, nullptr, nullptr, d);
+          total = add_row_reduce<false, T>(s, nullptr, nullptr, d);
         } else {
-          float* sum = output_row<scalar_t>(sum_out, i, sbuf.data());
-          total = add_row_reduce<false>(s, input_row<scalar_t>(residual, i, d, rbuf.data()), sum, d);
-          if (!direct<scalar_t>(sum_out)) {  // normalise s as stored
-            store_row<scalar_t>(sum_out, i, d, sum);
-            load_row<scalar_t>(sum_out, i, d, sum);
-            total = add_row_reduce<false>(sum, nullptr, nullptr, d);
-          }
+          T* sum = output_row<T>(sum_out, i, sbuf.data());
+          total = add_row_reduce<false>(s, input_row<T>(residual, i, d, rbuf.data()), sum, d);
+          finish_row<T>(sum_out, i, d, sum);
           s = sum;
         }
         float mu = total * inv_d;
         const float rs = 1.0f / std::sqrt(row_sq_dev(s, mu, d) * inv_d + static_cast<float>(p.eps));
-        float* o = output_row<scalar_t>(out, i, obuf.data());
+        T* o = output_row<T>(out, i, obuf.data());
         ln_out_row(s, mu, rs, w.data(), b.data(), o, d);
-        finish_row<scalar_t>(out, i, d, o);
+        finish_row<T>(out, i, d, o);
         mean.ptr<float>()[i * mean.stride(0)] = mu;
         rstd.ptr<float>()[i * rstd.stride(0)] = rs;
       }
@@ -333,8 +308,8 @@ void add_layer_norm_bwd_cpu(const AddLayerNormBwdParams& p, int num_threads) {
   check(!grad_weight.present || grad_weight.dtype == DType::f32, "grad_weight: expected fp32");
   check(!grad_bias.present || grad_bias.dtype == DType::f32, "grad_bias: expected fp32");
   dispatch_float(s.dtype, "add_layer_norm", [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
-    const std::vector<float> w = vector_or<scalar_t>(p.weight, d, 1.f);
+    using T = typename decltype(tag)::type;
+    const std::vector<float> w = vector_or<T>(p.weight, d, 1.f);
     const float inv_d = d ? 1.0f / static_cast<float>(d) : 0.f;
     const int parts = threads_for(rows * d, num_threads);
     const bool params = grad_weight.present || grad_bias.present;
@@ -344,16 +319,17 @@ void add_layer_norm_bwd_cpu(const AddLayerNormBwdParams& p, int num_threads) {
       const int part = omp_get_thread_num(), team = omp_get_num_threads();
       int64_t begin, end;
       row_range(rows, part, team, begin, end);
-      std::vector<float> sbuf(d), gobuf(d), gsbuf(d), gxbuf(d);
+      std::vector<T> sbuf = row_buffer<T>(s, d), gobuf = row_buffer<T>(grad_out, d);
+      std::vector<T> gsbuf = row_buffer<T>(grad_sum, d), gxbuf = row_buffer<T>(grad_x, d);
       float* accw = params ? pw.data() + part * d : nullptr;
       float* accb = params ? pb.data() + part * d : nullptr;
       for (int64_t i = begin; i < end; ++i) {
         const float mu = mean.ptr<float>()[i * mean.stride(0)], rs = rstd.ptr<float>()[i * rstd.stride(0)];
-        float* gx = grad_x.present ? output_row<scalar_t>(grad_x, i, gxbuf.data()) : nullptr;
-        const float* gs = grad_sum.present ? input_row<scalar_t>(grad_sum, i, d, gsbuf.data()) : nullptr;
-        ln_bwd_row(input_row<scalar_t>(grad_out, i, d, gobuf.data()), gs, input_row<scalar_t>(s, i, d, sbuf.data()),
-                   w.data(), mu, rs, inv_d, gx, accw, accb, d);
-        if (gx) finish_row<scalar_t>(grad_x, i, d, gx);
+        T* gx = grad_x.present ? output_row<T>(grad_x, i, gxbuf.data()) : nullptr;
+        const T* gs = grad_sum.present ? input_row<T>(grad_sum, i, d, gsbuf.data()) : nullptr;
+        ln_bwd_row(input_row<T>(grad_out, i, d, gobuf.data()), gs, input_row<T>(s, i, d, sbuf.data()), w.data(), mu,
+                   rs, inv_d, gx, accw, accb, d);
+        if (gx) finish_row<T>(grad_x, i, d, gx);
       }
     }
     if (grad_weight.present) reduce_partials(pw, parts, d, grad_weight);

@@ -21,13 +21,13 @@ def check_tensor(t, name: str, *, ndim: int | tuple[int, ...] | None = None, dty
 
 def check_like(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
     """Every given tensor has the device and dtype of `reference`."""
+    device, dtype = reference.device, reference.dtype
     for name, t in others.items():
-        if t is None:
+        if t is None or (t.dtype == dtype and t.device == device):
             continue
-        if t.device != reference.device:
-            raise ValueError(f"{name}: on {t.device}, but {reference_name} is on {reference.device}")
-        if t.dtype != reference.dtype:
-            raise ValueError(f"{name}: dtype {t.dtype} differs from {reference_name}'s {reference.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name}: on {t.device}, but {reference_name} is on {device}")
+        raise ValueError(f"{name}: dtype {t.dtype} differs from {reference_name}'s {dtype}")
 
 
 def native_dtype(backend: str, name: str, t: torch.Tensor) -> None:

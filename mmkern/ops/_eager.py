@@ -26,7 +26,11 @@ def eager_function(name: str, forward_impl, setup_context, backward) -> type[tor
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
     """True when autograd will record this call: grad mode on and some given tensor requires a gradient."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if torch.is_grad_enabled():  # a loop, not any() over a generator: this runs on every call of every op
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return True
+    return False
 
 
 def plain_eager(*tensors) -> bool:
@@ -35,4 +39,7 @@ def plain_eager(*tensors) -> bool:
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
         return False
-    return all(t is None or type(t) in _PLAIN for t in tensors)
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN:
+            return False
+    return True

@@ -26,11 +26,14 @@ from mmkern.ops._eager import eager_function, needs_grad, plain_eager
 
 class KernelOp:
     """The custom op `mmkern::<name>` running launch(*args, *alloc(*args)); `run` calls the same without the
-    dispatcher. alloc must return a tuple of new tensors (the outputs may not alias the inputs or each other)."""
+    dispatcher. alloc returns one new tensor or a tuple of them (the outputs may not alias the inputs or each
+    other)."""
 
     def __init__(self, name: str, alloc: Callable, launch: Callable):
         self.alloc, self.launch = alloc, launch
         schema = torch.library.infer_schema(alloc, mutates_args=())
+        if schema.endswith("-> Tensor"):
+            self.run = self._run_one
         self.op = torch.library.custom_op(f"mmkern::{name}", self.run, mutates_args=(), schema=schema)
         self.op.register_fake(alloc)
 
@@ -39,6 +42,11 @@ class KernelOp:
         self.launch(*args, *outputs)
         return outputs
 
+    def _run_one(self, *args):
+        output = self.alloc(*args)
+        self.launch(*args, output)
+        return output
+
 
 class Op:
     """A differentiable op made of a forward and a backward KernelOp. Calling it runs the custom op, or in plain
@@ -46,11 +54,16 @@ class Op:
 
     def __init__(self, fwd: KernelOp, bwd: KernelOp, save: Callable, grads: Callable, non_differentiable=()):
         self.fwd, self.bwd = fwd, bwd
+        # The positions of the tensor arguments (Tensor or Tensor?), from the schema: a call looks at those alone.
+        schema = getattr(torch.ops.mmkern, fwd.op._name).default._schema
+        tensor = torch._C.OptionalType.ofTensor()
+        self.tensor_args = tuple(i for i, a in enumerate(schema.arguments) if a.type.isSubtypeOf(tensor))
 
         def setup_context(ctx, inputs, output, eager=False):
             ctx.eager = eager
             save(ctx, inputs, output)
-            ctx.mark_non_differentiable(*(output[i] for i in non_differentiable))
+            if non_differentiable:
+                ctx.mark_non_differentiable(*(output[i] for i in non_differentiable))
             # An unused output then arrives as None instead of a zero-filled tensor.
             ctx.set_materialize_grads(False)
 
@@ -61,7 +74,7 @@ class Op:
         self.eager = eager_function(f"_{fwd.op._name}", fwd.run, setup_context, backward_fn)
 
     def __call__(self, *args):
-        tensors = [a for a in args if a is None or isinstance(a, torch.Tensor)]
+        tensors = [args[i] for i in self.tensor_args]
         if not plain_eager(*tensors):
             return self.fwd.op(*args)
         return self.eager.apply(*args) if needs_grad(*tensors) else self.fwd.run(*args)
@@ -81,8 +94,11 @@ def define_op(
 
 
 def rows(t: torch.Tensor | None) -> torch.Tensor | None:
-    """(..., D) as (rows, D): a view where the strides allow one, else a contiguous copy; None stays None."""
-    return None if t is None else t.reshape(-1, t.shape[-1])
+    """(..., D) as (rows, D): t itself when 2-D, a view where the strides allow one, else a contiguous copy; None
+    stays None."""
+    if t is None or t.dim() == 2:  # a reshape to the same shape still costs a new view
+        return t
+    return t.reshape(-1, t.shape[-1])
 
 
 def new_like(t: torch.Tensor) -> torch.Tensor:

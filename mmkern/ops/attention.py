@@ -150,26 +150,30 @@ def _sdpa(
             raise ValueError(f"{name}: expected at least 2 dimensions (..., L, E), got shape {tuple(t.shape)}")
     if key.dtype != query.dtype or value.dtype != query.dtype:
         raise ValueError(f"key/value: dtypes {key.dtype}/{value.dtype} differ from query's {query.dtype}")
-    if key.device != query.device or value.device != query.device:
+    both_cpu = query.is_cpu and key.is_cpu and value.is_cpu  # the cheap common case of the device check
+    if not both_cpu and (key.device != query.device or value.device != query.device):
         raise ValueError("key/value: must be on the query's device")
-    if query.dim() != key.dim() or query.dim() != value.dim():
+    # Plain tuples: slicing a torch.Size builds a new torch.Size (~0.3 µs each, a dozen per call).
+    qs, ks, vs = tuple(query.shape), tuple(key.shape), tuple(value.shape)
+    if len(qs) != len(ks) or len(qs) != len(vs):
         raise ValueError("key/value: must have as many dimensions as query")
-    if query.shape[:-3] != key.shape[:-3] or key.shape[:-3] != value.shape[:-3]:
-        raise ValueError(f"key: batch dims {tuple(key.shape[:-3])} differ from query's {tuple(query.shape[:-3])}")
-    L, E = query.shape[-2:]
-    S, Ek = key.shape[-2:]
+    batch = qs[:-3]
+    if batch != ks[:-3] or ks[:-3] != vs[:-3]:
+        raise ValueError(f"key: batch dims {ks[:-3]} differ from query's {batch}")
+    L, E = qs[-2:]
+    S, Ek = ks[-2:]
     if Ek != E:
         raise ValueError(f"key: head dim {Ek} differs from query's {E}")
-    if value.shape[-2] != S or value.shape[:-2] != key.shape[:-2]:
-        raise ValueError(f"value: shape {tuple(value.shape)} does not match key's {tuple(key.shape)}")
-    Hq = query.shape[-3] if query.dim() >= 3 else 1
-    Hk = key.shape[-3] if key.dim() >= 3 else 1
+    if vs[-2] != S or vs[:-2] != ks[:-2]:
+        raise ValueError(f"value: shape {vs} does not match key's {ks}")
+    Ev = vs[-1]
+    Hq = qs[-3] if len(qs) >= 3 else 1
+    Hk = ks[-3] if len(ks) >= 3 else 1
     if Hq != Hk and not (enable_gqa and Hk > 0 and Hq % Hk == 0):
         raise ValueError(f"key: {Hk} heads vs query's {Hq}: needs enable_gqa=True and Hq a multiple of Hk")
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p: expected 0 <= p <= 1, got {dropout_p}")
     left, right, num_global = _window_args(window, num_global, L, S)
-    batch = query.shape[:-3]
     full = (*batch, Hq, L, S)
     if attn_mask is not None:
         check_tensor(attn_mask, "attn_mask", dtypes=None)
@@ -188,16 +192,15 @@ def _sdpa(
         else "an empty key set" if S == 0
         else None
     )  # fmt: skip
-    native_dims = max(E, value.shape[-1]) <= MAX_HEAD_DIM
-    chosen = backends.resolve(
-        backend,
-        query.device,
-        "triton",
-        lambda: (
-            no_torch_path is not None
-            or (native_dims and cpu_policy.attention(L, S, E, is_causal, needs_grad(query, key, value)))
-        ),
-    )
+    native_dims = max(E, Ev) <= MAX_HEAD_DIM
+    if backends.cpu_default(backend, query):  # the common case first: no backend named, CPU tensors
+        native = no_torch_path is not None or (
+            native_dims
+            and cpu_policy.attention(math.prod(batch) * Hq, L, S, E, is_causal, needs_grad(query, key, value))
+        )
+        chosen = "cpu" if native else "torch"
+    else:
+        chosen = backends.resolve(backend, query.device, "triton")
     native_dtype(chosen, "query", query)
     if chosen == "torch":
         if no_torch_path is not None:
@@ -226,7 +229,7 @@ def _sdpa(
         )
         return out.to(query.dtype)
     if not native_dims:
-        raise ValueError(f"query: head dims up to {MAX_HEAD_DIM} are supported, got {E} / {value.shape[-1]}")
+        raise ValueError(f"query: head dims up to {MAX_HEAD_DIM} are supported, got {E} / {Ev}")
     if dropout_p > 0.0 and chosen == "cuda":
         raise ValueError("dropout_p: the cuda backend has no dropout; use backend='triton' or dropout_p=0")
     B = math.prod(batch)
@@ -235,7 +238,7 @@ def _sdpa(
     else:
         q4 = query.reshape(B, Hq, L, E)
         k4 = key.reshape(B, Hk, S, E)
-        v4 = value.reshape(B, Hk, S, value.shape[-1])
+        v4 = value.reshape(B, Hk, S, Ev)
     mask4 = None
     if attn_mask is not None:
         mask4 = attn_mask if attn_mask.dtype == torch.bool else attn_mask.float()
@@ -249,7 +252,7 @@ def _sdpa(
         out, _ = _attention(q4, k4, v4, mask4, None, None, *params)
     if query.dim() == 4:
         return out
-    return out.reshape(*batch, Hq, L, value.shape[-1]) if query.dim() >= 3 else out.reshape(L, value.shape[-1])
+    return out.reshape(*batch, Hq, L, Ev) if len(qs) >= 3 else out.reshape(L, Ev)
 
 
 def varlen_attention(

@@ -40,26 +40,36 @@ def _as_scalar(value, name: str, like: torch.Tensor) -> torch.Tensor:
     check_tensor(value, name)
     if value.dim() != 0:
         raise ValueError(f"{name}: expected a 0-dim tensor, got shape {tuple(value.shape)}")
-    if value.device != like.device:
+    if not (value.is_cpu and like.is_cpu) and value.device != like.device:  # is_cpu first: the cheap common case
         raise ValueError(f"{name}: on {value.device}, but the features are on {like.device}")
     return value
 
 
-def _check_pair(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str, *, same_rows: bool) -> None:
+def _check_pair(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str, *, same_rows: bool):
+    """Validates a (B, D) and b (K, D) features; returns (B, K, D)."""
     check_tensor(a, name_a, ndim=2)
     check_tensor(b, name_b, ndim=2)
-    if b.device != a.device:
-        raise ValueError(f"{name_b}: on {b.device}, but {name_a} is on {a.device}")
+    (B, D), (K, Db) = a.shape, b.shape
     if b.dtype != a.dtype:
         raise ValueError(f"{name_b}: dtype {b.dtype} differs from {name_a}'s {a.dtype}")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"{name_b}: feature width D={b.shape[1]} differs from {name_a}'s D={a.shape[1]}")
-    if a.shape[0] == 0 or a.shape[1] == 0:
+    if b.device != a.device:
+        raise ValueError(f"{name_b}: on {b.device}, but {name_a} is on {a.device}")
+    if D != Db:
+        raise ValueError(f"{name_b}: feature width D={Db} differs from {name_a}'s D={D}")
+    if B == 0 or D == 0:
         raise ValueError(f"{name_a}: expected B ≥ 1 rows and D ≥ 1 features, got shape {tuple(a.shape)}")
-    if same_rows and b.shape[0] != a.shape[0]:
-        raise ValueError(f"{name_b}: batch size B={b.shape[0]} differs from {name_a}'s B={a.shape[0]}")
-    if b.shape[0] == 0:
+    if same_rows and K != B:
+        raise ValueError(f"{name_b}: batch size B={K} differs from {name_a}'s B={B}")
+    if K == 0:
         raise ValueError(f"{name_b}: expected at least one row")
+    return B, K, D
+
+
+def _choose(backend: str | None, x: torch.Tensor, loss: str, B: int, K: int, D: int) -> str:
+    """The backend; on the CPU default, the native loss where cpu_policy.contrastive says it measured faster."""
+    if backends.cpu_default(backend, x):  # the common case first: no backend named, CPU tensors
+        return "cpu" if cpu_policy.contrastive(loss, B, K, D) else "torch"
+    return backends.resolve(backend, x.device)
 
 
 def _pair_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -77,12 +87,9 @@ def clip_loss(image_features, text_features, logit_scale, *, backend: str | None
 
     Returns: 0-dim loss in the features' dtype (computed in fp32).
     """
-    _check_pair(image_features, text_features, "image_features", "text_features", same_rows=True)
+    B, _, D = _check_pair(image_features, text_features, "image_features", "text_features", same_rows=True)
     logit_scale = _as_scalar(logit_scale, "logit_scale", image_features)
-    B, D = image_features.shape
-    chosen = backends.resolve(
-        backend, image_features.device, native_faster=lambda: cpu_policy.contrastive("clip", B, B, D)
-    )
+    chosen = _choose(backend, image_features, "clip", B, B, D)
     native_dtype(chosen, "image_features", image_features)
     if chosen in ("reference", "torch"):  # the naive loss
         return reference.clip_loss(image_features, text_features, logit_scale)
@@ -100,9 +107,8 @@ def infonce(query, keys, logit_scale, *, labels=None, backend: str | None = None
 
     Returns: 0-dim loss in the query's dtype.
     """
-    _check_pair(query, keys, "query", "keys", same_rows=False)
+    B, K, D = _check_pair(query, keys, "query", "keys", same_rows=False)
     logit_scale = _as_scalar(logit_scale, "logit_scale", query)
-    B, K = query.shape[0], keys.shape[0]
     if labels is None:
         if K < B:
             raise ValueError(f"keys: without labels keys needs at least B={B} rows, got {K}")
@@ -116,8 +122,7 @@ def infonce(query, keys, logit_scale, *, labels=None, backend: str | None = None
         if in_range_checkable and bool(((labels < 0) | (labels >= K)).any()):
             raise ValueError(f"labels: values must lie in [0, {K})")
     labels = None if labels is None else labels.long()
-    D = query.shape[1]
-    chosen = backends.resolve(backend, query.device, native_faster=lambda: cpu_policy.contrastive("infonce", B, K, D))
+    chosen = _choose(backend, query, "infonce", B, K, D)
     native_dtype(chosen, "query", query)
     if chosen in ("reference", "torch"):  # the naive loss
         return reference.infonce(query, keys, logit_scale, labels)
@@ -133,13 +138,10 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backe
 
     Returns: 0-dim loss in the features' dtype.
     """
-    _check_pair(image_features, text_features, "image_features", "text_features", same_rows=True)
+    B, _, D = _check_pair(image_features, text_features, "image_features", "text_features", same_rows=True)
     logit_scale = _as_scalar(logit_scale, "logit_scale", image_features)
     logit_bias = _as_scalar(logit_bias, "logit_bias", image_features)
-    B, D = image_features.shape
-    chosen = backends.resolve(
-        backend, image_features.device, native_faster=lambda: cpu_policy.contrastive("siglip", B, B, D)
-    )
+    chosen = _choose(backend, image_features, "siglip", B, B, D)
     native_dtype(chosen, "image_features", image_features)
     if chosen in ("reference", "torch"):  # the naive loss
         return reference.siglip_loss(image_features, text_features, logit_scale, logit_bias)

@@ -81,16 +81,24 @@ def add_layer_norm() -> bool:
     return level() == "default"
 
 
-def attention(L: int, S: int, D: int, causal: bool, grad: bool) -> bool:
-    """Dense attention (no window, no dropout) of L queries and S keys per head of width D.
-    Measured (B·H·L kept near 4k..75k rows; L = 17 .. 4096, D = 64 / 128, causal or not, with and without the
-    backward), two threads: avx512 1.5-3.8x torch's SDPA everywhere (ViT-B/16: 2.2x fwd+bwd, L=4096 D=128 1.9x);
-    avx2 1.03-2.4x (ViT-B/16 1.4x, L=4096 1.08x, causal 1.15-1.2x); one thread alike (avx512 1.9-3.7x, avx2
-    1.11-2.4x). default: L=17 .. 197 with D=64 0.76-1.5x (training non-causal 0.76-0.90x), so torch's SDPA except
-    the demo's tiny heads (L·S < 2^12, D <= 32: 1.16-1.30x, torch's per-head overhead dominating)."""
-    if level() != "default":
-        return True
-    return L * S < 1 << 12 and D <= 32
+def attention(heads: int, L: int, S: int, D: int, causal: bool, grad: bool) -> bool:
+    """Dense attention (no window, no dropout) over `heads` = B·H heads of L queries and S keys of width D: native
+    where the work, heads·L·S·D, amortises the native path's fixed cost (~25 µs forward in Python: validation,
+    allocation, marshalling eight tensors, the autograd node), against torch's SDPA (a few µs at small sizes).
+    Measured, one thread, torch / native, B x H x L x D from 1x1x8x16 to 8x4x77x64 causal or not (/tmp sweep,
+    benchmarks/bench_overhead.py for the public calls): avx512 fwd 0.23x at 2^10, 0.49x at 2^16, 0.83-0.99x at 2^18,
+    1.08x at 2^20, 1.7-2.1x from 2^21; fwd+bwd 0.48x at 2^10, 0.73x at 2^16, 0.97-1.18x at 2^18, 1.34x at 2^20,
+    1.5-2.0x from 2^21. avx2 fwd 0.73-0.91x up to 2^20, 1.13-1.48x from 2^21; fwd+bwd 0.69-1.05x up to 2^20,
+    0.93-1.49x from 2^21. default (the portable C++): 0.23-0.88x up to 2^20 either way (the demo's tiny heads
+    included, which an earlier two-thread sweep had at 1.16-1.30x), 0.56-1.32x from 2^21: torch's SDPA there.
+    Larger calls, two threads (README, bench_attention): avx512 1.5-3.8x (ViT-B/16 2.2x fwd+bwd), avx2 1.03-2.4x."""
+    lv = level()
+    if lv == "default":
+        return False
+    work = heads * L * S * D
+    if lv in AVX512:
+        return work >= (1 << 19 if grad else 1 << 20)
+    return work >= 1 << 21
 
 
 def rms_norm(numel: int, grad: bool) -> bool:

@@ -54,8 +54,10 @@ def rms_norm(
             raise ValueError(f"weight: expected ({x.shape[-1]},) to match the last dim of x, got {tuple(weight.shape)}")
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
-    policy = lambda: cpu_policy.rms_norm(x.numel(), needs_grad(x, residual, weight))  # only on the CPU default path
-    chosen = backends.resolve(backend, x.device, "triton", policy)
+    if backends.cpu_default(backend, x):  # the common case first: no backend named, CPU tensors
+        chosen = "cpu" if cpu_policy.rms_norm(x.numel(), needs_grad(x, residual, weight)) else "torch"
+    else:
+        chosen = backends.resolve(backend, x.device, "triton")
     native_dtype(chosen, "x", x)
     if chosen == "reference":
         return reference.rms_norm(x, residual, weight, eps)

@@ -1,10 +1,12 @@
-// Row-wise CPU kernels' plumbing (the fused element-wise ops, RMSNorm): rows of a 2-D strided view as contiguous
-// fp32, the split of rows over threads, per-thread parameter-gradient partials, and the chunking of a row into the
-// level's vectors (simd_cpu.h). Only for files built per ISA level (see cpu_kernels.h).
+// Row-wise CPU kernels' plumbing (the fused element-wise ops, RMSNorm): the level's vectors (simd_cpu.h) loaded from
+// and stored to a row of any storage type, the chunking of a row into them and its sums, rows of a 2-D strided view
+// as contiguous rows, the split of rows over threads and the per-thread parameter-gradient partials. Only for files
+// built per ISA level (see cpu_kernels.h).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -22,52 +24,156 @@ inline int threads_for(int64_t elems, int num_threads) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, elems / kMinElemsPerThread)));
 }
 
-// Row `i` of a 2-D view into fp32 dst[0:n].
+using simd::kLanes;
+using simd::vf;
+using simd::vi;
+
+// kLanes values of storage type T at p as fp32 vectors, and back; w < kLanes: the first w lanes (the others read 0,
+// and their memory is not touched). Element by element, through to_float / from_float, the conversions took more
+// time than the ops' own math (bf16 add_layer_norm 2x, bias_gelu 1.9x slower than fp32); GCC's code for the vector
+// extensions' conversions split and permuted where one instruction does. fp32 -> bf16 rounds to nearest even:
+// AVX-512 BF16's vcvtneps2bf16 (which flushes subnormals to zero, as these kernels' exp does anyway), elsewhere in
+// integer arithmetic as from_float. fp16 through F16C.
 template <typename T>
-inline void load_row(const Tensor& t, int64_t i, int64_t n, float* __restrict dst) {
+inline vf load_as(const T* p, int w) {
+  if constexpr (std::is_same_v<T, float>) {
+    return simd::load_n(p, w);
+  } else {
+    if (w < kLanes) {
+      float t[kLanes] = {};
+      for (int k = 0; k < w; ++k) t[k] = to_float(p[k]);
+      return simd::load(t);
+    }
+#if defined(__AVX512F__)
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    if constexpr (std::is_same_v<T, BFloat16>) return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+    return (vf)_mm512_cvtph_ps(h);
+#elif defined(__AVX2__)
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (std::is_same_v<T, BFloat16>) return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+    return (vf)_mm256_cvtph_ps(h);
+#else
+    float t[kLanes];
+    for (int k = 0; k < kLanes; ++k) t[k] = to_float(p[k]);
+    return simd::load(t);
+#endif
+  }
+}
+
+template <typename T>
+inline void store_as(T* p, vf v, int w) {
+  if constexpr (std::is_same_v<T, float>) {
+    simd::store_n(p, v, w);
+  } else {
+#if defined(__AVX512F__) || defined(__AVX2__)
+    if (w == kLanes) {
+#if defined(__AVX512F__)
+      __m256i h;
+      if constexpr (std::is_same_v<T, Half>) {
+        h = _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      } else {
+#if defined(__AVX512BF16__)
+        h = (__m256i)_mm512_cvtneps_pbh((__m512)v);
+#else
+        const __m512i u = (__m512i)v, odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+        const __mmask16 nan = _mm512_cmp_ps_mask((__m512)v, (__m512)v, _CMP_UNORD_Q);
+        h = _mm512_cvtepi32_epi16(_mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+#endif
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+#else
+      __m128i h;
+      if constexpr (std::is_same_v<T, Half>) {
+        h = _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      } else {
+        const __m256i u = (__m256i)v, odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+        const __m256i nan = (__m256i)_mm256_cmp_ps((__m256)v, (__m256)v, _CMP_UNORD_Q);
+        r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+        h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));  // values < 2^16: exact
+      }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+#endif
+      return;
+    }
+#endif
+    for (int k = 0; k < w; ++k) p[k] = from_float<T>(v[k]);
+  }
+}
+
+// Calls f(j, w) for the chunks of [0, n): full vectors (w = kLanes, a constant once inlined, so plain loads and
+// stores), then the tail.
+template <class F>
+inline void for_chunks(int64_t n, F&& f) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) f(j, kLanes);
+  if (j < n) f(j, static_cast<int>(n - j));
+}
+
+// Two vector sums taken together (a row's Σ a and Σ b in one pass).
+struct Sum2 {
+  vf a, b;
+};
+inline Sum2 operator+(Sum2 x, Sum2 y) { return {x.a + y.a, x.b + y.b}; }
+
+// Σ f(j, w) over the chunks of [0, n) (f's lanes past w must be 0), a vector or a Sum2, in four accumulators taken
+// in turn. One accumulator updated inside a for_chunks lambda made GCC keep it in memory, a store and a reload on
+// the critical path of every vector (add_layer_norm without a residual: 1.8x slower than F.layer_norm); and one
+// accumulator in a register still waits ~3 cycles per add where the loads allow one vector a cycle.
+template <class A = vf, class F>
+inline A sum_chunks(int64_t n, F&& f) {
+  A a0{}, a1{}, a2{}, a3{};
+  int64_t j = 0;
+  for (; j + 4 * kLanes <= n; j += 4 * kLanes) {
+    a0 = a0 + f(j, kLanes);
+    a1 = a1 + f(j + kLanes, kLanes);
+    a2 = a2 + f(j + 2 * kLanes, kLanes);
+    a3 = a3 + f(j + 3 * kLanes, kLanes);
+  }
+  for (; j + kLanes <= n; j += kLanes) a0 = a0 + f(j, kLanes);
+  if (j < n) a1 = a1 + f(j, static_cast<int>(n - j));
+  return (a0 + a1) + (a2 + a3);
+}
+
+// Stores v to p as T and returns the value stored, as fp32.
+template <typename T>
+inline vf store_rounded(T* p, vf v, int w) {
+  store_as<T>(p, v, w);
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return load_as<T>(p, w);
+  }
+}
+
+// The row kernels run on contiguous rows of the storage type, converting a vector at a time. Row `i` of a 2-D view
+// as such a row: the tensor's memory when its last stride is 1, else `buf` (n elements) gathered from it;
+// output_row: where row `i` is computed (the memory, or buf that finish_row then scatters).
+template <typename T>
+inline const T* input_row(const Tensor& t, int64_t i, int64_t n, T* buf) {
   const T* src = t.ptr<T>() + i * t.stride(0);
-  const int64_t s = t.stride(1);
-  if (s == 1) {
-    for (int64_t j = 0; j < n; ++j) dst[j] = to_float(src[j]);
-  } else {
-    for (int64_t j = 0; j < n; ++j) dst[j] = to_float(src[j * s]);
-  }
-}
-
-template <typename T>
-inline void store_row(const Tensor& t, int64_t i, int64_t n, const float* __restrict src) {
-  T* dst = t.ptr<T>() + i * t.stride(0);
-  const int64_t s = t.stride(1);
-  if (s == 1) {
-    for (int64_t j = 0; j < n; ++j) dst[j] = from_float<T>(src[j]);
-  } else {
-    for (int64_t j = 0; j < n; ++j) dst[j * s] = from_float<T>(src[j]);
-  }
-}
-
-template <typename T>
-inline bool direct(const Tensor& t) {
-  return std::is_same_v<T, float> && t.stride(1) == 1;
-}
-
-// Row `i` of t as contiguous fp32: the tensor's memory when it is fp32 with unit stride, else `buf` filled from it.
-template <typename T>
-inline const float* input_row(const Tensor& t, int64_t i, int64_t n, float* buf) {
-  if (direct<T>(t)) return t.ptr<float>() + i * t.stride(0);
-  load_row<T>(t, i, n, buf);
+  if (t.stride(1) == 1) return src;
+  for (int64_t j = 0; j < n; ++j) buf[j] = src[j * t.stride(1)];
   return buf;
 }
 
-// Where row `i` of t is computed: the tensor's memory when it is fp32 with unit stride, else `buf`, which
-// finish_row then writes to t.
 template <typename T>
-inline float* output_row(const Tensor& t, int64_t i, float* buf) {
-  return direct<T>(t) ? t.ptr<float>() + i * t.stride(0) : buf;
+inline T* output_row(const Tensor& t, int64_t i, T* buf) {
+  return t.stride(1) == 1 ? t.ptr<T>() + i * t.stride(0) : buf;
 }
 
 template <typename T>
-inline void finish_row(const Tensor& t, int64_t i, int64_t n, const float* row) {
-  if (!direct<T>(t)) store_row<T>(t, i, n, row);
+inline void finish_row(const Tensor& t, int64_t i, int64_t n, const T* row) {
+  if (t.stride(1) == 1) return;
+  T* dst = t.ptr<T>() + i * t.stride(0);
+  for (int64_t j = 0; j < n; ++j) dst[j * t.stride(1)] = row[j];
+}
+
+// A thread's gather buffer for rows of t: n elements when t is present with a last stride other than 1, else none.
+template <typename T>
+std::vector<T> row_buffer(const Tensor& t, int64_t n) {
+  return std::vector<T>(t.present && t.stride(1) != 1 ? n : 0);
 }
 
 // A (n,) vector parameter as fp32, or n copies of `fill` when it is absent.
@@ -95,32 +201,18 @@ inline void reduce_partials(const std::vector<float>& partials, int parts, int64
   }
 }
 
-inline simd::vf load(const float* p, int w) { return simd::load_n(p, w); }  // lanes past w read 0
-inline void store(float* p, simd::vf v, int w) { simd::store_n(p, v, w); }
-
-// Calls f(j, w) for the chunks of [0, n): full vectors (w = kLanes, a constant once inlined, so plain loads and
-// stores), then the tail.
-template <class F>
-inline void for_chunks(int64_t n, F&& f) {
-  int64_t j = 0;
-  for (; j + simd::kLanes <= n; j += simd::kLanes) f(j, simd::kLanes);
-  if (j < n) f(j, static_cast<int>(n - j));
-}
-
-// s = x + r (r null: s is x and is not written); returns Σ s, or Σ s² with kSquares (LayerNorm's mean, RMSNorm's
-// mean square).
-template <bool kSquares>
-inline float add_row_reduce(const float* x, const float* r, float* s, int64_t d) {
-  simd::vf acc = simd::vf{};
-  for_chunks(d, [&](int64_t j, int w) {
-    simd::vf v = load(x + j, w);
-    if (r) {
-      v = v + load(r + j, w);
-      store(s + j, v, w);
-    }
-    acc = kSquares ? v * v + acc : acc + v;
+// s = x + r rounded to T (r null: s is x and is not written); returns Σ s, or Σ s² with kSquares, of s as stored
+// (LayerNorm's mean, RMSNorm's mean square: they normalise s as the unfused add would have stored it).
+template <bool kSquares, typename T>
+inline float add_row_reduce(const T* x, const T* r, T* s, int64_t d) {
+  const vf total = r ? sum_chunks(d, [&](int64_t j, int w) {
+    const vf v = store_rounded(s + j, load_as(x + j, w) + load_as(r + j, w), w);
+    return kSquares ? v * v : v;
+  }) : sum_chunks(d, [&](int64_t j, int w) {
+    const vf v = load_as(x + j, w);
+    return kSquares ? v * v : v;
   });
-  return simd::hsum(acc);
+  return simd::hsum(total);
 }
 
 }  // namespace rows

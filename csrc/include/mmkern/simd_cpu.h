@@ -84,6 +84,18 @@ inline void store_n(float* p, vf v, int n) {
     store_tail(p, v, n);
 }
 
+// Lane-wise min, the second operand where either is NaN: a < b ? a : b, which GCC compiles to a compare and a
+// blend, two operations where vminps is one.
+inline vf vmin(vf a, vf b) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_min_ps((__m512)a, (__m512)b);
+#elif defined(__AVX2__)
+  return (vf)_mm256_min_ps((__m256)a, (__m256)b);
+#else
+  return a < b ? a : b;
+#endif
+}
+
 // Horizontal max / sum as a halving tree (lane-by-lane loops took ~7% of a small contrastive forward).
 template <bool kMax, class V>
 inline float reduce(V x) {
