@@ -75,7 +75,8 @@ def contrastive(loss: str, B: int, K: int, D: int) -> bool:
 # measured >= 1.05x the torch path, by level, storage dtype and (inference, with a gradient); None: never. Swept with
 # the public ops (backend="cpu" against backend="torch", alternating, medians of thread CPU time), one thread, both
 # libraries held to each level, 2^12 .. 2^22 elements at two widths each (add_layer_norm and rms_norm 64 / 768,
-# bias_gelu 768 / 3072), a threshold taken where both widths stay faster from there up. The figures: the docstrings.
+# bias_gelu 768 / 3072): `python -m benchmarks.bench_fused --sweep --threads 1 --dtype D --cpu-capability L`. A
+# threshold is taken where both widths stay faster from there up. The figures: the docstrings.
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 _ROWS_FROM = {
     "add_layer_norm": {
@@ -115,12 +116,12 @@ def bias_gelu(numel: int, grad: bool, dtype: torch.dtype) -> bool:
 def add_layer_norm(numel: int, grad: bool, dtype: torch.dtype) -> bool:
     """Against x + residual, then F.layer_norm. Measured torch / native, 2^12 .. 2^22 elements: the native path's
     fixed cost (~10 us more per call) loses below 2^16 everywhere (0.37-0.96x; default from 2^14). avx512 fp32 from
-    2^18: 1.18-1.33x at width 768, 1.00-1.08x at width 64 inference (both paths then mostly page-faulting their
-    fresh outputs: 1.2-1.7x with glibc kept from returning them to the OS), 1.02-1.85x fwd+bwd; bf16 1.17-2.35x /
-    1.13-2.52x from 2^16; fp16 1.48-1.85x / 1.18-1.78x from 2^18. avx2 fp32 1.03-1.26x / 1.23-2.55x from 2^18; bf16
-    inference 0.79-1.16x (torch), fwd+bwd 1.28-1.50x from 2^18; fp16 1.17-1.75x / 1.37-1.80x from 2^18. default
-    fp32 1.14-3.1x from 2^14 / 1.66-3.0x from 2^16; bf16 1.13-1.47x / 1.48-2.51x from 2^14; fp16 inference
-    0.55-0.64x (torch), fwd+bwd 1.05-1.21x from 2^20."""
+    2^18: inference 1.0-1.8x, but 0.93-1.25x from run to run at width 768 and 2^20-2^22, where both paths spend most
+    of their time page-faulting fresh outputs (glibc returns the freed megabytes to the OS after each call; 1.1-1.7x
+    with it kept from doing so), fwd+bwd 1.02-2.5x; bf16 1.17-2.35x / 1.13-2.52x from 2^16; fp16 1.48-1.85x /
+    1.18-1.78x from 2^18. avx2 fp32 1.03-1.26x / 1.23-2.55x from 2^18; bf16 inference 0.79-1.16x (torch), fwd+bwd
+    1.28-1.50x from 2^18; fp16 1.17-1.75x / 1.37-1.80x from 2^18. default fp32 1.14-3.1x from 2^14 / 1.66-3.0x from
+    2^16; bf16 1.13-1.47x / 1.48-2.51x from 2^14; fp16 inference 0.55-0.64x (torch), fwd+bwd 1.05-1.21x from 2^20."""
     return _rows("add_layer_norm", numel, grad, dtype)
 
 
