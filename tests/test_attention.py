@@ -126,6 +126,14 @@ def test_sliding_window_matches_dense_mask(backend, data):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_band_far_from_global_tokens(backend, causal):
+    """Key / query blocks between the global tokens and the band are skipped (Triton: one block loop that jumps
+    from the global blocks to the band), which the short lengths above never reach: 200 tokens, a narrow window."""
+    _check(backend, torch.float32, 1, 2, 1, 200, 200, 16, 16, causal, "key_padding", 7, window=(3, 40), num_global=3)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
 def test_matches_torch_math_sdpa(backend):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -192,6 +192,23 @@ def test_add_layer_norm_matches_reference(backend, dtype):
     run()
 
 
+@pytest.mark.parametrize("backend,device", [(b, dev) for dev in ("cpu", "cuda") for b in kernel_backends(dev)])
+@pytest.mark.parametrize("d", [7, 256])
+def test_layer_norm_mean_far_from_std(backend, device, d):
+    """Rows with |mean| >> std (1000 vs 1): the kernels correct the first pass's mean in the variance pass, so x̂ is
+    off by at most half an ulp of the mean times rstd (plus the output's rounding). With the first-pass mean alone
+    (the Triton kernel before the CPU kernel's correction, f691760, was carried over) it was off by 1.4-3.1x that
+    bound, torch's own LayerNorm by 1.5-3.4x."""
+    x = (torch.randn(64, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 1000.0).float()
+    x = x.to(device)
+    _, out = add_layer_norm(x, eps=1e-6, backend=backend)
+    ref = F.layer_norm(x.double(), (d,), eps=1e-6)
+    rstd = (x.double().var(-1, unbiased=False, keepdim=True) + 1e-6).rsqrt()
+    eps32 = torch.finfo(torch.float32).eps
+    bound = 0.5 * (512 * eps32) * rstd + 4 * eps32 * (1 + ref.abs())  # 512 eps32: the fp32 spacing in [512, 1024)
+    assert ((out.double() - ref).abs() / bound).max().item() <= 1.05
+
+
 @pytest.mark.parametrize("backend", backends_for("cpu"))
 def test_only_needed_gradients(backend):
     """Frozen bias / LayerNorm parameters: only the input gradients are asked for."""

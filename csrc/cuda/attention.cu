@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <cstddef>
 #include <type_traits>
 
 #include "mmkern/attention.h"
@@ -145,6 +146,39 @@ __device__ void load_tile(T* dst, int R, int ld, const T* src, const Layout& lay
   async_wait<0>();
 }
 
+// Streams the blocks at t = 0, step, 2·step, ... below end for which visible(t) holds through two shared-memory
+// buffers: copy(buf, t) starts the copies (copy_tile) of block t into buffer buf, body(buf, t) computes on them. The
+// next visible block's copy runs while body works on this one; body must end with a barrier (it does when its
+// last step is a gemm_smem), since the following copy overwrites the buffer it read. Copies started before the
+// call (not yet committed) complete with the first block's. Nothing is in flight on return, after a barrier.
+template <typename Visible, typename Copy, typename Body>
+__device__ void stream_blocks(int64_t end, int64_t step, Visible visible, Copy copy, Body body) {
+  auto next = [&](int64_t t) {
+    while (t < end && !visible(t)) t += step;
+    return t;
+  };
+  int64_t t = next(0);
+  if (t < end) copy(0, t);
+  async_commit();
+  for (int buf = 0; t < end; buf ^= 1) {
+    const int64_t t_next = next(t + step);
+    if (t_next < end) copy(buf ^ 1, t_next);
+    async_commit();
+    async_wait<1>();  // all but the copy just started: this block's tiles are in
+    __syncthreads();
+    body(buf, t);
+    t = t_next;
+  }
+  async_wait<0>();
+  __syncthreads();
+}
+
+// Buffer buf of a double buffer, selected: indexing the pair with a run-time buf would put it in local memory.
+template <typename P>
+__device__ __forceinline__ P* buffer(P* const (&pair)[2], int buf) {
+  return buf ? pair[1] : pair[0];
+}
+
 // Grid: x = blocks along the sequence, (y, z) = batch·head split at 65,535 (the limit of axes y and z), so that
 // batch·heads up to 2^32 launch and the blocks of one head still run next to each other.
 constexpr int64_t kGridY = 65535;
@@ -168,8 +202,8 @@ __device__ inline float masked_score(const Params& p, float s, int64_t b, int64_
   return s;
 }
 
-// K/V tiles are double buffered: the copy of the next visible key block (cp.async) runs while this one is
-// computed on. The softmax gives each warp whole rows, lanes along the keys: consecutive shared-memory words (no
+// K/V tiles are double buffered (stream_blocks): the copy of the next visible key block (cp.async) runs while this
+// one is computed on. The softmax gives each warp whole rows, lanes along the keys: consecutive shared-memory words (no
 // bank conflicts; one thread per row walked a 64-float row stride, all 32 lanes in one bank) and coalesced mask
 // reads.
 template <typename T, int BM, int BN>
@@ -195,32 +229,20 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
 
   const T *K = static_cast<const T*>(p.k), *V = static_cast<const T*>(p.v);
   auto copy_kv = [&](int buf, int64_t j0) {
-    copy_tile(ks[buf], BN, Dp, K, p.lk, b, hk, pb.k_start(b) + j0, S - j0, pb.dim, p.chunked);
-    copy_tile(vs[buf], BN, DVp, V, p.lv, b, hk, pb.k_start(b) + j0, S - j0, pb.dim_v, p.chunked);
-  };
-  // The first key block at or after j that a query of this block sees (S if none).
-  auto next_visible = [&](int64_t j) {
-    while (j < S && !attn::block_any_visible(pb.vis, i0, i0 + BM, j, j + BN)) j += BN;
-    return j;
+    copy_tile(buffer(ks, buf), BN, Dp, K, p.lk, b, hk, pb.k_start(b) + j0, S - j0, pb.dim, p.chunked);
+    copy_tile(buffer(vs, buf), BN, DVp, V, p.lv, b, hk, pb.k_start(b) + j0, S - j0, pb.dim_v, p.chunked);
   };
   copy_tile(qs, BM, Dp, static_cast<const T*>(p.q), p.lq, b, h, pb.q_start(b) + i0, L - i0, pb.dim, p.chunked);
-  int64_t j0 = next_visible(0);
-  if (j0 < S) copy_kv(0, j0);
-  async_commit();  // group: Q and the first K/V tile
   for (int idx = threadIdx.x; idx < BM * DVp; idx += blockDim.x) os[idx] = 0.f;
   for (int r = threadIdx.x; r < BM; r += blockDim.x) {
     m[r] = -INFINITY;
     l[r] = 0.f;
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int buf = 0; j0 < S; buf ^= 1) {
-    // The other buffer was last read by the previous block's products, each ending in a barrier.
-    const int64_t j_next = next_visible(j0 + BN);
-    if (j_next < S) copy_kv(buf ^ 1, j_next);
-    async_commit();
-    async_wait<1>();  // all but the copy just started: this block's tiles (and Q) are in
-    __syncthreads();
-    gemm_smem<T, false, true>(BM, BN, Dp, qs, Dp, ks[buf], Dp, ss, BN, false);
+  auto visible = [&](int64_t j0) { return attn::block_any_visible(pb.vis, i0, i0 + BM, j0, j0 + BN); };
+  // Q completes with the first K/V tile; a query block that sees no key still waits for it before it exits.
+  stream_blocks(S, BN, visible, copy_kv, [&](int buf, int64_t j0) {
+    gemm_smem<T, false, true>(BM, BN, Dp, qs, Dp, buffer(ks, buf), Dp, ss, BN, false);
     for (int r = warp; r < BM; r += kThreads / 32) {
       float* row = ss + r * BN;
       float mx = -INFINITY;
@@ -245,11 +267,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
       }
     }
     __syncthreads();
-    gemm_smem<T, false, false>(BM, DVp, BN, ps, BN, vs[buf], DVp, os, DVp, true);
-    j0 = j_next;
-  }
-  async_wait<0>();  // nothing may be in flight at exit (a query block that sees no key still copied Q)
-  __syncthreads();
+    gemm_smem<T, false, false>(BM, DVp, BN, ps, BN, buffer(vs, buf), DVp, os, DVp, true);
+  });
   T* out = static_cast<T*>(p.out);
   const int64_t t0 = pb.q_start(b) + i0;
   for (int idx = threadIdx.x; idx < BM * pb.dim_v; idx += blockDim.x) {
@@ -280,13 +299,39 @@ __global__ void attention_delta_kernel(Params p) {
   p.delta[p.lrow.offset(b, h, t, 0)] = s;
 }
 
-// Shared memory of the backward kernels: Q, dO, K, V tiles, S/P and dP/dS tiles (fp32 and T), accumulators.
+// Shared memory of the backward kernels: Q, dO, K, V tiles (K and V twice in the dQ kernel, which double buffers
+// them), S and dP tiles (fp32), P and dS tiles (T), the fp32 accumulators (dK and dV, or dQ), the row statistics.
+// carve lays it out from base and returns its size in bytes (base nullptr: the size only), so the launchers and
+// the kernels cannot disagree about it.
+template <typename T>
 struct BwdSmem {
-  template <typename T>
-  __host__ __device__ static size_t bytes(int BM, int BN, int Dp, int DVp) {
-    return align128(sizeof(T) * BM * Dp) + align128(sizeof(T) * BM * DVp) + align128(sizeof(T) * BN * Dp) +
-           align128(sizeof(T) * BN * DVp) + 2 * align128(sizeof(float) * BM * BN) + 2 * align128(sizeof(T) * BM * BN) +
-           align128(sizeof(float) * (BN > BM ? BN : BM) * (Dp + DVp)) + 3 * align128(sizeof(float) * BM);
+  T *qs, *dos, *ks[2], *vs[2], *pt, *dst;
+  float *ss, *dps, *acc, *lse, *log_l, *delta;
+
+  template <bool kDq, typename Base>
+  __host__ __device__ size_t carve(Base base, int BM, int BN, int Dp, int DVp) {
+    size_t used = 0;
+    auto take = [&](size_t bytes) {
+      unsigned char* r = nullptr;  // a compile-time choice: a run-time null test here made ptxas spill (dK/dV)
+      if constexpr (!std::is_same<Base, std::nullptr_t>::value) r = base + used;
+      used += align128(bytes);
+      return r;
+    };
+    qs = reinterpret_cast<T*>(take(sizeof(T) * BM * Dp));
+    dos = reinterpret_cast<T*>(take(sizeof(T) * BM * DVp));
+    for (int buf = 0; buf < (kDq ? 2 : 1); ++buf) {
+      ks[buf] = reinterpret_cast<T*>(take(sizeof(T) * BN * Dp));
+      vs[buf] = reinterpret_cast<T*>(take(sizeof(T) * BN * DVp));
+    }
+    ss = reinterpret_cast<float*>(take(sizeof(float) * BM * BN));
+    dps = reinterpret_cast<float*>(take(sizeof(float) * BM * BN));
+    pt = reinterpret_cast<T*>(take(sizeof(T) * BM * BN));
+    dst = reinterpret_cast<T*>(take(sizeof(T) * BM * BN));
+    acc = reinterpret_cast<float*>(take(sizeof(float) * (kDq ? BM * Dp : BN * (Dp + DVp))));
+    lse = reinterpret_cast<float*>(take(sizeof(float) * BM));
+    log_l = reinterpret_cast<float*>(take(sizeof(float) * BM));
+    delta = reinterpret_cast<float*>(take(sizeof(float) * BM));
+    return used;
   }
 };
 
@@ -324,27 +369,6 @@ __device__ void load_query_rows(const Params& p, int64_t b, int64_t h, int64_t i
   }
 }
 
-#define MMK_BWD_SMEM                                                          \
-  extern __shared__ __align__(128) unsigned char smem[];                      \
-  unsigned char* cur = smem;                                                  \
-  auto take = [&](size_t bytes) {                                             \
-    unsigned char* r = cur;                                                   \
-    cur += align128(bytes);                                                   \
-    return r;                                                                 \
-  };                                                                          \
-  T* qs = reinterpret_cast<T*>(take(sizeof(T) * BM * p.dp));                  \
-  T* dos = reinterpret_cast<T*>(take(sizeof(T) * BM * p.dvp));                \
-  T* ks = reinterpret_cast<T*>(take(sizeof(T) * BN * p.dp));                  \
-  T* vs = reinterpret_cast<T*>(take(sizeof(T) * BN * p.dvp));                 \
-  float* ss = reinterpret_cast<float*>(take(sizeof(float) * BM * BN));        \
-  float* dps = reinterpret_cast<float*>(take(sizeof(float) * BM * BN));       \
-  T* pt = reinterpret_cast<T*>(take(sizeof(T) * BM * BN));                    \
-  T* dst = reinterpret_cast<T*>(take(sizeof(T) * BM * BN));                   \
-  float* acc = reinterpret_cast<float*>(take(sizeof(float) * (BN > BM ? BN : BM) * (p.dp + p.dvp))); \
-  float* lse = reinterpret_cast<float*>(take(sizeof(float) * BM));            \
-  float* log_l = reinterpret_cast<float*>(take(sizeof(float) * BM));          \
-  float* delta = reinterpret_cast<float*>(take(sizeof(float) * BM));
-
 template <typename T, int BM, int BN>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) {
   const Problem& pb = p.pb;
@@ -353,21 +377,25 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) 
   const int64_t group = pb.heads_q / pb.heads_k, b = bhk / pb.heads_k, hk = bhk % pb.heads_k;
   const int64_t L = pb.len_q(b), S = pb.len_k(b), j0 = static_cast<int64_t>(blockIdx.x) * BN;
   if (j0 >= S) return;
-  MMK_BWD_SMEM
-  float* dk = acc;
-  float* dv = acc + BN * p.dp;
+  extern __shared__ __align__(128) unsigned char smem[];
+  BwdSmem<T> sm;
+  sm.template carve<false>(smem, BM, BN, p.dp, p.dvp);
+  T *qs = sm.qs, *dos = sm.dos, *ks = sm.ks[0], *vs = sm.vs[0];
+  float* dk = sm.acc;
+  float* dv = sm.acc + BN * p.dp;
   load_tile(ks, BN, p.dp, static_cast<const T*>(p.k), p.lk, b, hk, pb.k_start(b) + j0, S - j0, pb.dim, p.chunked);
   load_tile(vs, BN, p.dvp, static_cast<const T*>(p.v), p.lv, b, hk, pb.k_start(b) + j0, S - j0, pb.dim_v, p.chunked);
-  for (int idx = threadIdx.x; idx < BN * (p.dp + p.dvp); idx += blockDim.x) acc[idx] = 0.f;
+  for (int idx = threadIdx.x; idx < BN * (p.dp + p.dvp); idx += blockDim.x) sm.acc[idx] = 0.f;
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     for (int64_t i0 = 0; i0 < L; i0 += BM) {
       if (!attn::block_any_visible(pb.vis, i0, i0 + BM, j0, j0 + BN)) continue;
       __syncthreads();
-      load_query_rows<T, BM>(p, b, h, i0, L, qs, dos, lse, log_l, delta);
+      load_query_rows<T, BM>(p, b, h, i0, L, qs, dos, sm.lse, sm.log_l, sm.delta);
       __syncthreads();
-      bwd_tile<T, BM, BN>(p, b, h, i0, j0, L, S, qs, dos, ks, vs, ss, dps, pt, dst, lse, log_l, delta, false);
-      gemm_smem<T, true, false>(BN, p.dvp, BM, pt, BN, dos, p.dvp, dv, p.dvp, true);   // dV += P^T dO
-      gemm_smem<T, true, false>(BN, p.dp, BM, dst, BN, qs, p.dp, dk, p.dp, true);       // dK += dS^T Q
+      bwd_tile<T, BM, BN>(p, b, h, i0, j0, L, S, qs, dos, ks, vs, sm.ss, sm.dps, sm.pt, sm.dst, sm.lse, sm.log_l,
+                          sm.delta, false);
+      gemm_smem<T, true, false>(BN, p.dvp, BM, sm.pt, BN, dos, p.dvp, dv, p.dvp, true);   // dV += P^T dO
+      gemm_smem<T, true, false>(BN, p.dp, BM, sm.dst, BN, qs, p.dp, dk, p.dp, true);      // dK += dS^T Q
     }
   }
   __syncthreads();
@@ -382,6 +410,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(Params p) 
   }
 }
 
+// K/V tiles double buffered as in the forward (stream_blocks).
 template <typename T, int BM, int BN>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
   const Problem& pb = p.pb;
@@ -390,22 +419,24 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(Params p) {
   const int64_t b = bh / pb.heads_q, h = bh % pb.heads_q, hk = h / (pb.heads_q / pb.heads_k);
   const int64_t L = pb.len_q(b), S = pb.len_k(b), i0 = static_cast<int64_t>(blockIdx.x) * BM;
   if (i0 >= L) return;
-  MMK_BWD_SMEM
-  float* dq = acc;
-  load_query_rows<T, BM>(p, b, h, i0, L, qs, dos, lse, log_l, delta);
+  extern __shared__ __align__(128) unsigned char smem[];
+  BwdSmem<T> sm;
+  sm.template carve<true>(smem, BM, BN, p.dp, p.dvp);
+  float* dq = sm.acc;
+  load_query_rows<T, BM>(p, b, h, i0, L, sm.qs, sm.dos, sm.lse, sm.log_l, sm.delta);
   for (int idx = threadIdx.x; idx < BM * p.dp; idx += blockDim.x) dq[idx] = 0.f;
-  for (int64_t j0 = 0; j0 < S; j0 += BN) {
-    if (!attn::block_any_visible(pb.vis, i0, i0 + BM, j0, j0 + BN)) continue;
-    __syncthreads();
-    load_tile(ks, BN, p.dp, static_cast<const T*>(p.k), p.lk, b, hk, pb.k_start(b) + j0, S - j0, pb.dim, p.chunked);
-    load_tile(vs, BN, p.dvp, static_cast<const T*>(p.v), p.lv, b, hk, pb.k_start(b) + j0, S - j0, pb.dim_v,
-              p.chunked);
-    __syncthreads();
-    bwd_tile<T, BM, BN>(p, b, h, i0, j0, L, S, qs, dos, ks, vs, ss, dps, pt, dst, lse, log_l, delta,
-                        p.dmask != nullptr);
-    gemm_smem<T, false, false>(BM, p.dp, BN, dst, BN, ks, p.dp, dq, p.dp, true);  // dQ += dS K
-  }
-  __syncthreads();
+  const T *K = static_cast<const T*>(p.k), *V = static_cast<const T*>(p.v);
+  auto visible = [&](int64_t j0) { return attn::block_any_visible(pb.vis, i0, i0 + BM, j0, j0 + BN); };
+  auto copy_kv = [&](int buf, int64_t j0) {
+    copy_tile(buffer(sm.ks, buf), BN, p.dp, K, p.lk, b, hk, pb.k_start(b) + j0, S - j0, pb.dim, p.chunked);
+    copy_tile(buffer(sm.vs, buf), BN, p.dvp, V, p.lv, b, hk, pb.k_start(b) + j0, S - j0, pb.dim_v, p.chunked);
+  };
+  stream_blocks(S, BN, visible, copy_kv, [&](int buf, int64_t j0) {
+    T *ks = buffer(sm.ks, buf), *vs = buffer(sm.vs, buf);
+    bwd_tile<T, BM, BN>(p, b, h, i0, j0, L, S, sm.qs, sm.dos, ks, vs, sm.ss, sm.dps, sm.pt, sm.dst, sm.lse, sm.log_l,
+                        sm.delta, p.dmask != nullptr);
+    gemm_smem<T, false, false>(BM, p.dp, BN, sm.dst, BN, ks, p.dp, dq, p.dp, true);  // dQ += dS K
+  });
   const int64_t t0 = pb.q_start(b) + i0;
   for (int idx = threadIdx.x; idx < BM * pb.dim; idx += blockDim.x) {
     const int r = idx / static_cast<int>(pb.dim), d = idx - r * static_cast<int>(pb.dim);  // 32-bit: D <= 256
@@ -490,14 +521,23 @@ cudaError_t run_fwd(const Params& p, cudaStream_t stream) {
                                  stream);
 }
 
-template <typename T, int B>
-cudaError_t run_bwd_tiles(const Params& p, cudaStream_t stream) {
-  const size_t smem = BwdSmem::bytes<T>(B, B, p.dp, p.dvp);
-  const dim3 grid_kv = grid_of((p.pb.max_len_k + B - 1) / B, p.pb.batch * p.pb.heads_k);
-  cudaError_t err = launch(attention_bwd_dkdv_kernel<T, B, B>, grid_kv, smem, p, stream);
-  if (err != cudaSuccess) return err;
-  const dim3 grid_q = grid_of((p.pb.max_len_q + B - 1) / B, p.pb.batch * p.pb.heads_q);
-  return launch(attention_bwd_dq_kernel<T, B, B>, grid_q, smem, p, stream);
+template <typename T, bool kDq, int B>
+cudaError_t run_bwd_kernel(const Params& p, size_t smem, cudaStream_t stream) {
+  if constexpr (kDq)
+    return launch(attention_bwd_dq_kernel<T, B, B>, grid_of((p.pb.max_len_q + B - 1) / B, p.pb.batch * p.pb.heads_q),
+                  smem, p, stream);
+  return launch(attention_bwd_dkdv_kernel<T, B, B>, grid_of((p.pb.max_len_k + B - 1) / B, p.pb.batch * p.pb.heads_k),
+                smem, p, stream);
+}
+
+// Each backward kernel (kDq: the dQ kernel, else dK/dV) runs the largest tile size (64, 32, 16) whose shared memory
+// fits the device.
+template <typename T, bool kDq>
+cudaError_t run_bwd_tiles(const Params& p, int64_t limit, cudaStream_t stream) {
+  auto bytes = [&](int B) { return BwdSmem<T>{}.template carve<kDq>(nullptr, B, B, p.dp, p.dvp); };
+  if (static_cast<int64_t>(bytes(64)) <= limit) return run_bwd_kernel<T, kDq, 64>(p, bytes(64), stream);
+  if (static_cast<int64_t>(bytes(32)) <= limit) return run_bwd_kernel<T, kDq, 32>(p, bytes(32), stream);
+  return run_bwd_kernel<T, kDq, 16>(p, bytes(16), stream);
 }
 
 template <typename T>
@@ -507,9 +547,8 @@ cudaError_t run_bwd(const Params& p, cudaStream_t stream) {
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int64_t limit = max_smem();
-  if (static_cast<int64_t>(BwdSmem::bytes<T>(64, 64, p.dp, p.dvp)) <= limit) return run_bwd_tiles<T, 64>(p, stream);
-  if (static_cast<int64_t>(BwdSmem::bytes<T>(32, 32, p.dp, p.dvp)) <= limit) return run_bwd_tiles<T, 32>(p, stream);
-  return run_bwd_tiles<T, 16>(p, stream);
+  err = run_bwd_tiles<T, false>(p, limit, stream);
+  return err != cudaSuccess ? err : run_bwd_tiles<T, true>(p, limit, stream);
 }
 
 }  // namespace

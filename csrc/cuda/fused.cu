@@ -150,15 +150,23 @@ __global__ void add_ln_fwd_kernel(const T* x, const T* r, const T* w, const T* b
 #pragma unroll
     for (int k = 0; k < V; ++k) sum += v[k];
   }
-  const float mu = block_sum(sum, shared) / static_cast<float>(d);
-  float sq = 0.f;
+  float mu = block_sum(sum, shared) / static_cast<float>(d);
+  // The first pass's mean corrected here, as the CPU kernel does (fused.cpp, row_sq_dev): mu += Σ(s - mu)/d and
+  // Σ(s - mu')² = Σ(s - mu)² - (Σ(s - mu))²/d; its rounding would otherwise reach x̂ times rstd (|mean| >> std).
+  float sq = 0.f, dev = 0.f;
   for (int64_t j = threadIdx.x * V; j < d; j += kLnThreads * V) {
     float v[V];
     input(j, v);
 #pragma unroll
-    for (int k = 0; k < V; ++k) sq += (v[k] - mu) * (v[k] - mu);
+    for (int k = 0; k < V; ++k) {
+      const float c = v[k] - mu;
+      sq += c * c;
+      dev += c;
+    }
   }
-  const float rs = rsqrtf(block_sum(sq, shared) / static_cast<float>(d) + eps);
+  const float sum_dev = block_sum(dev, shared), sum_sq = block_sum(sq, shared);
+  mu += sum_dev / static_cast<float>(d);
+  const float rs = rsqrtf(fmaxf(sum_sq - sum_dev * sum_dev / static_cast<float>(d), 0.f) / static_cast<float>(d) + eps);
   for (int64_t j = threadIdx.x * V; j < d; j += kLnThreads * V) {
     float v[V], wv[V], bv[V];
     input(j, v);

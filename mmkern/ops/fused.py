@@ -53,7 +53,7 @@ def bias_gelu(
         raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
     grad = needs_grad(x, bias)
     if backends.cpu_default(backend, x):  # the common case first: no backend named, CPU tensors
-        chosen = "cpu" if cpu_policy.bias_gelu(x.numel(), grad) else "torch"
+        chosen = "cpu" if cpu_policy.bias_gelu(x.numel(), grad, x.dtype) else "torch"
     else:
         chosen = backends.resolve(backend, x.device, "triton")
     native_dtype(chosen, "x", x)
@@ -95,7 +95,8 @@ def add_layer_norm(
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
     if backends.cpu_default(backend, x):
-        chosen = "cpu" if cpu_policy.add_layer_norm() else "torch"
+        grad = needs_grad(x, residual, weight, bias)
+        chosen = "cpu" if cpu_policy.add_layer_norm(x.numel(), grad, x.dtype) else "torch"
     else:
         chosen = backends.resolve(backend, x.device, "triton")
     native_dtype(chosen, "x", x)

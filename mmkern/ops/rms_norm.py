@@ -48,7 +48,7 @@ def rms_norm(
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
     if backends.cpu_default(backend, x):  # the common case first: no backend named, CPU tensors
-        chosen = "cpu" if cpu_policy.rms_norm(x.numel(), needs_grad(x, residual, weight)) else "torch"
+        chosen = "cpu" if cpu_policy.rms_norm(x.numel(), needs_grad(x, residual, weight), x.dtype) else "torch"
     else:
         chosen = backends.resolve(backend, x.device, "triton")
     native_dtype(chosen, "x", x)

@@ -146,9 +146,11 @@ def _visible(a0, a1, n, before, after, num_global, BLK: tl.constexpr, CAUSAL: tl
     (this block holds queries: causal keeps j <= i); else the queries (causal keeps i >= j). before / after:
     how far the window reaches towards lower / higher positions of the other side.
 
-    Returns (g_lo, g_hi, lo, mid, hi): with a window, the other side's global positions below the band in
-    [g_lo, g_hi) and the band in [lo, hi); causal without a window, the blocks that need the position mask
-    are [mid, hi) for KEYS, [lo, mid) otherwise, and the rest see every pair."""
+    Returns (lo, mid, hi, cut, skip): the block loop runs over [lo, hi) in BLK steps. With a window it is one
+    loop over the global positions below the band, then the band: a block start t >= cut stands for t + skip
+    (`_block_start`); one loop, not two, since a second pipelined loop pushed the dQ kernel (64 x 64, 8 warps,
+    2 stages) on sm_80 to 255 registers and a spill. Causal without a window: the blocks that need the
+    position mask are [mid, hi) for KEYS, [lo, mid) otherwise, and the rest see every pair."""
     lo = 0
     hi = n
     if CAUSAL:
@@ -156,23 +158,34 @@ def _visible(a0, a1, n, before, after, num_global, BLK: tl.constexpr, CAUSAL: tl
             hi = tl.minimum(hi, a1)
         else:
             lo = a0 // BLK * BLK
-    g_lo = lo
-    g_hi = lo
+    cut = hi
+    skip = 0
     if WINDOWED:
         # A block holding a global position sees / is seen by everything. Selects, not a run-time `if`: triton 3.4's
         # TritonGPUCoalesce pass crashes (an LLVM assertion) on that branch.
         banded = a0 >= num_global
         band = tl.maximum(lo, tl.maximum(a0 - before, 0) // BLK * BLK)
-        g_hi = tl.where(banded, tl.minimum(tl.minimum(tl.cdiv(num_global, BLK) * BLK, band), hi), g_hi)
-        lo = tl.where(banded, band, lo)
-        hi = tl.where(banded, tl.minimum(hi, a1 + after), hi)
+        g_hi = tl.where(banded, tl.minimum(tl.minimum(tl.cdiv(num_global, BLK) * BLK, band), hi), lo)
+        cut = lo + tl.cdiv(tl.maximum(g_hi - lo, 0), BLK) * BLK  # = g_hi where the band is not empty
+        band_lo = tl.where(banded, band, lo)
+        band_hi = tl.where(banded, tl.minimum(hi, a1 + after), hi)
+        skip = band_lo - cut
+        hi = cut + tl.cdiv(tl.maximum(band_hi - band_lo, 0), BLK) * BLK
     mid = hi
     if CAUSAL and not WINDOWED:
         if KEYS:
             mid = tl.minimum(tl.maximum((a0 + 1) // BLK * BLK, lo), hi)
         else:
             mid = tl.minimum(lo + tl.cdiv(a1 - 1 - lo, BLK) * BLK, hi)
-    return g_lo, g_hi, lo, mid, hi
+    return lo, mid, hi, cut, skip
+
+
+@triton.jit
+def _block_start(t, cut, skip, WINDOWED: tl.constexpr):
+    """The block of the loop step at t (see _visible): with a window, past the global blocks, the band's."""
+    if WINDOWED:
+        return tl.where(t < cut, t, t + skip)
+    return t
 
 
 @triton.jit
@@ -257,13 +270,14 @@ def _program(n, BLK: tl.constexpr, heads, REVERSE: tl.constexpr):
 
 @triton.jit
 def _fwd_blocks(
-    acc, m_i, l_i, q, Kb, Vb, Mb, k0, lo, hi, offs_m, Lb, Sb, skt, skd, svt, svd, sml, sms, offs_d, D, offs_dv, DV,
-    scale, left, right, num_global, dropout_p, keep_scale, seed_lo, seed_hi, bh,
+    acc, m_i, l_i, q, Kb, Vb, Mb, k0, lo, hi, cut, skip, offs_m, Lb, Sb, skt, skd, svt, svd, sml, sms, offs_d, D,
+    offs_dv, DV, scale, left, right, num_global, dropout_p, keep_scale, seed_lo, seed_hi, bh,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     PREC: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
-    """The online-softmax update over the key blocks [lo, hi)."""
-    for j0 in range(lo, hi, BN):
+    """The online-softmax update over the key blocks of [lo, hi) (blocks as _visible says)."""
+    for t in range(lo, hi, BN):
+        j0 = _block_start(t, cut, skip, WINDOWED)
         offs_n = j0 + tl.arange(0, BN)
         k = _load_tile(Kb, k0, offs_n, Sb, skt, offs_d, D, skd)
         mptrs = _mask_ptrs(Mb, offs_m, sml, offs_n, sms)
@@ -312,20 +326,18 @@ def _attention_fwd_kernel(
     Kb = K + b * skb + hk * skh
     Vb = V + b * svb + hk * svh
     Mb = Mask + b * smb + h * smh
-    g_lo, g_hi, lo, mid, hi = _visible(i0, i0 + BM, Sb, left, right, num_global, BN, CAUSAL, True, WINDOWED)
+    lo, mid, hi, cut, skip = _visible(i0, i0 + BM, Sb, left, right, num_global, BN, CAUSAL, True, WINDOWED)
     # fmt: off
-    if WINDOWED:
-        acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, Kb, Vb, Mb, k0, g_lo, g_hi, offs_m, Lb, Sb, skt, skd, svt, svd,
-                                    sml, sms, offs_d, D, offs_dv, DV, scale, left, right, num_global, dropout_p,
-                                    keep_scale, seed_lo, seed_hi, bh, CAUSAL, True, MASK_KIND, DROPOUT, PREC, BN)
     # Causal without a window: the blocks below the diagonal [lo, mid) need no position mask.
-    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, Kb, Vb, Mb, k0, lo, mid, offs_m, Lb, Sb, skt, skd, svt, svd, sml,
-                                sms, offs_d, D, offs_dv, DV, scale, left, right, num_global, dropout_p, keep_scale,
-                                seed_lo, seed_hi, bh, CAUSAL and WINDOWED, WINDOWED, MASK_KIND, DROPOUT, PREC, BN)
+    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, Kb, Vb, Mb, k0, lo, mid, cut, skip, offs_m, Lb, Sb, skt, skd, svt,
+                                svd, sml, sms, offs_d, D, offs_dv, DV, scale, left, right, num_global, dropout_p,
+                                keep_scale, seed_lo, seed_hi, bh, CAUSAL and WINDOWED, WINDOWED, MASK_KIND, DROPOUT,
+                                PREC, BN)
     if CAUSAL and not WINDOWED:
-        acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, Kb, Vb, Mb, k0, mid, hi, offs_m, Lb, Sb, skt, skd, svt, svd,
-                                    sml, sms, offs_d, D, offs_dv, DV, scale, left, right, num_global, dropout_p,
-                                    keep_scale, seed_lo, seed_hi, bh, True, False, MASK_KIND, DROPOUT, PREC, BN)
+        acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, Kb, Vb, Mb, k0, mid, hi, cut, skip, offs_m, Lb, Sb, skt, skd,
+                                    svt, svd, sml, sms, offs_d, D, offs_dv, DV, scale, left, right, num_global,
+                                    dropout_p, keep_scale, seed_lo, seed_hi, bh, True, False, MASK_KIND, DROPOUT,
+                                    PREC, BN)
     # fmt: on
     empty = l_i == 0.0  # rows that see no key give 0 and store (m, log l) = (+inf, 0): attn::row_stat_max
     safe_l = tl.where(empty, 1.0, l_i)
@@ -367,13 +379,14 @@ def _bwd_probs(
 
 @triton.jit
 def _dkdv_blocks(
-    dk, dv, k, v, Qb, DOb, Mb, stat, Delta, q0, lo, hi, offs_n, Lb, Sb, sqt, sqd, sot, sod, sml, sms, slt,
+    dk, dv, k, v, Qb, DOb, Mb, stat, Delta, q0, lo, hi, cut, skip, offs_n, Lb, Sb, sqt, sqd, sot, sod, sml, sms, slt,
     offs_d, D, offs_dv, DV, scale, left, right, num_global, dropout_p, keep_scale, seed_lo, seed_hi, bh,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     PREC: tl.constexpr, BM: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of one key block, accumulated over the query blocks [lo, hi) of one head."""
-    for i0 in range(lo, hi, BM):
+    for t in range(lo, hi, BM):
+        i0 = _block_start(t, cut, skip, WINDOWED)
         offs_m = i0 + tl.arange(0, BM)
         rows = offs_m < Lb
         q = _load_tile(Qb, q0, offs_m, Lb, sqt, offs_d, D, sqd)
@@ -417,7 +430,7 @@ def _attention_bwd_dkdv_kernel(
     v = _load_tile(V + b * svb + hk * svh, k0, offs_n, Sb, svt, offs_dv, DV, svd)
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BDV], tl.float32)
-    g_lo, g_hi, lo, mid, hi = _visible(j0, j0 + BN, Lb, right, left, num_global, BM, CAUSAL, False, WINDOWED)
+    lo, mid, hi, cut, skip = _visible(j0, j0 + BN, Lb, right, left, num_global, BM, CAUSAL, False, WINDOWED)
     for g in range(group):
         h = hk * group + g  # int64 like hk (a loop counter is int32 whatever its bounds)
         Qb = Q + b * sqb + h * sqh
@@ -427,20 +440,16 @@ def _attention_bwd_dkdv_kernel(
         Db = Delta + b * slb + h * slh
         bh = b * H + h
         # fmt: off
-        if WINDOWED:
-            dk, dv = _dkdv_blocks(dk, dv, k, v, Qb, DOb, Mb, stat, Db, q0, g_lo, g_hi, offs_n, Lb, Sb, sqt, sqd, sot,
-                                  sod, sml, sms, slt, offs_d, D, offs_dv, DV, scale, left, right, num_global,
-                                  dropout_p, keep_scale, seed_lo, seed_hi, bh, CAUSAL, True, MASK_KIND, DROPOUT,
-                                  PREC, BM)
         # Causal without a window: the query blocks [lo, mid) hold the diagonal, those above it see every key.
-        dk, dv = _dkdv_blocks(dk, dv, k, v, Qb, DOb, Mb, stat, Db, q0, lo, mid, offs_n, Lb, Sb, sqt, sqd, sot, sod, sml,
-                              sms, slt, offs_d, D, offs_dv, DV, scale, left, right, num_global, dropout_p, keep_scale,
-                              seed_lo, seed_hi, bh, CAUSAL, WINDOWED, MASK_KIND, DROPOUT, PREC, BM)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, Qb, DOb, Mb, stat, Db, q0, lo, mid, cut, skip, offs_n, Lb, Sb, sqt, sqd,
+                              sot, sod, sml, sms, slt, offs_d, D, offs_dv, DV, scale, left, right, num_global,
+                              dropout_p, keep_scale, seed_lo, seed_hi, bh, CAUSAL, WINDOWED, MASK_KIND, DROPOUT, PREC,
+                              BM)
         if CAUSAL and not WINDOWED:
-            dk, dv = _dkdv_blocks(dk, dv, k, v, Qb, DOb, Mb, stat, Db, q0, mid, hi, offs_n, Lb, Sb, sqt, sqd, sot,
-                                  sod, sml, sms, slt, offs_d, D, offs_dv, DV, scale, left, right, num_global,
-                                  dropout_p, keep_scale, seed_lo, seed_hi, bh, False, False, MASK_KIND, DROPOUT,
-                                  PREC, BM)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, Qb, DOb, Mb, stat, Db, q0, mid, hi, cut, skip, offs_n, Lb, Sb, sqt,
+                                  sqd, sot, sod, sml, sms, slt, offs_d, D, offs_dv, DV, scale, left, right,
+                                  num_global, dropout_p, keep_scale, seed_lo, seed_hi, bh, False, False, MASK_KIND,
+                                  DROPOUT, PREC, BM)
         # fmt: on
     _store_tile(DK + b * skb + hk * skh, dk * scale, k0, offs_n, Sb, skt, offs_d, D, skd)
     _store_tile(DV_ + b * svb + hk * svh, dv, k0, offs_n, Sb, svt, offs_dv, DV, svd)
@@ -448,13 +457,14 @@ def _attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_blocks(
-    dq, q, do, m, log_l, delta, Kb, Vb, Mb, DMb, k0, lo, hi, offs_m, Lb, Sb, S, skt, skd, svt, svd, sml, sms,
+    dq, q, do, m, log_l, delta, Kb, Vb, Mb, DMb, k0, lo, hi, cut, skip, offs_m, Lb, Sb, S, skt, skd, svt, svd, sml, sms,
     offs_d, D, offs_dv, DV, scale, left, right, num_global, dropout_p, keep_scale, seed_lo, seed_hi, bh,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     PREC: tl.constexpr, BN: tl.constexpr, WRITE_DMASK: tl.constexpr,
 ):  # fmt: skip
     """dQ of one query block over the key blocks [lo, hi); dS into DMb (rows of S fp32) if asked."""
-    for j0 in range(lo, hi, BN):
+    for t in range(lo, hi, BN):
+        j0 = _block_start(t, cut, skip, WINDOWED)
         offs_n = j0 + tl.arange(0, BN)
         k = _load_tile(Kb, k0, offs_n, Sb, skt, offs_d, D, skd)
         v = _load_tile(Vb, k0, offs_n, Sb, svt, offs_dv, DV, svd)
@@ -504,19 +514,15 @@ def _attention_bwd_dq_kernel(
     Vb = V + b * svb + hk * svh
     Mb = Mask + b * smb + h * smh
     DMb = DMask + bh * L * S
-    g_lo, g_hi, lo, mid, hi = _visible(i0, i0 + BM, Sb, left, right, num_global, BN, CAUSAL, True, WINDOWED)
+    lo, mid, hi, cut, skip = _visible(i0, i0 + BM, Sb, left, right, num_global, BN, CAUSAL, True, WINDOWED)
     # fmt: off
-    if WINDOWED:
-        dq = _dq_blocks(dq, q, do, m, log_l, delta, Kb, Vb, Mb, DMb, k0, g_lo, g_hi, offs_m, Lb, Sb, S, skt, skd, svt,
-                        svd, sml, sms, offs_d, D, offs_dv, DV, scale, left, right, num_global, dropout_p, keep_scale,
-                        seed_lo, seed_hi, bh, CAUSAL, True, MASK_KIND, DROPOUT, PREC, BN, WRITE_DMASK)
-    dq = _dq_blocks(dq, q, do, m, log_l, delta, Kb, Vb, Mb, DMb, k0, lo, mid, offs_m, Lb, Sb, S, skt, skd, svt, svd,
-                    sml, sms, offs_d, D, offs_dv, DV, scale, left, right, num_global, dropout_p, keep_scale, seed_lo,
-                    seed_hi, bh, CAUSAL and WINDOWED, WINDOWED, MASK_KIND, DROPOUT, PREC, BN, WRITE_DMASK)
+    dq = _dq_blocks(dq, q, do, m, log_l, delta, Kb, Vb, Mb, DMb, k0, lo, mid, cut, skip, offs_m, Lb, Sb, S, skt, skd,
+                    svt, svd, sml, sms, offs_d, D, offs_dv, DV, scale, left, right, num_global, dropout_p, keep_scale,
+                    seed_lo, seed_hi, bh, CAUSAL and WINDOWED, WINDOWED, MASK_KIND, DROPOUT, PREC, BN, WRITE_DMASK)
     if CAUSAL and not WINDOWED:
-        dq = _dq_blocks(dq, q, do, m, log_l, delta, Kb, Vb, Mb, DMb, k0, mid, hi, offs_m, Lb, Sb, S, skt, skd, svt,
-                        svd, sml, sms, offs_d, D, offs_dv, DV, scale, left, right, num_global, dropout_p, keep_scale,
-                        seed_lo, seed_hi, bh, True, False, MASK_KIND, DROPOUT, PREC, BN, WRITE_DMASK)
+        dq = _dq_blocks(dq, q, do, m, log_l, delta, Kb, Vb, Mb, DMb, k0, mid, hi, cut, skip, offs_m, Lb, Sb, S, skt,
+                        skd, svt, svd, sml, sms, offs_d, D, offs_dv, DV, scale, left, right, num_global, dropout_p,
+                        keep_scale, seed_lo, seed_hi, bh, True, False, MASK_KIND, DROPOUT, PREC, BN, WRITE_DMASK)
     # fmt: on
     _store_tile(DQ + b * sqb + h * sqh, dq * scale, q0, offs_m, Lb, sqt, offs_d, D, sqd)
 

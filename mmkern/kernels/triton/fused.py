@@ -144,9 +144,13 @@ def _add_ln_fwd_kernel(
         tl.store(s + rm[:, None] * ss_m + rd[None, :], rounded, mask=mask)
         v = rounded.to(tl.float32)
     mu = tl.sum(v, axis=1) / D
+    # The first pass's mean corrected in the second, as the CPU kernel does (fused.cpp, row_sq_dev): mu += Σ(s - mu)/D
+    # and Σ(s - mu')² = Σ(s - mu)² - (Σ(s - mu))²/D; its rounding would otherwise reach x̂ times rstd (|mean| >> std).
     c = tl.where(mask, v - mu[:, None], 0.0)
-    rs = 1.0 / tl.sqrt(tl.sum(c * c, axis=1) / D + eps)
-    y = c * rs[:, None]
+    dev = tl.sum(c, axis=1)
+    mu += dev / D
+    rs = 1.0 / tl.sqrt(tl.maximum(tl.sum(c * c, axis=1) - dev * dev / D, 0.0) / D + eps)
+    y = tl.where(mask, v - mu[:, None], 0.0) * rs[:, None]
     if HAS_W:
         y *= tl.load(w + rd * s_w, mask=dmask, other=0.0).to(tl.float32)[None, :]
     if HAS_B:
