@@ -38,7 +38,7 @@ def check_same(x_name: str, x: torch.Tensor, name: str, t: torch.Tensor | None) 
     """t is None or a tensor of x's shape, dtype and device (x already checked)."""
     if t is None or (
         isinstance(t, torch.Tensor)
-        and t.dtype == x.dtype
+        and t.dtype is x.dtype  # dtypes are singletons: `is` costs half of `==`
         and ((t.is_cpu and x.is_cpu) or t.device == x.device)
         and t.shape == x.shape
     ):
@@ -50,16 +50,17 @@ def check_same(x_name: str, x: torch.Tensor, name: str, t: torch.Tensor | None) 
 
 def check_vectors(x_name: str, x: torch.Tensor, **vectors: torch.Tensor | None) -> None:
     """Each given tensor is None or (N,) for x (..., N), in x's dtype and on x's device (x already checked)."""
-    n, dtype, cpu = x.shape[-1], x.dtype, x.is_cpu  # shape[i], not size(i): size parses its argument (~0.3 us)
+    shape = (x.shape[-1],)  # shape, not size(-1): size parses its argument (~0.3 µs)
+    dtype, cpu = x.dtype, x.is_cpu
     for name, t in vectors.items():
         if t is None or (
             isinstance(t, torch.Tensor)
-            and t.dtype == dtype
+            and t.dtype is dtype
             and ((cpu and t.is_cpu) or t.device == x.device)
-            and t.dim() == 1
-            and t.shape[0] == n
+            and t.shape == shape
         ):
             continue
+        n = shape[0]
         check_tensor(t, name, ndim=1)
         check_like(x_name, x, **{name: t})
         raise ValueError(f"{name}: expected ({n},) to match the last dim of {x_name}, got {tuple(t.shape)}")
