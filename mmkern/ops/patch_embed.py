@@ -75,7 +75,8 @@ def patch_embed(
             raise ValueError(
                 f"pos_embed: expected length T + N = {T} + {N} = {T + N} and width {E}, got {tuple(pos_embed.shape)}"
             )
-        pos_embed = pos_embed.reshape(T + N, E)
+        if pos_embed.dim() == 3:
+            pos_embed = pos_embed[0]
     # On GPUs the Triton kernel's tl.dot runs on tensor cores while the cuda kernel is SIMT fp32 FMA.
     bf16 = images.dtype == torch.bfloat16
     if backends.cpu_default(backend, images):  # the common case first: no backend named, CPU tensors
