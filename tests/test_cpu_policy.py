@@ -16,6 +16,7 @@ from mmkern.ops import (
     add_layer_norm,
     bias_gelu,
     clip_loss,
+    contrastive,
     cpu_policy,
     infonce,
     patch_embed,
@@ -29,10 +30,13 @@ LEVELS = mmkern.cpu_capabilities() if _native.CPU_ERROR is None else []
 
 
 def _calls(monkeypatch, name: str) -> list:
-    """Records the calls of reference.<name>, which the torch backend runs for patch_embed, the losses and
-    bias_gelu (they are PyTorch's own ops written as a user would), or of torch.layer_norm for add_layer_norm."""
+    """Records the calls of the torch backend's path: reference.<name> for patch_embed, siglip_loss and bias_gelu
+    (PyTorch's own ops written as a user would), torch.layer_norm for add_layer_norm, and the naive losses of
+    mmkern.ops.contrastive (the reference's, through the cross-entropy's ATen op) for clip_loss and infonce."""
     seen = []
-    owner, attr = (torch, "layer_norm") if name == "add_layer_norm" else (reference, name)
+    owners = {"add_layer_norm": (torch, "layer_norm"), "clip_loss": (contrastive, "_naive_clip"),
+              "infonce": (contrastive, "_naive_infonce")}  # fmt: skip
+    owner, attr = owners.get(name, (reference, name))
     original = getattr(owner, attr)
 
     def spy(*args, **kwargs):
