@@ -16,9 +16,9 @@ def patch_embed(images, weight, bias=None, pos_embed=None, prefix_tokens=None):
     patch = weight.shape[-1]
     x = F.conv2d(images, weight, bias, stride=patch).flatten(2).transpose(1, 2)
     if prefix_tokens is not None:
-        x = torch.cat([prefix_tokens.unsqueeze(0).expand(x.shape[0], -1, -1), x], dim=1)
+        x = torch.cat([prefix_tokens.expand(x.shape[0], -1, -1), x], dim=1)
     if pos_embed is not None:
-        x = x + pos_embed.reshape(x.shape[1], x.shape[2])
+        x = x + pos_embed  # (T + N, E) or (1, T + N, E): broadcast over the batch
     return x
 
 

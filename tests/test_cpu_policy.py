@@ -16,6 +16,7 @@ from mmkern.ops import (
     add_layer_norm,
     bias_gelu,
     clip_loss,
+    contrastive,
     cpu_policy,
     infonce,
     patch_embed,
@@ -29,10 +30,13 @@ LEVELS = mmkern.cpu_capabilities() if _native.CPU_ERROR is None else []
 
 
 def _calls(monkeypatch, name: str) -> list:
-    """Records the calls of reference.<name>, which the torch backend runs for patch_embed, the losses and
-    bias_gelu (they are PyTorch's own ops written as a user would), or of torch.layer_norm for add_layer_norm."""
+    """Records the calls of the torch backend's path: reference.<name> for patch_embed, siglip_loss and bias_gelu
+    (PyTorch's own ops written as a user would), torch.layer_norm for add_layer_norm, and the naive losses of
+    mmkern.ops.contrastive (the reference's, through the cross-entropy's ATen op) for clip_loss and infonce."""
     seen = []
-    owner, attr = (torch, "layer_norm") if name == "add_layer_norm" else (reference, name)
+    owners = {"add_layer_norm": (torch, "layer_norm"), "clip_loss": (contrastive, "_naive_clip"),
+              "infonce": (contrastive, "_naive_infonce")}  # fmt: skip
+    owner, attr = owners.get(name, (reference, name))
     original = getattr(owner, attr)
 
     def spy(*args, **kwargs):
@@ -52,8 +56,8 @@ def test_default_follows_the_policy_at_every_level(level, monkeypatch):
     images = torch.randn(2, 3, 8, 8, generator=gen)
     s = torch.tensor(5.0)
     cases = [
-        ("add_layer_norm", lambda: add_layer_norm(x, x), cpu_policy.add_layer_norm),
-        ("bias_gelu", lambda: bias_gelu(x), lambda: cpu_policy.bias_gelu(x.numel(), False)),
+        ("add_layer_norm", lambda: add_layer_norm(x, x), lambda: cpu_policy.add_layer_norm(x.numel(), False, x.dtype)),
+        ("bias_gelu", lambda: bias_gelu(x), lambda: cpu_policy.bias_gelu(x.numel(), False, x.dtype)),
         ("patch_embed", lambda: patch_embed(images, w), lambda: cpu_policy.patch_embed(False)),
         ("patch_embed", lambda: patch_embed(images.bfloat16(), w.bfloat16()), lambda: cpu_policy.patch_embed(True)),
         (
@@ -87,12 +91,19 @@ def test_policy_regions():
                 assert cpu_policy.contrastive(loss, 1 << 14, 1 << 14, 512)  # past the memory bound: always native
                 assert not cpu_policy.contrastive(loss, 64, 64, 64)  # small batches: the naive loss
             assert cpu_policy.contrastive("clip", 1024, 1024, 64)  # CLIP's narrow large batches: native everywhere
-            assert cpu_policy.bias_gelu(1 << 20, grad=True) and not cpu_policy.bias_gelu(1 << 16, grad=True)
-            assert cpu_policy.bias_gelu(1 << 22, grad=False) and not cpu_policy.bias_gelu(1 << 20, grad=False)
+            f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+            # The row ops: native from a size on (never for fp32 GELU at default), torch for small tensors and fp64.
+            for op in (cpu_policy.bias_gelu, cpu_policy.add_layer_norm, cpu_policy.rms_norm):
+                for grad in (False, True):
+                    assert not op(1 << 10, grad, bf16) and not op(1 << 22, grad, torch.float64)
+                    assert op(1 << 22, grad, bf16) == (op is not cpu_policy.add_layer_norm or grad or level != "avx2")
+            assert cpu_policy.bias_gelu(1 << 22, True, f32) == (level != "default")
+            assert cpu_policy.add_layer_norm(1 << 20, True, f32) and not cpu_policy.add_layer_norm(1 << 14, True, f32)
+            assert cpu_policy.rms_norm(1 << 12, True, f32) and not cpu_policy.rms_norm(1 << 12, False, f32)
+            assert cpu_policy.rms_norm(1 << 22, False, f16) == (level != "default")
             assert cpu_policy.attention(12, 4096, 4096, 128, False, True) == (level != "default")
             assert cpu_policy.attention(12, 197, 197, 64, False, False) == (level != "default")  # ViT-B/16
             assert not cpu_policy.attention(4, 17, 17, 16, False, True)  # tiny heads: the fixed cost dominates
-            assert cpu_policy.add_layer_norm() == (level == "default")
 
 
 def test_torch_backend_matches_reference():

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import mmkern
 from mmkern import reference
 from mmkern.nn import Block, Mlp, fused_elementwise
+from mmkern.ops import rms_norm
 from mmkern.ops.fused import add_layer_norm, bias_gelu
 from tests.checks import LAYOUTS, RTOL, assert_close, backends_for, dtypes_for, kernel_backends, relative_error
 from tests.checks import layout as _layout
@@ -207,6 +208,24 @@ def test_layer_norm_mean_far_from_std(backend, device, d):
     eps32 = torch.finfo(torch.float32).eps
     bound = 0.5 * (512 * eps32) * rstd + 4 * eps32 * (1 + ref.abs())  # 512 eps32: the fp32 spacing in [512, 1024)
     assert ((out.double() - ref).abs() / bound).max().item() <= 1.05
+
+
+@pytest.mark.parametrize(
+    "backend,dtype", [(b, d) for b in kernel_backends("cpu") for d in dtypes_for(b) if d != torch.float32]
+)
+def test_sum_rounds_as_torch(backend, dtype):
+    """s = x + r is stored exactly as torch's add rounds it (to nearest even; infinities kept, NaN kept), in full
+    vectors and a row's tail: the tolerance of the other tests would not see a conversion that truncates. The rows
+    of rms_norm are stored by the same conversions (cpu_rows.h)."""
+    gen = torch.Generator().manual_seed(0)
+    x, r = _rand(gen, (9, 133), dtype, 3.0), _rand(gen, (9, 133), dtype, 3.0)
+    x[0, :3] = torch.tensor([float("inf"), -float("inf"), float("nan")], dtype=dtype)
+    s, _ = add_layer_norm(x, r, backend=backend)
+    expected = x + r
+    finite = ~torch.isnan(expected)
+    assert torch.equal(torch.isnan(s), ~finite) and torch.equal(s[finite], expected[finite])
+    s, _ = rms_norm(x, r, backend=backend)
+    assert torch.equal(torch.isnan(s), ~finite) and torch.equal(s[finite], expected[finite])
 
 
 @pytest.mark.parametrize("backend", backends_for("cpu"))

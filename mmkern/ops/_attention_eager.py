@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from mmkern.ops._attention_op import _backward, _backward_impl, _forward_impl, _setup_context
-from mmkern.ops._eager import eager_function, plain_eager
+from mmkern.ops._eager import eager_function, needs_grad, plain_eager
 
 _EagerAttention = eager_function("_EagerAttention", _forward_impl, _setup_context, _backward)
 
@@ -43,7 +43,9 @@ class _EagerPackedAttention(torch.autograd.Function):
 
 def _attention(q, k, v, mask, cu_q, cu_k, *params):
     """mmkern::attention, or in plain eager mode _EagerAttention (which skips the custom-op dispatch, see
-    mmkern.ops._eager)."""
+    mmkern.ops._eager), or without autograd the forward kernels alone (an autograd node costs several µs)."""
     if plain_eager(q, k, v, mask, cu_q, cu_k):
-        return _EagerAttention.apply(q, k, v, mask, cu_q, cu_k, *params)
+        if needs_grad(q, k, v, mask):
+            return _EagerAttention.apply(q, k, v, mask, cu_q, cu_k, *params)
+        return _forward_impl(q, k, v, mask, cu_q, cu_k, *params)
     return torch.ops.mmkern.attention(q, k, v, mask, cu_q, cu_k, *params)

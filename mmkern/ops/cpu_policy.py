@@ -17,6 +17,8 @@ win there at one thread and at two.
 
 from __future__ import annotations
 
+import torch
+
 from mmkern import _native
 
 AVX512 = ("avx512", "avx512_bf16")
@@ -69,16 +71,58 @@ def contrastive(loss: str, B: int, K: int, D: int) -> bool:
     return start is not None and logits >= 1 << start
 
 
-def bias_gelu(numel: int, grad: bool) -> bool:
-    """Against F.gelu(x + bias), numel 2^16 .. 2^24 (N = 256, 768, 3072): fwd+bwd 1.2-2.3x from 2^18 at every level
-    (2^16: 1.06x avx512, 1.00x avx2, 0.94x default); inference 0.79-0.94x up to 2^19 (the extra pass over x + bias
-    costs torch less than the threads' start-up), 0.77-1.33x at 2^20, 1.35-2.3x from 2^22."""
-    return numel >= (1 << 17 if grad else 1 << 21)
+# The row ops (bias_gelu, add_layer_norm, rms_norm): log2 of the fewest elements from which the native kernel
+# measured >= 1.05x the torch path, by level, storage dtype and (inference, with a gradient); None: never. Swept with
+# the public ops (backend="cpu" against backend="torch", alternating, medians of thread CPU time), one thread, both
+# libraries held to each level, 2^12 .. 2^22 elements at two widths each (add_layer_norm and rms_norm 64 / 768,
+# bias_gelu 768 / 3072): `python -m benchmarks.bench_fused --sweep --threads 1 --dtype D --cpu-capability L`. A
+# threshold is taken where both widths stay faster from there up. The figures: the docstrings.
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+_ROWS_FROM = {
+    "add_layer_norm": {
+        "avx512": {F32: (18, 18), BF16: (16, 16), F16: (18, 18)},
+        "avx2": {F32: (18, 18), BF16: (None, 18), F16: (18, 18)},
+        "default": {F32: (14, 16), BF16: (14, 14), F16: (None, 20)},
+    },
+    "bias_gelu": {
+        "avx512": {F32: (12, 12), BF16: (12, 12), F16: (16, 16)},
+        "avx2": {F32: (12, 12), BF16: (16, 16), F16: (16, 16)},
+        "default": {F32: (None, None), BF16: (12, 14), F16: (16, 20)},
+    },
+    "rms_norm": {
+        "avx512": {F32: (16, 12), BF16: (14, 12), F16: (16, 12)},
+        "avx2": {F32: (16, 12), BF16: (20, 12), F16: (16, 12)},
+        "default": {F32: (14, 12), BF16: (12, 12), F16: (None, None)},
+    },
+}
 
 
-def add_layer_norm() -> bool:
-    """0.96x (avx512) and 0.95x (avx2) torch's add + LayerNorm at ViT-B widths, fwd+bwd: level; 1.48x at default."""
-    return level() == "default"
+def _rows(op: str, numel: int, grad: bool, dtype: torch.dtype) -> bool:
+    lv = level()
+    start = _ROWS_FROM[op]["avx512" if lv in AVX512 else lv].get(dtype, (None, None))[1 if grad else 0]
+    return start is not None and numel >= 1 << start
+
+
+def bias_gelu(numel: int, grad: bool, dtype: torch.dtype) -> bool:
+    """Against F.gelu(x + bias) (inference: the sum, then GELU in place), numel elements of dtype. Measured torch /
+    native, 2^12 .. 2^22 elements: avx512 fp32 1.05-2.3x fwd, 1.06-2.8x fwd+bwd; bf16 1.13-1.42x / 1.01-1.72x; fp16
+    0.45-0.91x below 2^16, then 1.26-2.0x / 1.07-2.3x. avx2 fp32 1.06-1.36x / 1.05-1.41x; bf16 0.63-1.02x below 2^16,
+    then 1.16-1.31x / 1.14-1.65x; fp16 alike (1.26-1.78x from 2^16). default (SSE2, no FMA, against oneDNN's SSE4.1
+    GELU): fp32 0.83-0.95x / 0.85-1.08x; bf16 1.24-2.8x / 1.50-2.4x from 2^14; fp16 1.13-1.21x from 2^16, 1.09-1.11x
+    with a gradient from 2^20 (fp16 conversions element by element without F16C)."""
+    return _rows("bias_gelu", numel, grad, dtype)
+
+
+def add_layer_norm(numel: int, grad: bool, dtype: torch.dtype) -> bool:
+    """Against x + residual, then F.layer_norm. Measured torch / native, 2^12 .. 2^22 elements: the native path's
+    fixed cost (~10 us more per call) loses below 2^16 everywhere (0.37-0.96x; default from 2^14). avx512 fp32 from
+    2^18: inference 1.0-1.8x, but 0.93-1.25x from run to run at width 768 and 2^20-2^22, where both paths spend most
+    of their time page-faulting fresh outputs (glibc returns the freed megabytes to the OS after each call; 1.1-1.7x
+    with it kept from doing so), fwd+bwd 1.02-2.5x; bf16 1.17-2.35x / 1.13-2.52x from 2^16; fp16 1.48-1.85x /
+    1.18-1.78x from 2^18. avx2 fp32 1.03-1.26x / 1.23-2.55x from 2^18; bf16 inference 0.79-1.16x (torch), fwd+bwd
+    1.28-1.50x from 2^18; fp16 1.17-1.75x / 1.37-1.80x from 2^18. default fp32 1.14-3.1x from 2^14 / 1.66-3.0x from
+    2^16; bf16 1.13-1.47x / 1.48-2.51x from 2^14; fp16 inference 0.55-0.64x (torch), fwd+bwd 1.05-1.21x from 2^20."""
+    return _rows("add_layer_norm", numel, grad, dtype)
 
 
 def attention(heads: int, L: int, S: int, D: int, causal: bool, grad: bool) -> bool:
@@ -101,10 +145,11 @@ def attention(heads: int, L: int, S: int, D: int, causal: bool, grad: bool) -> b
     return work >= 1 << 21
 
 
-def rms_norm(numel: int, grad: bool) -> bool:
-    """Against x + residual then F.rms_norm (torch 2.13 on the CPU: a composite of ~6 ops, more in its backward),
-    widths 64 / 768 / 2048 at 16 / 256 / 2048 rows, one thread, both held to each level (bench_rms_norm --threads 1
-    --cpu-capability ..., the machine loaded by other processes): fwd+bwd 0.85-0.92x at 2^10, 1.04-1.73x at
-    2^13.6-2^14, 1.17-1.58x at 2^15, 4-13x from 2^17, alike at every level; inference 0.50-0.85x up to 2^14 (the
-    ~25 us more per call in Python), 0.66-2.6x at 2^15, 1.2-8.3x from 2^17."""
-    return numel >= (1 << 15 if grad else 1 << 17)
+def rms_norm(numel: int, grad: bool, dtype: torch.dtype) -> bool:
+    """Against x + residual then F.rms_norm (torch 2.13 on the CPU: a composite of ~6 ops, more in its backward).
+    Measured torch / native, 2^12 .. 2^22 elements: fwd+bwd 1.05-1.44x at 2^12, 1.27-15x above, at every level and
+    dtype but fp16 at default (0.51-0.90x: conversions element by element without F16C). Inference: avx512 fp32
+    0.74-0.88x below 2^16, 1.23-2.2x from there; bf16 1.10-5.3x from 2^14; fp16 1.26-13x from 2^16. avx2 fp32
+    1.39-2.5x from 2^16; bf16 0.94-0.97x at width 64 up to 2^18, 1.38-2.9x from 2^20; fp16 1.27-17x from 2^16.
+    default fp32 1.44-3.7x from 2^14, bf16 1.13-1.52x from 2^12, fp16 0.38-0.55x."""
+    return _rows("rms_norm", numel, grad, dtype)

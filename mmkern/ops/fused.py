@@ -22,7 +22,7 @@ import torch
 
 from mmkern import backends, reference
 from mmkern.ops import cpu_policy
-from mmkern.ops._checks import check_like, check_tensor, native_dtype
+from mmkern.ops._checks import check_same, check_tensor, check_vectors, native_dtype
 from mmkern.ops._eager import needs_grad
 from mmkern.ops._register import define_op, launch_kernel, new_like, rows
 
@@ -48,16 +48,12 @@ def bias_gelu(
     check_tensor(x, "x")
     if x.dim() == 0:
         raise ValueError("x: expected at least 1 dimension, got a scalar")
-    if bias is not None:
-        check_tensor(bias, "bias", ndim=1)
-        check_like("x", x, bias=bias)
-        if bias.shape[0] != x.shape[-1]:
-            raise ValueError(f"bias: expected ({x.shape[-1]},) to match the last dim of x, got {tuple(bias.shape)}")
+    check_vectors("x", x, bias=bias)
     if approximate not in GELU_KINDS:
         raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
     grad = needs_grad(x, bias)
     if backends.cpu_default(backend, x):  # the common case first: no backend named, CPU tensors
-        chosen = "cpu" if cpu_policy.bias_gelu(x.numel(), grad) else "torch"
+        chosen = "cpu" if cpu_policy.bias_gelu(x.numel(), grad, x.dtype) else "torch"
     else:
         chosen = backends.resolve(backend, x.device, "triton")
     native_dtype(chosen, "x", x)
@@ -94,27 +90,19 @@ def add_layer_norm(
     check_tensor(x, "x")
     if x.dim() == 0:
         raise ValueError("x: expected at least 1 dimension, got a scalar")
-    check_like("x", x, residual=residual, weight=weight, bias=bias)
-    if residual is not None:
-        check_tensor(residual, "residual")
-        if residual.shape != x.shape:
-            raise ValueError(f"residual: shape {tuple(residual.shape)} differs from x's {tuple(x.shape)}")
-    D = x.shape[-1]
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None:
-            check_tensor(t, name, ndim=1)
-            if t.shape[0] != D:
-                raise ValueError(f"{name}: expected ({D},) to match the last dim of x, got {tuple(t.shape)}")
+    check_same("x", x, "residual", residual)
+    check_vectors("x", x, weight=weight, bias=bias)
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
     if backends.cpu_default(backend, x):
-        chosen = "cpu" if cpu_policy.add_layer_norm() else "torch"
+        grad = needs_grad(x, residual, weight, bias)
+        chosen = "cpu" if cpu_policy.add_layer_norm(x.numel(), grad, x.dtype) else "torch"
     else:
         chosen = backends.resolve(backend, x.device, "triton")
     native_dtype(chosen, "x", x)
     if chosen == "torch":  # x + residual, then F.layer_norm (torch.layer_norm: the same op without F's Python)
         s = x if residual is None else x + residual
-        return s, torch.layer_norm(s, (D,), weight, bias, eps)
+        return s, torch.layer_norm(s, (x.shape[-1],), weight, bias, eps)
     if chosen == "reference":
         return reference.add_layer_norm(x, residual, weight, bias, eps)
     s, out, _, _ = _add_layer_norm(x, residual, weight, bias, float(eps), chosen)

@@ -15,7 +15,7 @@ import torch
 from mmkern import _native, backends, reference
 from mmkern.ops import cpu_policy
 from mmkern.ops._checks import check_like, check_tensor, native_dtype
-from mmkern.ops._eager import eager_function, plain_eager
+from mmkern.ops._eager import eager_function, needs_grad, plain_eager
 
 
 def check_prefix_and_bias(prefix_tokens, bias, E: int) -> int:
@@ -75,16 +75,23 @@ def patch_embed(
             raise ValueError(
                 f"pos_embed: expected length T + N = {T} + {N} = {T + N} and width {E}, got {tuple(pos_embed.shape)}"
             )
-        pos_embed = pos_embed.reshape(T + N, E)
+        if pos_embed.dim() == 3:
+            pos_embed = pos_embed[0]
     # On GPUs the Triton kernel's tl.dot runs on tensor cores while the cuda kernel is SIMT fp32 FMA.
     bf16 = images.dtype == torch.bfloat16
-    chosen = backends.resolve(backend, images.device, "triton", lambda: cpu_policy.patch_embed(bf16))
+    if backends.cpu_default(backend, images):  # the common case first: no backend named, CPU tensors
+        chosen = "cpu" if cpu_policy.patch_embed(bf16) else "torch"
+    else:
+        chosen = backends.resolve(backend, images.device, "triton")
     native_dtype(chosen, "images", images)
     if chosen in ("reference", "torch"):  # conv2d + flatten + cat + add, as a user writes it
         return reference.patch_embed(images, weight, bias, pos_embed, prefix_tokens)
-    if plain_eager(images, weight, bias, pos_embed, prefix_tokens):  # see mmkern/ops/_eager.py
-        return _EagerPatchEmbed.apply(images, weight, bias, pos_embed, prefix_tokens, chosen)
-    return torch.ops.mmkern.patch_embed(images, weight, bias, pos_embed, prefix_tokens, chosen)
+    tensors = (images, weight, bias, pos_embed, prefix_tokens)
+    if not plain_eager(*tensors):
+        return torch.ops.mmkern.patch_embed(*tensors, chosen)
+    if needs_grad(*tensors):  # see mmkern/ops/_eager.py
+        return _EagerPatchEmbed.apply(*tensors, chosen)
+    return _forward_impl(*tensors, chosen)  # without autograd, no node to build
 
 
 def _output_shape(images, weight, prefix_tokens):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from mmkern import backends, reference
 from mmkern.ops import cpu_policy
-from mmkern.ops._checks import check_like, check_tensor, native_dtype
+from mmkern.ops._checks import check_same, check_tensor, check_vectors, native_dtype
 from mmkern.ops._eager import needs_grad
 from mmkern.ops._register import define_op, launch_kernel, new_like, rows
 
@@ -43,19 +43,12 @@ def rms_norm(
     check_tensor(x, "x")
     if x.dim() == 0:
         raise ValueError("x: expected at least 1 dimension, got a scalar")
-    check_like("x", x, residual=residual, weight=weight)
-    if residual is not None:
-        check_tensor(residual, "residual")
-        if residual.shape != x.shape:
-            raise ValueError(f"residual: shape {tuple(residual.shape)} differs from x's {tuple(x.shape)}")
-    if weight is not None:
-        check_tensor(weight, "weight", ndim=1)
-        if weight.shape[0] != x.shape[-1]:
-            raise ValueError(f"weight: expected ({x.shape[-1]},) to match the last dim of x, got {tuple(weight.shape)}")
+    check_same("x", x, "residual", residual)
+    check_vectors("x", x, weight=weight)
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
     if backends.cpu_default(backend, x):  # the common case first: no backend named, CPU tensors
-        chosen = "cpu" if cpu_policy.rms_norm(x.numel(), needs_grad(x, residual, weight)) else "torch"
+        chosen = "cpu" if cpu_policy.rms_norm(x.numel(), needs_grad(x, residual, weight), x.dtype) else "torch"
     else:
         chosen = backends.resolve(backend, x.device, "triton")
     native_dtype(chosen, "x", x)
