@@ -38,7 +38,7 @@ def _grid_of(tiles, warps=(4, 8), stages=(2, 3)):
 
 
 # (BM, BN, warps, stages) the autotuner of each kernel tries for fp16 / bf16 and TF32: the configs that spill no
-# register on sm_90 and sm_80 at head dims 64 and 128 in the compile report (`python -m benchmarks.triton_compile`).
+# register on sm_90 and sm_80 at head dim 64 in the compile report (`python -m benchmarks.triton_compile`).
 # dK/dV keeps four (BN, D) tiles live across its query loop, and ptxas spills it in 14 of the 16 configs of the
 # (BM, BN) grid below on one of the two targets.
 CONFIGS = {
@@ -46,6 +46,9 @@ CONFIGS = {
     "dkdv": [(32, 64, 8, 2), (32, 64, 8, 3)],
     "dq": [c for c in _grid_of([(64, 64), (32, 64), (64, 32), (32, 32)]) if c[:3] != (64, 64, 4)],
 }
+# Head dim 128: the forward's 128-row tiles on 4 warps spill in the full report (plain 104-120 B on sm_90, 48-304 B on
+# sm_80; window up to 6.5 KB on sm_80), where the same tiles on 8 warps spill nothing.
+CONFIGS_128 = {**CONFIGS, "fwd": [c for c in CONFIGS["fwd"] if not (c[0] == 128 and c[2] == 4)]}
 # Head dims above 128 (BD = 256): the (BM, D) accumulators alone hold 64-128 fp32 registers per thread, and the
 # D <= 128 configs spilled 8-680 B per thread on sm_90 and up to 3.3 KB on sm_80. The compile report at D = 256
 # (fp16 / bf16, every feature, sm_90 and sm_80) keeps these: no spill without dropout, at most 248 B with it. Left
@@ -80,13 +83,14 @@ def shared_bytes_estimate(bm: int, bn: int, stages: int, bd: int, bdv: int, elem
 
 
 def fitting_configs(configs: list[triton.Config], elem: int, meta: dict, shared_limit: int, kind: str):
-    """The configs of kernel `kind` ("fwd", "dkdv", "dq") a launch may run: its CONFIGS (CONFIGS_WIDE for head
-    dims above 128, IEEE_CONFIGS for fp32 without TF32) that fit shared_limit bytes of shared memory (a D = 256
+    """The configs of kernel `kind` ("fwd", "dkdv", "dq") a launch may run: its CONFIGS (CONFIGS_128 for head dim
+    128, CONFIGS_WIDE above, IEEE_CONFIGS for fp32 without TF32) that fit shared_limit bytes of shared memory (a D = 256
     config that does not fit is otherwise compiled only to be rejected); the smallest config if none fits."""
     if meta["PREC"] == "ieee":
         allowed = IEEE_CONFIGS
     else:
-        allowed = CONFIGS_WIDE[kind] if max(meta["BD"], meta["BDV"]) > 128 else CONFIGS[kind]
+        bd = max(meta["BD"], meta["BDV"])
+        allowed = (CONFIGS_WIDE if bd > 128 else CONFIGS_128 if bd > 64 else CONFIGS)[kind]
     keep = [
         c
         for c in configs
