@@ -374,7 +374,8 @@ def _torch_path(query, key, value, attn_mask, is_causal, scale, enable_gqa):
     if attn_mask is not None:
         sees = attn_mask if attn_mask.dtype == torch.bool else attn_mask != -math.inf
         blind = ~sees.any(-1, keepdim=True)
-        if bool(blind.any()):
+        # Skipping the fix where no row is blind is an eager shortcut; a compiled graph cannot branch on data.
+        if torch.compiler.is_compiling() or bool(blind.any()):
             attn_mask = attn_mask | blind if attn_mask.dtype == torch.bool else attn_mask.masked_fill(blind, 0.0)
         else:
             blind = None
