@@ -98,7 +98,9 @@ def test_policy_regions():
                     assert not op(1 << 10, grad, bf16) and not op(1 << 22, grad, torch.float64)
                     assert op(1 << 22, grad, bf16) == (op is not cpu_policy.add_layer_norm or grad or level != "avx2")
             assert cpu_policy.bias_gelu(1 << 22, True, f32) == (level != "default")
-            assert cpu_policy.add_layer_norm(1 << 20, True, f32) and not cpu_policy.add_layer_norm(1 << 14, True, f32)
+            # fp32 with a gradient at AVX-512: torch (0.74-0.90x at two threads).
+            assert cpu_policy.add_layer_norm(1 << 20, True, f32) == (level not in cpu_policy.AVX512)
+            assert not cpu_policy.add_layer_norm(1 << 14, True, f32)
             assert cpu_policy.rms_norm(1 << 12, True, f32) and not cpu_policy.rms_norm(1 << 12, False, f32)
             assert cpu_policy.rms_norm(1 << 22, False, f16) == (level != "default")
             assert cpu_policy.attention(12, 4096, 4096, 128, False, True) == (level != "default")
