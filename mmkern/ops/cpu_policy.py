@@ -3,6 +3,9 @@ path a user would otherwise write (torch's own SDPA, conv2d + add, the naive los
 kind of call at the ISA level the kernels run at (mmkern.cpu_capability()), and that PyTorch path (the `torch`
 backend) everywhere else. So swapping in an mmkern op never costs speed on any CPU.
 
+The regions were measured on x86-64; on other architectures (aarch64) the default takes the PyTorch path until one
+is measured there (MEASURED_ARCH below).
+
 Only the default changes: backend="cpu" (or use_backend / MMKERN_BACKEND) always runs the native kernel, and
 calls that PyTorch has no path for (windowed or global-token attention, varlen, dropout that must match the other
 backends' mask, causal combined with a mask) always run it.
@@ -17,6 +20,8 @@ win there at one thread and at two.
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
 from mmkern import _native
@@ -28,6 +33,12 @@ AVX512 = ("avx512", "avx512_bf16")
 CONTRASTIVE_MEMORY_LOGITS = 1 << 26
 
 
+# Every region below was measured on x86-64. Elsewhere (aarch64's NEON build of the `default` level, ...) nothing
+# says the native kernels beat PyTorch's own, so the default takes the PyTorch path for speed decisions until a
+# machine of that architecture measures them; the memory bound of the losses still holds.
+MEASURED_ARCH: bool = platform.machine().lower() in ("x86_64", "amd64")
+
+
 def level() -> str:
     return _native.cpu_level
 
@@ -35,14 +46,14 @@ def level() -> str:
 def patch_embed(dtype_is_bf16: bool) -> bool:
     """Native everywhere but fp32 / fp16 at the default level (ViT-B/16: 0.88x conv2d, whose oneDNN kernels use SSE4.1
     where the portable C++ has SSE2 and no FMA); bf16 7.5-14x at default and avx2, where torch's bf16 conv2d is slow."""
-    return dtype_is_bf16 or level() != "default"
+    return MEASURED_ARCH and (dtype_is_bf16 or level() != "default")
 
 
 def patch_embed_packed(dtype_is_bf16: bool) -> bool:
     """Against conv2d + F.interpolate per image, fwd+bwd, 12 images of 64-304 px sides, ViT-B/16, one thread, ATen
     at its own best level: avx512 2.0-2.1x (fp32, bf16), avx512_bf16 1.6-2.0x, avx2 1.5x fp32 / 2.1x bf16;
     default 0.60x fp32 / 0.64x bf16 (ATen's oneDNN convolutions against the portable C++)."""
-    return level() != "default"
+    return MEASURED_ARCH and level() != "default"
 
 
 # log2 of the fewest logits (B·K) at which the native loss measured faster, by loss and feature width (D ≤ 128,
@@ -66,6 +77,8 @@ def contrastive(loss: str, B: int, K: int, D: int) -> bool:
     logits = B * K
     if logits >= CONTRASTIVE_MEMORY_LOGITS:
         return True
+    if not MEASURED_ARCH:
+        return False
     lv = level()
     start = _CONTRASTIVE_FROM["avx512" if lv in AVX512 else lv][loss][0 if D <= 128 else 1]
     return start is not None and logits >= 1 << start
@@ -98,6 +111,8 @@ _ROWS_FROM = {
 
 
 def _rows(op: str, numel: int, grad: bool, dtype: torch.dtype) -> bool:
+    if not MEASURED_ARCH:
+        return False
     lv = level()
     start = _ROWS_FROM[op]["avx512" if lv in AVX512 else lv].get(dtype, (None, None))[1 if grad else 0]
     return start is not None and numel >= 1 << start
@@ -139,7 +154,7 @@ def attention(heads: int, L: int, S: int, D: int, causal: bool, grad: bool) -> b
     included, which an earlier two-thread sweep had at 1.16-1.30x), 0.56-1.32x from 2^21: torch's SDPA there.
     Larger calls, two threads (README, bench_attention): avx512 1.5-3.8x (ViT-B/16 2.2x fwd+bwd), avx2 1.03-2.4x."""
     lv = level()
-    if lv == "default":
+    if lv == "default" or not MEASURED_ARCH:
         return False
     work = heads * L * S * D
     if lv in AVX512:
