@@ -22,7 +22,7 @@ import torch
 
 from mmkern import backends, reference
 from mmkern.ops import cpu_policy
-from mmkern.ops._checks import check_same, check_tensor, check_vectors, native_dtype
+from mmkern.ops._checks import check_rows, native_dtype
 from mmkern.ops._eager import needs_grad
 from mmkern.ops._register import define_op, launch_kernel, new_like, rows
 
@@ -45,10 +45,7 @@ def bias_gelu(
     Returns: (..., N) in x's dtype (contiguous from the kernels; the torch path keeps the strides x + bias has).
     Differentiable in x and bias.
     """
-    check_tensor(x, "x")
-    if x.dim() == 0:
-        raise ValueError("x: expected at least 1 dimension, got a scalar")
-    check_vectors("x", x, bias=bias)
+    check_rows(x, bias=bias)
     if approximate not in GELU_KINDS:
         raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
     grad = needs_grad(x, bias)
@@ -87,11 +84,7 @@ def add_layer_norm(
     Returns: s (x itself when residual is None, else a new tensor) and the normalised (..., D), both in x's dtype.
     Differentiable in x, residual, weight and bias, through both outputs.
     """
-    check_tensor(x, "x")
-    if x.dim() == 0:
-        raise ValueError("x: expected at least 1 dimension, got a scalar")
-    check_same("x", x, "residual", residual)
-    check_vectors("x", x, weight=weight, bias=bias)
+    check_rows(x, residual, weight, bias)
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
     if backends.cpu_default(backend, x):

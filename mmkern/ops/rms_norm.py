@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from mmkern import backends, reference
 from mmkern.ops import cpu_policy
-from mmkern.ops._checks import check_same, check_tensor, check_vectors, native_dtype
+from mmkern.ops._checks import check_rows, native_dtype
 from mmkern.ops._eager import needs_grad
 from mmkern.ops._register import define_op, launch_kernel, new_like, rows
 
@@ -40,11 +40,7 @@ def rms_norm(
     Returns: s (x itself when residual is None, else a new contiguous tensor) and the normalised (..., D), both in
     x's dtype. Differentiable in x, residual and weight, through both outputs.
     """
-    check_tensor(x, "x")
-    if x.dim() == 0:
-        raise ValueError("x: expected at least 1 dimension, got a scalar")
-    check_same("x", x, "residual", residual)
-    check_vectors("x", x, weight=weight)
+    check_rows(x, residual, weight)
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
     if backends.cpu_default(backend, x):  # the common case first: no backend named, CPU tensors
