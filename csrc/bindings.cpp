@@ -11,7 +11,7 @@
 //     &mmkern::<op>_fwd_cuda).
 //  3. Python calls mmkern._native.launch("<op>_fwd", device, {tensor fields by name}, {scalar fields by name}):
 //     two dict displays with every field, tensors as torch tensors or None. launch turns each tensor into the
-//     tuple that to_tensor reads (_native.tensor_arg: (data_ptr, dtype_code, sizes, strides, device_index), None
+//     tuple that to_tensor reads (_native.tensor_args: (data_ptr, dtype_code, sizes, strides, device_index), None
 //     for an absent one) and adds num_threads or the stream. A missing, unknown or mistyped field is a TypeError
 //     that names it: nothing is matched by position. (Dicts, not **kwargs: a call with 24 keyword arguments
 //     builds a new dict at every Python level it passes, microseconds per call; a dict display is built once.)
@@ -42,23 +42,61 @@ using mmkern::Tensor;
 
 namespace {
 
-Tensor to_tensor(py::handle obj) {
-  Tensor t;
-  if (obj.is_none()) return t;
-  auto tup = obj.cast<py::tuple>();
-  if (tup.size() != 5) throw std::invalid_argument("internal: tensor tuple must have 5 fields");
-  t.data = reinterpret_cast<void*>(tup[0].cast<uintptr_t>());
-  t.dtype = static_cast<mmkern::DType>(tup[1].cast<int>());
-  auto sizes = tup[2].cast<std::vector<int64_t>>();
-  auto strides = tup[3].cast<std::vector<int64_t>>();
-  if (sizes.size() > static_cast<size_t>(mmkern::kMaxDims) || sizes.size() != strides.size())
-    throw std::invalid_argument("internal: bad tensor rank");
-  t.ndim = static_cast<int>(sizes.size());
-  for (int i = 0; i < t.ndim; ++i) {
-    t.sizes[i] = sizes[i];
-    t.strides[i] = strides[i];
+// Why a tensor tuple is malformed; params_from names the entry point and the field.
+struct BadTensorTuple {
+  std::string why;
+};
+
+// An int field of a tensor tuple; -1 with a Python error set is how the C API reports a failed conversion.
+long long tuple_int(PyObject* item, const char* what) {
+  const long long v = PyLong_AsLongLong(item);
+  if (v == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw BadTensorTuple{std::string(what) + (PyLong_Check(item) ? ": out of the int64 range"
+                                                                 : std::string(": expected an int, got ") +
+                                                                       Py_TYPE(item)->tp_name)};
   }
-  t.device = tup[4].cast<int>();
+  return v;
+}
+
+// The tuple _native.tensor_args builds, (data_ptr, dtype_code, sizes, strides, device_index), or None, read with the
+// C API straight into the fixed arrays: this runs for every tensor of every native call, and pybind11's casts (a
+// tuple object, two std::vectors) cost about as much as a small kernel. Anything but a tuple is a py::cast_error
+// (params_from: "has the wrong type"); a tuple that is not one of tensor_args' is a BadTensorTuple.
+Tensor to_tensor(PyObject* obj) {
+  Tensor t;
+  if (obj == Py_None) return t;
+  if (!PyTuple_Check(obj)) throw py::cast_error();
+  if (PyTuple_GET_SIZE(obj) != 5)
+    throw BadTensorTuple{"expected (data_ptr, dtype_code, sizes, strides, device_index), a tuple of " +
+                         std::to_string(PyTuple_GET_SIZE(obj))};
+  PyObject* ptr = PyTuple_GET_ITEM(obj, 0);
+  if (!PyLong_Check(ptr)) throw BadTensorTuple{std::string("data_ptr: expected an int, got ") + Py_TYPE(ptr)->tp_name};
+  t.data = PyLong_AsVoidPtr(ptr);
+  if (!t.data && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw BadTensorTuple{"data_ptr: not an address"};
+  }
+  const long long code = tuple_int(PyTuple_GET_ITEM(obj, 1), "dtype_code");
+  if (code < 0 || code > static_cast<long long>(mmkern::DType::u8))
+    throw BadTensorTuple{"dtype_code: unknown code " + std::to_string(code)};
+  t.dtype = static_cast<mmkern::DType>(code);
+  PyObject* sizes = PyTuple_GET_ITEM(obj, 2);
+  PyObject* strides = PyTuple_GET_ITEM(obj, 3);
+  if (!PyTuple_Check(sizes) || !PyTuple_Check(strides)) throw BadTensorTuple{"sizes, strides: expected tuples"};
+  const Py_ssize_t ndim = PyTuple_GET_SIZE(sizes);
+  if (ndim > mmkern::kMaxDims)
+    throw BadTensorTuple{std::to_string(ndim) + " dimensions, more than the " + std::to_string(mmkern::kMaxDims) +
+                         " native code takes"};
+  if (PyTuple_GET_SIZE(strides) != ndim) throw BadTensorTuple{"sizes and strides differ in length"};
+  t.ndim = static_cast<int>(ndim);
+  for (int i = 0; i < t.ndim; ++i) {
+    t.sizes[i] = tuple_int(PyTuple_GET_ITEM(sizes, i), "sizes");
+    t.strides[i] = tuple_int(PyTuple_GET_ITEM(strides, i), "strides");
+  }
+  const long long device = tuple_int(PyTuple_GET_ITEM(obj, 4), "device_index");
+  if (device < -1 || device > INT32_MAX) throw BadTensorTuple{"device_index: " + std::to_string(device)};
+  t.device = static_cast<int>(device);
   t.present = true;
   return t;
 }
@@ -154,7 +192,7 @@ void check_cuda(int err, const char* what) {
 
 // ---- Parameter structs from Python, by name ----
 
-void from_py(py::handle value, Tensor& field) { field = to_tensor(value); }
+void from_py(py::handle value, Tensor& field) { field = to_tensor(value.ptr()); }
 template <class T>
 void from_py(py::handle value, T& field) {
   field = value.cast<T>();
@@ -210,6 +248,8 @@ P params_from(const char* entry, const py::dict& tensors, const py::dict& scalar
     } catch (const py::cast_error&) {
       throw py::type_error(std::string(entry) + ": '" + name + "' has the wrong type " +
                            std::string(py::str(py::type::handle_of(value))));
+    } catch (const BadTensorTuple& bad) {
+      throw py::type_error(std::string(entry) + ": tensor '" + name + "': " + bad.why);
     }
   });
   // Every field was found, so any further key is unknown.

@@ -80,8 +80,9 @@ def test_default_follows_the_policy_at_every_level(level, monkeypatch):
         assert not seen
 
 
-def test_policy_regions():
-    """The decisions the README documents, level by level."""
+def test_policy_regions(monkeypatch):
+    """The decisions the README documents, level by level (the x86-64 tables, on whatever machine runs this)."""
+    monkeypatch.setattr(cpu_policy, "MEASURED_ARCH", True)
     for level in LEVELS:
         with mmkern.use_cpu_capability(level):
             assert cpu_policy.patch_embed(True)  # bf16: native everywhere
@@ -101,11 +102,37 @@ def test_policy_regions():
             # fp32 with a gradient at AVX-512: torch (0.74-0.90x at two threads).
             assert cpu_policy.add_layer_norm(1 << 20, True, f32) == (level not in cpu_policy.AVX512)
             assert not cpu_policy.add_layer_norm(1 << 14, True, f32)
-            assert cpu_policy.rms_norm(1 << 12, True, f32) and not cpu_policy.rms_norm(1 << 12, False, f32)
+            assert cpu_policy.rms_norm(1 << 12, True, f32)
+            assert cpu_policy.rms_norm(1 << 12, False, f32) == (level == "default")  # fp32 inference: 2^14 elsewhere
+            assert cpu_policy.rms_norm(1 << 14, False, f32) == (level != "avx2")  # avx2: 1.06-1.07x there, 2^16
+            assert cpu_policy.add_layer_norm(1 << 16, False, f32) == (level != "avx2")  # avx2: 1.00x at width 768
             assert cpu_policy.rms_norm(1 << 22, False, f16) == (level != "default")
             assert cpu_policy.attention(12, 4096, 4096, 128, False, True) == (level != "default")
             assert cpu_policy.attention(12, 197, 197, 64, False, False) == (level != "default")  # ViT-B/16
             assert not cpu_policy.attention(4, 17, 17, 16, False, True)  # tiny heads: the fixed cost dominates
+
+
+def test_unmeasured_architecture_takes_torch(monkeypatch):
+    """Off x86-64 (aarch64) no region is measured: every speed decision takes PyTorch's path; the losses' memory
+    bound and the calls torch has no path for still run native."""
+    monkeypatch.setattr(cpu_policy, "MEASURED_ARCH", False)
+    f32, bf16 = torch.float32, torch.bfloat16
+    for level in LEVELS:
+        with mmkern.use_cpu_capability(level):
+            assert not cpu_policy.patch_embed(True) and not cpu_policy.patch_embed(False)
+            assert not cpu_policy.patch_embed_packed(True)
+            for loss in ("clip", "siglip", "infonce"):
+                assert not cpu_policy.contrastive(loss, 1 << 12, 1 << 12, 64)
+                assert cpu_policy.contrastive(loss, 1 << 14, 1 << 14, 512)
+            for op in (cpu_policy.bias_gelu, cpu_policy.add_layer_norm, cpu_policy.rms_norm):
+                for grad in (False, True):
+                    assert not op(1 << 22, grad, f32) and not op(1 << 22, grad, bf16)
+            assert not cpu_policy.attention(12, 4096, 4096, 128, False, True)
+    monkeypatch.setattr(backends, "_forced", None)
+    seen = _calls(monkeypatch, "add_layer_norm")
+    x = torch.randn(1 << 10, 1 << 10)
+    add_layer_norm(x, x)
+    assert seen
 
 
 def test_torch_backend_matches_reference():
