@@ -11,7 +11,7 @@
 //     &mmkern::<op>_fwd_cuda).
 //  3. Python calls mmkern._native.launch("<op>_fwd", device, {tensor fields by name}, {scalar fields by name}):
 //     two dict displays with every field, tensors as torch tensors or None. launch turns each tensor into the
-//     tuple that to_tensor reads (_native.tensor_arg: (data_ptr, dtype_code, sizes, strides, device_index), None
+//     tuple that to_tensor reads (_native.tensor_args: (data_ptr, dtype_code, sizes, strides, device_index), None
 //     for an absent one) and adds num_threads or the stream. A missing, unknown or mistyped field is a TypeError
 //     that names it: nothing is matched by position. (Dicts, not **kwargs: a call with 24 keyword arguments
 //     builds a new dict at every Python level it passes, microseconds per call; a dict display is built once.)
@@ -59,10 +59,10 @@ long long tuple_int(PyObject* item, const char* what) {
   return v;
 }
 
-// The tuple _native.tensor_arg builds, (data_ptr, dtype_code, sizes, strides, device_index), or None, read with the
+// The tuple _native.tensor_args builds, (data_ptr, dtype_code, sizes, strides, device_index), or None, read with the
 // C API straight into the fixed arrays: this runs for every tensor of every native call, and pybind11's casts (a
 // tuple object, two std::vectors) cost about as much as a small kernel. Anything but a tuple is a py::cast_error
-// (params_from: "has the wrong type"); a tuple that is not one of tensor_arg's is a BadTensorTuple.
+// (params_from: "has the wrong type"); a tuple that is not one of tensor_args' is a BadTensorTuple.
 Tensor to_tensor(PyObject* obj) {
   Tensor t;
   if (obj == Py_None) return t;

@@ -103,3 +103,25 @@ def assert_no_worse_than_torch(
     scale = magnitude.abs().max().item() if truth.numel() else 0.0
     limit = slack * bar + factor * RTOL[dtype] * scale
     assert err <= limit, f"{name}: error {err:.3g} > {limit:.3g} (torch's {bar:.3g}, magnitude {scale:.3g}, {dtype})"
+
+
+def spy_launches(monkeypatch, module) -> list:
+    """Records (kernel name, tensors by name) of every kernel launch of the op module `module`."""
+    calls, launch = [], module.launch_kernel
+
+    def spy(backend, triton_module, name, device, tensors, scalars):
+        calls.append((name, tensors))
+        launch(backend, triton_module, name, device, tensors, scalars)
+
+    monkeypatch.setattr(module, "launch_kernel", spy)
+    return calls
+
+
+# (shape, layout of x): a single element, odd widths and strided rows, a transposed ViT-S/16 token matrix, a
+# ViT-B-wide row
+INFERENCE_CASES = [
+    ((1, 1), "contiguous"),
+    ((3, 7, 33), "strided"),
+    ((197, 64), "transposed"),
+    ((2, 5, 768), "contiguous"),
+]

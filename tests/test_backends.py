@@ -18,11 +18,10 @@ def test_native_module_imports_without_gpu():
     assert _native._C.cuda_device_count() >= 0
 
 
-def test_tensor_arg_describes_strides_and_dtype():
+def test_tensor_args_describe_strides_and_dtype():
     t = torch.zeros(4, 6, dtype=torch.float16).t()
-    ptr, code, sizes, strides, device = _native.tensor_arg(t)
-    assert (ptr, code, sizes, strides, device) == (t.data_ptr(), 1, (6, 4), (1, 6), -1)
-    assert _native.tensor_arg(None) is None
+    args = _native.tensor_args({"t": t, "absent": None})
+    assert args == {"t": (t.data_ptr(), 1, (6, 4), (1, 6), -1), "absent": None}
 
 
 def test_native_parameters_are_matched_by_name_only():
@@ -43,7 +42,7 @@ def test_native_parameters_are_matched_by_name_only():
 
 def test_malformed_tensor_tuple_is_a_clear_error_before_the_kernel_runs():
     x = torch.randn(3, 8)
-    good = _native.tensor_arg(x)
+    good = _native.tensor_args({"x": x})["x"]
     entry = _native.native().bias_gelu_fwd_cpu
     cases = [
         ((good[0], 0, (3, 8), (8, 1)), r"tensor 'x': expected \(data_ptr, dtype_code, sizes, strides, device_index\)"),
@@ -60,8 +59,8 @@ def test_malformed_tensor_tuple_is_a_clear_error_before_the_kernel_runs():
     for arg, message in cases:
         with pytest.raises(TypeError, match=f"bias_gelu_fwd_cpu: {message}"):
             entry({"x": arg, "bias": None, "out": good}, {"kind": 0}, 1)
-    out = torch.empty_like(x)
-    entry({"x": good, "bias": None, "out": _native.tensor_arg(out)}, {"kind": 0}, 1)  # the good tuple still runs
+    out = torch.empty_like(x)  # the good tuple still runs
+    entry({"x": good, "bias": None, "out": _native.tensor_args({"out": out})["out"]}, {"kind": 0}, 1)
     torch.testing.assert_close(out, torch.nn.functional.gelu(x))
 
 

@@ -11,11 +11,21 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 import mmkern
-from mmkern import reference
+from mmkern import _native, reference
 from mmkern.nn import Block, Mlp, fused_elementwise
-from mmkern.ops import rms_norm
+from mmkern.ops import fused, rms_norm
 from mmkern.ops.fused import add_layer_norm, bias_gelu
-from tests.checks import LAYOUTS, RTOL, assert_close, backends_for, dtypes_for, kernel_backends, relative_error
+from tests.checks import (
+    INFERENCE_CASES,
+    LAYOUTS,
+    RTOL,
+    assert_close,
+    backends_for,
+    dtypes_for,
+    kernel_backends,
+    relative_error,
+    spy_launches,
+)
 from tests.checks import layout as _layout
 from tests.checks import randn as _rand
 
@@ -256,6 +266,44 @@ def test_empty(backend):
     assert out.shape == (0, 7) and gx.shape == (0, 7) and torch.equal(gb, torch.zeros(7))
     s, y = add_layer_norm(x, torch.randn(0, 7), b, b, backend=backend)
     assert s.shape == y.shape == (0, 7)
+
+
+@pytest.mark.parametrize("backend", kernel_backends("cpu"))
+def test_inference_matches_training_forward(backend, monkeypatch):
+    """Without autograd add_layer_norm runs an inference forward: on the CPU without mean / rstd, which only the
+    backward reads (the kernel takes them absent). Its outputs are the recorded forward's, bit for bit."""
+    calls = spy_launches(monkeypatch, fused)
+    gen = torch.Generator().manual_seed(5)
+    for dtype in dtypes_for(backend):
+        for shape, kind in INFERENCE_CASES:
+            x = _layout(_rand(gen, shape, dtype, shift=2.0), kind)
+            r = _layout(_rand(gen, shape, dtype), "transposed")
+            w, b = _rand(gen, shape[-1:], dtype), _rand(gen, shape[-1:], dtype)
+            for residual in (r, None):
+                calls.clear()
+                with torch.no_grad():
+                    s, out = add_layer_norm(x, residual, w, b, backend=backend)
+                ((_, tensors),) = calls
+                assert (tensors["mean"] is None and tensors["rstd"] is None) == (backend == "cpu")
+                train_s, train_out = add_layer_norm(x, residual, w.clone().requires_grad_(), b, backend=backend)
+                assert tensors is not calls[-1][1] and calls[-1][1]["mean"] is not None  # the recorded forward
+                assert torch.equal(out, train_out.detach()), (dtype, shape, kind)
+                assert s is x if residual is None else torch.equal(s, train_s.detach())
+
+
+@pytest.mark.skipif("cpu" not in kernel_backends("cpu"), reason="needs the native module")
+def test_native_layer_norm_statistics_absent_or_both():
+    x = torch.randn(4, 9)
+    out, mean, rstd = torch.empty_like(x), torch.empty(4), torch.empty(4)
+    tensors = {"x": x, "residual": None, "weight": None, "bias": None, "sum_out": None, "out": out}
+    _native.launch("add_layer_norm_fwd", x.device, {**tensors, "mean": mean, "rstd": rstd}, {"eps": 1e-5})
+    expected = out.clone()
+    torch.testing.assert_close(mean, x.mean(-1))
+    out.fill_(float("nan"))
+    _native.launch("add_layer_norm_fwd", x.device, {**tensors, "mean": None, "rstd": None}, {"eps": 1e-5})
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="mean, rstd: both given or both absent"):
+        _native.launch("add_layer_norm_fwd", x.device, {**tensors, "mean": mean, "rstd": None}, {"eps": 1e-5})
 
 
 @pytest.mark.parametrize("backend", kernel_backends("cpu"))

@@ -4,6 +4,8 @@ and the text tower's RMSNorm option."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -13,7 +15,17 @@ import mmkern
 from mmkern import backends, reference
 from mmkern.nn import fused_elementwise
 from mmkern.ops import cpu_policy, rms_norm
-from tests.checks import LAYOUTS, assert_close, backends_for, dtypes_for, kernel_backends, layout, randn
+from tests.checks import (
+    INFERENCE_CASES,
+    LAYOUTS,
+    assert_close,
+    backends_for,
+    dtypes_for,
+    kernel_backends,
+    layout,
+    randn,
+    spy_launches,
+)
 
 # The cpu backend's cases run at every ISA level this CPU supports (see conftest.py).
 pytestmark = [pytest.mark.cpu_levels, pytest.mark.usefixtures("cpu_level")]
@@ -117,6 +129,28 @@ def test_only_needed_gradients_and_empty(backend):
     s, y = rms_norm(x, torch.randn(0, 7), w, backend=backend)
     gx, gw = torch.autograd.grad(y.sum(), [x, w])
     assert s.shape == y.shape == gx.shape == (0, 7) and torch.equal(gw, torch.zeros(7))
+
+
+@pytest.mark.parametrize("backend", kernel_backends("cpu"))
+def test_inference_matches_training_forward(backend, monkeypatch):
+    """Without autograd rms_norm runs an inference forward: on the CPU without rstd, which only the backward reads
+    (the kernel takes it absent). Its outputs are the recorded forward's, bit for bit."""
+    calls = spy_launches(monkeypatch, importlib.import_module("mmkern.ops.rms_norm"))
+    gen = torch.Generator().manual_seed(5)
+    for dtype in dtypes_for(backend):
+        for shape, kind in INFERENCE_CASES:
+            x = layout(randn(gen, shape, dtype, shift=2.0), kind)
+            r, w = layout(randn(gen, shape, dtype), "transposed"), randn(gen, shape[-1:], dtype)
+            for residual in (r, None):
+                calls.clear()
+                with torch.no_grad():
+                    s, out = rms_norm(x, residual, w, backend=backend)
+                ((_, tensors),) = calls
+                assert (tensors["rstd"] is None) == (backend == "cpu")
+                train_s, train_out = rms_norm(x, residual, w.clone().requires_grad_(), backend=backend)
+                assert calls[-1][1]["rstd"] is not None  # the recorded forward
+                assert torch.equal(out, train_out.detach()), (dtype, shape, kind)
+                assert s is x if residual is None else torch.equal(s, train_s.detach())
 
 
 def _bad(**overrides):

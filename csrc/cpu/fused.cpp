@@ -198,8 +198,7 @@ void bias_gelu_fwd_cpu(const BiasGeluFwdParams& p, int num_threads) {
     dispatch_float(x.dtype, "bias_gelu", [&](auto tag) {
       using T = typename decltype(tag)::type;
       const std::vector<float> b = vector_or<T>(bias, n, 0.f);
-#pragma omp parallel num_threads(threads_for(rows * n, num_threads))
-      {
+      parallel(threads_for(rows * n, num_threads), [&] {
         std::vector<T> xbuf = row_buffer<T>(x, n), obuf = row_buffer<T>(out, n);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < rows; ++i) {
@@ -207,7 +206,7 @@ void bias_gelu_fwd_cpu(const BiasGeluFwdParams& p, int num_threads) {
           gelu_fwd_row<kKind>(input_row<T>(x, i, n, xbuf.data()), b.data(), o, n);
           finish_row<T>(out, i, n, o);
         }
-      }
+      });
     });
   });
 }
@@ -230,8 +229,7 @@ void bias_gelu_bwd_cpu(const BiasGeluBwdParams& p, int num_threads) {
       const std::vector<float> b = vector_or<T>(bias, n, 0.f);
       const int parts = threads_for(rows * n, num_threads);
       std::vector<float> partials(grad_bias.present ? parts * n : 0, 0.f);
-#pragma omp parallel num_threads(parts)
-      {
+      parallel(parts, [&] {
         // The runtime may grant fewer threads than asked for: split rows over the team actually running.
         const int part = omp_get_thread_num(), team = omp_get_num_threads();
         int64_t begin, end;
@@ -244,14 +242,15 @@ void bias_gelu_bwd_cpu(const BiasGeluBwdParams& p, int num_threads) {
                               d, acc, n);
           if (d) finish_row<T>(grad_x, i, n, d);
         }
-      }
+      });
       if (grad_bias.present) reduce_partials(partials, parts, n, grad_bias);
     });
   });
 }
 
 // s = x + residual (rounded to the storage dtype, as the unfused add would be), out = LN(s)·weight + bias,
-// mean / rstd (rows,) fp32 saved for backward. Without a residual, s is x and sum_out is absent. Two passes over
+// mean / rstd (rows,) fp32 for the backward (both absent for inference). Without a residual, s is x and sum_out is
+// absent. Two passes over
 // the row for the variance (Σ(s - mean)², no cancellation when |mean| >> std); the row is in L1 by then.
 void add_layer_norm_fwd_cpu(const AddLayerNormFwdParams& p, int num_threads) {
   const Tensor &x = p.x, &residual = p.residual, &sum_out = p.sum_out, &out = p.out, &mean = p.mean, &rstd = p.rstd;
@@ -259,14 +258,16 @@ void add_layer_norm_fwd_cpu(const AddLayerNormFwdParams& p, int num_threads) {
   const int64_t rows = x.size(0), d = x.size(1);
   check(!residual.present || (residual.size(0) == rows && residual.size(1) == d), "residual: shape differs from x");
   check(residual.present == sum_out.present, "sum_out: given exactly when residual is");
-  check(mean.dtype == DType::f32 && rstd.dtype == DType::f32, "mean, rstd: expected fp32");
+  check(mean.present == rstd.present, "mean, rstd: both given or both absent");
+  check(!mean.present || (mean.dtype == DType::f32 && rstd.dtype == DType::f32 && mean.ndim == 1 && rstd.ndim == 1 &&
+                          mean.size(0) == rows && rstd.size(0) == rows),
+        "mean, rstd: expected fp32 (rows,)");
   dispatch_float(x.dtype, "add_layer_norm", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const std::vector<float> w = vector_or<T>(p.weight, d, 1.f);
     const std::vector<float> b = vector_or<T>(p.bias, d, 0.f);
     const float inv_d = d ? 1.0f / static_cast<float>(d) : 0.f;
-#pragma omp parallel num_threads(threads_for(rows * d, num_threads))
-    {
+    parallel(threads_for(rows * d, num_threads), [&] {
       std::vector<T> xbuf = row_buffer<T>(x, d), rbuf = row_buffer<T>(residual, d);
       std::vector<T> sbuf = row_buffer<T>(sum_out, d), obuf = row_buffer<T>(out, d);
 #pragma omp for schedule(static)
@@ -286,10 +287,12 @@ void add_layer_norm_fwd_cpu(const AddLayerNormFwdParams& p, int num_threads) {
         T* o = output_row<T>(out, i, obuf.data());
         ln_out_row(s, mu, rs, w.data(), b.data(), o, d);
         finish_row<T>(out, i, d, o);
-        mean.ptr<float>()[i * mean.stride(0)] = mu;
-        rstd.ptr<float>()[i * rstd.stride(0)] = rs;
+        if (mean.present) {
+          mean.ptr<float>()[i * mean.stride(0)] = mu;
+          rstd.ptr<float>()[i * rstd.stride(0)] = rs;
+        }
       }
-    }
+    });
   });
 }
 
@@ -314,8 +317,7 @@ void add_layer_norm_bwd_cpu(const AddLayerNormBwdParams& p, int num_threads) {
     const int parts = threads_for(rows * d, num_threads);
     const bool params = grad_weight.present || grad_bias.present;
     std::vector<float> pw(params ? parts * d : 0, 0.f), pb(params ? parts * d : 0, 0.f);
-#pragma omp parallel num_threads(parts)
-    {
+    parallel(parts, [&] {
       const int part = omp_get_thread_num(), team = omp_get_num_threads();
       int64_t begin, end;
       row_range(rows, part, team, begin, end);
@@ -331,7 +333,7 @@ void add_layer_norm_bwd_cpu(const AddLayerNormBwdParams& p, int num_threads) {
                    rs, inv_d, gx, accw, accb, d);
         if (gx) finish_row<T>(grad_x, i, d, gx);
       }
-    }
+    });
     if (grad_weight.present) reduce_partials(pw, parts, d, grad_weight);
     if (grad_bias.present) reduce_partials(pb, parts, d, grad_bias);
   });

@@ -55,8 +55,7 @@ void rms_norm_fwd_cpu(const RmsNormFwdParams& p, int num_threads) {
   dispatch_float(p.x.dtype, "rms_norm", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const std::vector<float> w = vector_or<T>(p.weight, d, 1.f);
-#pragma omp parallel num_threads(threads_for(n_rows * d, num_threads))
-    {
+    parallel(threads_for(n_rows * d, num_threads), [&] {
       std::vector<T> xbuf = row_buffer<T>(p.x, d), rbuf = row_buffer<T>(p.residual, d);
       std::vector<T> sbuf = row_buffer<T>(p.sum_out, d), obuf = row_buffer<T>(p.out, d);
 #pragma omp for schedule(static)
@@ -75,9 +74,9 @@ void rms_norm_fwd_cpu(const RmsNormFwdParams& p, int num_threads) {
         T* o = output_row<T>(p.out, i, obuf.data());
         rms_out_row(s, rs, w.data(), o, d);
         finish_row<T>(p.out, i, d, o);
-        p.rstd.ptr<float>()[i * p.rstd.stride(0)] = rs;
+        if (p.rstd.present) p.rstd.ptr<float>()[i * p.rstd.stride(0)] = rs;
       }
-    }
+    });
   });
 }
 
@@ -91,8 +90,7 @@ void rms_norm_bwd_cpu(const RmsNormBwdParams& p, int num_threads) {
     const float inv_d = 1.0f / static_cast<float>(d);
     const int parts = threads_for(n_rows * d, num_threads);
     std::vector<float> pw(p.grad_weight.present ? parts * d : 0, 0.f);
-#pragma omp parallel num_threads(parts)
-    {
+    parallel(parts, [&] {
       // The runtime may grant fewer threads than asked for: split rows over the team actually running.
       const int part = omp_get_thread_num(), team = omp_get_num_threads();
       int64_t begin, end;
@@ -108,7 +106,7 @@ void rms_norm_bwd_cpu(const RmsNormBwdParams& p, int num_threads) {
                     rs, inv_d, gx, accw, d);
         finish_row<T>(p.grad_x, i, d, gx);
       }
-    }
+    });
     if (p.grad_weight.present) reduce_partials(pw, parts, d, p.grad_weight);
   });
 }

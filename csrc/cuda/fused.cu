@@ -180,7 +180,7 @@ __global__ void add_ln_fwd_kernel(const T* x, const T* r, const T* w, const T* b
     }
     store_vec<V>(out, i * so0 + j, v);
   }
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == 0 && mean) {  // absent for inference
     mean[i] = mu;
     rstd[i] = rs;
   }
@@ -362,6 +362,7 @@ int add_layer_norm_fwd_cuda(const AddLayerNormFwdParams& p, uintptr_t stream_han
   const Tensor &out = p.out, &mean = p.mean, &rstd = p.rstd;
   check_dims(x, 2, "x");
   check(residual.present == sum_out.present, "sum_out: given exactly when residual is");
+  check(mean.present == rstd.present, "mean, rstd: both given or both absent");
   const int64_t rows = x.size(0), d = x.size(1);
   if (rows == 0) return 0;
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
@@ -373,7 +374,8 @@ int add_layer_norm_fwd_cuda(const AddLayerNormFwdParams& p, uintptr_t stream_han
       add_ln_fwd_kernel<T, V><<<static_cast<unsigned>(rows), kLnThreads, 0, stream>>>(
           x.ptr<T>(), residual.present ? residual.ptr<T>() : nullptr, weight.present ? weight.ptr<T>() : nullptr,
           bias.present ? bias.ptr<T>() : nullptr, sum_out.present ? sum_out.ptr<T>() : nullptr, out.ptr<T>(),
-          mean.ptr<float>(), rstd.ptr<float>(), d, static_cast<float>(p.eps), x.stride(0), x.stride(1),
+          mean.present ? mean.ptr<float>() : nullptr, rstd.present ? rstd.ptr<float>() : nullptr, d,
+          static_cast<float>(p.eps), x.stride(0), x.stride(1),
           residual.present ? residual.stride(0) : 0, residual.present ? residual.stride(1) : 0,
           weight.present ? weight.stride(0) : 0, bias.present ? bias.stride(0) : 0,
           sum_out.present ? sum_out.stride(0) : 0, out.stride(0));

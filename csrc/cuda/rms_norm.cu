@@ -97,7 +97,7 @@ __global__ void rms_norm_fwd_kernel(const RmsNormFwdParams p) {
     for (int k = 0; k < kVec; ++k) v[k] = v[k] * rs * wv[k];
     store_vec<T, kVec>(out, j, v);
   }
-  if (threadIdx.x == 0) p.rstd.ptr<float>()[i * p.rstd.strides[0]] = rs;
+  if (threadIdx.x == 0 && p.rstd.present) p.rstd.ptr<float>()[i * p.rstd.strides[0]] = rs;
 }
 
 // Warp gw (of `warps`) takes rows gw, gw + warps, ...; its weight-gradient partials are row gw of `partial`

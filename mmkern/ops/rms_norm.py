@@ -68,11 +68,24 @@ def _fwd_alloc(
     return s, new_like(x), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
+def _inference(x, residual, weight, eps, backend):
+    """The forward without autograd: on the CPU without rstd, which only the backward reads (the kernel takes it
+    absent; two allocations fewer with the placeholder s). The CUDA kernel takes it absent too, but it is given it
+    until a GPU run has checked that; the Triton kernel writes it always."""
+    if backend != "cpu":
+        outputs = _fwd_alloc(x, residual, weight, eps, backend)
+        _fwd_launch(x, residual, weight, eps, backend, *outputs)
+        return outputs
+    s, out = (new_like(x) if residual is not None else None), new_like(x)
+    _fwd_launch(x, residual, weight, eps, backend, s, out, None)
+    return s, out, None
+
+
 def _fwd_launch(x, residual, weight, eps, backend, s, out, rstd):
     if x.numel():
         sum_out = s.view(-1, x.shape[-1]) if residual is not None else None
         tensors = {"x": rows(x), "residual": rows(residual), "weight": weight, "sum_out": sum_out,
-                   "out": out.view(-1, x.shape[-1]), "rstd": rstd.view(-1)}  # fmt: skip
+                   "out": out.view(-1, x.shape[-1]), "rstd": None if rstd is None else rstd.view(-1)}  # fmt: skip
         launch_kernel(backend, "rms_norm", "rms_norm_fwd", x.device, tensors, {"eps": eps})
 
 
@@ -127,6 +140,5 @@ def _grads(ctx, run_backward, grad_s, grad_out, _grad_rstd):
     return (grad_x if need_x else None), grad_r, (grad_w.to(weight.dtype) if need_w else None), None, None
 
 
-_rms_norm = define_op(
-    "rms_norm", (_fwd_alloc, _fwd_launch), (_bwd_alloc, _bwd_launch), _save, _grads, non_differentiable=(2,)
-)
+_rms_norm = define_op("rms_norm", (_fwd_alloc, _fwd_launch), (_bwd_alloc, _bwd_launch), _save, _grads,
+                      non_differentiable=(2,), inference=_inference)  # fmt: skip

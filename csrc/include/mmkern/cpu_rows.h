@@ -24,6 +24,20 @@ inline int threads_for(int64_t elems, int num_threads) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, elems / kMinElemsPerThread)));
 }
 
+// body() on a team of `threads`, or on this thread alone without a parallel region when threads is 1: libgomp's team
+// start and closing barrier cost ~0.5 us even for a team of one (a futex wake every time), a tenth of a small call.
+// body may hold an `omp for` (orphaned outside a region: this thread runs every iteration) and read
+// omp_get_thread_num / omp_get_num_threads (0 and 1 outside a region).
+template <class F>
+void parallel(int threads, F&& body) {
+  if (threads <= 1) {
+    body();
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  body();
+}
+
 using simd::kLanes;
 using simd::vf;
 using simd::vi;

@@ -160,7 +160,7 @@ struct BiasGeluBwdParams {
 };
 
 // s = x + residual (into sum_out; both absent without a residual), out = LayerNorm(s) * weight + bias, and the
-// row statistics mean, rstd (fp32, (rows,)).
+// row statistics mean, rstd (fp32, (rows,)) for the backward (both absent for inference).
 struct AddLayerNormFwdParams {
   Tensor x, residual, weight, bias, sum_out, out, mean, rstd;
   double eps = 0;

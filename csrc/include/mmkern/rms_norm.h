@@ -20,12 +20,13 @@ namespace mmkern {
 // ---- Entry points (the convention: see the top of csrc/bindings.cpp) ----
 // Tensors are 2-D (rows, D) views but weight / rstd; an absent optional tensor is !present.
 
-// s = x + residual (into sum_out; both absent without a residual), out = s · rstd · weight, rstd fp32 (rows,).
+// s = x + residual (into sum_out; both absent without a residual), out = s · rstd · weight, rstd fp32 (rows,) for
+// the backward (absent for inference).
 struct RmsNormFwdParams {
   Tensor x, residual;   // any strides
   Tensor weight;        // (D,), or absent (ones)
   Tensor sum_out, out;  // unit column stride
-  Tensor rstd;
+  Tensor rstd;          // or absent
   double eps = 0;
   template <class F>
   void fields(F&& f) {
@@ -68,7 +69,7 @@ inline void check_rms_norm(const RmsNormFwdParams& p) {
                                p.sum_out.stride(1) == 1),
         "sum_out: expected (rows, D), unit stride");
   check(!p.weight.present || (p.weight.ndim == 1 && p.weight.size(0) == d), "weight: expected (D,)");
-  check(p.rstd.present && p.rstd.dtype == DType::f32 && p.rstd.ndim == 1 && p.rstd.size(0) == rows,
+  check(!p.rstd.present || (p.rstd.dtype == DType::f32 && p.rstd.ndim == 1 && p.rstd.size(0) == rows),
         "rstd: expected fp32 (rows,)");
   check(p.out.size(0) == rows && p.out.size(1) == d && p.out.stride(1) == 1, "out: expected (rows, D), unit stride");
 }
