@@ -298,6 +298,10 @@ def main(argv=None) -> list[dict]:
                     "fwd_bwd_peak_mb": rec["fwd_bwd_peak_mb"],
                 }
             )
+            # Each case as it finishes: a run cut short (gpu_check's step timeout) keeps the cases it finished.
+            r = records[-1]
+            print(f"{name:>18} {label:>16}: fwd {fwd_ms:.3f} ms ({r['fwd_tflops']:.3g} TFLOP/s), "
+                  f"fwd+bwd {fb_ms:.3f} ms ({r['fwd_bwd_tflops']:.3g} TFLOP/s)", flush=True)  # fmt: skip
     # Ratios against the fastest torch SDPA variant of the same case (>1: mmkern faster).
     for r in records:
         base = [x for x in records if x["case"] == r["case"] and x["impl"].startswith("torch_")]

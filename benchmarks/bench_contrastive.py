@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import harness
+from mmkern import backends as mmkern_backends
 from mmkern import ops
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -75,6 +76,11 @@ def implementations(device: torch.device, backends: list[str], loss: str = "clip
     naive, op = LOSSES[loss]
     impls = {"naive": naive}
     for b in backends:
+        # A kernel backend this machine lacks (no native build, no triton) is left out, not a crash of the run.
+        reason = b and mmkern_backends.unavailable_reason(b, device.type)
+        if reason:
+            print(f"mmkern-{b}: left out ({reason})")
+            continue
         impls[f"mmkern-{b or 'default'}"] = lambda *args, b=b: op(*args, backend=b)
     if device.type == "cuda" and loss == "clip":
         for name, make in (("open_clip", _open_clip), ("inf_cl", _inf_cl)):

@@ -64,7 +64,7 @@ def _sample_ms(fn, device: torch.device) -> float:
 
 def _timing(samples: list[float]) -> dict:
     samples = sorted(samples)
-    q = statistics.quantiles(samples, n=5) if len(samples) > 1 else [samples[0]] * 4
+    q = statistics.quantiles(samples, n=5, method="inclusive") if len(samples) > 1 else [samples[0]] * 4
     return {"median_ms": statistics.median(samples), "p20_ms": q[0], "p80_ms": q[3], "samples": len(samples)}
 
 

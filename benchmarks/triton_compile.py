@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -225,8 +226,11 @@ def _bound_values(fn: JITFunction, args, kwargs, config: triton.Config) -> dict:
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
     """(registers, stack-frame bytes) per thread from `cuobjdump -res-usage` (Triton's wheel ships it). A
-    Triton kernel has no local arrays, so its stack frame is where ptxas puts spilled registers."""
+    Triton kernel has no local arrays, so its stack frame is where ptxas puts spilled registers. The CUDA toolkit's
+    cuobjdump serves where the wheel has none."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        tool = shutil.which("cuobjdump") or tool
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()

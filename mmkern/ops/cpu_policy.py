@@ -89,23 +89,27 @@ def contrastive(loss: str, B: int, K: int, D: int) -> bool:
 # the public ops (backend="cpu" against backend="torch", alternating, medians of thread CPU time), one thread, both
 # libraries held to each level, 2^12 .. 2^22 elements at two widths each (add_layer_norm and rms_norm 64 / 768,
 # bias_gelu 768 / 3072): `python -m benchmarks.bench_fused --sweep --threads 1 --dtype D --cpu-capability L`. A
-# threshold is taken where both widths stay faster from there up. The figures: the docstrings.
+# threshold is taken where both widths stay faster from there up. The figures: the docstrings. Re-swept (twice per
+# level and dtype, the machine loaded by other jobs) once the native call's fixed cost had dropped (the binding's
+# tensor tuples read with the C API, inference without the LayerNorm / RMSNorm statistics, no OpenMP region for one
+# thread: add_layer_norm 8x64 fp32 inference 26 -> 15.5 us per call against torch's 5, one thread, load 7-8): the
+# thresholds moved only where both runs agreed.
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 _ROWS_FROM = {
     "add_layer_norm": {
-        "avx512": {F32: (18, None), BF16: (16, 16), F16: (18, 18)},  # fp32 fwd+bwd: 0.74-0.90x at 2 threads
-        "avx2": {F32: (18, 18), BF16: (None, 18), F16: (18, 18)},
-        "default": {F32: (14, 16), BF16: (14, 14), F16: (None, 20)},
+        "avx512": {F32: (16, None), BF16: (16, 16), F16: (16, 18)},  # fp32 fwd+bwd: 0.74-0.90x at 2 threads
+        "avx2": {F32: (18, 20), BF16: (None, 18), F16: (16, 18)},
+        "default": {F32: (14, 16), BF16: (14, 14), F16: (None, 18)},
     },
     "bias_gelu": {
         "avx512": {F32: (12, 12), BF16: (12, 12), F16: (16, 16)},
         "avx2": {F32: (12, 12), BF16: (16, 16), F16: (16, 16)},
-        "default": {F32: (None, None), BF16: (12, 14), F16: (16, 20)},
+        "default": {F32: (None, None), BF16: (12, 14), F16: (16, 18)},
     },
     "rms_norm": {
-        "avx512": {F32: (16, 12), BF16: (14, 12), F16: (16, 12)},
-        "avx2": {F32: (16, 12), BF16: (20, 12), F16: (16, 12)},
-        "default": {F32: (14, 12), BF16: (12, 12), F16: (None, None)},
+        "avx512": {F32: (14, 12), BF16: (12, 12), F16: (12, 12)},
+        "avx2": {F32: (16, 12), BF16: (20, 12), F16: (12, 12)},
+        "default": {F32: (12, 12), BF16: (12, 12), F16: (None, None)},
     },
 }
 
@@ -124,21 +128,35 @@ def bias_gelu(numel: int, grad: bool, dtype: torch.dtype) -> bool:
     0.45-0.91x below 2^16, then 1.26-2.0x / 1.07-2.3x. avx2 fp32 1.06-1.36x / 1.05-1.41x; bf16 0.63-1.02x below 2^16,
     then 1.16-1.31x / 1.14-1.65x; fp16 alike (1.26-1.78x from 2^16). default (SSE2, no FMA, against oneDNN's SSE4.1
     GELU): fp32 0.83-0.95x / 0.85-1.08x; bf16 1.24-2.8x / 1.50-2.4x from 2^14; fp16 1.13-1.21x from 2^16, 1.09-1.11x
-    with a gradient from 2^20 (fp16 conversions element by element without F16C)."""
+    with a gradient from 2^20 (fp16 conversions element by element without F16C). Re-swept with the cheaper native
+    call (two runs, both widths): default fp16 with a gradient 1.04-1.09x at 2^16, 1.10-1.22x from 2^18 (threshold
+    2^20 -> 2^18); the rest as before, but avx512 bf16 at 2^12 measured 0.92x (fwd, width 768) and 0.85x (fwd+bwd,
+    3072) in one of the two runs (1.15-1.19x in the other; threshold kept) and avx2 fp32 fwd+bwd 1.01-1.17x there."""
     return _rows("bias_gelu", numel, grad, dtype)
 
 
 def add_layer_norm(numel: int, grad: bool, dtype: torch.dtype) -> bool:
-    """Against x + residual, then F.layer_norm. Measured torch / native, 2^12 .. 2^22 elements: the native path's
-    fixed cost (~10 us more per call) loses below 2^16 everywhere (0.37-0.96x; default from 2^14). avx512 fp32 from
-    2^18: inference 1.0-1.8x, but 0.93-1.25x from run to run at width 768 and 2^20-2^22, where both paths spend most
-    of their time page-faulting fresh outputs (glibc returns the freed megabytes to the OS after each call; 1.1-1.7x
-    with it kept from doing so), fwd+bwd 1.02-2.5x; bf16 1.17-2.35x / 1.13-2.52x from 2^16; fp16 1.48-1.85x /
+    """Against x + residual, then F.layer_norm. Re-swept with the cheaper native call (two runs; ranges over both
+    widths), torch / native, inference / fwd+bwd: the fixed cost still loses at 2^12 (0.43-0.86x at AVX-512 and avx2)
+    and mostly at 2^14 (0.59-1.40x). avx512 fp32 1.17-1.43x at 2^16 (threshold 2^18 -> 2^16), 1.21-1.72x at 2^18,
+    1.01-1.88x above (width 768 at 2^20-2^22: 1.01-1.27x, the page faults below), fwd+bwd 0.76-1.11x at 2^16 and
+    0.99-1.45x at 2^18-2^20 (torch: two threads below); bf16 1.61-1.85x / 1.01-1.16x at 2^16, 1.51-2.37x / 1.40-2.32x
+    above; fp16 1.37-1.85x from 2^16 (threshold 2^18 -> 2^16), fwd+bwd 0.96-1.17x at 2^16, 1.52-2.22x from 2^18. avx2
+    fp32 1.00-1.47x at 2^16, 1.17-1.81x from 2^18; fwd+bwd 0.99x at width 768 and 2^18 in both runs (1.04x before the
+    cheaper call), 1.14-2.78x from 2^20 (threshold 2^18 -> 2^20); bf16 inference 0.96-1.23x (torch), fwd+bwd 1.03-1.49x
+    from 2^18; fp16 1.18-1.74x from 2^16 (threshold 2^18 -> 2^16), fwd+bwd 0.96-1.10x at 2^16, 1.31-1.92x from 2^18.
+    default fp32 0.88-1.12x at 2^12, 1.48-3.28x from 2^14, fwd+bwd 0.99-1.17x at 2^14, 1.71-3.78x from 2^16; bf16
+    1.00-1.38x / 0.86-1.07x at 2^12, 1.23-2.66x from 2^14; fp16 inference 0.52-0.68x (torch), fwd+bwd 1.01-1.29x at
+    2^14-2^16, 1.08-1.22x from 2^18 (threshold 2^20 -> 2^18).
+    The first sweep (the ~10 us larger fixed cost): 0.37-0.96x below 2^16 everywhere (default from 2^14); avx512 fp32
+    from 2^18: inference 1.0-1.8x, but 0.93-1.25x from run to run at width 768 and 2^20-2^22, where both paths spend
+    most of their time page-faulting fresh outputs (glibc returns the freed megabytes to the OS after each call;
+    1.1-1.7x with it kept from doing so), fwd+bwd 1.02-2.5x; bf16 1.17-2.35x / 1.13-2.52x from 2^16; fp16 1.48-1.85x /
     1.18-1.78x from 2^18. avx2 fp32 1.03-1.26x / 1.23-2.55x from 2^18; bf16 inference 0.79-1.16x (torch), fwd+bwd
     1.28-1.50x from 2^18; fp16 1.17-1.75x / 1.37-1.80x from 2^18. default fp32 1.14-3.1x from 2^14 / 1.66-3.0x from
-    2^16; bf16 1.13-1.47x / 1.48-2.51x from 2^14; fp16 inference 0.55-0.64x (torch), fwd+bwd 1.05-1.21x from 2^20.
-    Two threads (the default), quiet machine, avx512_bf16: fp32 fwd+bwd 0.74-0.90x at 2^17-2^20 (torch there),
-    inference 1.10-1.23x, bf16 fwd+bwd 1.12-1.27x."""
+    2^16; bf16 1.13-1.47x / 1.48-2.51x from 2^14; fp16 inference 0.55-0.64x (torch), fwd+bwd 1.05-1.21x from 2^20. Two
+    threads (the default), quiet machine, avx512_bf16: fp32 fwd+bwd 0.74-0.90x at 2^17-2^20 (torch there), inference
+    1.10-1.23x, bf16 fwd+bwd 1.12-1.27x."""
     return _rows("add_layer_norm", numel, grad, dtype)
 
 
@@ -168,5 +186,10 @@ def rms_norm(numel: int, grad: bool, dtype: torch.dtype) -> bool:
     dtype but fp16 at default (0.51-0.90x: conversions element by element without F16C). Inference: avx512 fp32
     0.74-0.88x below 2^16, 1.23-2.2x from there; bf16 1.10-5.3x from 2^14; fp16 1.26-13x from 2^16. avx2 fp32
     1.39-2.5x from 2^16; bf16 0.94-0.97x at width 64 up to 2^18, 1.38-2.9x from 2^20; fp16 1.27-17x from 2^16.
-    default fp32 1.44-3.7x from 2^14, bf16 1.13-1.52x from 2^12, fp16 0.38-0.55x."""
+    default fp32 1.44-3.7x from 2^14, bf16 1.13-1.52x from 2^12, fp16 0.38-0.55x. Re-swept with the cheaper native
+    call (two runs, both widths), inference: avx512 fp32 1.05-1.10x at 2^12, 1.15-1.26x at 2^14, 1.51-2.22x above
+    (threshold 2^16 -> 2^14); bf16 1.39-1.50x at 2^12 (2^14 -> 2^12); fp16 1.26-1.39x at 2^12 (2^16 -> 2^12). avx2
+    fp32 1.06-1.31x below 2^16 (kept: 1.06-1.07x in one run); bf16 0.97-1.00x at width 64 and 2^16-2^18 in one run
+    (kept at 2^20); fp16 1.25-1.41x at 2^12 (2^16 -> 2^12). default fp32 1.34-1.49x at 2^12 (2^14 -> 2^12);
+    fp16 0.35-0.88x inference, 0.47-1.13x fwd+bwd (torch)."""
     return _rows("rms_norm", numel, grad, dtype)
