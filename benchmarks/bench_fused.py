@@ -127,15 +127,9 @@ def bench_ops(repeats: int, quick: bool, dtype: torch.dtype = torch.float32) -> 
         for mode, (unfused, fused) in paths.items():
             inner = max(1, int(2e6 // (rows * n)))
             timing = _alternate({"torch": unfused, "mmkern": fused}, repeats, inner)
-            for impl, fn in (("torch", unfused), ("mmkern", fused)):
-                t = timing[impl]
-                records.append({
-                    "op": op, "case": f"{name} {rows}x{n} {str(dtype)[6:]}", "mode": mode, "impl": impl, **t,
-                    "gbps": traffic[mode] / t["median_ms"] / 1e6,
-                    "peak_mb": harness.peak_memory(fn, device=CPU) / 2**20,
-                    "vs_torch": timing["torch"]["median_ms"] / t["median_ms"],
-                    "group": f"{op} {rows}x{n} {mode}",
-                })  # fmt: skip
+            fields = {"op": op, "case": f"{name} {rows}x{n} {str(dtype)[6:]}", "mode": mode}
+            extra = harness.traffic_and_memory(traffic[mode], {"torch": unfused, "mmkern": fused}, CPU)
+            records += harness.pair_records(timing, fields, f"{op} {rows}x{n} {mode}", extra=extra)
     return records
 
 
@@ -164,16 +158,12 @@ def sweep(repeats: int, dtype: torch.dtype) -> list[dict]:
             for d in widths:
                 for log2 in range(12, 23, 2):
                     rows = max(1, (1 << log2) // d)
-                    fns = {impl: _sweep_call(op, rows, d, dtype, mode != "fwd", impl) for impl in ("torch", "cpu")}
+                    fns = {impl: _sweep_call(op, rows, d, dtype, mode != "fwd", backend)
+                           for impl, backend in (("torch", "torch"), ("mmkern", "cpu"))}  # fmt: skip
                     inner = max(1, int(2**21 // (rows * d)))
                     timing = _alternate(fns, repeats, inner)
-                    ratio = timing["torch"]["median_ms"] / timing["cpu"]["median_ms"]
-                    for impl in fns:
-                        records.append({
-                            "op": op, "case": f"{rows}x{d} {str(dtype)[6:]} 2^{log2}", "mode": mode,
-                            "impl": "mmkern" if impl == "cpu" else "torch", **timing[impl],
-                            "vs_torch": ratio if impl == "cpu" else 1.0, "group": f"{op} {mode} {d} 2^{log2}",
-                        })  # fmt: skip
+                    fields = {"op": op, "case": f"{rows}x{d} {str(dtype)[6:]} 2^{log2}", "mode": mode}
+                    records += harness.pair_records(timing, fields, f"{op} {mode} {d} 2^{log2}")
     return records
 
 
@@ -259,11 +249,8 @@ def main(argv=None) -> list[dict]:
     level = harness.machine().get("mmkern_cpu_capability", "?")
     print(f"fused element-wise ops on cpu ({level}), {torch.get_num_threads()} threads (vs_torch > 1: fused is faster)")
     columns = ["op", "case", "mode", "impl", "median_ms", "p20_ms", "p80_ms", "gbps", "peak_mb", "vs_torch"]
-    print(harness.format_table(records, columns))
     name = "fused_sweep" if args.sweep else "fused_quick" if args.quick else "fused"
-    path = harness.save(name, records, args.out_dir)
-    png = harness.plot_bars(name, records, label_key="impl", group_key="group", out_dir=args.out_dir)
-    print(f"wrote {path} and {png}")
+    harness.report(name, records, columns, label_key="impl", out_dir=args.out_dir)
     return records
 
 

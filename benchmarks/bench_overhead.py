@@ -239,15 +239,11 @@ def bench(repeats: int, selected: set[str] | None, threads: list[int]) -> list[d
                 timing = harness.time_alternating(
                     {k: batch(f) for k, f in fns.items()}, device=CPU, warmup=3, repeats=repeats
                 )
-                for impl in ("torch", "mmkern"):
-                    t = {k: v * 1e3 / inner if k.endswith("_ms") else v for k, v in timing[impl].items()}
-                    records.append({
-                        "op": op, "case": size, "mode": mode, "threads": nthreads, "impl": impl,
-                        "median_us": t["median_ms"], "p20_us": t["p20_ms"], "p80_us": t["p80_ms"],
-                        "calls_per_sample": inner, "samples": t["samples"],
-                        "vs_torch": timing["torch"]["median_ms"] / timing[impl]["median_ms"],
-                        "group": f"{op} {size} {mode} t{nthreads}",
-                    })  # fmt: skip
+                fields = {"op": op, "case": size, "mode": mode, "threads": nthreads}
+                records += harness.pair_records(
+                    timing, fields, f"{op} {size} {mode} t{nthreads}", per_call=inner, unit="us",
+                    extra=lambda impl, t, inner=inner: {"calls_per_sample": inner},
+                )  # fmt: skip
     return records
 
 

@@ -156,11 +156,8 @@ def main(argv=None) -> list[dict]:
     print(f"patch_embed on {args.device}, batch {batch}, {torch.get_num_threads()} CPU threads")
     columns = ["model", "dtype", "mode", "path", "median_ms", "p20_ms", "p80_ms", "gflops", "gemm_gflops", "gbps",
                "peak_mb", "vs_conv2d", "vs_linear"]  # fmt: skip
-    print(harness.format_table(records, columns))
     name = "patch_embed_quick" if args.quick else "patch_embed"
-    path = harness.save(name, records, args.out_dir)
-    png = harness.plot_bars(name, records, label_key="path", group_key="group", out_dir=args.out_dir)
-    print(f"wrote {path} and {png}")
+    harness.report(name, records, columns, label_key="path", out_dir=args.out_dir)
     return records
 
 

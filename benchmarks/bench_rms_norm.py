@@ -69,15 +69,9 @@ def bench(repeats: int, quick: bool, dtype: torch.dtype) -> list[dict]:
             timing = harness.time_alternating(
                 {"torch": batch(torch_fn), "mmkern": batch(mmkern_fn)}, device=CPU, warmup=2, repeats=repeats
             )
-            for impl, fn in (("torch", torch_fn), ("mmkern", mmkern_fn)):
-                t = {k: v / inner if k.endswith("_ms") else v for k, v in timing[impl].items()}
-                records.append({
-                    "op": "rms_norm", "case": f"{rows}x{d} {str(dtype)[6:]}", "numel": rows * d, "mode": mode,
-                    "impl": impl, **t, "gbps": traffic[mode] / t["median_ms"] / 1e6,
-                    "peak_mb": harness.peak_memory(fn, device=CPU) / 2**20,
-                    "vs_torch": timing["torch"]["median_ms"] / timing[impl]["median_ms"],
-                    "group": f"{rows}x{d} {mode}",
-                })  # fmt: skip
+            fields = {"op": "rms_norm", "case": f"{rows}x{d} {str(dtype)[6:]}", "numel": rows * d, "mode": mode}
+            extra = harness.traffic_and_memory(traffic[mode], {"torch": torch_fn, "mmkern": mmkern_fn}, CPU)
+            records += harness.pair_records(timing, fields, f"{rows}x{d} {mode}", per_call=inner, extra=extra)
     return records
 
 
@@ -98,11 +92,8 @@ def main(argv=None) -> list[dict]:
     level = harness.machine().get("mmkern_cpu_capability", "?")
     print(f"rms_norm on cpu ({level}), {torch.get_num_threads()} threads (vs_torch > 1: mmkern is faster)")
     columns = ["case", "mode", "impl", "median_ms", "p20_ms", "p80_ms", "gbps", "peak_mb", "vs_torch"]
-    print(harness.format_table(records, columns))
     name = "rms_norm_quick" if args.quick else "rms_norm"
-    path = harness.save(name, records, args.out_dir)
-    png = harness.plot_bars(name, records, label_key="impl", group_key="group", out_dir=args.out_dir)
-    print(f"wrote {path} and {png}")
+    harness.report(name, records, columns, label_key="impl", out_dir=args.out_dir)
     return records
 
 

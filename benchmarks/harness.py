@@ -68,6 +68,36 @@ def _timing(samples: list[float]) -> dict:
     return {"median_ms": statistics.median(samples), "p20_ms": q[0], "p80_ms": q[3], "samples": len(samples)}
 
 
+def pair_records(
+    timing: dict, fields: dict, group: str, *, per_call: int = 1, unit: str = "ms", extra=None
+) -> list[dict]:
+    """The records of a torch / mmkern comparison, torch's first: `fields`, "impl", the implementation's timing (as
+    time_alternating gives it, a sample being `per_call` calls) per call in `unit` ("ms" or "us": median_<unit>,
+    p20_<unit>, p80_<unit>, samples), the fields extra(impl, timing per call in ms) returns, "vs_torch" (torch's
+    median over the implementation's) and "group"."""
+    factor = {"ms": 1.0, "us": 1e3}[unit]
+    records = []
+    for impl in ("torch", "mmkern"):
+        timed = timing[impl].items()
+        t = {(k[:-2] + unit if k.endswith("_ms") else k): (v * factor / per_call if k.endswith("_ms") else v)
+             for k, v in timed}  # fmt: skip
+        more = extra(impl, {k: v / per_call if k.endswith("_ms") else v for k, v in timed}) if extra else {}
+        records.append({
+            **fields, "impl": impl, **t, **more,
+            "vs_torch": timing["torch"]["median_ms"] / timing[impl]["median_ms"], "group": group,
+        })  # fmt: skip
+    return records
+
+
+def traffic_and_memory(traffic: float, fns: dict, device: torch.device):
+    """pair_records' `extra` for a memory-bound op: "gbps" at `traffic` bytes a call, and "peak_mb", the extra peak
+    memory of one call of fns[impl] (see peak_memory)."""
+    return lambda impl, t: {
+        "gbps": traffic / t["median_ms"] / 1e6,
+        "peak_mb": peak_memory(fns[impl], device=device) / 2**20,
+    }
+
+
 def _rss_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -217,6 +247,15 @@ def plot_bars(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def report(name: str, records: list[dict], columns: list[str], *, label_key: str, out_dir: Path | None = None) -> None:
+    """Prints the records' table (these columns), appends them to <name>.json (see save), plots one bar per
+    record[label_key] in each record["group"], and prints where both went."""
+    print(format_table(records, columns))
+    path = save(name, records, out_dir)
+    png = plot_bars(name, records, label_key=label_key, group_key="group", out_dir=out_dir)
+    print(f"wrote {path} and {png}")
 
 
 def format_table(records: list[dict], columns: list[str]) -> str:

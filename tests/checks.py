@@ -117,10 +117,11 @@ def spy_launches(monkeypatch, module) -> list:
     return calls
 
 
-# (shape, layout of x): a single element, odd widths and strided rows, a transposed ViT-S/16 token matrix, a
-# ViT-B-wide row
+# (shape, layout of x): a single element (contiguous, and strided: a contiguous tensor with strides of 2 on its
+# size-1 dims), odd widths and strided rows, a transposed ViT-S/16 token matrix, a ViT-B-wide row
 INFERENCE_CASES = [
     ((1, 1), "contiguous"),
+    ((1, 1), "strided"),
     ((3, 7, 33), "strided"),
     ((197, 64), "transposed"),
     ((2, 5, 768), "contiguous"),

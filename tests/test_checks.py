@@ -132,6 +132,11 @@ CASES = [
         "key: batch dims (2,) differ from query's (1,)",
     ),
     (
+        "sdpa value batch",
+        lambda: ops.scaled_dot_product_attention(q, q, T(3, 2, 4, 8)),
+        "value: shape (3, 2, 4, 8) does not match key's (1, 2, 4, 8)",
+    ),
+    (
         "sdpa key headdim",
         lambda: ops.scaled_dot_product_attention(q, T(1, 2, 4, 9), q),
         "key: head dim 9 differs from query's 8",
@@ -361,6 +366,7 @@ CASES = [
         lambda: ops.patch_embed(img, pw, T(5, dtype=torch.float64)),
         "bias: dtype torch.float64 differs from images's torch.float32",
     ),
+    ("pe bias list", lambda: ops.patch_embed(img, pw, [1.0]), "bias: expected a torch.Tensor, got list"),
     (
         "pe prefix width",
         lambda: ops.patch_embed(img, pw, pb, prefix_tokens=T(1, 4)),

@@ -9,9 +9,12 @@ from torch import nn
 from mmkern.ops.contrastive import clip_loss, siglip_loss
 from mmkern.ops.contrastive_dist import clip_loss_distributed, siglip_loss_distributed
 
+# Whether this torch was built with torch.distributed: fixed for the process, read once rather than on every call.
+_DIST_AVAILABLE = dist.is_available()
+
 
 def _distributed(group) -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    return _DIST_AVAILABLE and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
 class ClipLoss(nn.Module):

@@ -19,29 +19,31 @@ def check_tensor(t, name: str, *, ndim: int | tuple[int, ...] | None = None, dty
         raise ValueError(f"{name}: dtype {t.dtype} is not supported; expected one of {', '.join(map(str, dtypes))}")
 
 
-def check_like(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
-    """Every given tensor has the device and dtype of `reference`."""
-    dtype, cpu = reference.dtype, reference.is_cpu
-    for name, t in others.items():
-        if t is None or (t.dtype == dtype and ((cpu and t.is_cpu) or t.device == reference.device)):
-            continue
-        if t.device != reference.device:
-            raise ValueError(f"{name}: on {t.device}, but {reference_name} is on {reference.device}")
-        raise ValueError(f"{name}: dtype {t.dtype} differs from {reference_name}'s {dtype}")
-
-
 # The ops' common case passes every check: the helpers below test the whole of it in one expression, reading each
 # tensor attribute once (~50-120 ns a read), and only a failure takes the slower path that finds and names the problem.
 
 
-def _matches(t, dtype: torch.dtype, device: torch.device | None, shape: tuple[int, ...]) -> bool:
-    """t is a tensor of this dtype, device (None: the CPU) and shape."""
+def _matches(t, dtype: torch.dtype, device: torch.device | None, shape: tuple[int, ...] | None = None) -> bool:
+    """t is a tensor of this dtype, device (None: the CPU) and shape (None: any)."""
     return (
         isinstance(t, torch.Tensor)
         and t.dtype is dtype  # dtypes are singletons: `is` costs half of `==`
         and (t.is_cpu if device is None else t.device == device)  # is_cpu: no torch.device object to build
-        and t.shape == shape
+        and (shape is None or t.shape == shape)
     )
+
+
+def check_like(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Every given argument is None or a tensor with the device and dtype of `reference`."""
+    dtype = reference.dtype
+    device = None if reference.is_cpu else reference.device
+    for name, t in others.items():
+        if t is None or _matches(t, dtype, device):
+            continue
+        check_tensor(t, name, dtypes=None)
+        if t.device != reference.device:
+            raise ValueError(f"{name}: on {t.device}, but {reference_name} is on {reference.device}")
+        raise ValueError(f"{name}: dtype {t.dtype} differs from {reference_name}'s {dtype}")
 
 
 def check_rows(

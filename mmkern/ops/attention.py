@@ -140,47 +140,65 @@ def qkv_packed_attention(
     return out.transpose(1, 2)
 
 
+def _check_qkv(query, key, value) -> None:
+    """Names the first of query, key and value that is not a float tensor of query's dtype and device."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(t, name)
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise ValueError(f"key/value: dtypes {key.dtype}/{value.dtype} differ from query's {query.dtype}")
+    if key.device != query.device or value.device != query.device:
+        raise ValueError("key/value: must be on the query's device")
+
+
+def _check_ranks(qs: tuple, ks: tuple, vs: tuple) -> None:
+    """Names the first shape with fewer than 2 dims, else says that the ranks differ."""
+    for name, shape in (("query", qs), ("key", ks), ("value", vs)):
+        if len(shape) < 2:
+            raise ValueError(f"{name}: expected at least 2 dimensions (..., L, E), got shape {shape}")
+    raise ValueError("key/value: must have as many dimensions as query")
+
+
+def _check_mask(attn_mask, query: torch.Tensor, full: tuple) -> None:
+    """attn_mask is a bool or float tensor on query's device that broadcasts to `full` (..., Hq, L, S)."""
+    check_tensor(attn_mask, "attn_mask", dtypes=None)
+    if attn_mask.device != query.device:
+        raise ValueError(f"attn_mask: on {attn_mask.device}, but query is on {query.device}")
+    if not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+        raise ValueError(f"attn_mask: expected a bool or float mask, got {attn_mask.dtype}")
+    if not _broadcasts_to(attn_mask.shape, full):
+        raise ValueError(f"attn_mask: shape {tuple(attn_mask.shape)} does not broadcast to {full}")
+
+
 def _sdpa(
     query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend, window, num_global, packed=None
 ):
     """scaled_dot_product_attention; `packed`: the (B, L, 3, H, D) tensor whose views query, key and value are."""
-    common = (  # the common case in one expression (~0.1 µs a check): CPU tensors of one float dtype
+    if not (  # the common case in one expression, each attribute read once: CPU tensors of one float dtype
         isinstance(query, torch.Tensor)
         and isinstance(key, torch.Tensor)
         and isinstance(value, torch.Tensor)
-        and query.dtype in FLOAT_DTYPES
-        and key.dtype == query.dtype
-        and value.dtype == query.dtype
+        and (dtype := query.dtype) in FLOAT_DTYPES
+        and key.dtype is dtype  # dtypes are singletons: `is` costs half of `==`
+        and value.dtype is dtype
         and query.is_cpu
         and key.is_cpu
         and value.is_cpu
-    )
-    if not common:  # find and name what is wrong, or the devices are not the CPU
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            check_tensor(t, name)
-        if key.dtype != query.dtype or value.dtype != query.dtype:
-            raise ValueError(f"key/value: dtypes {key.dtype}/{value.dtype} differ from query's {query.dtype}")
-        if key.device != query.device or value.device != query.device:
-            raise ValueError("key/value: must be on the query's device")
-    # Plain tuples: slicing a torch.Size builds a new torch.Size (~0.3 µs each, a dozen per call).
+    ):
+        _check_qkv(query, key, value)  # names what is wrong, or passes tensors of one dtype on another device
+    # Plain tuples: slicing a torch.Size builds a new torch.Size (~0.2 µs each).
     qs, ks, vs = tuple(query.shape), tuple(key.shape), tuple(value.shape)
-    for name, shape in (("query", qs), ("key", ks), ("value", vs)):
-        if len(shape) < 2:
-            raise ValueError(f"{name}: expected at least 2 dimensions (..., L, E), got shape {shape}")
-    if len(qs) != len(ks) or len(qs) != len(vs):
-        raise ValueError("key/value: must have as many dimensions as query")
-    batch = qs[:-3]
-    if batch != ks[:-3] or ks[:-3] != vs[:-3]:
-        raise ValueError(f"key: batch dims {ks[:-3]} differ from query's {batch}")
-    L, E = qs[-2:]
-    S, Ek = ks[-2:]
+    if len(qs) < 2 or len(ks) != len(qs) or len(vs) != len(qs):
+        _check_ranks(qs, ks, vs)
+    # (..., H, L, E); 2-D tensors (L, E) are one head
+    *batch, Hq, L, E = qs if len(qs) > 2 else (1, *qs)
+    *batch_k, Hk, S, Ek = ks if len(ks) > 2 else (1, *ks)
+    if batch_k != batch:
+        raise ValueError(f"key: batch dims {tuple(batch_k)} differ from query's {tuple(batch)}")
     if Ek != E:
         raise ValueError(f"key: head dim {Ek} differs from query's {E}")
-    if vs[-2] != S or vs[:-2] != ks[:-2]:
+    if vs[:-1] != ks[:-1]:
         raise ValueError(f"value: shape {vs} does not match key's {ks}")
     Ev = vs[-1]
-    Hq = qs[-3] if len(qs) >= 3 else 1
-    Hk = ks[-3] if len(ks) >= 3 else 1
     if Hq != Hk and not (enable_gqa and Hk > 0 and Hq % Hk == 0):
         raise ValueError(f"key: {Hk} heads vs query's {Hq}: needs enable_gqa=True and Hq a multiple of Hk")
     if not 0.0 <= dropout_p <= 1.0:
@@ -188,13 +206,7 @@ def _sdpa(
     left, right, num_global = _window_args(window, num_global, L, S)
     full = (*batch, Hq, L, S)
     if attn_mask is not None:
-        check_tensor(attn_mask, "attn_mask", dtypes=None)
-        if attn_mask.device != query.device:
-            raise ValueError(f"attn_mask: on {attn_mask.device}, but query is on {query.device}")
-        if not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
-            raise ValueError(f"attn_mask: expected a bool or float mask, got {attn_mask.dtype}")
-        if not _broadcasts_to(attn_mask.shape, full):
-            raise ValueError(f"attn_mask: shape {tuple(attn_mask.shape)} does not broadcast to {full}")
+        _check_mask(attn_mask, query, full)
     # PyTorch has no path for windows, global tokens, dropout whose mask matches the other backends', is_causal
     # with a mask, or an empty key set (torch gives NaN rows); elsewhere cpu_policy decides on CPU tensors.
     no_torch_path = (
@@ -204,7 +216,7 @@ def _sdpa(
         else "an empty key set" if S == 0
         else None
     )  # fmt: skip
-    native_dims = max(E, Ev) <= MAX_HEAD_DIM
+    native_dims = E <= MAX_HEAD_DIM and Ev <= MAX_HEAD_DIM
     if backends.cpu_default(backend, query):  # the common case first: no backend named, CPU tensors
         native = no_torch_path is not None or (
             native_dims
@@ -213,11 +225,11 @@ def _sdpa(
         chosen = "cpu" if native else "torch"
     else:
         chosen = backends.resolve(backend, query.device, "triton")
-    native_dtype(chosen, "query", query)
     if chosen == "torch":
         if no_torch_path is not None:
             raise ValueError(f"backend: 'torch' has no path for {no_torch_path}; use backend='cpu'")
         return _torch_path(query, key, value, attn_mask, is_causal, scale, enable_gqa)
+    native_dtype(chosen, "query", query)
     if chosen == "reference":
         compute = _reference_dtype(query)
         if attn_mask is not None and attn_mask.is_floating_point():
@@ -245,7 +257,7 @@ def _sdpa(
     if dropout_p > 0.0 and chosen == "cuda":
         raise ValueError("dropout_p: the cuda backend has no dropout; use backend='triton' or dropout_p=0")
     B = math.prod(batch)
-    if query.dim() == 4:  # already (B, H, L, E): skip three reshape calls (as costly as a small kernel)
+    if len(qs) == 4:  # already (B, H, L, E): skip three reshape calls (as costly as a small kernel)
         q4, k4, v4 = query, key, value
     else:
         q4 = query.reshape(B, Hq, L, E)
@@ -262,7 +274,7 @@ def _sdpa(
         out, _ = _EagerPackedAttention.apply(packed, mask4, *params)
     else:
         out, _ = _attention(q4, k4, v4, mask4, None, None, *params)
-    if query.dim() == 4:
+    if len(qs) == 4:
         return out
     return out.reshape(*batch, Hq, L, Ev) if len(qs) >= 3 else out.reshape(L, Ev)
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from mmkern import _native, backends, reference
 from mmkern.ops import cpu_policy
-from mmkern.ops._checks import check_tensor, native_dtype
+from mmkern.ops._checks import FLOAT_DTYPES, check_tensor, native_dtype
 from mmkern.ops._eager import plain_eager
 
 # Must match csrc/include/mmkern/contrastive.h Mode.
@@ -35,18 +35,37 @@ ROWS, ROWS_COLS, SIGMOID = 0, 1, 2
 
 
 def _as_scalar(value, name: str, like: torch.Tensor) -> torch.Tensor:
-    if isinstance(value, (int, float)):
+    if isinstance(value, torch.Tensor):
+        # The common case in one expression: a 0-dim float tensor, and it and the features on the CPU.
+        if value.dtype in FLOAT_DTYPES and value.dim() == 0 and value.is_cpu and like.is_cpu:
+            return value
+    elif isinstance(value, (int, float)):
         return torch.tensor(float(value), dtype=torch.float32, device=like.device)
     check_tensor(value, name)
     if value.dim() != 0:
         raise ValueError(f"{name}: expected a 0-dim tensor, got shape {tuple(value.shape)}")
-    if not (value.is_cpu and like.is_cpu) and value.device != like.device:  # is_cpu first: the cheap common case
+    if not (value.is_cpu and like.is_cpu) and value.device != like.device:
         raise ValueError(f"{name}: on {value.device}, but the features are on {like.device}")
     return value
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str, *, same_rows: bool):
     """Validates a (B, D) and b (K, D) features; returns (B, K, D)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        shape_a, shape_b = a.shape, b.shape
+        # The common case in one expression, each attribute read once: 2-D CPU tensors of one float dtype.
+        if (
+            len(shape_a) == 2
+            and len(shape_b) == 2
+            and (dtype := a.dtype) in FLOAT_DTYPES
+            and b.dtype is dtype  # dtypes are singletons: `is` costs half of `==`
+            and a.is_cpu
+            and b.is_cpu
+        ):
+            (B, D), (K, Db) = shape_a, shape_b
+            if D == Db and B > 0 and D > 0 and K > 0 and (K == B or not same_rows):
+                return B, K, D
+    # Otherwise every check in turn: the first that fails names the argument (tensors off the CPU pass here).
     check_tensor(a, name_a, ndim=2)
     check_tensor(b, name_b, ndim=2)
     (B, D), (K, Db) = a.shape, b.shape
@@ -65,12 +84,9 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str, *, s
     return B, K, D
 
 
+# F.cross_entropy(logits, labels) through its ATen op: F's Python wrapper costs ~0.5 µs a call.
+_cross_entropy_loss = torch._C._nn.cross_entropy_loss
 _MEAN = 1  # at::Reduction::Mean
-
-
-def _cross_entropy(logits, labels):
-    """F.cross_entropy(logits, labels) through its ATen op: F's Python wrapper costs ~0.5 µs a call."""
-    return torch._C._nn.cross_entropy_loss(logits, labels, None, _MEAN)
 
 
 def _naive_clip(x, y, scale):
@@ -78,14 +94,14 @@ def _naive_clip(x, y, scale):
     them, calling the cross-entropy's ATen op directly."""
     logits = scale * (x @ y.T)
     labels = torch.arange(x.shape[0], device=x.device)
-    return 0.5 * (_cross_entropy(logits, labels) + _cross_entropy(logits.T, labels))
+    return 0.5 * (_cross_entropy_loss(logits, labels, None, _MEAN) + _cross_entropy_loss(logits.T, labels, None, _MEAN))
 
 
 def _naive_infonce(query, keys, scale, labels):
     """The torch backend's InfoNCE: reference.infonce through the cross-entropy's ATen op."""
     if labels is None:
         labels = torch.arange(query.shape[0], device=query.device)
-    return _cross_entropy(scale * (query @ keys.T), labels)
+    return _cross_entropy_loss(scale * (query @ keys.T), labels, None, _MEAN)
 
 
 def _choose(backend: str | None, x: torch.Tensor, loss: str, B: int, K: int, D: int) -> str:
@@ -113,9 +129,9 @@ def clip_loss(image_features, text_features, logit_scale, *, backend: str | None
     B, _, D = _check_pair(image_features, text_features, "image_features", "text_features", same_rows=True)
     logit_scale = _as_scalar(logit_scale, "logit_scale", image_features)
     chosen = _choose(backend, image_features, "clip", B, B, D)
-    native_dtype(chosen, "image_features", image_features)
     if chosen == "torch":
         return _naive_clip(image_features, text_features, logit_scale)
+    native_dtype(chosen, "image_features", image_features)
     if chosen == "reference":
         return reference.clip_loss(image_features, text_features, logit_scale)
     return _loss(image_features, text_features, logit_scale, None, None, ROWS_COLS, chosen)
@@ -148,9 +164,9 @@ def infonce(query, keys, logit_scale, *, labels=None, backend: str | None = None
             raise ValueError(f"labels: values must lie in [0, {K})")
     labels = None if labels is None else labels.long()
     chosen = _choose(backend, query, "infonce", B, K, D)
-    native_dtype(chosen, "query", query)
     if chosen == "torch":
         return _naive_infonce(query, keys, logit_scale, labels)
+    native_dtype(chosen, "query", query)
     if chosen == "reference":
         return reference.infonce(query, keys, logit_scale, labels)
     return _loss(query, keys, logit_scale, None, labels, ROWS, chosen)
@@ -169,9 +185,9 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, backe
     logit_scale = _as_scalar(logit_scale, "logit_scale", image_features)
     logit_bias = _as_scalar(logit_bias, "logit_bias", image_features)
     chosen = _choose(backend, image_features, "siglip", B, B, D)
-    native_dtype(chosen, "image_features", image_features)
     if chosen in ("reference", "torch"):  # the naive loss
         return reference.siglip_loss(image_features, text_features, logit_scale, logit_bias)
+    native_dtype(chosen, "image_features", image_features)
     return _loss(image_features, text_features, logit_scale, logit_bias, None, SIGMOID, chosen)
 
 

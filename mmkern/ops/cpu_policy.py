@@ -92,8 +92,8 @@ def contrastive(loss: str, B: int, K: int, D: int) -> bool:
 # threshold is taken where both widths stay faster from there up. The figures: the docstrings. Re-swept (twice per
 # level and dtype, the machine loaded by other jobs) once the native call's fixed cost had dropped (the binding's
 # tensor tuples read with the C API, inference without the LayerNorm / RMSNorm statistics, no OpenMP region for one
-# thread: add_layer_norm 8x64 fp32 inference 26 -> 15.5 us per call against torch's 5, one thread, load 7-8): the
-# thresholds moved only where both runs agreed.
+# thread: add_layer_norm 8x64 fp32 inference 16.5 -> 10.2 us per call against torch's 3.3, one thread, the quietest
+# of five before / after pairs): the thresholds moved only where both runs agreed.
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 _ROWS_FROM = {
     "add_layer_norm": {

@@ -53,13 +53,13 @@ def bias_gelu(
         chosen = "cpu" if cpu_policy.bias_gelu(x.numel(), grad, x.dtype) else "torch"
     else:
         chosen = backends.resolve(backend, x.device, "triton")
-    native_dtype(chosen, "x", x)
     if chosen == "torch":  # F.gelu(x + bias), what a user writes; without autograd, GELU in place on the sum
         if grad or bias is None:
             return reference.bias_gelu(x, bias, approximate)
         return _gelu_(x + bias, approximate=approximate)
     if chosen == "reference":
         return reference.bias_gelu(x, bias, approximate)
+    native_dtype(chosen, "x", x)
     return _bias_gelu(x, bias, approximate, chosen)
 
 
@@ -92,12 +92,12 @@ def add_layer_norm(
         chosen = "cpu" if cpu_policy.add_layer_norm(x.numel(), grad, x.dtype) else "torch"
     else:
         chosen = backends.resolve(backend, x.device, "triton")
-    native_dtype(chosen, "x", x)
     if chosen == "torch":  # x + residual, then F.layer_norm (torch.layer_norm: the same op without F's Python)
         s = x if residual is None else x + residual
         return s, torch.layer_norm(s, (x.shape[-1],), weight, bias, eps)
     if chosen == "reference":
         return reference.add_layer_norm(x, residual, weight, bias, eps)
+    native_dtype(chosen, "x", x)
     s, out, _, _ = _add_layer_norm(x, residual, weight, bias, float(eps), chosen)
     return (x if residual is None else s), out
 

@@ -69,13 +69,12 @@ def patch_embed(
     N = (H // P) * (W // P)
     if pos_embed is not None:
         check_tensor(pos_embed, "pos_embed", ndim=(2, 3))
-        if pos_embed.dim() == 3 and pos_embed.shape[0] != 1:
-            raise ValueError(f"pos_embed: expected (T + N, E) or (1, T + N, E), got {tuple(pos_embed.shape)}")
-        if tuple(pos_embed.shape[-2:]) != (T + N, E):
-            raise ValueError(
-                f"pos_embed: expected length T + N = {T} + {N} = {T + N} and width {E}, got {tuple(pos_embed.shape)}"
-            )
-        if pos_embed.dim() == 3:
+        pos_shape = tuple(pos_embed.shape)
+        if len(pos_shape) == 3 and pos_shape[0] != 1:
+            raise ValueError(f"pos_embed: expected (T + N, E) or (1, T + N, E), got {pos_shape}")
+        if pos_shape[-2:] != (T + N, E):
+            raise ValueError(f"pos_embed: expected length T + N = {T} + {N} = {T + N} and width {E}, got {pos_shape}")
+        if len(pos_shape) == 3:
             pos_embed = pos_embed[0]
     # On GPUs the Triton kernel's tl.dot runs on tensor cores while the cuda kernel is SIMT fp32 FMA.
     bf16 = images.dtype == torch.bfloat16
@@ -83,9 +82,9 @@ def patch_embed(
         chosen = "cpu" if cpu_policy.patch_embed(bf16) else "torch"
     else:
         chosen = backends.resolve(backend, images.device, "triton")
-    native_dtype(chosen, "images", images)
     if chosen in ("reference", "torch"):  # conv2d + flatten + cat + add, as a user writes it
         return reference.patch_embed(images, weight, bias, pos_embed, prefix_tokens)
+    native_dtype(chosen, "images", images)
     tensors = (images, weight, bias, pos_embed, prefix_tokens)
     if not plain_eager(*tensors):
         return torch.ops.mmkern.patch_embed(*tensors, chosen)

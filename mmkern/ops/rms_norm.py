@@ -47,12 +47,12 @@ def rms_norm(
         chosen = "cpu" if cpu_policy.rms_norm(x.numel(), needs_grad(x, residual, weight), x.dtype) else "torch"
     else:
         chosen = backends.resolve(backend, x.device, "triton")
-    native_dtype(chosen, "x", x)
     if chosen == "reference":
         return reference.rms_norm(x, residual, weight, eps)
     if chosen == "torch":  # what a user writes
         s = x if residual is None else x + residual
         return s, F.rms_norm(s, (s.shape[-1],), weight, eps)
+    native_dtype(chosen, "x", x)
     s, out, _ = _rms_norm(x, residual, weight, float(eps), chosen)
     return (x if residual is None else s), out
 
