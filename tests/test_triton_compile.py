@@ -47,3 +47,24 @@ def test_attention_uses_tensor_cores_and_pipelined_loads(records):
         assert r["cp_async"] > 0, r
         if not r["variant"].startswith("fp32"):  # fp32 without TF32 multiplies on the FMA units
             assert r["tensor_core_ops"] == "wgmma", r
+
+
+def test_fp32_d256_dkdv_keeps_a_config_that_fits_sm80():
+    """fp32 dK/dV at head dim 256 (IEEE products) had no config within sm_80's shared memory, and the fallback, 16 x 64,
+    compiled to 172-176 KB of its 163 KB (triton 3.6 and 3.7.1): it could not launch on an A100. The pruning now keeps
+    one of the kernel's own configs there by the estimate (16 x 32, one stage: 100 KB in the compile report)."""
+    import triton
+
+    from benchmarks import triton_compile
+    from mmkern.kernels.triton import attention
+
+    configs = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in
+               dict.fromkeys(attention.IEEE_CONFIGS["dkdv"] + attention.CONFIGS_WIDE["dkdv"])]  # fmt: skip
+    for arch in (80, 90):
+        limit = triton_compile.SHARED_LIMIT[arch]
+        kept = attention.fitting_configs(configs, 4, {"PREC": "ieee", "BD": 256, "BDV": 256}, limit, "dkdv")
+        assert kept, arch
+        for c in kept:
+            assert attention._key(c) in attention.IEEE_CONFIGS["dkdv"], (arch, attention._key(c))
+            bm, bn, _, stages = attention._key(c)
+            assert attention.shared_bytes_estimate(bm, bn, stages, 256, 256, 4, True) <= limit
