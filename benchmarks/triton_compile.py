@@ -182,7 +182,7 @@ def _configs(kernel, kwargs, arch: int) -> list[triton.Config]:
     if kernel.fn.__name__.startswith("_attention"):
         elem = torch.empty((), dtype=kwargs["_dtype"]).element_size()
         kind = kernel.fn.__name__.split("_")[-2]  # _attention_{fwd,bwd_dkdv,bwd_dq}_kernel
-        configs = attention.fitting_configs(configs, elem, kwargs, SHARED_LIMIT[arch], kind)
+        configs = attention.fitting_configs(configs, elem, kwargs, SHARED_LIMIT[arch], kind, arch)
     return configs
 
 

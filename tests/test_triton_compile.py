@@ -62,7 +62,7 @@ def test_fp32_d256_dkdv_keeps_a_config_that_fits_sm80():
                dict.fromkeys(attention.IEEE_CONFIGS["dkdv"] + attention.CONFIGS_WIDE["dkdv"])]  # fmt: skip
     for arch in (80, 90):
         limit = triton_compile.SHARED_LIMIT[arch]
-        kept = attention.fitting_configs(configs, 4, {"PREC": "ieee", "BD": 256, "BDV": 256}, limit, "dkdv")
+        kept = attention.fitting_configs(configs, 4, {"PREC": "ieee", "BD": 256, "BDV": 256}, limit, "dkdv", arch)
         assert kept, arch
         for c in kept:
             assert attention._key(c) in attention.IEEE_CONFIGS["dkdv"], (arch, attention._key(c))

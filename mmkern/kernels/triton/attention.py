@@ -41,22 +41,20 @@ def _grid_of(tiles, warps=(4, 8), stages=(2, 3)):
 # register on sm_90 and sm_80 at head dim 64 in the compile report (`python -m benchmarks.triton_compile`).
 # The forward leaves out 64 x 64 on 4 warps (first-config report, triton 3.7.1, sm_80: 24 B with a bool mask at D = 64,
 # 72 B varlen and 288 B causal + float mask + dropout at D = 128), where 64 x 64 on 8 warps spills nothing on sm_80
-# or sm_90 for any feature at D = 64 and 128. dK/dV keeps four (BN, D) tiles live across its query loop: at D = 64 only
-# 32 x 32 on 8 warps spilled nothing for every feature on both targets with 3.7.1 (32 x 64, the configs chosen with
-# triton 3.9, spilled 344-416 B with causal + float mask + dropout on sm_80; 16 x 64 232-264 B there).
+# or sm_90 for any feature at D = 64 and 128. dK/dV keeps four (BN, D) tiles live across its query loop, and ptxas
+# spills it in 14 of the 16 configs of the (BM, BN) grid below on one of the two targets (triton 3.9).
 CONFIGS = {
     "fwd": [c for c in _grid_of([(64, 64), (128, 64), (64, 32), (128, 32)], warps=(8, 4)) if c[:3] != (64, 64, 4)],
-    "dkdv": [(32, 32, 8, 2)],
+    "dkdv": [(32, 64, 8, 2), (32, 64, 8, 3)],
     "dq": [c for c in _grid_of([(64, 64), (32, 64), (64, 32), (32, 32)]) if c[:3] != (64, 64, 4)],
 }
+# Head dim 64 before sm_90 (mma.sync; sm_90's wgmma needs the 64-row tiles above): dK/dV 32 x 64 spilled 344-416 B
+# with causal + float mask + dropout on sm_80 (triton 3.7.1) and 32-64 B with a bool mask (3.6), dQ 64 x 64 64 B with a
+# bool mask (3.6). These two spill nothing there for any feature, fp16 or bf16, with 3.6 and 3.7.1.
+CONFIGS_SM80 = {**CONFIGS, "dkdv": [(32, 32, 8, 2)], "dq": [(64, 32, 8, 2)]}
 # Head dim 128: the forward's 128-row tiles on 4 warps spill in the full report (plain 104-120 B on sm_90, 48-304 B on
-# sm_80; window up to 6.5 KB on sm_80), where the same tiles on 8 warps spill nothing. dK/dV's 32 x 32 spills 8-24 B
-# there (bool or float mask, 3.7.1), 32 x 64 on 8 warps nothing.
-CONFIGS_128 = {
-    **CONFIGS,
-    "fwd": [c for c in CONFIGS["fwd"] if not (c[0] == 128 and c[2] == 4)],
-    "dkdv": [(32, 64, 8, 2), (32, 64, 8, 3)],
-}
+# sm_80; window up to 6.5 KB on sm_80), where the same tiles on 8 warps spill nothing.
+CONFIGS_128 = {**CONFIGS, "fwd": [c for c in CONFIGS["fwd"] if not (c[0] == 128 and c[2] == 4)]}
 # Head dims above 128 (BD = 256): the (BM, D) accumulators alone hold 64-128 fp32 registers per thread, and the
 # D <= 128 configs spilled 8-680 B per thread on sm_90 and up to 3.3 KB on sm_80. The compile report at D = 256
 # (fp16 / bf16, every feature, sm_90 and sm_80) keeps these: no spill without dropout, at most 248 B with it. Left
@@ -84,7 +82,7 @@ def _key(c: triton.Config) -> tuple[int, int, int, int]:
 def _configs(kind: str) -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({"BM": 32, "BN": 32}, num_warps=4, num_stages=1)]
-    tuples = list(dict.fromkeys(CONFIGS[kind] + CONFIGS_128[kind] + CONFIGS_WIDE[kind] + IEEE_CONFIGS[kind]))
+    tuples = list(dict.fromkeys(CONFIGS[kind] + CONFIGS_SM80[kind] + CONFIGS_WIDE[kind] + IEEE_CONFIGS[kind]))
     return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in tuples]
 
 
@@ -97,16 +95,18 @@ def shared_bytes_estimate(bm: int, bn: int, stages: int, bd: int, bdv: int, elem
     return (max(stages, 2) * streamed + (bm if not bwd else min(bm, bn))) * (bd + bdv) * elem
 
 
-def fitting_configs(configs: list[triton.Config], elem: int, meta: dict, shared_limit: int, kind: str):
-    """The configs of kernel `kind` ("fwd", "dkdv", "dq") a launch may run: its CONFIGS (CONFIGS_128 for head dim
-    128, CONFIGS_WIDE above, IEEE_CONFIGS for fp32 without TF32) that fit shared_limit bytes of shared memory (a D = 256
+def fitting_configs(configs: list[triton.Config], elem: int, meta: dict, shared_limit: int, kind: str, arch: int):
+    """The configs of kernel `kind` ("fwd", "dkdv", "dq") a launch may run on sm_<arch>: its CONFIGS (CONFIGS_SM80
+    for head dim 64 before sm_90, CONFIGS_128 for head dim 128, CONFIGS_WIDE above, IEEE_CONFIGS for fp32 without TF32) that fit shared_limit bytes of shared memory (a D = 256
     config that does not fit is otherwise compiled only to be rejected); the one needing the least shared memory
     if none fits."""
     if meta["PREC"] == "ieee":
         allowed = IEEE_CONFIGS[kind]
     else:
         bd = max(meta["BD"], meta["BDV"])
-        allowed = (CONFIGS_WIDE if bd > 128 else CONFIGS_128 if bd > 64 else CONFIGS)[kind]
+        allowed = (CONFIGS_WIDE if bd > 128 else CONFIGS_128 if bd > 64 else CONFIGS if arch >= 90 else CONFIGS_SM80)[
+            kind
+        ]
 
     def shared(c):
         return shared_bytes_estimate(*_key(c)[:2], c.num_stages, meta["BD"], meta["BDV"], elem, kind != "fwd")
@@ -121,7 +121,8 @@ def _prune(kind: str):
             return configs
         q = named_args["Q"]
         limit = triton.runtime.driver.active.utils.get_device_properties(q.device.index)["max_shared_mem"]
-        return fitting_configs(configs, q.element_size(), meta, limit, kind)
+        major, minor = torch.cuda.get_device_capability(q.device)
+        return fitting_configs(configs, q.element_size(), meta, limit, kind, 10 * major + minor)
 
     return prune
 
