@@ -358,19 +358,30 @@ def test_backward_of_a_row_whose_best_score_is_below_minus_88(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mask", [None, "bool", "float"])
-def test_head_dim_zero_attends_uniformly_as_torch(backend, mask):
-    """Every score is an empty dot product, 0: torch averages the values (a ZeroDivisionError before)."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_head_dim_zero_attends_uniformly_as_torch(backend, mask, threads):
+    """Every score is an empty dot product, 0: torch averages the values (a ZeroDivisionError before). The 6 (batch,
+    head) tasks take the CPU backward's one-pass path on one thread and its two-pass path on two: on one, dV was 0
+    for the first (batch, head): the empty dK gradient's data pointer is null there, and the kernel took a null
+    pointer for "dK, dV not wanted"."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, 3, 4, 0), torch.randn(2, 3, 5, 0), torch.randn(2, 3, 5, 6, generator=gen)
     m = {None: None, "bool": torch.rand(4, 5, generator=gen) > 0.3, "float": torch.randn(4, 5, generator=gen)}[mask]
     if mask == "bool":
         m[:, 0] = True  # torch's math path gives NaN for rows that see nothing
     grad = torch.randn(2, 3, 4, 6, generator=gen)
-    wants = [True, True, True, False]
-    got, got_grads = _run(lambda *a: scaled_dot_product_attention(*a, backend=backend), [q, k, v, m], wants, grad)
+    wants = [True, True, True, mask == "float"]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got, got_grads = _run(lambda *a: scaled_dot_product_attention(*a, backend=backend), [q, k, v, m], wants, grad)
+    finally:
+        torch.set_num_threads(previous)
     want, want_grads = _run(F.scaled_dot_product_attention, [q, k, v, m], wants, grad)
     assert_close(got, want.double(), torch.float32, "out")
     assert_close(got_grads[2], want_grads[2].double(), torch.float32, "dv")
+    if mask == "float":
+        assert_close(got_grads[3], want_grads[3].double(), torch.float32, "dmask")
     assert got_grads[0].shape == q.shape and got_grads[1].shape == k.shape
 
 
