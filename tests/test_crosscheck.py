@@ -18,15 +18,19 @@ import torch.nn.functional as F
 
 timm = pytest.importorskip("timm")
 open_clip = pytest.importorskip("open_clip")
+import open_clip.loss as oc_loss
 from open_clip.transformer import TextTransformer as OcTextTransformer
 
-from mmkern.ops import scaled_dot_product_attention, sdpa_override, sdpa_patch
+import mmkern.nn
+from mmkern.ops import clip_loss, scaled_dot_product_attention, sdpa_override, sdpa_patch, siglip_loss
 
 # A model's output and gradients through mmkern's attention may be off by FACTOR x torch's error plus FLOOR (both
 # relative to the largest reference value; the measured errors are in the README). A 1e-5 relative change of the
 # attention output fails the fp32 cases; the bf16 ones catch gross errors only (bf16's noise is ~1e-2).
 FACTOR = 2.0
 FLOOR = {torch.float32: 2e-7, torch.bfloat16: 1e-3}
+# The losses: mmkern's error at most LOSS_FACTOR x open_clip's (floors in test_losses_match_open_clip).
+LOSS_FACTOR = 3.0
 
 
 def _seeded(build, seed=0):
@@ -258,3 +262,114 @@ def test_finfo_min_fully_masked_rows(fill):
     ours = run(lambda *a, **kw: scaled_dot_product_attention(*a, backend="cpu", **kw), torch.float32)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-5)
+
+
+# ---- 3. open_clip's losses ------------------------------------------------------------------------------------
+
+
+def _features(batch, dim=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(batch, dim, generator=g), dim=-1)
+    y = F.normalize(x + 0.5 * torch.randn(batch, dim, generator=g), dim=-1)
+    return x, y
+
+
+def _loss_run(loss_fn, x, y, scale, bias, dtype):
+    x, y = (t.detach().to(dtype).requires_grad_() for t in (x, y))
+    s, b = (torch.tensor(v, dtype=torch.float64 if dtype == torch.float64 else torch.float32) for v in (scale, bias))
+    s.requires_grad_()
+    b.requires_grad_()
+    loss = loss_fn(x, y, s, b)
+    loss.backward()
+    grads = [x.grad, y.grad, s.grad, b.grad if b.grad is not None else torch.zeros(())]
+    return [loss.detach().double(), *(g.double() for g in grads)]
+
+
+def _oc_clip(x, y, s, b):
+    return oc_loss.ClipLoss()(x, y, s)
+
+
+def _oc_siglip(x, y, s, b):
+    return oc_loss.SigLipLoss()(x, y, s, b)
+
+
+LOSSES = {
+    "clip": (_oc_clip, lambda be: lambda x, y, s, b: clip_loss(x, y, s, backend=be)),
+    "clip_module": (_oc_clip, lambda be: lambda x, y, s, b: mmkern.nn.ClipLoss(backend=be)(x, y, s)),
+    "siglip": (_oc_siglip, lambda be: lambda x, y, s, b: siglip_loss(x, y, s, b, backend=be)),
+    "siglip_module": (_oc_siglip, lambda be: lambda x, y, s, b: mmkern.nn.SigLipLoss(backend=be)(x, y, s, b)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("scale_bias", [(1.0, 5.0), (14.3, -10.0), (100.0, -10.0), (100.0, 0.0), (1000.0, -100.0)])
+@pytest.mark.parametrize("batch", [1, 7, 300])
+@pytest.mark.parametrize("backend", [None, "cpu"], ids=["default", "cpu"])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_losses_match_open_clip(name, backend, batch, scale_bias, dtype):
+    """Loss and gradients of both features, logit_scale and logit_bias against open_clip's loss in float64 on the
+    same (dtype-rounded) features: mmkern's error at most LOSS_FACTOR x open_clip's own in that dtype. Scales from
+    open_clip's clamp range [1, 100] (init 14.3) and past it. (Below it, at s = 0.01, the B x B bf16 loss, open_clip's
+    and the torch path's alike, gets the scale gradient a few percent wrong, and the seed decides which is worse.)"""
+    theirs_fn, ours_fn = LOSSES[name]
+    x, y = _features(batch)
+    x, y = x.to(dtype), y.to(dtype)
+    ref = _loss_run(theirs_fn, x, y, *scale_bias, torch.float64)
+    theirs = _loss_run(theirs_fn, x, y, *scale_bias, dtype)
+    ours = _loss_run(ours_fn(backend), x, y, *scale_bias, dtype)
+    # fp32: the logits' rounding, scaled by s, moves a softplus of a large logit by a relative s * eps. bf16: 4 ulps
+    # (the B x B bf16 loss is a few ulps off, and open_clip's can be luckier than the torch path's at one seed).
+    floor = 1e-6 * max(1.0, scale_bias[0] / 10) if dtype == torch.float32 else 2.0**-6
+    for what, a, t, r in zip(("loss", "image grad", "text grad", "scale grad", "bias grad"), ours, theirs, ref):
+        assert torch.isfinite(a).all(), what
+        size = r.abs().max().clamp_min(1e-30)
+        err_ours, err_theirs = ((a - r).abs().max() / size).item(), ((t - r).abs().max() / size).item()
+        assert err_ours <= LOSS_FACTOR * err_theirs + floor, (
+            f"{what}: mmkern {err_ours:.3g}, open_clip {err_theirs:.3g}"
+        )
+
+
+def _oc_model(**kwargs):
+    vision = {"width": 32, "layers": 1, "patch_size": 8, "image_size": 16, "head_width": 16}
+    text = {"context_length": 8, "vocab_size": 50, "width": 32, "heads": 2, "layers": 1}
+    return _seeded(
+        lambda: open_clip.model.CLIP(embed_dim=8, vision_cfg=vision, text_cfg=text, output_dict=True, **kwargs)
+    )
+
+
+@pytest.mark.parametrize(
+    "model_kwargs, losses",
+    [
+        ({}, ("ClipLoss",)),
+        ({"init_logit_bias": -10.0}, ("ClipLoss", "SigLipLoss")),  # a SigLIP model's output has a logit_bias
+        ({"nonscalar_logit_scale": True}, ("ClipLoss",)),  # (1,) logit_scale, as for FSDP
+        ({"nonscalar_logit_scale": True, "init_logit_bias": -10.0}, ("ClipLoss", "SigLipLoss")),
+    ],
+)
+def test_loss_modules_take_open_clip_model_output(model_kwargs, losses):
+    """open_clip's training loop calls `loss(**model_out, output_dict=True)`: mmkern's modules take the same
+    keywords and give the same loss and parameter gradients (logit_bias: 0 for the softmax loss, as open_clip's)."""
+    model = _oc_model(**model_kwargs)
+    images, tokens = _images(4, 16), _tokens(4, 8, 50)
+    for name in losses:
+        results = []
+        for loss in (getattr(oc_loss, name)(), getattr(mmkern.nn, name)(backend="cpu")):
+            m = copy.deepcopy(model)
+            out = loss(**m(images, tokens), output_dict=True)
+            out["contrastive_loss"].backward()
+            grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+            results.append((out["contrastive_loss"].detach(), grads))
+        (loss_t, grads_t), (loss_m, grads_m) = results
+        torch.testing.assert_close(loss_m, loss_t, rtol=1e-5, atol=1e-6)
+        assert grads_m.keys() == grads_t.keys(), name
+        for key in grads_t:
+            torch.testing.assert_close(grads_m[key], grads_t[key], rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
+
+
+def test_clip_loss_bias_positional():
+    """open_clip's ClipLoss.forward(image, text, logit_scale, logit_bias=None, output_dict=False): a bias passed
+    fourth is the bias, not output_dict."""
+    x, y = _features(5)
+    s, b = torch.tensor(10.0), torch.tensor(-3.0)
+    loss = mmkern.nn.ClipLoss()(x, y, s, b)
+    torch.testing.assert_close(loss, oc_loss.ClipLoss()(x, y, s, b))
