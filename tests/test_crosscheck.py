@@ -22,6 +22,7 @@ import open_clip.loss as oc_loss
 from open_clip.transformer import TextTransformer as OcTextTransformer
 
 import mmkern.nn
+from mmkern.models.convert import clip_from_openai, vit_from_timm
 from mmkern.ops import clip_loss, scaled_dot_product_attention, sdpa_override, sdpa_patch, siglip_loss
 
 # A model's output and gradients through mmkern's attention may be off by FACTOR x torch's error plus FLOOR (both
@@ -373,3 +374,72 @@ def test_clip_loss_bias_positional():
     s, b = torch.tensor(10.0), torch.tensor(-3.0)
     loss = mmkern.nn.ClipLoss()(x, y, s, b)
     torch.testing.assert_close(loss, oc_loss.ClipLoss()(x, y, s, b))
+
+
+# ---- 4. weight converters against the real models -------------------------------------------------------------
+
+
+TIMM_VITS = {
+    "vit_tiny": ("vit_tiny_patch16_224", {}, {}),
+    "heads_2": ("vit_tiny_patch16_224", {"embed_dim": 64, "num_heads": 2}, {"heads": 2}),
+    "reg4_layerscale_avg": ("vit_betwixt_patch16_reg4_gap_256", {"embed_dim": 64, "num_heads": 1}, {}),
+    "layerscale": ("vit_tiny_patch16_224", {"init_values": 1e-5}, {}),
+    "no_class_token_avg": ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}, {}),
+    "no_embed_class": ("vit_tiny_patch16_224", {"no_embed_class": True}, {}),
+    "reg_tokens": ("vit_tiny_patch16_224", {"reg_tokens": 2}, {}),
+    "fc_norm_avg": ("vit_tiny_patch16_224", {"fc_norm": True, "global_pool": "avg"}, {}),
+    "map_class_token": ("vit_tiny_patch16_224", {"global_pool": "map"}, {}),
+    # vit_so150m_patch16_reg4_map_256's layout: registers, no class token, MAP head over the patch tokens
+    "map_reg4": ("vit_tiny_patch16_224", {"class_token": False, "reg_tokens": 4, "global_pool": "map"}, {}),
+    "map_include_prefix": (
+        "vit_tiny_patch16_224",
+        {"reg_tokens": 1, "global_pool": "map", "pool_include_prefix": True},
+        {"pool_include_prefix": True},
+    ),
+    "clip_pre_norm": ("vit_base_patch16_clip_224", {"embed_dim": 64, "num_heads": 1}, {"eps": 1e-5}),
+    "no_head": ("vit_tiny_patch16_224", {"num_classes": 0}, {}),
+}
+
+
+def _timm_vit(name):
+    arch, kwargs, overrides = TIMM_VITS[name]
+    model = _seeded(lambda: timm.create_model(arch, img_size=64, depth=2, **kwargs))
+    return _randomize(model).eval(), overrides
+
+
+@pytest.mark.parametrize("name", list(TIMM_VITS))
+def test_vit_from_timm_matches(name):
+    theirs, overrides = _timm_vit(name)
+    ours = vit_from_timm(theirs.state_dict(), **overrides).eval()
+    images = _images(2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_features(images), theirs.forward_features(images), rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(ours(images), theirs(images), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["map_class_token", "map_reg4", "map_include_prefix", "reg4_layerscale_avg"])
+def test_vit_from_timm_packed_matches(name):
+    """forward_packed pools each image as timm pools it (the MAP head over its patch tokens)."""
+    theirs, overrides = _timm_vit(name)
+    ours = vit_from_timm(theirs.state_dict(), **overrides).eval()
+    images = _images(2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_packed(list(images)), theirs(images), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_clip_from_openai_matches_open_clip(quick_gelu):
+    """An open_clip CLIP (head width 64, as every released one: clip_from_openai infers heads = width / 64)."""
+    vision = {"width": 128, "layers": 2, "patch_size": 8, "image_size": 32, "head_width": 64}
+    text = {"context_length": 16, "vocab_size": 100, "width": 128, "heads": 2, "layers": 2}
+    theirs = _seeded(
+        lambda: open_clip.model.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text, quick_gelu=quick_gelu)
+    )
+    theirs = _randomize(theirs).eval()
+    ours = clip_from_openai(theirs.state_dict(), act="quick_gelu" if quick_gelu else "gelu").eval()
+    tokens = _tokens(3, 16)
+    tokens[0, 5], tokens[0, 6:] = 99, 0  # an end-of-text id (the largest) then padding: argmax pooling
+    images = _images(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_image(images), theirs.encode_image(images), rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(ours.encode_text(tokens), theirs.encode_text(tokens), rtol=1e-5, atol=2e-5)
