@@ -265,7 +265,10 @@ class _Loss(torch.autograd.Function):
             ctx.save_for_backward(x, y, scale, bias, labels, rows, cols, pos, None, gx, gy)
             return _own(torch.addcmul(rows[0].sum(), scale.float(), pos, value=-k).div_(k * B), x.dtype)
         d = _pair_dot(x, _head(y, B))
-        t = (torch.stack([rows[0], cols[0]]) if k == 2 else rows[:1]) - torch.addcmul(bias.float(), scale.float(), d)
+        z = torch.addcmul(bias.float(), scale.float(), d)  # the positives' logits
+        # softplus(LSE_neg - z) is LSE(all) - z without its cancellation, but at z = +inf it gives the limit 0 where
+        # LSE(all) - z is inf - inf = NaN, torch's loss: a -inf feature (an overflowed fp16 one) must not vanish.
+        t = (torch.stack([rows[0], cols[0]]) if k == 2 else rows[:1]) - z.masked_fill(z == float("inf"), float("nan"))
         w = torch.sigmoid(t)  # (k, B): the weights of the negatives, see the class doc
         if fused:
             _add_positives(gx, gy, x, y, w.sum(0) if k == 2 else w[0])
