@@ -25,11 +25,11 @@ BACKENDS = backends_for("cpu")
 COMPILED = [b for b in BACKENDS if b != "triton" or torch.cuda.is_available()]  # the interpreter is slow
 INTERPRETED = [b for b in BACKENDS if b not in COMPILED]
 F32_MIN = torch.finfo(torch.float32).min
-# Whole-row additive masks: padding as transformers (finfo.min) and BERT ((1 - mask) * -1e4) build it, the values
-# of issue 15, and shifts of every score by +-1e3.
 # Each output element may differ from the float64 truth by this many times its _output_rounding beyond torch's bar:
 # torch, the reference and the cpu kernels alike measured up to 5x (fp32, 750 draws of magnitudes 1-30, D = 1-65).
 ROUNDING_SLACK = 8.0
+# Whole-row additive masks: padding as transformers (finfo.min) and BERT ((1 - mask) * -1e4) build it, the values
+# of issue 15, and shifts of every score by +-1e3.
 ROW_VALUES = [-1e4, -1e9, -1e10, -1e12, -1e20, F32_MIN, 1e3, -1e3, float("-inf")]
 
 
