@@ -143,7 +143,7 @@ def _image_forward(m, x):
 
 
 MODELS = {
-    # timm: ViT, ViT with qk_norm, register ViT (class token + 4 registers, LayerScale, avg pool), EVA-02 (RoPE, SwiGLU)
+    # timm: ViT, ViT with qk_norm, register ViT (4 registers, LayerScale, avg pool), EVA-02 (RoPE, SwiGLU)
     "vit_tiny": lambda: (timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2), _images(2, 64), None),
     "vit_tiny_qk_norm": lambda: (
         timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, qk_norm=True),
@@ -153,6 +153,14 @@ MODELS = {
     "vit_reg4": lambda: (
         timm.create_model("vit_betwixt_patch16_reg4_gap_256", img_size=64, depth=2, embed_dim=64, num_heads=2),
         _images(2, 64),
+        None,
+    ),
+    # DINOv2 with registers: a class token and 4 registers, LayerScale (1 here, so that attention counts)
+    "dinov2_reg4": lambda: (
+        timm.create_model(
+            "vit_small_patch14_reg4_dinov2", img_size=56, depth=2, embed_dim=64, num_heads=2, init_values=1.0
+        ),
+        _images(2, 56),
         None,
     ),
     "eva02_tiny": lambda: (timm.create_model("eva02_tiny_patch14_224", img_size=56, depth=2), _images(2, 56), None),
@@ -383,6 +391,8 @@ TIMM_VITS = {
     "vit_tiny": ("vit_tiny_patch16_224", {}, {}),
     "heads_2": ("vit_tiny_patch16_224", {"embed_dim": 64, "num_heads": 2}, {"heads": 2}),
     "reg4_layerscale_avg": ("vit_betwixt_patch16_reg4_gap_256", {"embed_dim": 64, "num_heads": 1}, {}),
+    # class token + 4 registers, LayerScale, position embedding over the patches only
+    "dinov2_reg4": ("vit_small_patch14_reg4_dinov2", {"img_size": 56, "embed_dim": 64, "num_heads": 1}, {}),
     "layerscale": ("vit_tiny_patch16_224", {"init_values": 1e-5}, {}),
     "no_class_token_avg": ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}, {}),
     "no_embed_class": ("vit_tiny_patch16_224", {"no_embed_class": True}, {}),
@@ -402,27 +412,29 @@ TIMM_VITS = {
 
 
 def _timm_vit(name):
+    """(timm model, vit_from_timm overrides, images of its size)."""
     arch, kwargs, overrides = TIMM_VITS[name]
-    model = _seeded(lambda: timm.create_model(arch, img_size=64, depth=2, **kwargs))
-    return _randomize(model).eval(), overrides
+    kwargs = {"img_size": 64, **kwargs}
+    model = _seeded(lambda: timm.create_model(arch, depth=2, **kwargs))
+    return _randomize(model).eval(), overrides, _images(2, kwargs["img_size"])
 
 
 @pytest.mark.parametrize("name", list(TIMM_VITS))
 def test_vit_from_timm_matches(name):
-    theirs, overrides = _timm_vit(name)
+    theirs, overrides, images = _timm_vit(name)
     ours = vit_from_timm(theirs.state_dict(), **overrides).eval()
-    images = _images(2, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours.forward_features(images), theirs.forward_features(images), rtol=1e-5, atol=2e-5)
         torch.testing.assert_close(ours(images), theirs(images), rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("name", ["map_class_token", "map_reg4", "map_include_prefix", "reg4_layerscale_avg"])
+@pytest.mark.parametrize(
+    "name", ["map_class_token", "map_reg4", "map_include_prefix", "reg4_layerscale_avg", "dinov2_reg4"]
+)
 def test_vit_from_timm_packed_matches(name):
     """forward_packed pools each image as timm pools it (the MAP head over its patch tokens)."""
-    theirs, overrides = _timm_vit(name)
+    theirs, overrides, images = _timm_vit(name)
     ours = vit_from_timm(theirs.state_dict(), **overrides).eval()
-    images = _images(2, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours.forward_packed(list(images)), theirs(images), rtol=1e-5, atol=2e-5)
 
