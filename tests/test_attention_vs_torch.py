@@ -25,6 +25,9 @@ BACKENDS = backends_for("cpu")
 COMPILED = [b for b in BACKENDS if b != "triton" or torch.cuda.is_available()]  # the interpreter is slow
 INTERPRETED = [b for b in BACKENDS if b not in COMPILED]
 F32_MIN = torch.finfo(torch.float32).min
+# Each output element may differ from the float64 truth by this many times its _output_rounding beyond torch's bar:
+# torch, the reference and the cpu kernels alike measured up to 5x (fp32, 750 draws of magnitudes 1-30, D = 1-65).
+ROUNDING_SLACK = 8.0
 # Whole-row additive masks: padding as transformers (finfo.min) and BERT ((1 - mask) * -1e4) build it, the values
 # of issue 15, and shifts of every score by +-1e3.
 ROW_VALUES = [-1e4, -1e9, -1e10, -1e12, -1e20, F32_MIN, 1e3, -1e3, float("-inf")]
@@ -101,6 +104,27 @@ def _gradient_scales(q, k, v, mask, causal, grad):
     ]
 
 
+def _output_rounding(q, k, v, mask, causal):
+    """The forward's error in fp32 arithmetic, first order (float64, per output element; inputs float64): rounding
+    the output and its sum, u · P|V|, and each score s_j = scale·q·k_j (+ mask) to within u · c_j, c_j = scale·|q|·|k_j|
+    (+ |mask|), which moves the output by u · sum_j P_j c_j |v_j - out|. Every backend and torch round the scores to
+    fp32 (fp16 / bf16 inputs included), so none can do better: at input magnitude 30 scores reach ~1e3, and torch's
+    own error, one draw of this, can sit by luck several times below what mmkern (or torch's other paths) draw."""
+    B, Hk, S, _ = k.shape
+    group = q.shape[1] // Hk
+    probs = reference.scaled_dot_product_attention(
+        q, k, torch.eye(S, dtype=q.dtype).expand(B, Hk, S, S), mask, is_causal=causal, enable_gqa=group > 1
+    )
+    kx, vx = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    spread = (q.shape[-1] ** -0.5 if q.shape[-1] else 1.0) * q.abs() @ kx.abs().transpose(-1, -2)
+    if mask is not None and mask.dtype != torch.bool:
+        spread = spread + mask.abs()
+    weights = probs * spread.masked_fill(probs == 0, 0.0)  # -inf / finfo.min mask entries weigh nothing
+    out = probs @ vx
+    moved = (weights[..., None] * (vx[:, :, None] - out[..., None, :]).abs()).sum(-2)
+    return 2.0**-24 * (probs @ vx.abs() + moved)
+
+
 def _run(fn, inputs, wants_grad, grad):
     """fn's output and the gradients of the inputs flagged in wants_grad (None for the others)."""
     leaves = [t.detach().clone().requires_grad_(w) if t is not None else None for t, w in zip(inputs, wants_grad)]
@@ -122,6 +146,34 @@ def test_sdpa_matches_torch(backend, data):
 @given(data=st.data())
 def test_sdpa_matches_torch_interpreted(backend, data):
     _sdpa_case(backend, data, small=True)
+
+
+class _Drawn:
+    """Stands in for hypothesis' data object in the cases below: hands out pinned draws in order."""
+
+    def __init__(self, *draws):
+        self.draws = iter(draws)
+
+    def draw(self, strategy, label=None):
+        return next(self.draws)
+
+
+# Draws of _sdpa_case that random sweeps failed on before the output's check allowed for _output_rounding (torch's
+# error by luck 2-5x below the others': issuesweep). In draw order: dtype, B, Hk, group, L, S, D, Dv, causal, input
+# magnitude, layout, mask shape, mask kind, seed, [masked share | row values, entry values], requires_grad.
+SWEPT = {
+    # the reference: 2.8e-4 against torch's 6.0e-5 (and the cpu kernel's 2.8e-4)
+    "no mask": (torch.float32, 2, 2, 3, 5, 300, 33, 33, False, 30.0, "dim_strided", (5, 300), "none", 128, [False] * 4),
+    # the cpu kernel at avx512_bf16: 9.7e-5 against torch's 2.0e-5, a whole row shifted by +1e3
+    "row +1e3": (torch.float32, 1, 2, 3, 17, 17, 3, 5, False, 30.0, "dim_strided", (1, 6, 17, 17), "float", 1520,
+                 [1000.0], [0.0], [False, False, True, False]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("draws", SWEPT.values(), ids=SWEPT.keys())
+def test_sdpa_matches_torch_swept_cases(backend, draws):
+    _sdpa_case(backend, _Drawn(*draws), small=False)
 
 
 def _sdpa_case(backend, data, small):
@@ -176,7 +228,8 @@ def _sdpa_case(backend, data, small):
     hidden = ~visible[..., None].expand_as(got)
     assert torch.equal(got[hidden], torch.zeros_like(got[hidden])), "rows that see no key must be 0"
     rows = visible[..., None].expand_as(got)
-    assert_no_worse_than_torch(got[rows], want[rows], exact[rows], dtype, "out")
+    rounding = ROUNDING_SLACK * _output_rounding(*exact_in, causal)[rows]
+    assert_no_worse_than_torch(got[rows], want[rows], exact[rows], dtype, "out", rounding=rounding)
     scales = _gradient_scales(*exact_in, causal, grad.double())
     for name, g, w, e, m in zip(["dq", "dk", "dv", "dmask"], got_grads, want_grads, exact_grads, scales):
         if g is not None:
@@ -239,7 +292,9 @@ def _varlen_case(backend, data):
     got, got_grads = _run(mm, [q, k, v], wants, grad)
     want, want_grads = _run(per_sequence(torch_sdpa), [q, k, v], wants, grad)
     exact, exact_grads = _run(per_sequence(truth), exact_in, wants, grad.double())
-    assert_no_worse_than_torch(got, want, exact, dtype, "out")
+    seqs = zip(pieces(exact_in[0], cu_q), pieces(exact_in[1], cu_k), pieces(exact_in[2], cu_k))
+    rounding = torch.cat([_output_rounding(*qkv, None, causal)[0].transpose(0, 1) for qkv in seqs])
+    assert_no_worse_than_torch(got, want, exact, dtype, "out", rounding=ROUNDING_SLACK * rounding)
     seqs = zip(
         pieces(exact_in[0], cu_q), pieces(exact_in[1], cu_k), pieces(exact_in[2], cu_k), pieces(grad.double(), cu_q)
     )
@@ -303,19 +358,30 @@ def test_backward_of_a_row_whose_best_score_is_below_minus_88(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mask", [None, "bool", "float"])
-def test_head_dim_zero_attends_uniformly_as_torch(backend, mask):
-    """Every score is an empty dot product, 0: torch averages the values (a ZeroDivisionError before)."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_head_dim_zero_attends_uniformly_as_torch(backend, mask, threads):
+    """Every score is an empty dot product, 0: torch averages the values (a ZeroDivisionError before). The 6 (batch,
+    head) tasks take the CPU backward's one-pass path on one thread and its two-pass path on two: on one, dV was 0
+    for the first (batch, head): the empty dK gradient's data pointer is null there, and the kernel took a null
+    pointer for "dK, dV not wanted"."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, 3, 4, 0), torch.randn(2, 3, 5, 0), torch.randn(2, 3, 5, 6, generator=gen)
     m = {None: None, "bool": torch.rand(4, 5, generator=gen) > 0.3, "float": torch.randn(4, 5, generator=gen)}[mask]
     if mask == "bool":
         m[:, 0] = True  # torch's math path gives NaN for rows that see nothing
     grad = torch.randn(2, 3, 4, 6, generator=gen)
-    wants = [True, True, True, False]
-    got, got_grads = _run(lambda *a: scaled_dot_product_attention(*a, backend=backend), [q, k, v, m], wants, grad)
+    wants = [True, True, True, mask == "float"]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got, got_grads = _run(lambda *a: scaled_dot_product_attention(*a, backend=backend), [q, k, v, m], wants, grad)
+    finally:
+        torch.set_num_threads(previous)
     want, want_grads = _run(F.scaled_dot_product_attention, [q, k, v, m], wants, grad)
     assert_close(got, want.double(), torch.float32, "out")
     assert_close(got_grads[2], want_grads[2].double(), torch.float32, "dv")
+    if mask == "float":
+        assert_close(got_grads[3], want_grads[3].double(), torch.float32, "dmask")
     assert got_grads[0].shape == q.shape and got_grads[1].shape == k.shape
 
 

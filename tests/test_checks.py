@@ -270,7 +270,11 @@ CASES = [
         lambda: ops.clip_loss(T(4, 0), T(4, 0), s),
         "image_features: expected B ≥ 1 rows and D ≥ 1 features, got shape (4, 0)",
     ),
-    ("clip scale 1d", lambda: ops.clip_loss(f, f, T(2)), "logit_scale: expected a 0-dim tensor, got shape (2,)"),
+    (
+        "clip scale 1d",
+        lambda: ops.clip_loss(f, f, T(2)),
+        "logit_scale: expected a 0-dim or (1,) tensor, got shape (2,)",
+    ),
     ("clip scale list", lambda: ops.clip_loss(f, f, [1.0]), "logit_scale: expected a torch.Tensor, got list"),
     (
         "clip scale int",
@@ -292,7 +296,11 @@ CASES = [
         lambda: ops.clip_loss(f, f, s, backend="nope"),
         "backend: 'nope' is not available: unknown backend 'nope'; choose one of cpu, cuda, triton, reference, torch",
     ),
-    ("siglip bias 1d", lambda: ops.siglip_loss(f, f, s, T(2)), "logit_bias: expected a 0-dim tensor, got shape (2,)"),
+    (
+        "siglip bias 1d",
+        lambda: ops.siglip_loss(f, f, s, T(2)),
+        "logit_bias: expected a 0-dim or (1,) tensor, got shape (2,)",
+    ),
     (
         "siglip text rows",
         lambda: ops.siglip_loss(f, T(3, 8), s, s),

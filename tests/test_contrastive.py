@@ -222,6 +222,10 @@ def test_mixed_devices():
 
 
 POISONS = [(k, p) for k in LOSSES for p in ("nan_x", "inf_y", "nan_scale", "inf_scale")] + [("infonce", "extra_nan")]
+# A -inf in x_i whose positive logit z_ii becomes +inf and every other logit of row i -inf: torch's loss is NaN
+# (LSE - z_ii = inf - inf); the softmax losses' softplus(LSE_neg - z_ii) gave its limit 0 and a finite loss. (SigLIP's
+# loss is finite there in torch too: softplus(-inf) and softplus(-inf) are 0.)
+POISONS += [(k, "inf_positive") for k in ("clip", "infonce")]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -238,6 +242,10 @@ def test_non_finite_inputs_give_non_finite_loss(backend, kind, poison):
         s = torch.tensor(math.nan)
     elif poison == "inf_scale":
         s = torch.tensor(math.inf)
+    elif poison == "inf_positive":
+        y[:, 3] = y[:, 3].abs() + 0.1
+        y[B // 2, 3] = -1.0
+        x[B // 2, 3] = -math.inf
     else:  # a NaN in an extra negative: no positive term sees it, only the kernel's LSE
         y[B + 2, 5] = math.nan
     if kind == "clip":

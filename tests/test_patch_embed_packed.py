@@ -72,6 +72,7 @@ GRIDS = st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, ma
 @example(grids=[(1, 1)], E=7, T=1, base=(4, 4), pos_kind="prefix", mode="bicubic", antialias=True, has_bias=True)
 @example(grids=[(1, 9), (9, 1)], E=7, T=0, base=(3, 3), pos_kind="patches", mode="bilinear", antialias=True, has_bias=False)  # fmt: skip
 @example(grids=[(8, 8), (1, 1), (2, 2)], E=20, T=2, base=(2, 2), pos_kind="prefix", mode="bicubic", antialias=True, has_bias=True)  # fmt: skip
+@example(grids=[(1, 1)], E=1, T=0, base=(1, 2), pos_kind="prefix", mode="bicubic", antialias=False, has_bias=False)  # fmt: skip
 def test_matches_reference(backend, dtype, grids, E, T, base, pos_kind, mode, antialias, has_bias):
     C, P = 2, 3
     inputs = _make(grids, C, P, E, T, base, pos_kind, has_bias, dtype, seed=len(grids) + E)
@@ -82,7 +83,11 @@ def test_matches_reference(backend, dtype, grids, E, T, base, pos_kind, mode, an
     assert out.grid_sizes == ref.grid_sizes == [tuple(g) for g in grids]
     assert torch.equal(out.cu_seqlens, ref.cu_seqlens) and out.cu_seqlens.dtype == torch.int32
     assert out.max_seqlen == max(T + h * w for h, w in grids)
-    assert_close(out.tokens, ref.tokens, dtype, "tokens")
+    # a token sums C·P·P products that can cancel (E = 1, one patch: 0.18 of their 3.35): its error scales with the
+    # same embedding of the absolute values
+    abs_inputs = [[t.abs() for t in x] if isinstance(x, list) else None if x is None else x.abs() for x in ref_inputs]
+    magnitude = _run("reference", abs_inputs, base, mode, antialias)[0].tokens
+    assert_close(out.tokens, ref.tokens, dtype, "tokens", magnitude=magnitude)
     ref_grads = list(ref_grads)
     # the reference backend is F.interpolate, with torch's own backward
     if (

@@ -364,13 +364,16 @@ void load_query_block(const Call& c, int64_t b, int64_t h, int64_t i0, int64_t b
 }
 
 // fp32 rows that a tile product writes: the gradient tensor itself, or an accumulator that is copied out later.
+// `on` says whether they are wanted: p cannot, as a head dim of 0 gives torch's empty dQ / dK a null data pointer
+// (the first (batch, head) of a one-pass backward then skipped dK, dV and gave dV = 0).
 struct Rows {
   float* p = nullptr;
   int64_t ld = 0;
+  bool on = false;
 };
 
-// One tile: dK, dV of the block's keys into dk / dv (bn rows; set, or added to when kv_add) unless dk.p is
-// null, dQ of its queries into dq (bm rows; set when first, else added to) unless dq.p is null, and dS into
+// One tile: dK, dV of the block's keys into dk / dv (bn rows; set, or added to when kv_add) if dk.on, dQ of its
+// queries into dq (bm rows; set when first, else added to) if dq.on, and dS into
 // dmask along with dQ.
 void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_t i0, int64_t bm, int64_t j0,
                    int64_t bn, Rows dk, Rows dv, bool kv_add, Rows dq, bool first, BwdScratch& w) {
@@ -416,16 +419,16 @@ void backward_tile(const Call& c, const HeadKV& kv, int64_t b, int64_t h, int64_
         attn_cpu::store_n(drow + j, p * (attn_cpu::load_n(drow + j, n) - delta), n);
       }
     }
-    if (c.dmask && dq.p) {
+    if (c.dmask && dq.on) {
       float* dm = c.dmask + c.ldmask.offset(b, h, i0 + i, j0);
       for (int64_t j = 0; j < bn; ++j) dm[j * c.ldmask.sd] = drow[j];
     }
   }
-  if (dk.p) {
+  if (dk.on) {
     attn_cpu::gemm<true>(bn, Dv, bm, st, ld, w.go, w.ldgo, dv.p, dv.ld, kv_add, w.go_padded, w.pf);
     attn_cpu::gemm<true>(bn, D, bm, dpt, ld, w.q, w.ldq, dk.p, dk.ld, kv_add, w.q_padded, w.pf);
   }
-  if (dq.p) attn_cpu::gemm(bm, D, bn, dpt, ld, kv.kn + j0 * kv.ldkn, kv.ldkn, dq.p, dq.ld, !first, kv.kn_padded, w.pf);
+  if (dq.on) attn_cpu::gemm(bm, D, bn, dpt, ld, kv.kn + j0 * kv.ldkn, kv.ldkn, dq.p, dq.ld, !first, kv.kn_padded, w.pf);
 }
 
 // Zeroes rows x cols of r.
@@ -455,7 +458,7 @@ struct Grads {
 
   // Rows t0... of (b, h) of a gradient, as fp32 rows (only when direct).
   static Rows rows_of(T* base, const Layout& lay, int64_t b, int64_t h, int64_t t0) {
-    return Rows{reinterpret_cast<float*>(base + lay.offset(b, h, t0, 0)), lay.st};
+    return Rows{reinterpret_cast<float*>(base + lay.offset(b, h, t0, 0)), lay.st, true};
   }
 };
 
@@ -468,7 +471,7 @@ void backward_query_block(const Call& c, const Grads<T>& g, const HeadKV& kv, in
   const Problem& pb = c.pb;
   const int64_t D = pb.dim, Dv = pb.dim_v;
   load_query_block<T>(c, b, h, i0, bm, w);
-  const Rows dq_rows = g.direct ? g.rows_of(g.dq, g.ldq, b, h, pb.q_start(b) + i0) : Rows{w.dq_acc, D};
+  const Rows dq_rows = g.direct ? g.rows_of(g.dq, g.ldq, b, h, pb.q_start(b) + i0) : Rows{w.dq_acc, D, true};
   int64_t lo, hi;
   key_range(pb.vis, i0, i0 + bm, pb.len_k(b), lo, hi);
   bool first = true;
@@ -477,9 +480,9 @@ void backward_query_block(const Call& c, const Grads<T>& g, const HeadKV& kv, in
     if (!attn::block_any_visible(pb.vis, i0, i0 + bm, j0, j0 + bn)) continue;
     Rows dkb, dvb;
     bool kv_add = false;
-    if (dk_rows.p) {
-      dkb = {dk_rows.p + j0 * dk_rows.ld, dk_rows.ld};
-      dvb = {dv_rows.p + j0 * dv_rows.ld, dv_rows.ld};
+    if (dk_rows.on) {
+      dkb = {dk_rows.p + j0 * dk_rows.ld, dk_rows.ld, true};
+      dvb = {dv_rows.p + j0 * dv_rows.ld, dv_rows.ld, true};
       int64_t& done = rows_set[j0 / c.bn];
       kv_add = done > 0;
       if (kv_add && done < bn) {
@@ -536,8 +539,8 @@ void backward_one_pass(const Call& c, const Grads<T>& g, int num_threads) {
               (attn_cpu::micro_tiles(bm_blk, 2 * S + D) + attn_cpu::micro_tiles(S, D + Dv) + nkb * bm_blk));
       w.pf = &pf;
       load_head<T>(c, b, hk, want, kv);
-      const Rows dk_rows = g.direct ? g.rows_of(g.dk, g.ldk, b, hk, pb.k_start(b)) : Rows{dkv, D};
-      const Rows dv_rows = g.direct ? g.rows_of(g.dv, g.ldv, b, hk, pb.k_start(b)) : Rows{dkv + S * D, Dv};
+      const Rows dk_rows = g.direct ? g.rows_of(g.dk, g.ldk, b, hk, pb.k_start(b)) : Rows{dkv, D, true};
+      const Rows dv_rows = g.direct ? g.rows_of(g.dv, g.ldv, b, hk, pb.k_start(b)) : Rows{dkv + S * D, Dv, true};
       std::fill(rows_set.begin(), rows_set.end(), 0);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
         for (int64_t i0 = 0; i0 < L; i0 += bm_blk)
@@ -586,7 +589,7 @@ void backward_two_pass(const Call& c, const Grads<T>& g, int num_threads) {
           const int64_t bm = std::min(bm_blk, L - i0);
           if (!attn::block_any_visible(pb.vis, i0, i0 + bm, j0, j0 + bn)) continue;
           load_query_block<T>(c, b, h, i0, bm, w);
-          backward_tile(c, kv, b, h, i0, bm, j0, bn, {dka, D}, {dva, Dv}, true, {}, false, w);
+          backward_tile(c, kv, b, h, i0, bm, j0, bn, {dka, D, true}, {dva, Dv, true}, true, {}, false, w);
         }
       }
       write_rows(g.dk, g.ldk, b, hk, pb.k_start(b) + j0, bn, D, dka, nullptr, g.out_scale);

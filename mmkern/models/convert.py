@@ -284,6 +284,7 @@ def vit_config_from_timm(state: dict, **overrides) -> ViTConfig:
         "fc_norm": fc_norm,
         "num_classes": state["head.weight"].shape[0] if "head.weight" in state else 0,
         "head_bias": "head.bias" in state,
+        "init_values": 1.0 if "blocks.0.ls1.gamma" in state else None,  # LayerScale; gamma comes from the state
     }
     return ViTConfig(**{**cfg, **overrides})
 

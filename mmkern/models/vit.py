@@ -1,7 +1,8 @@
 """Vision Transformer (ViT, arXiv 2010.11929) on mmkern ops, with the options of timm's and CLIP's towers.
 
 State-dict keys follow timm: patch_embed.proj, cls_token (1, 1, D), reg_token (1, R, D), pos_embed (1, L, D),
-norm_pre, blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm | fc_norm, attn_pool, head.
+norm_pre, blocks.i.{norm1, attn.qkv, attn.proj, [ls1.gamma], norm2, mlp.fc1, mlp.fc2, [ls2.gamma]}, norm | fc_norm,
+attn_pool, head.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ class ViTConfig:
     patch_bias: bool = True
     pool: str = "token"  # token | avg | map | none
     fc_norm: bool = False  # final LayerNorm after pooling instead of on every token
+    # `map` attends over the patch tokens only, as timm's VisionTransformer does (pool_include_prefix=False);
+    # True also lets it see the class and register tokens.
+    pool_include_prefix: bool = False
+    init_values: float | None = None  # LayerScale in every block (timm's init_values: DeiT-3, DINOv2, register ViTs)
     num_classes: int = 0  # head width; 0 = no head (CLIP uses it as the bias-free projection)
     head_bias: bool = True
     dynamic_img_size: bool = False
@@ -126,7 +131,18 @@ class VisionTransformer(nn.Module):
         self.norm_pre = nn.LayerNorm(D, eps=c.eps) if c.pre_norm else nn.Identity()
         T = self.num_prefix_tokens
         self.blocks = nn.ModuleList(
-            Block(D, c.heads, c.mlp_ratio, c.qkv_bias, c.act, c.eps, drop=c.drop, window=w, num_global=T)
+            Block(
+                D,
+                c.heads,
+                c.mlp_ratio,
+                c.qkv_bias,
+                c.act,
+                c.eps,
+                drop=c.drop,
+                window=w,
+                num_global=T,
+                init_values=c.init_values,
+            )
             for w in c.windows or (None,) * c.depth
         )
         self.norm = nn.Identity() if c.fc_norm else nn.LayerNorm(D, eps=c.eps)
@@ -182,7 +198,7 @@ class VisionTransformer(nn.Module):
         elif pool == "avg":
             x = tokens[:, self.num_prefix_tokens :].mean(dim=1)
         elif pool == "map":
-            x = self.attn_pool(tokens)
+            x = self.attn_pool(tokens if self.config.pool_include_prefix else tokens[:, self.num_prefix_tokens :])
         else:
             x = tokens
         return self.fc_norm(x)
@@ -234,22 +250,25 @@ class VisionTransformer(nn.Module):
 
     def pool_packed(self, packed: ops.PackedPatches) -> torch.Tensor:
         """Per-image pooling of packed tokens -> (N, width): the class token, the mean of the image's own patch
-        tokens, or attention pooling over the image's tokens (`map`); `none` is not defined for packed images."""
-        pool, x, cu = self.config.pool, packed.tokens, packed.cu_seqlens
+        tokens, or attention pooling over them (`map`; over the prefix tokens too with pool_include_prefix); `none` is
+        not defined for packed images."""
+        pool, x, cu, T = self.config.pool, packed.tokens, packed.cu_seqlens, self.num_prefix_tokens
         if pool == "token":
-            x = x.index_select(0, cu[:-1].long())
-        elif pool == "avg":
-            T, starts = self.num_prefix_tokens, cu[:-1].long()
-            lengths = (cu[1:] - cu[:-1]).long()
-            segment = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), lengths)
-            keep = torch.arange(x.shape[0], device=x.device) - starts[segment] >= T  # the patch tokens only
+            return self.fc_norm(x.index_select(0, cu[:-1].long()))
+        if pool not in ("avg", "map"):
+            raise ValueError("pool: 'none' returns padded tokens; use forward_features_packed for packed tokens")
+        starts, lengths = cu[:-1].long(), (cu[1:] - cu[:-1]).long()
+        segment = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), lengths)
+        keep = torch.arange(x.shape[0], device=x.device) - starts[segment] >= T  # the patch tokens only
+        if pool == "avg":
             sums = x.new_zeros(len(lengths), x.shape[1], dtype=torch.float32)
             sums.index_add_(0, segment[keep], x[keep].float())
             x = (sums / (lengths - T).clamp(min=1).unsqueeze(1)).to(x.dtype)
-        elif pool == "map":
+        elif self.config.pool_include_prefix:
             x = self.attn_pool.forward_packed(x, cu, packed.max_seqlen)
         else:
-            raise ValueError("pool: 'none' returns padded tokens; use forward_features_packed for packed tokens")
+            cu_patches = cu - T * torch.arange(len(cu), dtype=cu.dtype, device=cu.device)
+            x = self.attn_pool.forward_packed(x[keep], cu_patches, packed.max_seqlen - T)
         return self.fc_norm(x)
 
     def forward_packed(self, images: list[torch.Tensor], **kwargs) -> torch.Tensor:

@@ -118,14 +118,26 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(h)))
 
 
+class LayerScale(nn.Module):
+    """timm's LayerScale (CaiT, DeiT-3, DINOv2, the register ViTs): x * gamma, a learned per-channel scale."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
     """Transformer layer: self-attention, optional cross-attention to a context, MLP; each with a residual.
 
     norm_first=True is the pre-norm layer of ViT / CLIP / GPT (x + f(norm(x))); False the post-norm layer of
     BERT (norm(x + f(x))). `cross_dim` adds `cross_attn` over a context (B, S, cross_dim) between the two.
     `window` / `num_global` make the self-attention local (see Attention); they are config, not parameters.
-    `norm` "rms" puts RMSNorm (weight only) where LayerNorm is by default.
-    Keys: norm1, attn.{qkv,proj}, [norm_cross, cross_attn.{q,kv,proj}], norm2, mlp.{fc1,fc2}.
+    `norm` "rms" puts RMSNorm (weight only) where LayerNorm is by default. `init_values` (pre-norm only) scales
+    each branch by a learned per-channel LayerScale before its residual add, as timm does.
+    Keys: norm1, attn.{qkv,proj}, [ls1.gamma], [norm_cross, cross_attn.{q,kv,proj}], norm2, mlp.{fc1,fc2}, [ls2.gamma].
 
     forward(x (B, L, D) or packed (total, D), attn_mask=None, is_causal=False, context=None, context_mask=None,
     kv_cache=None, cu_seqlens=None, max_seqlen=None) -> same shape as x. With `rows` (an int, or (B,) int64 with
@@ -151,8 +163,11 @@ class Block(nn.Module):
         window: tuple[int, int] | None = None,
         num_global: int = 0,
         norm: str = "layer",
+        init_values: float | None = None,
     ):
         super().__init__()
+        if init_values is not None and not norm_first:
+            raise ValueError("init_values: LayerScale is defined for pre-norm blocks (norm_first=True)")
         self.norm_first = norm_first
         self.norm1 = make_norm(norm, dim, eps)
         self.attn = Attention(
@@ -166,6 +181,8 @@ class Block(nn.Module):
             )
         self.norm2 = make_norm(norm, dim, eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act, drop=drop)
+        self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
+        self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
 
     def forward(
         self,
@@ -202,10 +219,10 @@ class Block(nn.Module):
                 x = add_norm(x, self.cross_attn(x, context, context_mask), self.norm_cross)[1]
             return add_norm(x, self.mlp(x), self.norm2)[1]
         # pre-norm, timm's x = x + attn(norm1(x)); x = x + mlp(norm2(x)), the add that a norm follows run with it
-        x, h = add_norm(keep(x), attn(apply_norm(x, self.norm1)), self.norm_cross if cross else self.norm2)
+        x, h = add_norm(keep(x), self.ls1(attn(apply_norm(x, self.norm1))), self.norm_cross if cross else self.norm2)
         if cross:
             x, h = add_norm(x, self.cross_attn(h, context, context_mask), self.norm2)
-        return x + self.mlp(h)
+        return x + self.ls2(self.mlp(h))
 
 
 def run_blocks(blocks, x: torch.Tensor, final_norm: nn.Module | None, call, rows=None) -> torch.Tensor:

@@ -20,23 +20,29 @@ def _distributed(group) -> bool:
 class ClipLoss(nn.Module):
     """CLIP loss ½·(CE(s·I·Tᵀ) + CE(s·T·Iᵀ)) over the global batch.
 
-    forward(image_features (b, D), text_features (b, D), logit_scale 0-dim, output_dict=False) -> 0-dim loss.
-    On one process: `mmkern.ops.clip_loss`. Under torch.distributed (world size > 1 in `group`), each rank
-    passes its local rows and gets open_clip's `ClipLoss(local_loss=True, gather_with_grad=True)` loss and
-    gradients, with O(b·D + B) memory per rank (text blocks pass around a ring).
+    forward(image_features (b, D), text_features (b, D), logit_scale 0-dim, logit_bias=None, output_dict=False) ->
+    0-dim loss, open_clip's signature (its training loop calls `loss(**model_out, output_dict=True)`, with a
+    logit_bias when the model has one). A bias adds the same constant to every logit, which the softmax cancels:
+    the loss does not depend on it and its gradient is 0, as in open_clip. On one process: `mmkern.ops.clip_loss`.
+    Under torch.distributed (world size > 1 in `group`), each rank passes its local rows and gets open_clip's
+    `ClipLoss(local_loss=True, gather_with_grad=True)` loss and gradients, with O(b·D + B) memory per rank (text
+    blocks pass around a ring).
     """
 
     def __init__(self, *, group=None, backend: str | None = None):
         super().__init__()
         self.group, self.backend = group, backend
 
-    def forward(self, image_features, text_features, logit_scale, output_dict: bool = False):
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
         if _distributed(self.group):
             loss = clip_loss_distributed(
                 image_features, text_features, logit_scale, group=self.group, backend=self.backend
             )
         else:
             loss = clip_loss(image_features, text_features, logit_scale, backend=self.backend)
+        if isinstance(logit_bias, torch.Tensor) and logit_bias.requires_grad:
+            # Keeps the bias in the graph (DDP wants every parameter used): gradient 0, as open_clip's.
+            loss = loss + (0 * logit_bias.sum()).to(loss.dtype)
         return {"contrastive_loss": loss} if output_dict else loss
 
 

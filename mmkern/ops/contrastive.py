@@ -43,7 +43,10 @@ def _as_scalar(value, name: str, like: torch.Tensor) -> torch.Tensor:
         return torch.tensor(float(value), dtype=torch.float32, device=like.device)
     check_tensor(value, name)
     if value.dim() != 0:
-        raise ValueError(f"{name}: expected a 0-dim tensor, got shape {tuple(value.shape)}")
+        if value.shape != (1,):
+            raise ValueError(f"{name}: expected a 0-dim or (1,) tensor, got shape {tuple(value.shape)}")
+        # open_clip's CLIP(nonscalar_logit_scale=True) keeps logit_scale / logit_bias as (1,) parameters (for FSDP).
+        value = value.reshape(())
     if not (value.is_cpu and like.is_cpu) and value.device != like.device:
         raise ValueError(f"{name}: on {value.device}, but the features are on {like.device}")
     return value
@@ -121,7 +124,8 @@ def clip_loss(image_features, text_features, logit_scale, *, backend: str | None
 
     Args:
         image_features, text_features: (B, D), same dtype (fp32/fp16/bf16; fp64 on `reference`) and device.
-        logit_scale: 0-dim tensor, the multiplier s (open_clip passes `logit_scale.exp()`); gets a gradient.
+        logit_scale: 0-dim tensor, the multiplier s (open_clip passes `logit_scale.exp()`; a (1,) tensor, as
+            open_clip's nonscalar_logit_scale keeps it, also works); gets a gradient.
         backend: "cpu", "cuda", "triton", "reference", "torch" or None (see mmkern.backends).
 
     Returns: 0-dim loss in the features' dtype (computed in fp32).
@@ -261,7 +265,10 @@ class _Loss(torch.autograd.Function):
             ctx.save_for_backward(x, y, scale, bias, labels, rows, cols, pos, None, gx, gy)
             return _own(torch.addcmul(rows[0].sum(), scale.float(), pos, value=-k).div_(k * B), x.dtype)
         d = _pair_dot(x, _head(y, B))
-        t = (torch.stack([rows[0], cols[0]]) if k == 2 else rows[:1]) - torch.addcmul(bias.float(), scale.float(), d)
+        z = torch.addcmul(bias.float(), scale.float(), d)  # the positives' logits
+        # softplus(LSE_neg - z) is LSE(all) - z without its cancellation, but at z = +inf it gives the limit 0 where
+        # LSE(all) - z is inf - inf = NaN, torch's loss: a -inf feature (an overflowed fp16 one) must not vanish.
+        t = (torch.stack([rows[0], cols[0]]) if k == 2 else rows[:1]) - z.masked_fill(z == float("inf"), float("nan"))
         w = torch.sigmoid(t)  # (k, B): the weights of the negatives, see the class doc
         if fused:
             _add_positives(gx, gy, x, y, w.sum(0) if k == 2 else w[0])
