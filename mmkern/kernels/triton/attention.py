@@ -55,6 +55,9 @@ CONFIGS_SM80 = {**CONFIGS, "dkdv": [(32, 32, 8, 2)], "dq": [(64, 32, 8, 2)]}
 # Head dim 128: the forward's 128-row tiles on 4 warps spill in the full report (plain 104-120 B on sm_90, 48-304 B on
 # sm_80; window up to 6.5 KB on sm_80), where the same tiles on 8 warps spill nothing.
 CONFIGS_128 = {**CONFIGS, "fwd": [c for c in CONFIGS["fwd"] if not (c[0] == 128 and c[2] == 4)]}
+# Head dim 128 before sm_90: dQ 64 x 64 spilled 24 B with a float mask on sm_80 with triton 3.4 (the floor); 64 x 32 on
+# 8 warps spills nothing there without dropout with 3.4, and nothing for any feature with 3.6 and 3.7.1.
+CONFIGS_128_SM80 = {**CONFIGS_128, "dq": [(64, 32, 8, 2)]}
 # Head dims above 128 (BD = 256): the (BM, D) accumulators alone hold 64-128 fp32 registers per thread, and the
 # D <= 128 configs spilled 8-680 B per thread on sm_90 and up to 3.3 KB on sm_80. The compile report at D = 256
 # (fp16 / bf16, every feature, sm_90 and sm_80) keeps these: no spill without dropout, at most 248 B with it. Left
@@ -97,16 +100,19 @@ def shared_bytes_estimate(bm: int, bn: int, stages: int, bd: int, bdv: int, elem
 
 def fitting_configs(configs: list[triton.Config], elem: int, meta: dict, shared_limit: int, kind: str, arch: int):
     """The configs of kernel `kind` ("fwd", "dkdv", "dq") a launch may run on sm_<arch>: its CONFIGS (CONFIGS_SM80
-    for head dim 64 before sm_90, CONFIGS_128 for head dim 128, CONFIGS_WIDE above, IEEE_CONFIGS for fp32 without TF32) that fit shared_limit bytes of shared memory (a D = 256
-    config that does not fit is otherwise compiled only to be rejected); the one needing the least shared memory
-    if none fits."""
+    for head dim 64 before sm_90, CONFIGS_128 / CONFIGS_128_SM80 for head dim 128, CONFIGS_WIDE above, IEEE_CONFIGS for
+    fp32 without TF32) that fit shared_limit bytes of shared memory (a D = 256 config that does not fit is otherwise
+    compiled only to be rejected); the one needing the least shared memory if none fits."""
     if meta["PREC"] == "ieee":
         allowed = IEEE_CONFIGS[kind]
     else:
         bd = max(meta["BD"], meta["BDV"])
-        allowed = (CONFIGS_WIDE if bd > 128 else CONFIGS_128 if bd > 64 else CONFIGS if arch >= 90 else CONFIGS_SM80)[
-            kind
-        ]
+        if bd > 128:
+            allowed = CONFIGS_WIDE[kind]
+        elif bd > 64:
+            allowed = (CONFIGS_128 if arch >= 90 else CONFIGS_128_SM80)[kind]
+        else:
+            allowed = (CONFIGS if arch >= 90 else CONFIGS_SM80)[kind]
 
     def shared(c):
         return shared_bytes_estimate(*_key(c)[:2], c.num_stages, meta["BD"], meta["BDV"], elem, kind != "fwd")
