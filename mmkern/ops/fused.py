@@ -10,9 +10,11 @@ fp32 for every storage dtype; `s` is rounded to the storage dtype before it is n
 keeps relative precision (1e-5 relative far into the negative tail), tanh through the equivalent x·σ(2u) form (see
 csrc/include/mmkern/fused.h).
 
-Speed on the CPU (benchmarks/bench_fused.py, figures in the README): the kernels beat torch's ops at ViT-B/16
-widths, but each call costs more in Python than a native torch op (validation, autograd.Function, allocation,
-argument marshalling), which at the demo's widths eats the gain; hence mmkern.nn.fused_elementwise() stays opt-in.
+Speed on the CPU (benchmarks/bench_fused.py, figures in the README): the native kernels beat x + r then
+F.layer_norm and F.gelu(x + b) from about 2^12-2^16 elements (by level, dtype and mode: cpu_policy), where the
+default path runs them; below that a native call's fixed cost (~10 us at 8x64 against torch's ~3 us: allocation,
+argument marshalling, autograd) loses, and the default takes the PyTorch path. mmkern.nn.fused_elementwise() stays
+opt-in: on the demo's training step it measured within the machine's noise of the unfused modules.
 Registered through mmkern/ops/_register.py.
 """
 
