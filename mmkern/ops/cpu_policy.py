@@ -97,13 +97,13 @@ def contrastive(loss: str, B: int, K: int, D: int) -> bool:
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 _ROWS_FROM = {
     "add_layer_norm": {
-        "avx512": {F32: (16, 22), BF16: (16, 16), F16: (16, 18)},  # fp32 fwd+bwd to 2^20: 0.74-1.18x at 2 threads
-        "avx2": {F32: (18, 20), BF16: (None, 18), F16: (16, 18)},
+        "avx512": {F32: (16, 22), BF16: (16, 18), F16: (16, 18)},  # fp32 fwd+bwd to 2^20: 0.74-1.18x at 2 threads
+        "avx2": {F32: (18, 20), BF16: (None, 18), F16: (18, 18)},
         "default": {F32: (14, 16), BF16: (14, 14), F16: (None, 18)},
     },
     "bias_gelu": {
         "avx512": {F32: (12, 12), BF16: (12, 12), F16: (16, 16)},
-        "avx2": {F32: (12, 12), BF16: (16, 16), F16: (16, 16)},
+        "avx2": {F32: (16, 16), BF16: (16, 16), F16: (16, 16)},
         "default": {F32: (None, None), BF16: (12, 14), F16: (16, 18)},
     },
     "rms_norm": {
@@ -131,7 +131,10 @@ def bias_gelu(numel: int, grad: bool, dtype: torch.dtype) -> bool:
     with a gradient from 2^20 (fp16 conversions element by element without F16C). Re-swept with the cheaper native
     call (two runs, both widths): default fp16 with a gradient 1.04-1.09x at 2^16, 1.10-1.22x from 2^18 (threshold
     2^20 -> 2^18); the rest as before, but avx512 bf16 at 2^12 measured 0.92x (fwd, width 768) and 0.85x (fwd+bwd,
-    3072) in one of the two runs (1.15-1.19x in the other; threshold kept) and avx2 fp32 fwd+bwd 1.01-1.17x there."""
+    3072) in one of the two runs (1.15-1.19x in the other; threshold kept) and avx2 fp32 fwd+bwd 1.01-1.17x there.
+    Two threads on a Zen 5 (family 26), every level and dtype, two runs: avx2 fp32 at 2^14 0.94-0.98x inference and
+    0.95-1.10x fwd+bwd at both widths (1.11-1.24x at 2^12, 1.05-1.26x from 2^16): avx2 fp32 from 2^16 (was 2^12). The
+    other regions held (single dips in one run only)."""
     return _rows("bias_gelu", numel, grad, dtype)
 
 
@@ -161,7 +164,9 @@ def add_layer_norm(numel: int, grad: bool, dtype: torch.dtype) -> bool:
     held (>= 1.0x in at least one run, >= 0.97x in both) but width 768 at 2^22 inference at the forced avx512 level
     (0.89-0.99x, page faults: 2.9-18.6 ms for the same call); fp32 fwd+bwd at AVX-512 1.05-2.84x from 2^18. Two
     threads, avx512_bf16, two runs: fp32 fwd+bwd 0.59-0.96x up to 2^16, 0.95-1.07x at 2^18, 0.98-1.18x at 2^20,
-    1.31-1.67x at 2^22: native from 2^22 (was torch throughout)."""
+    1.31-1.67x at 2^22: native from 2^22 (was torch throughout). Every level and dtype at two threads, two runs
+    (Zen 5): bf16 fwd+bwd at 2^16 0.86-1.10x at AVX-512 (0.92-0.93x at width 768 in all four): from 2^18 (1.08-2.13x);
+    avx2 fp16 inference at 2^16 0.92-1.00x at width 768: from 2^18. The other regions held."""
     return _rows("add_layer_norm", numel, grad, dtype)
 
 
