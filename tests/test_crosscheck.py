@@ -22,6 +22,7 @@ import open_clip.loss as oc_loss
 from open_clip.transformer import TextTransformer as OcTextTransformer
 
 import mmkern.nn
+from mmkern import reference
 from mmkern.models.convert import clip_from_openai, vit_from_timm
 from mmkern.ops import clip_loss, scaled_dot_product_attention, sdpa_override, sdpa_patch, siglip_loss
 
@@ -49,33 +50,17 @@ def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def _oracle_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """torch's SDPA as the formula, for the float64 runs; a row that sees no key gives 0 (torch's CPU kernel and
-    mmkern do; MATH gives NaN, which would spread through the later layers)."""
-    assert dropout_p == 0.0
-    if enable_gqa and key.shape[-3] != query.shape[-3]:
-        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
-        value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
-    scores = query @ key.transpose(-2, -1) * (query.shape[-1] ** -0.5 if scale is None else scale)
-    L, S = scores.shape[-2:]
-    if is_causal:
-        scores = scores.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    visible = (scores > float("-inf")).any(dim=-1, keepdim=True)
-    return torch.softmax(scores.masked_fill(~visible, 0.0), dim=-1) * visible @ value
-
-
 def _run(model, inputs, forward, dtype, backend=None, override=False, train=False):
     """Output and parameter gradients (float64) of forward(model, inputs) in dtype; with `override`, torch's SDPA
-    calls go through mmkern (backend=None: its default choice); float64 runs take the formula (_oracle_sdpa)."""
+    calls go through mmkern (backend=None: its default choice); float64 runs take the formula (mmkern.reference's SDPA:
+    a row that sees no key gives 0, as torch's CPU kernel and mmkern do, where MATH's NaN would spread)."""
     m = copy.deepcopy(model).to(dtype).train(train)
     x = inputs.to(dtype) if inputs.is_floating_point() else inputs
     if override:
         with sdpa_override(backend=backend):
             out = forward(m, x)
     elif dtype == torch.float64:
-        with mock.patch.object(F, "scaled_dot_product_attention", _oracle_sdpa):
+        with mock.patch.object(F, "scaled_dot_product_attention", reference.scaled_dot_product_attention):
             out = forward(m, x)
     else:
         out = forward(m, x)
@@ -267,7 +252,7 @@ def test_finfo_min_fully_masked_rows(fill):
         out.backward(grad_out.to(dtype))
         return [out.detach(), *(t.grad for t in leaves)]
 
-    ref = run(_oracle_sdpa, torch.float64)
+    ref = run(reference.scaled_dot_product_attention, torch.float64)
     ours = run(lambda *a, **kw: scaled_dot_product_attention(*a, backend="cpu", **kw), torch.float32)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-5)
