@@ -79,19 +79,26 @@ def _torch_mask(mask, causal, visible, full):
     return torch.where(hidden, 0.0, mask.expand(full).masked_fill(~allowed, float("-inf")))
 
 
-def _gradient_scales(q, k, v, mask, causal, grad):
-    """Error models (float64) of dq, dk, dv and the mask gradient: the same products with dS = P o (dP - delta)
-    replaced by P o (|dP| + |delta|), and dV's by P^T |dO|, so that a gradient that cancels to ~0 (one key: dK = 0)
-    is held to the rounding of its terms, as assert_close's `magnitude` does for sums."""
+def _probabilities(q, k, v, mask, causal):
+    """The attention probabilities P (B, H, L, S) of the float64 inputs, k and v repeated to q's heads, and the score
+    scale."""
     B, Hk, S, _ = k.shape
     group = q.shape[1] // Hk
     probs = reference.scaled_dot_product_attention(
         q, k, torch.eye(S, dtype=q.dtype).expand(B, Hk, S, S), mask, is_causal=causal, enable_gqa=group > 1
     )
     kx, vx = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    return probs, kx, vx, q.shape[-1] ** -0.5 if q.shape[-1] else 1.0
+
+
+def _gradient_scales(q, k, v, mask, causal, grad):
+    """Error models (float64) of dq, dk, dv and the mask gradient: the same products with dS = P o (dP - delta)
+    replaced by P o (|dP| + |delta|), and dV's by P^T |dO|, so that a gradient that cancels to ~0 (one key: dK = 0)
+    is held to the rounding of its terms, as assert_close's `magnitude` does for sums."""
+    Hk, group = k.shape[1], q.shape[1] // k.shape[1]
+    probs, kx, vx, scale = _probabilities(q, k, v, mask, causal)
     dp = grad @ vx.transpose(-1, -2)
     weights = probs * (dp.abs() + (probs * dp).sum(-1, keepdim=True).abs())
-    scale = q.shape[-1] ** -0.5 if q.shape[-1] else 1.0
 
     def per_kv_head(t):
         return t.unflatten(1, (Hk, group)).sum(2)
@@ -110,13 +117,8 @@ def _output_rounding(q, k, v, mask, causal):
     (+ |mask|), which moves the output by u · sum_j P_j c_j |v_j - out|. Every backend and torch round the scores to
     fp32 (fp16 / bf16 inputs included), so none can do better: at input magnitude 30 scores reach ~1e3, and torch's
     own error, one draw of this, can sit by luck several times below what mmkern (or torch's other paths) draw."""
-    B, Hk, S, _ = k.shape
-    group = q.shape[1] // Hk
-    probs = reference.scaled_dot_product_attention(
-        q, k, torch.eye(S, dtype=q.dtype).expand(B, Hk, S, S), mask, is_causal=causal, enable_gqa=group > 1
-    )
-    kx, vx = (t.repeat_interleave(group, dim=1) for t in (k, v))
-    spread = (q.shape[-1] ** -0.5 if q.shape[-1] else 1.0) * q.abs() @ kx.abs().transpose(-1, -2)
+    probs, kx, vx, scale = _probabilities(q, k, v, mask, causal)
+    spread = scale * q.abs() @ kx.abs().transpose(-1, -2)
     if mask is not None and mask.dtype != torch.bool:
         spread = spread + mask.abs()
     weights = probs * spread.masked_fill(probs == 0, 0.0)  # -inf / finfo.min mask entries weigh nothing
